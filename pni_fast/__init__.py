@@ -1,0 +1,23 @@
+"""pni_fast: Parametric Noise Injection (Rakin, He, Fan, CVPR 2019) with fused kernels.
+
+``w' = w + alpha * std(w) * z`` with ``z ~ N(0, 1)`` drawn inside one kernel pass from a
+counter-based Philox stream, and an ``alpha`` gradient that regenerates the noise instead of
+storing it. Importing never fails: without a compiled extension the pure-PyTorch backend runs
+(same noise, slower) and says so once.
+"""
+from .backends import available_backends, info
+from .functional import draw_seed, inject_noise, noisy_weight, noisy_weights, randn, weight_sigma
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "available_backends",
+    "info",
+    "noisy_weight",
+    "noisy_weights",
+    "inject_noise",
+    "randn",
+    "draw_seed",
+    "weight_sigma",
+]
