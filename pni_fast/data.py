@@ -1,0 +1,209 @@
+"""Data for training and evaluating PNI models, without downloads or torchvision.
+
+- ``load_digits``: scikit-learn's bundled 8x8 digits (1,797 images, shipped
+  inside the sklearn wheel), scaled to [0, 1], with a fixed stratified split.
+  This is the embedded default: the demo and the tests need nothing else.
+- ``load_cifar10``: CIFAR-10 from the standard python-pickle batches
+  (``data_batch_1`` .. ``data_batch_5``, ``test_batch``) in a local folder.
+  Images stay ``uint8`` in memory (150 MB instead of 600 MB as float32);
+  `iterate_batches` / `to_unit_float` convert each batch to float in [0, 1].
+- ``random_crop_flip``: the standard CIFAR augmentation (random crop with
+  zero padding 4, horizontal flip) on whole batches with torch ops.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass
+from typing import Iterator, Optional, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "Split",
+    "load_digits",
+    "load_cifar10",
+    "CIFAR10_TRAIN_FILES",
+    "CIFAR10_TEST_FILE",
+    "CIFAR10_CLASSES",
+    "to_unit_float",
+    "random_crop_flip",
+    "iterate_batches",
+]
+
+CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR10_TEST_FILE = "test_batch"
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)
+
+
+@dataclass
+class Split:
+    """A labelled image set: ``x`` is [N, C, H, W] (float in [0, 1] or uint8 in [0, 255]), ``y`` int64 [N]."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.x.dim() != 4:
+            raise ValueError(f"x must be [N, C, H, W], got shape {tuple(self.x.shape)}")
+        if self.y.shape != self.x.shape[:1]:
+            raise ValueError(f"y must have shape [{self.x.shape[0]}], got {tuple(self.y.shape)}")
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.y.max().item()) + 1 if len(self) else 0
+
+    def subset(self, n: Optional[int]) -> "Split":
+        """The first n examples (all when n is None)."""
+        if n is None or n >= len(self):
+            return self
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        return Split(self.x[:n], self.y[:n])
+
+
+def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Tuple[Split, Split]:
+    """scikit-learn's digits as ([N,1,8,8] float32 in [0,1], int64 labels), stratified train/test split.
+
+    The split depends only on ``test_fraction`` and ``seed`` (default 1,437
+    train / 360 test images), so results are comparable across runs.
+    """
+    if not 0.0 < float(test_fraction) < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+    try:
+        from sklearn.datasets import load_digits as _sk_load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError as e:  # pragma: no cover - sklearn is a declared dependency
+        raise ImportError("the embedded digits data set needs scikit-learn: pip install scikit-learn") from e
+    bunch = _sk_load_digits()
+    images = bunch.images.astype(np.float32) / 16.0  # pixel values are 0..16
+    labels = bunch.target.astype(np.int64)
+    idx = np.arange(len(labels))
+    tr, te = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=labels)
+    tr.sort()
+    te.sort()
+
+    def make(ix: np.ndarray) -> Split:
+        return Split(torch.from_numpy(images[ix]).unsqueeze(1).contiguous(), torch.from_numpy(labels[ix]))
+
+    return make(tr), make(te)
+
+
+def _read_cifar_batch(path: str) -> Tuple[np.ndarray, np.ndarray]:
+    with open(path, "rb") as f:
+        try:
+            d = pickle.load(f, encoding="bytes")
+        except Exception as e:
+            raise ValueError(f"{path} is not a CIFAR-10 python pickle batch: {e}") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} is not a CIFAR-10 python batch (expected a dict, got {type(d).__name__})")
+    data = d.get(b"data", d.get("data"))
+    labels = d.get(b"labels", d.get("labels"))
+    if data is None or labels is None:
+        raise ValueError(f"{path} is not a CIFAR-10 python batch (keys 'data' and 'labels' missing, has {sorted(map(str, d))})")
+    data = np.asarray(data, dtype=np.uint8)
+    labels = np.asarray(labels, dtype=np.int64)
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"{path}: expected data of shape [N, 3072] and N labels, got data {data.shape} and {labels.shape[0]} labels"
+        )
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def load_cifar10(data_dir: Union[str, os.PathLike]) -> Tuple[Split, Split]:
+    """CIFAR-10 from the python-pickle batches in ``data_dir`` (the folder ``cifar-10-batches-py``).
+
+    Returns (train, test) with ``x`` as uint8 [N, 3, 32, 32]. Raises
+    FileNotFoundError naming every missing file when the folder is wrong.
+    """
+    data_dir = os.fspath(data_dir)
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(
+            f"CIFAR-10 folder {data_dir!r} does not exist; pass the folder that holds "
+            f"{', '.join(CIFAR10_TRAIN_FILES)} and {CIFAR10_TEST_FILE} (the python version, 'cifar-10-batches-py')"
+        )
+    names = CIFAR10_TRAIN_FILES + (CIFAR10_TEST_FILE,)
+    missing = [n for n in names if not os.path.isfile(os.path.join(data_dir, n))]
+    if missing:
+        raise FileNotFoundError(
+            f"CIFAR-10 folder {data_dir!r} lacks {', '.join(missing)}; expected the python-pickle batches "
+            f"{', '.join(names)} (the 'cifar-10-batches-py' folder of the python version)"
+        )
+    parts = [_read_cifar_batch(os.path.join(data_dir, n)) for n in CIFAR10_TRAIN_FILES]
+    xtr = np.concatenate([p[0] for p in parts])
+    ytr = np.concatenate([p[1] for p in parts])
+    xte, yte = _read_cifar_batch(os.path.join(data_dir, CIFAR10_TEST_FILE))
+    return (
+        Split(torch.from_numpy(np.ascontiguousarray(xtr)), torch.from_numpy(ytr)),
+        Split(torch.from_numpy(np.ascontiguousarray(xte)), torch.from_numpy(yte)),
+    )
+
+
+def to_unit_float(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 images -> float in [0, 1]; float images are cast only."""
+    if x.dtype == torch.uint8:
+        return x.to(dtype) / 255.0
+    if not x.is_floating_point():
+        raise TypeError(f"x must be uint8 or floating point, got dtype {x.dtype}")
+    return x.to(dtype)
+
+
+def random_crop_flip(
+    x: torch.Tensor, padding: int = 4, flip: bool = True, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
+    """Random crop (after zero padding) and random horizontal flip, per image, on a [N, C, H, W] batch."""
+    if x.dim() != 4:
+        raise ValueError(f"x must be [N, C, H, W], got shape {tuple(x.shape)}")
+    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
+        raise ValueError(f"padding must be an int >= 0, got {padding!r}")
+    n, c, h, w = x.shape
+    out = x
+    if padding > 0 and n > 0:
+        xp = F.pad(x, (padding, padding, padding, padding))
+        oy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+        ox = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+        rows = (oy[:, None] + torch.arange(h)[None, :]).to(x.device)  # [N, H]
+        cols = (ox[:, None] + torch.arange(w)[None, :]).to(x.device)  # [N, W]
+        bidx = torch.arange(n, device=x.device)[:, None, None]
+        # advanced indexing -> [N, H, W, C]; put channels back
+        out = xp.permute(0, 2, 3, 1)[bidx, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+    if flip and n > 0:
+        mask = (torch.rand(n, generator=generator) < 0.5).to(x.device).view(n, 1, 1, 1)
+        out = torch.where(mask, out.flip(3), out)
+    return out
+
+
+def iterate_batches(
+    split: Split,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    augment: bool = False,
+    generator: Optional[torch.Generator] = None,
+    device: Union[str, torch.device, None] = None,
+    drop_last: bool = False,
+) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (x float in [0,1], y int64) batches on ``device``; shuffling and augmentation use ``generator``."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    n = len(split)
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    stop = n - (n % batch_size) if drop_last else n
+    for start in range(0, stop, batch_size):
+        idx = order[start : start + batch_size]
+        xb = to_unit_float(split.x[idx])
+        if augment:
+            xb = random_crop_flip(xb, generator=generator)
+        yb = split.y[idx]
+        if device is not None:
+            xb = xb.to(device, non_blocking=True)
+            yb = yb.to(device, non_blocking=True)
+        yield xb, yb

@@ -1,0 +1,244 @@
+"""Accuracy under attack for randomized (PNI) and deterministic models.
+
+A PNI model answers differently on every forward pass, so one accuracy number
+is a sample, not a measurement. `evaluate` repeats each evaluation R times
+(fresh noise each time) and reports mean +/- std, with every attack setting
+recorded next to the number (design.md section 7).
+
+What the std measures: the attack's own randomness (PGD's random start) uses a
+fixed-seed generator that is the same in every repeat, so the spread comes from
+the model's noise alone; a deterministic model gets std exactly 0.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from . import attacks as _attacks
+from .data import Split, to_unit_float
+
+__all__ = ["AttackSpec", "EvalResult", "evaluate", "format_results", "accuracy"]
+
+_KINDS = ("clean", "fgsm", "pgd", "eot-pgd", "cw")
+
+
+def _fmt_eps(v: float) -> str:
+    """8/255 instead of 0.0313725... where the value is a small multiple of 1/255."""
+    f = Fraction(v).limit_denominator(255)
+    if f.denominator == 255 and abs(float(f) - v) < 1e-9:
+        return f"{f.numerator}/255"
+    return f"{v:g}"
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """One attack with all of its settings; ``kind`` in clean, fgsm, pgd, eot-pgd, cw.
+
+    ``seed`` seeds the generator of the random start (same in every repeat).
+    """
+
+    kind: str = "pgd"
+    eps: float = 8 / 255
+    alpha: float = 2 / 255
+    steps: int = 7
+    norm: str = "linf"
+    random_start: bool = True
+    restarts: int = 1
+    eot_samples: int = 1
+    targets: str = "labels"
+    cw_c: float = 1.0
+    cw_steps: int = 100
+    cw_search_steps: int = 5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in _KINDS:
+            raise ValueError(f"kind must be one of {_KINDS}, got {self.kind!r}")
+        if self.kind == "eot-pgd" and self.eot_samples < 2:
+            raise ValueError(f"eot-pgd needs eot_samples >= 2, got {self.eot_samples}")
+        if self.targets not in ("labels", "predictions"):
+            raise ValueError(f"targets must be 'labels' or 'predictions', got {self.targets!r}")
+        if self.norm not in ("linf", "l2"):
+            raise ValueError(f"norm must be 'linf' or 'l2', got {self.norm!r}")
+
+    @property
+    def name(self) -> str:
+        """Short column title, e.g. 'PGD-7' or 'EOT-PGD-7x8'."""
+        if self.kind == "clean":
+            return "clean"
+        if self.kind == "fgsm":
+            return "FGSM"
+        if self.kind == "cw":
+            return "CW-L2"
+        base = f"PGD-{self.steps}"
+        return f"EOT-{base}x{self.eot_samples}" if self.kind == "eot-pgd" else base
+
+    def describe(self) -> str:
+        """Every setting in one line, printed next to results."""
+        if self.kind == "clean":
+            return "clean: no attack"
+        if self.kind == "cw":
+            return (
+                f"CW-L2: c={self.cw_c:g} (binary search {self.cw_search_steps}), steps={self.cw_steps}, "
+                f"targets={self.targets}"
+            )
+        norm = "Linf" if self.norm == "linf" else "L2"
+        eps = _fmt_eps(self.eps) if self.norm == "linf" else f"{self.eps:g}"
+        if self.kind == "fgsm":
+            return f"FGSM: {norm} eps={eps}, targets={self.targets}" + (
+                f", EOT samples={self.eot_samples}" if self.eot_samples > 1 else ""
+            )
+        step = _fmt_eps(self.alpha) if self.norm == "linf" else f"{self.alpha:g}"
+        return (
+            f"{self.name}: {norm} eps={eps}, step={step}, steps={self.steps}, "
+            f"random start={'yes' if self.random_start else 'no'}, restarts={self.restarts}, "
+            f"EOT samples={self.eot_samples}, targets={self.targets}"
+        )
+
+    def run(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: Optional[torch.Generator] = None
+    ) -> torch.Tensor:
+        """The adversarial batch for (x, y); clean returns x."""
+        if self.kind == "clean":
+            return x
+        if self.kind == "fgsm":
+            return _attacks.fgsm(model, x, y, eps=self.eps, targets=self.targets, eot_samples=self.eot_samples)
+        if self.kind == "cw":
+            return _attacks.carlini_wagner_l2(
+                model, x, y, c=self.cw_c, steps=self.cw_steps, search_steps=self.cw_search_steps, targets=self.targets
+            )
+        return _attacks.pgd(
+            model, x, y, eps=self.eps, alpha=self.alpha, steps=self.steps, norm=self.norm,
+            random_start=self.random_start, restarts=self.restarts, targets=self.targets,
+            eot_samples=self.eot_samples, generator=generator,
+        )
+
+
+@dataclass
+class EvalResult:
+    """Accuracy of one attack over R noisy evaluations, with the attack's settings."""
+
+    attack: str
+    settings: Dict[str, object]
+    description: str
+    accuracies: List[float]
+    n_examples: int
+    mean: float = field(init=False)
+    std: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.mean = float(statistics.fmean(self.accuracies)) if self.accuracies else math.nan
+        self.std = float(statistics.pstdev(self.accuracies)) if len(self.accuracies) > 1 else 0.0
+
+    def as_dict(self) -> Dict[str, object]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return f"{100 * self.mean:.1f} +/- {100 * self.std:.1f}"
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Fraction of correct argmax predictions in one forward pass (no grad)."""
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean().item())
+
+
+def _batches(
+    data: Union[Split, Tuple[torch.Tensor, torch.Tensor], Iterable], batch_size: int, device: torch.device
+) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    if isinstance(data, Split):
+        data = (data.x, data.y)
+    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        x, y = data
+        out = []
+        for s in range(0, x.shape[0], batch_size):
+            out.append((to_unit_float(x[s : s + batch_size]).to(device), y[s : s + batch_size].to(device)))
+        return out
+    return [(to_unit_float(xb).to(device), yb.to(device)) for xb, yb in data]
+
+
+def evaluate(
+    model: nn.Module,
+    data: Union[Split, Tuple[torch.Tensor, torch.Tensor], Iterable],
+    attacks: Sequence[AttackSpec] = (AttackSpec("clean"), AttackSpec("pgd")),
+    *,
+    repeats: int = 5,
+    batch_size: int = 256,
+    device: Union[str, torch.device, None] = None,
+) -> List[EvalResult]:
+    """Accuracy of ``model`` on ``data`` under each attack, repeated ``repeats`` times.
+
+    The model runs in eval mode (PNI noise stays on unless switched off by the
+    caller) and its mode is restored afterwards. In each repeat every batch is
+    attacked afresh and the adversarial batch is classified by one more noisy
+    forward pass.
+
+    Args:
+        data: a `Split`, an (x, y) pair of tensors, or an iterable of (x, y) batches.
+        attacks: AttackSpec list; ``AttackSpec("clean")`` for clean accuracy.
+        repeats: R, the number of noisy evaluations behind mean +/- std.
+    """
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    for a in attacks:
+        if not isinstance(a, AttackSpec):
+            raise TypeError(f"attacks must hold AttackSpec objects, got {type(a).__name__}")
+    if device is None:
+        p = next(model.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+    device = torch.device(device)
+    batches = _batches(data, batch_size, device)
+    n = sum(int(b[1].shape[0]) for b in batches)
+    if n == 0:
+        raise ValueError("data holds no examples")
+
+    was_training = [(m, m.training) for m in model.modules()]
+    model.eval()
+    results = []
+    try:
+        for spec in attacks:
+            accs = []
+            for _ in range(repeats):
+                gen = torch.Generator(device="cpu").manual_seed(spec.seed)
+                correct = 0
+                for xb, yb in batches:
+                    xa = spec.run(model, xb, yb, gen)
+                    with torch.no_grad():
+                        correct += int((model(xa).argmax(1) == yb).sum().item())
+                accs.append(correct / n)
+            settings = asdict(spec)
+            results.append(EvalResult(spec.name, settings, spec.describe(), accs, n))
+    finally:
+        for m, flag in was_training:
+            m.training = flag
+    return results
+
+
+def format_results(rows: Dict[str, List[EvalResult]], repeats: Optional[int] = None) -> str:
+    """A plain-text table: one row per model, one column per attack, cells 'mean +/- std' in %."""
+    if not rows:
+        return "(no results)"
+    first = next(iter(rows.values()))
+    cols = [r.attack for r in first]
+    name_w = max(len("model"), *(len(k) for k in rows))
+    cells = {k: [f"{100 * r.mean:5.1f} +/- {100 * r.std:4.1f}" for r in v] for k, v in rows.items()}
+    col_w = [max(len(c), *(len(cells[k][i]) for k in rows)) for i, c in enumerate(cols)]
+    lines = ["  ".join(["model".ljust(name_w)] + [c.rjust(w) for c, w in zip(cols, col_w)])]
+    lines.append("  ".join(["-" * name_w] + ["-" * w for w in col_w]))
+    for k in rows:
+        lines.append("  ".join([k.ljust(name_w)] + [c.rjust(w) for c, w in zip(cells[k], col_w)]))
+    r = repeats if repeats is not None else len(first[0].accuracies)
+    lines.append("")
+    lines.append(f"accuracy in % on {first[0].n_examples} test images, mean +/- std over R={r} noisy evaluations")
+    for res in first:
+        lines.append(f"  {res.description}")
+    return "\n".join(lines)
