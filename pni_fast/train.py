@@ -1,0 +1,423 @@
+"""PGD adversarial training with PNI, the paper's recipe as the default.
+
+Defaults follow the original PNI code (github.com/elliothe/CVPR_2019_PNI,
+``code/train_cifar.sh`` and ``code/main.py``): SGD with Nesterov momentum 0.9,
+lr 0.1 multiplied by 0.1 at epochs 80 and 120 of 160 (50% and 75%), batch 128,
+weight decay 3e-4 (the script's ``--decay 0.0003``) on every parameter except
+the PNI alphas (own optimizer group with weight_decay 0), 5 clean warm-up
+epochs (``--epoch_delay 5``), then PGD-7 adversarial training with the loss
+``0.5 * CE(clean) + 0.5 * CE(adversarial)``. The original's PGD uses
+eps 0.031 and step 0.01; we use the usual 8/255 and 2/255.
+
+The adversarial batch is generated on the model in eval mode with its noise on
+(`attacks.pgd(..., mode="eval")`, which switches the mode and restores it):
+BatchNorm uses and does not update its running statistics, exactly as for an
+eval-mode copy of the model, without the cost of copying it every batch.
+
+Checkpoints hold model, optimizer, scheduler, completed epochs, history, RNG
+states and config; they are written atomically (temp file + ``os.replace``)
+after every epoch, so a crash loses at most the epoch in progress, and
+``resume`` continues bit-for-bit (same shuffling, augmentation and noise).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import random
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attacks import pgd
+from .data import Split, iterate_batches
+
+__all__ = [
+    "TrainConfig",
+    "train",
+    "make_optimizer",
+    "make_scheduler",
+    "save_checkpoint",
+    "load_checkpoint",
+    "alpha_means",
+    "resolve_device",
+    "CHECKPOINT_NAME",
+]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of `train`; defaults = the PNI paper's CIFAR-10 recipe (see module docstring)."""
+
+    epochs: int = 160
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 3e-4
+    lr_milestones: Tuple[float, ...] = (0.5, 0.75)  # fractions of `epochs`
+    lr_gamma: float = 0.1
+    warmup_epochs: int = 5  # clean epochs before adversarial training starts
+    adversarial: bool = True
+    adv_eps: float = 8 / 255
+    adv_alpha: float = 2 / 255
+    adv_steps: int = 7
+    adv_random_start: bool = True
+    adv_targets: str = "labels"
+    adv_noise: bool = True  # keep PNI noise on while generating the adversarial batch
+    clean_weight: float = 0.5
+    adv_weight: float = 0.5
+    augment: bool = False  # random crop (pad 4) + horizontal flip
+    seed: int = 0
+    eval_samples: Optional[int] = 1000  # test images evaluated after each epoch (None = all)
+    eval_pgd_steps: int = 7
+
+    def __post_init__(self) -> None:
+        def pos_int(name: str, minimum: int = 1) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+                raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
+
+        def real(name: str, positive: bool = False) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (positive and v == 0):
+                raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {v!r}")
+
+        pos_int("epochs")
+        pos_int("batch_size")
+        pos_int("warmup_epochs", 0)
+        pos_int("adv_steps")
+        pos_int("eval_pgd_steps")
+        pos_int("seed", 0)
+        for n in ("lr", "adv_alpha"):
+            real(n, positive=True)
+        for n in ("momentum", "weight_decay", "lr_gamma", "adv_eps", "clean_weight", "adv_weight"):
+            real(n)
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov=True needs momentum > 0")
+        self.lr_milestones = tuple(float(m) for m in self.lr_milestones)
+        if any(not 0 < m < 1 for m in self.lr_milestones):
+            raise ValueError(f"lr_milestones must be fractions of the epochs in (0, 1), got {self.lr_milestones!r}")
+        if self.adv_targets not in ("labels", "predictions"):
+            raise ValueError(f"adv_targets must be 'labels' or 'predictions', got {self.adv_targets!r}")
+        if self.eval_samples is not None:
+            pos_int("eval_samples", 0)
+        if self.clean_weight + self.adv_weight == 0:
+            raise ValueError("clean_weight and adv_weight are both 0: the loss would be zero")
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
+        """Build from a dict, ignoring unknown keys (checkpoints from other versions)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: (tuple(v) if k == "lr_milestones" else v) for k, v in d.items() if k in names})
+
+
+def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
+    """'auto'/None -> cuda when available, else cpu."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
+    """Alphas without weight decay (pni_fast.optim.param_groups; by-name fallback for foreign modules)."""
+    try:
+        from .optim import param_groups
+    except ImportError:  # pragma: no cover - the optim module ships with the package
+        param_groups = None
+    if param_groups is not None:
+        groups = param_groups(model, weight_decay)
+        named_alpha = {id(p) for n, p in model.named_parameters() if "alpha" in n.rsplit(".", 1)[-1]}
+        in_groups = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+        if named_alpha <= in_groups:
+            return groups
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if "alpha" in n.rsplit(".", 1)[-1] else decay).append(p)
+    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD over the model's parameters, alphas in a weight-decay-free group."""
+    return torch.optim.SGD(
+        _param_groups(model, config.weight_decay), lr=config.lr, momentum=config.momentum, nesterov=config.nesterov
+    )
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.MultiStepLR:
+    """Step decay at the configured fractions of the epochs (50%, 75% by default)."""
+    milestones = sorted({max(1, int(round(f * config.epochs))) for f in config.lr_milestones})
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=config.lr_gamma)
+
+
+def alpha_means(model: nn.Module) -> Dict[str, float]:
+    """Mean value of every PNI alpha parameter, by parameter name (for logs and plots)."""
+    return {
+        n: float(p.detach().float().mean().item())
+        for n, p in model.named_parameters()
+        if "alpha" in n.rsplit(".", 1)[-1]
+    }
+
+
+def _rng_state() -> Dict[str, Any]:
+    st: Dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    np_state = np.random.get_state()
+    st["numpy"] = (np_state[0], torch.from_numpy(np_state[1].copy()), int(np_state[2]), int(np_state[3]), float(np_state[4]))
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: Dict[str, Any]) -> None:
+    torch.set_rng_state(st["torch"])
+    if "python" in st:
+        py = st["python"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+    if "numpy" in st:
+        name, keys, pos, has_gauss, cached = st["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _atomic_write_bytes(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path: str, state: Dict[str, Any]) -> None:
+    """torch.save to a temp file in the same folder, then rename: never a half-written checkpoint."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    _atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
+    """Load a checkpoint written by `train` (a file, or a folder holding checkpoint.pt)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, CHECKPOINT_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} not found")
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "epoch" not in ckpt:
+        raise ValueError(f"{path!r} is not a pni_fast training checkpoint (keys 'model' and 'epoch' missing)")
+    return ckpt
+
+
+def _write_logs(out_dir: str, history: List[Dict[str, Any]]) -> None:
+    _atomic_write_bytes(os.path.join(out_dir, "history.json"), json.dumps(history, indent=1).encode())
+    cols = [
+        "epoch", "lr", "adversarial", "train_loss", "train_clean_acc", "train_adv_acc",
+        "test_clean_acc", "test_adv_acc", "alpha_mean", "time_s",
+    ]
+    alpha_names = sorted({k for h in history for k in h.get("alpha", {})})
+    s = io.StringIO()
+    w = csv.writer(s)
+    w.writerow(cols + [f"alpha[{n}]" for n in alpha_names])
+    for h in history:
+        w.writerow([h.get(c, "") if h.get(c) is not None else "" for c in cols] + [h["alpha"].get(n, "") for n in alpha_names])
+    _atomic_write_bytes(os.path.join(out_dir, "metrics.csv"), s.getvalue().encode())
+
+
+@contextlib.contextmanager
+def _noise_ctx(model: nn.Module, on: bool):
+    """Noise as is (on) or switched off for the block (config.adv_noise=False)."""
+    if on:
+        yield model
+        return
+    from .control import no_noise
+    from .modules import is_noisy_module
+
+    if not any(is_noisy_module(m) for m in model.modules()):
+        yield model  # a plain model has no noise to switch off
+        return
+    with no_noise(model):
+        yield model
+
+
+def _evaluate_epoch(model: nn.Module, test: Split, config: TrainConfig, device: torch.device) -> Tuple[float, Optional[float]]:
+    """Clean and PGD accuracy (one noisy pass each) on the first eval_samples test images."""
+    sub = test.subset(config.eval_samples)
+    if len(sub) == 0:
+        return float("nan"), None
+    was = [(m, m.training) for m in model.modules()]
+    model.eval()
+    clean = adv = 0
+    try:
+        for x, y in iterate_batches(sub, max(config.batch_size, 256), device=device):
+            with torch.no_grad():
+                clean += int((model(x).argmax(1) == y).sum())
+            if config.adversarial:
+                xa = pgd(model, x, y, eps=config.adv_eps, alpha=config.adv_alpha, steps=config.eval_pgd_steps,
+                         random_start=True, targets=config.adv_targets)
+                with torch.no_grad():
+                    adv += int((model(xa).argmax(1) == y).sum())
+    finally:
+        for m, f in was:
+            m.training = f
+    n = len(sub)
+    return clean / n, (adv / n if config.adversarial else None)
+
+
+def train(
+    model: nn.Module,
+    train_data: Split,
+    test_data: Optional[Split] = None,
+    config: Optional[TrainConfig] = None,
+    *,
+    out_dir: Optional[Union[str, os.PathLike]] = None,
+    resume: Optional[Union[str, os.PathLike]] = None,
+    device: Union[str, torch.device, None] = None,
+    progress: bool = True,
+    model_spec: Optional[Dict[str, Any]] = None,
+    on_epoch: Optional[Callable[[Dict[str, Any]], None]] = None,
+) -> List[Dict[str, Any]]:
+    """Train ``model`` (plain or PNI) with clean warm-up then PGD adversarial training.
+
+    Args:
+        train_data, test_data: `Split`s (float in [0,1] or uint8). ``test_data``
+            gives per-epoch clean/PGD accuracy; without it those are None.
+        config: TrainConfig (the paper's recipe by default).
+        out_dir: where checkpoint.pt, history.json and metrics.csv are written
+            after every epoch (nothing is written when None).
+        resume: a checkpoint file or folder to continue from.
+        model_spec: JSON-able description stored in the checkpoint so
+            ``python -m pni_fast eval`` can rebuild the model.
+        on_epoch: called with each epoch's record.
+    Returns:
+        The list of per-epoch records (loss, accuracies, lr, mean alpha per layer).
+    """
+    config = config if config is not None else TrainConfig()
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if not isinstance(train_data, Split):
+        raise TypeError(f"train_data must be a pni_fast.data.Split, got {type(train_data).__name__}")
+    if test_data is not None and not isinstance(test_data, Split):
+        raise TypeError(f"test_data must be a pni_fast.data.Split or None, got {type(test_data).__name__}")
+    dev = resolve_device(device)
+    model.to(dev)
+    optimizer = make_optimizer(model, config)
+    scheduler = make_scheduler(optimizer, config)
+    history: List[Dict[str, Any]] = []
+    start_epoch = 0
+    if out_dir is not None:
+        out_dir = os.fspath(out_dir)
+        os.makedirs(out_dir, exist_ok=True)
+
+    if resume is not None:
+        ckpt = load_checkpoint(resume, map_location=dev)
+        old = ckpt.get("config", {})
+        diff = {k: (old.get(k), v) for k, v in config.to_dict().items() if k != "epochs" and k in old and _norm(old.get(k)) != _norm(v)}
+        if diff:
+            warnings.warn(f"resuming with settings that differ from the checkpoint's (old, new): {diff}", stacklevel=2)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        history = list(ckpt.get("history", []))
+        start_epoch = int(ckpt["epoch"])
+        _set_rng_state(ckpt["rng"])
+        if model_spec is None:
+            model_spec = ckpt.get("model_spec")
+    else:
+        torch.manual_seed(config.seed)
+
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        tqdm = None
+
+    for epoch in range(start_epoch, config.epochs):
+        t0 = time.perf_counter()
+        adv_on = config.adversarial and epoch >= config.warmup_epochs
+        gen = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        model.train()
+        n_seen = loss_sum = 0.0
+        clean_ok = adv_ok = 0
+        batches = iterate_batches(train_data, config.batch_size, shuffle=True, augment=config.augment,
+                                  generator=gen, device=dev)
+        n_batches = math.ceil(len(train_data) / config.batch_size)
+        bar = tqdm(batches, total=n_batches, desc=f"epoch {epoch + 1}/{config.epochs}{' adv' if adv_on else ''}",
+                   leave=False, disable=not progress, dynamic_ncols=True) if tqdm is not None else batches
+        for x, y in bar:
+            if adv_on:
+                with _noise_ctx(model, config.adv_noise):
+                    x_adv = pgd(model, x, y, eps=config.adv_eps, alpha=config.adv_alpha, steps=config.adv_steps,
+                                random_start=config.adv_random_start, targets=config.adv_targets, mode="eval")
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            if adv_on:
+                logits_adv = model(x_adv)
+                loss = config.clean_weight * loss + config.adv_weight * F.cross_entropy(logits_adv, y)
+                adv_ok += int((logits_adv.argmax(1) == y).sum())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            b = int(y.shape[0])
+            n_seen += b
+            loss_sum += float(loss.detach()) * b
+            clean_ok += int((logits.argmax(1) == y).sum())
+            if tqdm is not None and progress:
+                bar.set_postfix(loss=f"{loss_sum / n_seen:.3f}", acc=f"{clean_ok / n_seen:.3f}")
+        scheduler.step()
+        test_clean, test_adv = (None, None)
+        if test_data is not None:
+            test_clean, test_adv = _evaluate_epoch(model, test_data, config, dev)
+        record = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "adversarial": adv_on,
+            "train_loss": loss_sum / max(n_seen, 1),
+            "train_clean_acc": clean_ok / max(n_seen, 1),
+            "train_adv_acc": adv_ok / n_seen if adv_on and n_seen else None,
+            "test_clean_acc": test_clean,
+            "test_adv_acc": test_adv,
+            "alpha": alpha_means(model),
+            "time_s": time.perf_counter() - t0,
+        }
+        record["alpha_mean"] = float(np.mean(list(record["alpha"].values()))) if record["alpha"] else None
+        history.append(record)
+        if out_dir is not None:
+            _write_logs(out_dir, history)
+            save_checkpoint(
+                os.path.join(out_dir, CHECKPOINT_NAME),
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "epoch": epoch + 1,
+                    "history": history,
+                    "rng": _rng_state(),
+                    "config": config.to_dict(),
+                    "model_spec": model_spec,
+                },
+            )
+        if on_epoch is not None:
+            on_epoch(record)
+    return history
+
+
+def _norm(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
