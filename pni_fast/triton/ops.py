@@ -1,0 +1,379 @@
+"""Triton backend of pni_fast, registered as PyTorch ops (``torch.ops.pni_fast.*_triton``).
+
+Single-tensor ops are ``torch.library.triton_op``s whose kernels are launched through
+``wrap_triton``, so ``torch.compile`` sees (and can fuse around) the Triton kernels. The list
+ops pass their tensors to one launch through a packed int64 table of raw pointers; pointers the
+compiler cannot see must not be traced into a graph, so those two are opaque
+``torch.library.custom_op``s with fake kernels (still ``fullgraph``-compatible).
+
+Signatures are those of the C++ ops (design contract), suffixed ``_triton``:
+
+* ``noise_triton(like, seed, offset) -> Tensor``
+* ``perturb_triton(v, alpha, sigma, seed, offset, inner) -> Tensor``
+* ``perturb_alpha_grad_triton(grad, alpha, sigma, seed, offset, inner) -> Tensor``
+* ``perturb_multi_triton(vs, alphas, sigmas, seed, offsets, inners) -> Tensor[]``
+* ``perturb_alpha_grad_multi_triton(grads, alphas, sigmas, seed, offsets, inners) -> Tensor[]``
+
+Autograd is registered by ``pni_fast.functional``, not here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import custom_op, triton_op, wrap_triton
+
+from . import kernels as K
+
+__all__ = [
+    "noise_triton",
+    "perturb_triton",
+    "perturb_alpha_grad_triton",
+    "perturb_multi_triton",
+    "perturb_alpha_grad_multi_triton",
+    "INTERPRETED",
+]
+
+# Elements per program of the element-wise kernels (BLOCK / 4 Philox counters each).
+BLOCK = 1024
+NUM_WARPS = 4
+# Elements of one stage-2 tile (BLOCK_J * BLOCK_R * BLOCK_K).
+_REDUCE_TILE = 4096
+_INT32_LIMIT = 2**31
+_SEED_LIMIT = 2**63
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_TL_DTYPE = {
+    torch.float32: tl.float32,
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float64: tl.float64,
+}
+
+# True when triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1 at import time).
+INTERPRETED: bool = type(K._noise_kernel).__name__ == "InterpretedFunction"
+
+
+# ---------------------------------------------------------------------------
+# Argument checks (same rules as the C++ ops; ValueError/TypeError name the argument)
+# ---------------------------------------------------------------------------
+
+
+def _check_device(op: str, name: str, t: torch.Tensor) -> None:
+    if t.device.type == "cuda":
+        return
+    if t.device.type == "cpu" and INTERPRETED:
+        return
+    hint = " (CPU tensors need TRITON_INTERPRET=1 set before triton is imported)" if t.device.type == "cpu" else ""
+    raise ValueError(f"{op}: {name} must be a CUDA tensor for the Triton backend, got device {t.device}{hint}")
+
+
+def _check_seed_offset(op: str, seed: int, offset: int, numel: int) -> None:
+    if not 0 <= seed < _SEED_LIMIT:
+        raise ValueError(f"{op}: seed must be in [0, 2**63), got {seed}")
+    if offset < 0:
+        raise ValueError(f"{op}: offset must be >= 0, got {offset}")
+    if offset + (numel + 3) // 4 > _SEED_LIMIT:
+        raise ValueError(f"{op}: offset + ceil(numel / 4) must be <= 2**63, got offset={offset}, numel={numel}")
+
+
+def _check_perturb(op: str, vname: str, v: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,
+                   seed: int, offset: int, inner: int) -> None:
+    """The checks shared by perturb and perturb_alpha_grad (``v`` is the value or the gradient)."""
+    for name, t in ((vname, v), ("alpha", alpha), ("sigma", sigma)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if v.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{op}: {vname} must be float32, float16, bfloat16 or float64, got {v.dtype}")
+    if alpha.dtype != v.dtype:
+        raise TypeError(f"{op}: alpha must have {vname}'s dtype {v.dtype}, got {alpha.dtype}")
+    if sigma.dtype not in (torch.float32, v.dtype):
+        raise TypeError(f"{op}: sigma must be float32 or {vname}'s dtype {v.dtype}, got {sigma.dtype}")
+    if sigma.dim() != 0:
+        raise ValueError(f"{op}: sigma must be a 0-d tensor, got shape {tuple(sigma.shape)}")
+    _check_device(op, vname, v)
+    for name, t in (("alpha", alpha), ("sigma", sigma)):
+        if t.device != v.device:
+            raise ValueError(f"{op}: {name} must be on {vname}'s device {v.device}, got {t.device}")
+    if inner < 1:
+        raise ValueError(f"{op}: inner must be >= 1, got {inner}")
+    n, n_alpha = v.numel(), alpha.numel()
+    if n_alpha == 0:
+        raise ValueError(f"{op}: alpha must have at least one element")
+    if n_alpha > 1 and n > 0 and n % (n_alpha * inner) != 0:
+        raise ValueError(
+            f"{op}: alpha with {n_alpha} elements and inner={inner} must tile {vname} "
+            f"({n} elements): expected numel % (alpha.numel() * inner) == 0"
+        )
+    _check_seed_offset(op, seed, offset, n)
+
+
+def _check_lists(op: str, vname: str, vs: Sequence[torch.Tensor], alphas: Sequence[torch.Tensor],
+                 sigmas: Sequence[torch.Tensor], offsets: Sequence[int], inners: Sequence[int]) -> None:
+    lengths = {len(vs), len(alphas), len(sigmas), len(offsets), len(inners)}
+    if len(lengths) != 1:
+        raise ValueError(
+            f"{op}: {vname}s, alphas, sigmas, offsets and inners must have the same length, got "
+            f"{len(vs)}, {len(alphas)}, {len(sigmas)}, {len(offsets)}, {len(inners)}"
+        )
+    if vs and any(v.device != vs[0].device for v in vs):
+        raise ValueError(f"{op}: all {vname}s must be on one device, got {sorted({str(v.device) for v in vs})}")
+
+
+# ---------------------------------------------------------------------------
+# Launch plans
+# ---------------------------------------------------------------------------
+
+
+def _index64(n_alpha: int, inner: int) -> bool:
+    """Whether the alpha index needs int64 arithmetic in the kernel."""
+    return n_alpha + BLOCK >= _INT32_LIMIT or inner + BLOCK >= _INT32_LIMIT
+
+
+@dataclass(frozen=True)
+class _GradPlan:
+    """How the alpha gradient of one tensor is reduced (see kernels.py's docstring)."""
+
+    seg_mode: int
+    inner: int  # effective inner (layerwise: a multiple of BLOCK covering the whole tensor)
+    S: int  # segments
+    J: int  # partial slots per segment (max blocks a segment spans)
+    R: int  # rows of segments per alpha index
+    direct: bool  # elementwise: stage 1 writes the gradient itself
+
+
+def _grad_plan(n: int, n_alpha: int, inner: int, general: bool = False) -> _GradPlan:
+    """Plan for n > 0 elements; ``general`` forces the segmented-scan stage 1 (multi-tensor kernel)."""
+    if n_alpha == 1:
+        inner = triton.cdiv(n, BLOCK) * BLOCK
+    S = triton.cdiv(n, inner)
+    R = triton.cdiv(S, n_alpha)
+    if inner % BLOCK == 0:
+        J = inner // BLOCK
+    else:
+        J = triton.cdiv(inner - 1, BLOCK) + 1
+    if general:
+        mode = K.SEG_SCAN
+    elif inner % BLOCK == 0:
+        mode = K.SEG_ONE
+    elif inner > BLOCK:
+        mode = K.SEG_TWO
+    elif inner == 1:
+        mode = K.SEG_ELEM
+    else:
+        mode = K.SEG_SCAN
+    direct = mode == K.SEG_ELEM and n_alpha == n
+    return _GradPlan(mode, inner, S, J, R, direct)
+
+
+def _reduce_tiles(n_alpha: int, J: int, R: int) -> tuple[int, int, int]:
+    """(BLOCK_K, BLOCK_J, BLOCK_R) of the stage-2 kernel: alpha indices x slots x rows per tile."""
+    block_k = min(triton.next_power_of_2(max(n_alpha, 1)), 256)
+    budget = _REDUCE_TILE // block_k
+    block_j = min(triton.next_power_of_2(max(J, 1)), budget)
+    block_r = max(1, min(triton.next_power_of_2(max(R, 1)), budget // block_j))
+    return block_k, block_j, block_r
+
+
+def _device_table(rows: list[list[int]], tail: list[int], device: torch.device) -> torch.Tensor:
+    """The packed int64 table (rows, then ``tail``) on ``device``, copied without a host sync."""
+    flat = [x for row in rows for x in row] + tail
+    host = torch.tensor(flat, dtype=torch.int64)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host
+
+
+# ---------------------------------------------------------------------------
+# Single-tensor ops
+# ---------------------------------------------------------------------------
+
+
+@triton_op("pni_fast::noise_triton", mutates_args=())
+def noise_triton(like: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
+    """float32 z with ``like``'s shape: element i is output i % 4 of Philox counter offset + i // 4."""
+    op = "noise_triton"
+    if not isinstance(like, torch.Tensor):
+        raise TypeError(f"{op}: like must be a torch.Tensor, got {type(like).__name__}")
+    _check_device(op, "like", like)
+    _check_seed_offset(op, seed, offset, like.numel())
+    out = torch.empty(like.shape, dtype=torch.float32, device=like.device)
+    n = out.numel()
+    if n == 0:
+        return out
+    wrap_triton(K._noise_kernel)[(triton.cdiv(n, BLOCK),)](out, n, seed, offset, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    return out
+
+
+@triton_op("pni_fast::perturb_triton", mutates_args=())
+def perturb_triton(v: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, seed: int, offset: int,
+                   inner: int) -> torch.Tensor:
+    """out = v + alpha[(i // inner) % alpha.numel()] * sigma * z_i in one pass (no stored noise)."""
+    _check_perturb("perturb_triton", "v", v, alpha, sigma, seed, offset, inner)
+    v = v.contiguous()
+    alpha = alpha.contiguous()
+    out = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    n, n_alpha = v.numel(), alpha.numel()
+    if n == 0:
+        return out
+    wrap_triton(K._perturb_fwd_kernel)[(triton.cdiv(n, BLOCK),)](
+        v, out, alpha, sigma, n, n_alpha, inner, seed, offset,
+        BLOCK=BLOCK, LAYERWISE=n_alpha == 1, IS_F64=v.dtype == torch.float64,
+        INDEX64=_index64(n_alpha, inner), num_warps=NUM_WARPS,
+    )
+    return out
+
+
+@triton_op("pni_fast::perturb_alpha_grad_triton", mutates_args=())
+def perturb_alpha_grad_triton(grad: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, seed: int,
+                              offset: int, inner: int) -> torch.Tensor:
+    """dL/dalpha[k] = sum over i with b(i) == k of grad_i * sigma * z_i, deterministic (two stages)."""
+    _check_perturb("perturb_alpha_grad_triton", "grad", grad, alpha, sigma, seed, offset, inner)
+    grad = grad.contiguous()
+    n, n_alpha = grad.numel(), alpha.numel()
+    if n == 0:
+        return torch.zeros(alpha.shape, dtype=alpha.dtype, device=alpha.device)
+    out = torch.empty(alpha.shape, dtype=alpha.dtype, device=alpha.device)
+    is_f64 = grad.dtype == torch.float64
+    acc_dtype = torch.float64 if is_f64 else torch.float32
+    plan = _grad_plan(n, n_alpha, inner)
+    grid1 = (triton.cdiv(n, BLOCK),)
+    if plan.direct:
+        wrap_triton(K._perturb_bwd_kernel)[grid1](
+            grad, out, out, sigma, n, plan.inner, plan.S, seed, offset,
+            BLOCK=BLOCK, SEG_MODE=plan.seg_mode, IS_F64=is_f64, DIRECT=True, num_warps=NUM_WARPS,
+        )
+        return out
+    part = torch.empty(plan.J * plan.S, dtype=acc_dtype, device=grad.device)
+    wrap_triton(K._perturb_bwd_kernel)[grid1](
+        grad, part, out, sigma, n, plan.inner, plan.S, seed, offset,
+        BLOCK=BLOCK, SEG_MODE=plan.seg_mode, IS_F64=is_f64, DIRECT=False, num_warps=NUM_WARPS,
+    )
+    block_k, block_j, block_r = _reduce_tiles(n_alpha, plan.J, plan.R)
+    wrap_triton(K._alpha_grad_reduce_kernel)[(triton.cdiv(n_alpha, block_k),)](
+        part, out, sigma, plan.S, plan.J, n_alpha, plan.R, plan.inner, n,
+        BLOCK=BLOCK, BLOCK_K=block_k, BLOCK_J=block_j, BLOCK_R=block_r, IS_F64=is_f64, num_warps=NUM_WARPS,
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Multi-tensor ops: one launch per (dtype, sigma dtype) group through a pointer table
+# ---------------------------------------------------------------------------
+
+
+def _groups(tensors: Sequence[torch.Tensor], sigmas: Sequence[torch.Tensor]) -> dict[tuple, list[int]]:
+    """Indices of the non-empty tensors, grouped by (dtype, sigma dtype): one launch per group."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (t, s) in enumerate(zip(tensors, sigmas)):
+        if t.numel() > 0:
+            groups.setdefault((t.dtype, s.dtype), []).append(i)
+    return groups
+
+
+def _launch_guard(device: torch.device):
+    return torch.cuda.device(device) if device.type == "cuda" else _NullContext()
+
+
+class _NullContext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+@custom_op("pni_fast::perturb_multi_triton", mutates_args=())
+def perturb_multi_triton(vs: list[torch.Tensor], alphas: list[torch.Tensor], sigmas: list[torch.Tensor],
+                         seed: int, offsets: list[int], inners: list[int]) -> list[torch.Tensor]:
+    """perturb_triton for every tensor of a list in one kernel launch (per dtype group)."""
+    op = "perturb_multi_triton"
+    _check_lists(op, "v", vs, alphas, sigmas, offsets, inners)
+    for v, a, s, off, inner in zip(vs, alphas, sigmas, offsets, inners):
+        _check_perturb(op, "v", v, a, s, seed, off, inner)
+    vs = [v.contiguous() for v in vs]
+    alphas = [a.contiguous() for a in alphas]
+    outs = [torch.empty(v.shape, dtype=v.dtype, device=v.device) for v in vs]
+    for (dtype, sigma_dtype), idx in _groups(vs, sigmas).items():
+        rows, first, total = [], [], 0
+        for i in idx:
+            n = vs[i].numel()
+            rows.append([vs[i].data_ptr(), outs[i].data_ptr(), alphas[i].data_ptr(), sigmas[i].data_ptr(),
+                         n, alphas[i].numel(), inners[i], offsets[i], total])
+            first.append(total)
+            total += triton.cdiv(n, BLOCK)
+        device = vs[idx[0]].device
+        table = _device_table(rows, first, device)
+        with _launch_guard(device):
+            K._perturb_multi_fwd_kernel[(total,)](
+                table, len(idx), seed, T_POW2=triton.next_power_of_2(len(idx)), BLOCK=BLOCK,
+                V_DTYPE=_TL_DTYPE[dtype], SIGMA_DTYPE=_TL_DTYPE[sigma_dtype],
+                IS_F64=dtype == torch.float64, num_warps=NUM_WARPS,
+            )
+    return outs
+
+
+@perturb_multi_triton.register_fake
+def _(vs, alphas, sigmas, seed, offsets, inners):
+    return [torch.empty(v.shape, dtype=v.dtype, device=v.device) for v in vs]
+
+
+@custom_op("pni_fast::perturb_alpha_grad_multi_triton", mutates_args=())
+def perturb_alpha_grad_multi_triton(grads: list[torch.Tensor], alphas: list[torch.Tensor],
+                                    sigmas: list[torch.Tensor], seed: int, offsets: list[int],
+                                    inners: list[int]) -> list[torch.Tensor]:
+    """perturb_alpha_grad_triton for every tensor of a list: two launches per dtype group."""
+    op = "perturb_alpha_grad_multi_triton"
+    _check_lists(op, "grad", grads, alphas, sigmas, offsets, inners)
+    for g, a, s, off, inner in zip(grads, alphas, sigmas, offsets, inners):
+        _check_perturb(op, "grad", g, a, s, seed, off, inner)
+    grads = [g.contiguous() for g in grads]
+    outs = [
+        torch.empty(a.shape, dtype=a.dtype, device=a.device) if g.numel() > 0
+        else torch.zeros(a.shape, dtype=a.dtype, device=a.device)
+        for g, a in zip(grads, alphas)
+    ]
+    for (dtype, sigma_dtype), idx in _groups(grads, sigmas).items():
+        is_f64 = dtype == torch.float64
+        device = grads[idx[0]].device
+        plans = [_grad_plan(grads[i].numel(), alphas[i].numel(), inners[i], general=True) for i in idx]
+        bases, part_size = [], 0
+        for p in plans:
+            bases.append(part_size)
+            part_size += p.J * p.S
+        part = torch.empty(part_size, dtype=torch.float64 if is_f64 else torch.float32, device=device)
+        rows1, first1, total1 = [], [], 0
+        rows2, first2, total2 = [], [], 0
+        block_k, block_j, block_r = _reduce_tiles(
+            max(alphas[i].numel() for i in idx), max(p.J for p in plans), max(p.R for p in plans))
+        for i, p, base in zip(idx, plans, bases):
+            n, n_alpha = grads[i].numel(), alphas[i].numel()
+            rows1.append([grads[i].data_ptr(), sigmas[i].data_ptr(), base, n, p.inner, p.S, offsets[i], total1])
+            first1.append(total1)
+            total1 += triton.cdiv(n, BLOCK)
+            rows2.append([base, outs[i].data_ptr(), sigmas[i].data_ptr(), p.S, p.J, n_alpha, p.R, p.inner, n,
+                          total2])
+            first2.append(total2)
+            total2 += triton.cdiv(n_alpha, block_k)
+        t = len(idx)
+        table1 = _device_table(rows1, first1, device)
+        table2 = _device_table(rows2, first2, device)
+        with _launch_guard(device):
+            K._perturb_multi_bwd_kernel[(total1,)](
+                table1, part, t, seed, T_POW2=triton.next_power_of_2(t), BLOCK=BLOCK,
+                G_DTYPE=_TL_DTYPE[dtype], IS_F64=is_f64, num_warps=NUM_WARPS,
+            )
+            K._alpha_grad_multi_reduce_kernel[(total2,)](
+                table2, part, t, T_POW2=triton.next_power_of_2(t), BLOCK=BLOCK, BLOCK_K=block_k,
+                BLOCK_J=block_j, BLOCK_R=block_r, OUT_DTYPE=_TL_DTYPE[dtype],
+                SIGMA_DTYPE=_TL_DTYPE[sigma_dtype], IS_F64=is_f64, num_warps=NUM_WARPS,
+            )
+    return outs
+
+
+@perturb_alpha_grad_multi_triton.register_fake
+def _(grads, alphas, sigmas, seed, offsets, inners):
+    return [torch.empty(a.shape, dtype=a.dtype, device=a.device) for a in alphas]
