@@ -1,0 +1,23 @@
+// Block generator of the design.md normals for the CPU kernels.
+//
+// One call produces the 256 normals of 64 consecutive Philox counters. The
+// work is laid out as loops over lane arrays (Philox round outermost, lanes
+// innermost; one loop for log, one for sin/cos, then the interleave) so the
+// compiler vectorizes every step; design.md section 10 measured this layout.
+#pragma once
+
+#include <cstdint>
+
+namespace pni_fast {
+namespace cpu {
+
+constexpr int kBlockQuads = 64;                 // Philox counters per block
+constexpr int kBlockElems = 4 * kBlockQuads;    // normals per block
+
+// z[0..255] = normals of counters ctr0 .. ctr0 + 63 under `seed`, in element
+// order (z[4j + w] = output w of counter ctr0 + j). Chooses the widest SIMD
+// the running CPU supports; every variant returns identical bits.
+void normal_block(uint64_t seed, uint64_t ctr0, float* z);
+
+}  // namespace cpu
+}  // namespace pni_fast

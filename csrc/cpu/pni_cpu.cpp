@@ -1,0 +1,429 @@
+// CPU kernels of the pni_fast ops (schemas in csrc/ops.cpp).
+//
+// Forward: blocks of 256 elements; each block draws its 256 normals with
+// normal_block() (vectorized Philox + Box-Muller) into an L1 buffer and
+// applies out = v + (alpha * sigma) * z in the same pass, so the noise never
+// reaches memory. Threads split the tensor on block boundaries.
+//
+// Alpha gradient: the same normals are regenerated and reduced. The work is
+// cut into items whose boundaries depend only on the tensor's shape, each
+// item writes its own partial sums, and the partials are added in item
+// order, so the result has the same bits for any number of threads.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "../checks.h"
+#include "../philox.h"
+#include "normal_block.h"
+
+namespace pni_fast {
+namespace cpu {
+namespace {
+
+using at::Tensor;
+
+// Blocks per parallel chunk in the elementwise ops: 64 blocks = 16K elements,
+// so small tensors run inline with no thread hand-off.
+constexpr int64_t kGrainBlocks = 64;
+// Elements per reduction item in the alpha gradient (a multiple of kBlockElems).
+constexpr int64_t kItemElems = 64 * 1024;
+// Runs of constant alpha index shorter than this use the column strategy.
+constexpr int64_t kMinRowInner = 64;
+// Alpha indices per column tile (column strategy).
+constexpr int64_t kTileTarget = 4096;
+// Reduction items the column strategy aims for (a constant, not the thread count).
+constexpr int64_t kColumnItems = 64;
+
+template <typename T>
+T read_scalar(const Tensor& t) {
+  return t.item().to<T>();
+}
+
+// ---------------------------------------------------------------------------
+// forward
+// ---------------------------------------------------------------------------
+
+// out[t] = v[t] + (alpha[b(e0 + t)] * s) * z[t] for t < len.
+template <typename scalar_t, typename opmath_t>
+void apply_block(const scalar_t* __restrict__ v, const scalar_t* __restrict__ alpha, opmath_t s,
+                 const float* __restrict__ z, scalar_t* __restrict__ out, int64_t e0, int64_t len, int64_t na,
+                 int64_t inner) {
+  if (na == 1) {
+    const opmath_t c = static_cast<opmath_t>(alpha[0]) * s;
+    for (int64_t t = 0; t < len; ++t) {
+      out[t] = static_cast<scalar_t>(static_cast<opmath_t>(v[t]) + c * static_cast<opmath_t>(z[t]));
+    }
+    return;
+  }
+  int64_t t = 0;
+  while (t < len) {
+    const int64_t e = e0 + t;
+    const int64_t run_index = e / inner;
+    const int64_t k = run_index % na;
+    if (inner == 1) {
+      // consecutive elements use consecutive alpha entries up to the wrap
+      const int64_t run = std::min(len - t, na - k);
+      const scalar_t* __restrict__ a = alpha + k;
+      for (int64_t u = 0; u < run; ++u) {
+        const opmath_t c = static_cast<opmath_t>(a[u]) * s;
+        out[t + u] = static_cast<scalar_t>(static_cast<opmath_t>(v[t + u]) + c * static_cast<opmath_t>(z[t + u]));
+      }
+      t += run;
+    } else {
+      const int64_t run = std::min(len - t, (run_index + 1) * inner - e);
+      const opmath_t c = static_cast<opmath_t>(alpha[k]) * s;
+      for (int64_t u = 0; u < run; ++u) {
+        out[t + u] = static_cast<scalar_t>(static_cast<opmath_t>(v[t + u]) + c * static_cast<opmath_t>(z[t + u]));
+      }
+      t += run;
+    }
+  }
+}
+
+Tensor perturb_impl(const Tensor& v_in, const Tensor& alpha_in, const Tensor& sigma, int64_t seed, int64_t offset,
+                    int64_t inner) {
+  const Tensor v = v_in.contiguous();
+  const Tensor alpha = alpha_in.contiguous();
+  Tensor out = at::empty(v.sizes(), v.options().memory_format(at::MemoryFormat::Contiguous));
+  const int64_t n = v.numel();
+  if (n == 0) {
+    return out;
+  }
+  const int64_t na = alpha.numel();
+  const int64_t inner_eff = na == 1 ? n : inner;
+  const int64_t nblocks = (n + kBlockElems - 1) / kBlockElems;
+  const uint64_t useed = static_cast<uint64_t>(seed);
+  const uint64_t uoffset = static_cast<uint64_t>(offset);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "pni_fast_perturb_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const opmath_t s = read_scalar<opmath_t>(sigma);
+    const scalar_t* vp = v.const_data_ptr<scalar_t>();
+    const scalar_t* ap = alpha.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, nblocks, kGrainBlocks, [&](int64_t b0, int64_t b1) {
+      alignas(64) float z[kBlockElems];
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t e0 = b * kBlockElems;
+        const int64_t len = std::min<int64_t>(kBlockElems, n - e0);
+        normal_block(useed, uoffset + static_cast<uint64_t>(b) * kBlockQuads, z);
+        apply_block<scalar_t, opmath_t>(vp + e0, ap, s, z, op + e0, e0, len, na, inner_eff);
+      }
+    });
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------
+// noise and raw RNG
+// ---------------------------------------------------------------------------
+
+Tensor noise_cpu(const Tensor& like, int64_t seed, int64_t offset) {
+  check_seed_offset(seed, offset);
+  Tensor out = at::empty(like.sizes(), like.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous));
+  const int64_t n = out.numel();
+  if (n == 0) {
+    return out;
+  }
+  float* op = out.mutable_data_ptr<float>();
+  const int64_t nblocks = (n + kBlockElems - 1) / kBlockElems;
+  at::parallel_for(0, nblocks, kGrainBlocks, [&](int64_t b0, int64_t b1) {
+    alignas(64) float z[kBlockElems];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t e0 = b * kBlockElems;
+      const int64_t len = std::min<int64_t>(kBlockElems, n - e0);
+      const uint64_t ctr = static_cast<uint64_t>(offset) + static_cast<uint64_t>(b) * kBlockQuads;
+      if (len == kBlockElems) {
+        normal_block(static_cast<uint64_t>(seed), ctr, op + e0);
+      } else {
+        normal_block(static_cast<uint64_t>(seed), ctr, z);
+        std::memcpy(op + e0, z, sizeof(float) * static_cast<size_t>(len));
+      }
+    }
+  });
+  return out;
+}
+
+Tensor rng_words_cpu(const Tensor& like, int64_t seed, int64_t offset) {
+  check_seed_offset(seed, offset);
+  const int64_t nq = num_quads(like.numel());
+  Tensor out = at::empty({4 * nq}, like.options().dtype(at::kInt));
+  int32_t* op = out.mutable_data_ptr<int32_t>();
+  at::parallel_for(0, nq, 4096, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const PhiloxQuad w = philox4x32_10(static_cast<uint64_t>(offset) + static_cast<uint64_t>(q),
+                                         static_cast<uint64_t>(seed));
+      for (int k = 0; k < 4; ++k) {
+        int32_t bits;
+        std::memcpy(&bits, &w.w[k], sizeof(bits));
+        op[4 * q + k] = bits;
+      }
+    }
+  });
+  return out;
+}
+
+Tensor rng_uniform_cpu(const Tensor& like, int64_t seed, int64_t offset) {
+  check_seed_offset(seed, offset);
+  const int64_t nq = num_quads(like.numel());
+  Tensor out = at::empty({4 * nq}, like.options().dtype(at::kFloat));
+  float* op = out.mutable_data_ptr<float>();
+  at::parallel_for(0, nq, 4096, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const PhiloxQuad w = philox4x32_10(static_cast<uint64_t>(offset) + static_cast<uint64_t>(q),
+                                         static_cast<uint64_t>(seed));
+      for (int k = 0; k < 4; ++k) {
+        op[4 * q + k] = uniform_from_word(w.w[k]);
+      }
+    }
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------
+// alpha gradient
+// ---------------------------------------------------------------------------
+
+// sum_t g[t] * z[t] with 8 explicit lanes: the association is fixed by the
+// code, so the compiler's vector width cannot change the bits.
+template <typename scalar_t, typename acc_t>
+acc_t dot_lanes(const scalar_t* __restrict__ g, const float* __restrict__ z, int64_t len) {
+  acc_t lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t t = 0;
+  for (; t + 8 <= len; t += 8) {
+    for (int l = 0; l < 8; ++l) {
+      lane[l] += static_cast<acc_t>(g[t + l]) * static_cast<acc_t>(z[t + l]);
+    }
+  }
+  for (int l = 0; t < len; ++t, ++l) {
+    lane[l] += static_cast<acc_t>(g[t]) * static_cast<acc_t>(z[t]);
+  }
+  return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+}
+
+// Calls fn(e, z_ptr, len) over the element range [e_begin, e_end) with the
+// normals of those elements; pieces never cross a 256-element generation
+// window, whose placement depends only on e_begin.
+template <typename Fn>
+void walk_normals(uint64_t seed, uint64_t offset, int64_t e_begin, int64_t e_end, float* zbuf, Fn&& fn) {
+  int64_t e = e_begin;
+  while (e < e_end) {
+    const int64_t q = e / 4;
+    const int64_t shift = e % 4;
+    const int64_t len = std::min<int64_t>(e_end - e, kBlockElems - shift);
+    normal_block(seed, offset + static_cast<uint64_t>(q), zbuf);
+    fn(e, zbuf + shift, len);
+    e += len;
+  }
+}
+
+// Row strategy: runs of `inner` >= kMinRowInner elements (or the whole tensor
+// when alpha has one element). Items are fixed 64K-element ranges; each item
+// stores one partial per run it touches.
+template <typename scalar_t, typename acc_t>
+void alpha_grad_rows(const scalar_t* g, int64_t n, int64_t na, int64_t inner, uint64_t seed, uint64_t offset,
+                     std::vector<acc_t>& gsum) {
+  const int64_t nitems = (n + kItemElems - 1) / kItemElems;
+  std::vector<int64_t> first_run(nitems), slot(nitems + 1, 0);
+  for (int64_t i = 0; i < nitems; ++i) {
+    const int64_t lo = i * kItemElems;
+    const int64_t hi = std::min(n, lo + kItemElems) - 1;
+    first_run[i] = lo / inner;
+    slot[i + 1] = slot[i] + (hi / inner - lo / inner + 1);
+  }
+  std::vector<acc_t> partial(static_cast<size_t>(slot[nitems]), acc_t(0));
+  at::parallel_for(0, nitems, 1, [&](int64_t i0, int64_t i1) {
+    alignas(64) float zbuf[kBlockElems];
+    for (int64_t i = i0; i < i1; ++i) {
+      acc_t* part = partial.data() + slot[i];
+      const int64_t base_run = first_run[i];
+      const int64_t lo = i * kItemElems;
+      const int64_t hi = std::min(n, lo + kItemElems);
+      walk_normals(seed, offset, lo, hi, zbuf, [&](int64_t e, const float* z, int64_t len) {
+        int64_t t = 0;
+        while (t < len) {
+          const int64_t run = (e + t) / inner;
+          const int64_t seg = std::min(len - t, (run + 1) * inner - (e + t));
+          part[run - base_run] += dot_lanes<scalar_t, acc_t>(g + e + t, z + t, seg);
+          t += seg;
+        }
+      });
+    }
+  });
+  // fixed order: items in order, runs in order
+  for (int64_t i = 0; i < nitems; ++i) {
+    for (int64_t r = slot[i]; r < slot[i + 1]; ++r) {
+      const int64_t run = first_run[i] + (r - slot[i]);
+      gsum[static_cast<size_t>(run % na)] += partial[static_cast<size_t>(r)];
+    }
+  }
+}
+
+// Column strategy (alpha has several entries and runs are short): view the
+// tensor as [R, W] with W = na * inner. Items are (row group, column tile)
+// rectangles chosen from the shape alone; each keeps per-alpha partials for
+// its tile, summed over its rows in order; groups are then added in order.
+template <typename scalar_t, typename acc_t>
+void alpha_grad_columns(const scalar_t* g, int64_t n, int64_t na, int64_t inner, uint64_t seed, uint64_t offset,
+                        std::vector<acc_t>& gsum) {
+  const int64_t width = na * inner;
+  const int64_t rows = n / width;
+  const int64_t tile_k = std::max<int64_t>(1, kTileTarget / inner);
+  const int64_t ntiles = (na + tile_k - 1) / tile_k;
+  int64_t ngroups = std::max<int64_t>(1, (kColumnItems + ntiles - 1) / ntiles);
+  const int64_t tile_elems = std::min(na, tile_k) * inner;
+  ngroups = std::min(ngroups, std::max<int64_t>(1, rows * tile_elems / (kItemElems / 4)));
+  ngroups = std::min(ngroups, rows);
+  const int64_t rows_per_group = (rows + ngroups - 1) / ngroups;
+  ngroups = (rows + rows_per_group - 1) / rows_per_group;
+  std::vector<acc_t> partial(static_cast<size_t>(ngroups * na), acc_t(0));
+
+  at::parallel_for(0, ngroups * ntiles, 1, [&](int64_t it0, int64_t it1) {
+    alignas(64) float zbuf[kBlockElems];
+    for (int64_t it = it0; it < it1; ++it) {
+      const int64_t grp = it / ntiles;
+      const int64_t tile = it % ntiles;
+      const int64_t k0 = tile * tile_k;
+      const int64_t k1 = std::min(na, k0 + tile_k);
+      const int64_t r0 = grp * rows_per_group;
+      const int64_t r1 = std::min(rows, r0 + rows_per_group);
+      acc_t* part = partial.data() + grp * na;
+      // consume a piece starting at element e (column c of its row)
+      auto consume = [&](int64_t e, const float* z, int64_t len) {
+        int64_t c = e % width;
+        int64_t t = 0;
+        while (t < len) {
+          const int64_t seg = std::min(len - t, width - c);  // up to the row end
+          if (inner == 1) {
+            acc_t* __restrict__ p = part + c;
+            const scalar_t* __restrict__ gg = g + e + t;
+            const float* __restrict__ zz = z + t;
+            for (int64_t u = 0; u < seg; ++u) {
+              p[u] += static_cast<acc_t>(gg[u]) * static_cast<acc_t>(zz[u]);
+            }
+          } else {
+            for (int64_t u = 0; u < seg; ++u) {
+              part[(c + u) / inner] += static_cast<acc_t>(g[e + t + u]) * static_cast<acc_t>(z[t + u]);
+            }
+          }
+          t += seg;
+          c = 0;
+        }
+      };
+      if (ntiles == 1) {
+        walk_normals(seed, offset, r0 * width, r1 * width, zbuf, consume);
+      } else {
+        for (int64_t r = r0; r < r1; ++r) {
+          walk_normals(seed, offset, r * width + k0 * inner, r * width + k1 * inner, zbuf, consume);
+        }
+      }
+    }
+  });
+  at::parallel_for(0, na, 4096, [&](int64_t ka, int64_t kb) {
+    for (int64_t k = ka; k < kb; ++k) {
+      acc_t s = 0;
+      for (int64_t grp = 0; grp < ngroups; ++grp) {
+        s += partial[static_cast<size_t>(grp * na + k)];
+      }
+      gsum[static_cast<size_t>(k)] = s;
+    }
+  });
+}
+
+Tensor alpha_grad_impl(const Tensor& grad_in, const Tensor& alpha, const Tensor& sigma, int64_t seed, int64_t offset,
+                       int64_t inner) {
+  const Tensor grad = grad_in.contiguous();
+  const int64_t n = grad.numel();
+  const int64_t na = alpha.numel();
+  Tensor result = at::zeros(alpha.sizes(), alpha.options().memory_format(at::MemoryFormat::Contiguous));
+  if (n == 0) {
+    return result;
+  }
+  const uint64_t useed = static_cast<uint64_t>(seed);
+  const uint64_t uoffset = static_cast<uint64_t>(offset);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "pni_fast_alpha_grad_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t s = read_scalar<acc_t>(sigma);
+    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+    std::vector<acc_t> gsum(static_cast<size_t>(na), acc_t(0));
+    if (na == 1) {
+      alpha_grad_rows<scalar_t, acc_t>(gp, n, 1, n, useed, uoffset, gsum);
+    } else if (inner >= kMinRowInner) {
+      alpha_grad_rows<scalar_t, acc_t>(gp, n, na, inner, useed, uoffset, gsum);
+    } else {
+      alpha_grad_columns<scalar_t, acc_t>(gp, n, na, inner, useed, uoffset, gsum);
+    }
+    scalar_t* rp = result.mutable_data_ptr<scalar_t>();
+    for (int64_t k = 0; k < na; ++k) {
+      rp[k] = static_cast<scalar_t>(gsum[static_cast<size_t>(k)] * s);
+    }
+  });
+  return result;
+}
+
+// ---------------------------------------------------------------------------
+// op entry points
+// ---------------------------------------------------------------------------
+
+Tensor perturb_cpu(const Tensor& v, const Tensor& alpha, const Tensor& sigma, int64_t seed, int64_t offset,
+                   int64_t inner) {
+  check_perturb_args(v, alpha, sigma, seed, offset, inner, "v");
+  return perturb_impl(v, alpha, sigma, seed, offset, inner);
+}
+
+Tensor perturb_alpha_grad_cpu(const Tensor& grad, const Tensor& alpha, const Tensor& sigma, int64_t seed,
+                              int64_t offset, int64_t inner) {
+  check_perturb_args(grad, alpha, sigma, seed, offset, inner, "grad");
+  return alpha_grad_impl(grad, alpha, sigma, seed, offset, inner);
+}
+
+std::vector<Tensor> perturb_multi_cpu(at::TensorList vs, at::TensorList alphas, at::TensorList sigmas, int64_t seed,
+                                      at::IntArrayRef offsets, at::IntArrayRef inners) {
+  check_multi_lengths("perturb_multi", "vs", vs.size(), alphas.size(), sigmas.size(), offsets.size(), inners.size());
+  for (size_t i = 0; i < vs.size(); ++i) {
+    check_perturb_args(vs[i], alphas[i], sigmas[i], seed, offsets[i], inners[i], "v", list_prefix("vs", i));
+  }
+  std::vector<Tensor> outs;
+  outs.reserve(vs.size());
+  for (size_t i = 0; i < vs.size(); ++i) {
+    outs.push_back(perturb_impl(vs[i], alphas[i], sigmas[i], seed, offsets[i], inners[i]));
+  }
+  return outs;
+}
+
+std::vector<Tensor> perturb_alpha_grad_multi_cpu(at::TensorList grads, at::TensorList alphas, at::TensorList sigmas,
+                                                 int64_t seed, at::IntArrayRef offsets, at::IntArrayRef inners) {
+  check_multi_lengths("perturb_alpha_grad_multi", "grads", grads.size(), alphas.size(), sigmas.size(),
+                      offsets.size(), inners.size());
+  for (size_t i = 0; i < grads.size(); ++i) {
+    check_perturb_args(grads[i], alphas[i], sigmas[i], seed, offsets[i], inners[i], "grad",
+                       list_prefix("grads", i));
+  }
+  std::vector<Tensor> outs;
+  outs.reserve(grads.size());
+  for (size_t i = 0; i < grads.size(); ++i) {
+    outs.push_back(alpha_grad_impl(grads[i], alphas[i], sigmas[i], seed, offsets[i], inners[i]));
+  }
+  return outs;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pni_fast, CPU, m) {
+  m.impl("noise", &noise_cpu);
+  m.impl("rng_words", &rng_words_cpu);
+  m.impl("rng_uniform", &rng_uniform_cpu);
+  m.impl("perturb", &perturb_cpu);
+  m.impl("perturb_alpha_grad", &perturb_alpha_grad_cpu);
+  m.impl("perturb_multi", &perturb_multi_cpu);
+  m.impl("perturb_alpha_grad_multi", &perturb_alpha_grad_multi_cpu);
+}
+
+}  // namespace cpu
+}  // namespace pni_fast

@@ -1,0 +1,46 @@
+// Schemas of the pni_fast ops (one definition; the CPU and CUDA files
+// register kernels for them). Every op is a pure function of its inputs: the
+// noise is fixed by (seed, offset), so autograd, opcheck and torch.compile
+// all see the same values. Fake kernels and autograd are registered from
+// Python (pni_fast/functional.py).
+#include <Python.h>
+
+#include <torch/library.h>
+
+// `import pni_fast._C` only loads this library (which runs the registrations
+// below); the module itself has no functions.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",
+      "pni_fast compiled kernels (registered as torch.ops.pni_fast.*)",
+      -1,
+      nullptr,
+  };
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(pni_fast, m) {
+  const std::vector<at::Tag> tags{at::Tag::pt2_compliant_tag};
+  // float32 z with like's shape (like's values unused).
+  m.def("noise(Tensor like, int seed, int offset) -> Tensor", tags);
+  // int32 [4*ceil(n/4)]: raw Philox words (uint32 bits) of counters offset.. in element order.
+  m.def("rng_words(Tensor like, int seed, int offset) -> Tensor", tags);
+  // float32 [4*ceil(n/4)]: uniform(word) of the same words (before the 1e-7 clamp).
+  m.def("rng_uniform(Tensor like, int seed, int offset) -> Tensor", tags);
+  // v + alpha[(i / inner) % alpha.numel()] * sigma * z_i
+  m.def("perturb(Tensor v, Tensor alpha, Tensor sigma, int seed, int offset, int inner) -> Tensor", tags);
+  // d/dalpha of sum(grad * perturb(...)): sum of grad_i * sigma * z_i per alpha index.
+  m.def("perturb_alpha_grad(Tensor grad, Tensor alpha, Tensor sigma, int seed, int offset, int inner) -> Tensor",
+        tags);
+  m.def(
+      "perturb_multi(Tensor[] vs, Tensor[] alphas, Tensor[] sigmas, int seed, int[] offsets, int[] inners) "
+      "-> Tensor[]",
+      tags);
+  m.def(
+      "perturb_alpha_grad_multi(Tensor[] grads, Tensor[] alphas, Tensor[] sigmas, int seed, int[] offsets, "
+      "int[] inners) -> Tensor[]",
+      tags);
+}
