@@ -1,0 +1,131 @@
+"""`python -m pni_fast`: the demo end-to-end at a tiny size, train/eval/resume, help and argument errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pni_fast.cli import build_parser, main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args, timeout=240):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-m", "pni_fast", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=env)
+
+
+def test_demo_quick_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    r = _run("demo", "--quick", "--out", str(out), "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for row in ("plain", "PGD-AT", "PGD-AT + PNI-W (layerwise)"):
+        assert row in r.stdout
+    assert "clean" in r.stdout and "EOT-PGD-2x2" in r.stdout and "+/-" in r.stdout
+    assert "random start=yes" in r.stdout and "EOT samples=2" in r.stdout
+    png = out / "pni_demo.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["models"]) == {"plain", "PGD-AT", "PGD-AT + PNI-W (layerwise)"}
+    plain = res["models"]["plain"]
+    assert all(r_["std"] == 0.0 for r_ in plain), "a deterministic model must have std 0"
+    assert res["history"]["PGD-AT + PNI-W (layerwise)"][-1]["alpha"], "alphas must be logged"
+    assert (out / "pgdat_pniw" / "checkpoint.pt").is_file()
+
+
+def test_train_eval_resume_in_process(tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--limit-train", "128", "--eval-samples", "32", "--pgd-steps", "2", "--batch-size", "64",
+              "--pni", "layerwise", "--out", str(out), "--no-progress", "--eps", "8/255"]
+    assert main(["train", "--epochs", "2", "--warmup-epochs", "1", *common]) == 0
+    assert "checkpoint and logs in" in capsys.readouterr().out
+    hist = json.loads((out / "history.json").read_text())
+    assert len(hist) == 2
+    # continue the same run to 3 epochs
+    assert main(["train", "--epochs", "3", "--warmup-epochs", "1", *common, "--resume", str(out / "checkpoint.pt")]) == 0
+    hist = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in hist] == [1, 2, 3]
+    capsys.readouterr()
+    js = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(out), "--limit", "32", "--pgd-steps", "2", "--eot-samples", "2",
+                 "--repeats", "2", "--attacks", "clean,fgsm,pgd,eot-pgd", "--json", str(js)]) == 0
+    text = capsys.readouterr().out
+    assert "digits_cnn + PNI (layerwise, weight)" in text and "EOT-PGD-2x2" in text and "eps=8/255" in text
+    data = json.loads(js.read_text())
+    assert [r["attack"] for r in data["results"]] == ["clean", "FGSM", "PGD-2", "EOT-PGD-2x2"]
+    assert data["results"][2]["settings"]["eps"] == pytest.approx(8 / 255)
+    # switching the noise off makes the model deterministic -> std 0
+    assert main(["eval", "--checkpoint", str(out), "--limit", "32", "--attacks", "clean", "--repeats", "3",
+                 "--no-noise", "--json", str(js)]) == 0
+    assert json.loads(js.read_text())["results"][0]["std"] == 0.0
+
+
+@pytest.mark.parametrize("cmd", [[], ["demo"], ["train"], ["eval"], ["info"], ["bench"]])
+def test_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*cmd, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage:" in out
+    if cmd == ["train"]:
+        for opt in ("--model", "--pni", "--noise", "--data-dir", "--epochs", "--out", "--resume", "--eps"):
+            assert opt in out
+    if cmd == []:
+        for sub in ("demo", "train", "eval", "info", "bench"):
+            assert sub in out
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["demo", "--epochs", "0"], "--epochs"),
+        (["demo", "--eps", "abc"], "8/255"),
+        (["demo", "--pni", "kernelwise"], "invalid choice"),
+        (["train", "--model", "resnet99"], "invalid choice"),
+        (["train", "--lr", "-1"], "--lr"),
+        (["eval"], "--checkpoint"),
+        (["frobnicate"], "invalid choice"),
+        ([], "required"),
+    ],
+)
+def test_bad_arguments_are_argparse_errors(argv, needle, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_semantic_errors_exit_2_with_message(tmp_path, capsys):
+    cases = [
+        (["train", "--model", "resnet20", "--dataset", "digits"], "CIFAR ResNet"),
+        (["train", "--dataset", "cifar10", "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")],
+         "does not exist"),
+        (["eval", "--checkpoint", str(tmp_path / "missing.pt")], "not found"),
+        (["eval", "--checkpoint", str(tmp_path), "--attacks", "clean"], "not found"),
+    ]
+    for argv, needle in cases:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2, argv
+        assert needle in capsys.readouterr().err, argv
+    with pytest.raises(SystemExit):
+        main(["demo", "--out", str(tmp_path / "d"), "--epochs", "3", "--warmup-epochs", "3"])
+    assert "--warmup-epochs" in capsys.readouterr().err
+
+
+def test_eps_accepts_fractions():
+    args = build_parser().parse_args(["train", "--eps", "8/255", "--step", "2/255"])
+    assert args.eps == pytest.approx(8 / 255) and args.step == pytest.approx(2 / 255)
+
+
+def test_bench_without_benchmarks_folder_explains(capsys):
+    if os.path.isfile(os.path.join(ROOT, "benchmarks", "run_all.py")):
+        pytest.skip("benchmarks/run_all.py exists in this checkout; running it is the benchmark suite's job")
+    assert main(["bench"]) == 1
+    assert "benchmarks" in capsys.readouterr().err
