@@ -116,6 +116,8 @@ def _matches(m: nn.Module, layers: tuple[type, ...]) -> bool:
         return False
     # A subclass may have its own forward that a noisy layer would drop: convert it only when its
     # exact class is listed (e.g. MultiheadAttention's out_proj is a Linear subclass it never calls).
+    if parametrize.is_parametrized(m):
+        return True  # its class is a generated subclass; convert() warns and leaves it alone
     if type(m) not in (nn.Conv2d, nn.Linear) and type(m) not in layers:
         return False
     return True
