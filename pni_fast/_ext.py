@@ -1,26 +1,170 @@
-"""Placeholder loader (the C++ owner replaces this with the AOT + JIT loader)."""
-_state = {"loaded": None, "msg": "not loaded yet"}
+"""Loader of the compiled kernels (``torch.ops.pni_fast.*`` C++ ops).
+
+Two paths, like DeepSpeed's op builder (design.md section 11):
+
+1. ahead of time: ``pni_fast._C``, built by ``pip install --no-build-isolation .``;
+2. just in time: if ``_C`` is missing or fails to load (e.g. built against another torch),
+   compile the same ``csrc/`` sources with ``torch.utils.cpp_extension.load`` into torch's
+   extension cache, under a name keyed by the torch version, printing one message while
+   it builds. ``PNI_FAST_NO_JIT=1`` disables this step.
+
+Nothing here raises: if both paths fail, one warning says that the pure-PyTorch backend
+runs instead, and :func:`status_message` says why.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import sys
+import threading
+import warnings
+from typing import Optional
+
+__all__ = ["load", "available", "has_cuda", "status_message", "source_dir"]
+
+_lock = threading.Lock()
+_state: dict = {"loaded": None, "msg": "not loaded yet", "warned": False}
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _cxx_flags() -> list[str]:
+    # keep in sync with setup.py: portable (no -march, no -ffast-math), SIMD variants bit-identical
+    if sys.platform == "win32":
+        return ["/O2", "/fp:precise"]
+    return ["-O3", "-ffp-contract=off", "-fno-math-errno"]
+
+
+def source_dir() -> Optional[str]:
+    """Directory holding ops.cpp: the installed copy (pni_fast/_csrc) or the checkout's csrc/."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for cand in (os.path.join(here, "_csrc"), os.path.join(os.path.dirname(here), "csrc")):
+        if os.path.isfile(os.path.join(cand, "ops.cpp")):
+            return cand
+    return None
+
+
+def _ops_registered() -> bool:
+    import torch
+
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("pni_fast::perturb", "CPU")
+    except Exception:  # noqa: BLE001  (schema not defined yet)
+        return False
+
+
+def _load_aot() -> tuple[bool, str]:
+    try:
+        from . import _C  # noqa: F401  (importing registers the ops)
+    except Exception as exc:  # noqa: BLE001  (missing, ABI mismatch, ...)
+        return False, f"pni_fast._C could not be imported ({type(exc).__name__}: {exc})"
+    if not _ops_registered():
+        return False, "pni_fast._C imported but registered no CPU kernels"
+    return True, "pni_fast._C (ahead-of-time build)"
+
+
+def _jit_name(with_cuda: bool) -> str:
+    import torch
+
+    tag = re.sub(r"[^0-9A-Za-z]+", "_", torch.__version__)
+    return f"pni_fast_C_torch{tag}" + ("_cuda" if with_cuda else "_cpu")
+
+
+def _load_jit() -> tuple[bool, str]:
+    if _flag("PNI_FAST_NO_JIT"):
+        return False, "JIT build disabled by PNI_FAST_NO_JIT=1"
+    src = source_dir()
+    if src is None:
+        return False, "C++ sources (csrc/) not found next to the package, cannot JIT-build"
+    try:
+        import torch
+        from torch.utils import cpp_extension
+
+        sources = [os.path.join(src, "ops.cpp")] + sorted(glob.glob(os.path.join(src, "cpu", "*.cpp")))
+        cuda_sources = sorted(glob.glob(os.path.join(src, "cuda", "*.cu")))
+        with_cuda = bool(
+            cuda_sources
+            and not _flag("FORCE_ONLY_CPU")
+            and torch.cuda.is_available()
+            and cpp_extension.CUDA_HOME is not None
+        )
+        if with_cuda:
+            sources += cuda_sources + sorted(glob.glob(os.path.join(src, "cuda", "*.cpp")))
+        name = _jit_name(with_cuda)
+        print(
+            f"pni_fast: compiling the C++ kernels ({'CPU + CUDA' if with_cuda else 'CPU'}) for torch "
+            f"{torch.__version__} into torch's extension cache as {name} (first use only, about a minute)...",
+            file=sys.stderr,
+            flush=True,
+        )
+        cpp_extension.load(
+            name=name,
+            sources=sources,
+            extra_cflags=_cxx_flags(),
+            extra_cuda_cflags=["-O3"],
+            extra_include_paths=[src],
+            with_cuda=with_cuda,
+            is_python_module=False,
+            verbose=_flag("PNI_FAST_VERBOSE_BUILD"),
+        )
+    except Exception as exc:  # noqa: BLE001  (no compiler, build error, ...)
+        msg = str(exc).strip().splitlines()
+        return False, f"JIT build failed ({type(exc).__name__}: {msg[-1] if msg else ''})"
+    if not _ops_registered():
+        return False, "JIT build loaded but registered no CPU kernels"
+    return True, f"JIT build {name} of {src}"
 
 
 def load() -> bool:
-    if _state["loaded"] is None:
-        try:
-            from . import _C  # noqa: F401
-
-            _state.update(loaded=True, msg="AOT extension loaded")
-        except Exception as exc:  # noqa: BLE001
-            _state.update(loaded=False, msg=f"pni_fast._C not importable: {exc}")
-    return bool(_state["loaded"])
+    """Load the C++ ops once (AOT, then JIT); True if ``torch.ops.pni_fast.perturb`` has a CPU kernel."""
+    if _state["loaded"] is not None:
+        return bool(_state["loaded"])
+    with _lock:
+        if _state["loaded"] is not None:
+            return bool(_state["loaded"])
+        if _ops_registered():  # loaded by someone else, e.g. torch.ops.load_library
+            _state.update(loaded=True, msg="C++ ops already registered")
+            return True
+        ok, msg = _load_aot()
+        if not ok:
+            aot_msg = msg
+            ok, msg = _load_jit()
+            if not ok:
+                msg = f"{aot_msg}; {msg}"
+        _state.update(loaded=ok, msg=msg)
+        if not ok and not _state["warned"]:
+            _state["warned"] = True
+            warnings.warn(
+                f"pni_fast: C++ kernels unavailable, using the pure-PyTorch backend (same noise, slower). "
+                f"Reason: {msg}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return ok
 
 
 def available() -> bool:
+    """True if the C++ ops (CPU kernels) are loaded; triggers :func:`load`."""
     return load()
 
 
 def has_cuda() -> bool:
-    return False
+    """True if the loaded C++ ops include CUDA kernels."""
+    if not load():
+        return False
+    import torch
+
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("pni_fast::perturb", "CUDA")
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def status_message() -> str:
+    """One line saying where the C++ ops came from, or why they are unavailable."""
     load()
-    return _state["msg"]
+    cuda = " with CUDA kernels" if _state["loaded"] and has_cuda() else ""
+    return f"{_state['msg']}{cuda}"
