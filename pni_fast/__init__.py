@@ -7,6 +7,11 @@ storing it. Importing never fails: without a compiled extension the pure-PyTorch
 """
 from .backends import available_backends, info
 from .functional import draw_seed, inject_noise, noisy_weight, noisy_weights, randn, weight_sigma
+from .modules import NoiseInjection, NoisyConv2d, NoisyLinear
+from .control import no_noise, noise_enabled, set_noise
+from .convert import convert, strip
+from .optim import param_groups
+from . import models
 
 __version__ = "0.1.0"
 
@@ -20,4 +25,14 @@ __all__ = [
     "randn",
     "draw_seed",
     "weight_sigma",
+    "NoisyConv2d",
+    "NoisyLinear",
+    "NoiseInjection",
+    "convert",
+    "strip",
+    "set_noise",
+    "noise_enabled",
+    "no_noise",
+    "param_groups",
+    "models",
 ]
