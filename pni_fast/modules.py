@@ -32,6 +32,7 @@ __all__ = [
     "NoiseInjection",
     "is_noisy_module",
     "alpha_parameters",
+    "batch_weight_noise",
 ]
 
 PNI_MODES: tuple[str, ...] = ("layerwise", "channelwise", "elementwise")
@@ -141,6 +142,10 @@ class _PNIMixin:
 
     def _noisy_weight(self) -> torch.Tensor:
         weight = self.weight  # type: ignore[attr-defined]
+        pending = self.__dict__.get("_pni_pending_weight")
+        if pending is not None:  # drawn for the whole model by batch_weight_noise(); used once
+            self.__dict__["_pni_pending_weight"] = None
+            return pending
         if self.noise_enabled and self.alpha_w is not None:
             weight = _fn.noisy_weight(weight, self.alpha_w)
         return weight
@@ -372,3 +377,61 @@ def alpha_parameters(model: nn.Module) -> list[nn.Parameter]:
                 seen.add(id(p))
                 out.append(p)
     return out
+
+
+class _WeightNoiseBatch:
+    """Handle returned by ``batch_weight_noise``; ``remove()`` restores per-layer noise."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.layers = [m for m in dict.fromkeys(model.modules()) if isinstance(m, (NoisyConv2d, NoisyLinear))]
+        self._handles = [
+            model.register_forward_pre_hook(self._draw),
+            model.register_forward_hook(self._clear, always_call=True),
+        ]
+
+    def _draw(self, module: nn.Module, args: Any) -> None:
+        layers = [m for m in self.layers if m.noise_enabled and m.alpha_w is not None]
+        if not layers:
+            return
+        noisy = _fn.noisy_weights([m.weight for m in layers], [m.alpha_w for m in layers])
+        for m, w in zip(layers, noisy):
+            m.__dict__["_pni_pending_weight"] = w
+
+    def _clear(self, module: nn.Module, args: Any, output: Any) -> None:
+        for m in self.layers:  # a layer the forward skipped must not keep a stale draw (or its graph)
+            m.__dict__["_pni_pending_weight"] = None
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._clear(self.model, None, None)
+
+    def __enter__(self) -> "_WeightNoiseBatch":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+
+def batch_weight_noise(model: nn.Module) -> _WeightNoiseBatch:
+    """Draw the weight noise of every PNI layer of ``model`` in one multi-tensor op per forward.
+
+    With many small layers (a CIFAR ResNet has 20) one launch replaces one per layer where the
+    backend has a multi-tensor kernel (CUDA, Triton, C++ CPU); the result equals per-layer calls
+    under one seed with consecutive counter ranges. Each forward of ``model`` then draws one seed
+    instead of one per layer (so the noise differs from the unbatched model for the same
+    ``torch.manual_seed``). A layer called twice in one forward draws fresh noise for its second
+    call. The PNI layers are collected now: call this after ``convert``. Returns a handle with
+    ``remove()`` (also a context manager). Input noise stays per layer.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    batch = _WeightNoiseBatch(model)
+    if not batch.layers:
+        import warnings
+
+        warnings.warn(f"batch_weight_noise: {type(model).__name__} has no NoisyConv2d/NoisyLinear layer",
+                      stacklevel=2)
+    return batch
