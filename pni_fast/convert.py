@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections import OrderedDict
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch.nn as nn
@@ -26,11 +25,14 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_a
 
 
 def _copy_module_state(src: nn.Module, dst: nn.Module) -> None:
-    """Training mode and hooks of ``src`` onto ``dst`` (a user's hooks must survive the swap)."""
+    """Training mode and hooks of ``src`` onto ``dst`` (a user's hooks must survive the swap).
+
+    The hook dicts are shared, not copied, so the handles the user holds still remove them.
+    """
     for name in _HOOK_DICTS:
         hooks = getattr(src, name, None)
         if isinstance(hooks, dict) and hooks:
-            setattr(dst, name, OrderedDict(hooks))
+            setattr(dst, name, hooks)
     if getattr(src, "_is_full_backward_hook", None) is not None:
         dst._is_full_backward_hook = src._is_full_backward_hook
     dst.train(src.training)

@@ -130,9 +130,12 @@ def test_skip_layers_and_bare_layer():
 def test_hooks_attributes_and_subclasses_survive():
     calls = []
     model = nn.Sequential(nn.Linear(3, 3), nn.MultiheadAttention(4, 2))
-    model[0].register_forward_hook(lambda m, i, o: calls.append(type(m).__name__))
+    handle = model[0].register_forward_hook(lambda m, i, o: calls.append(type(m).__name__))
     out_proj = model[1].out_proj
     convert(model)
+    model[0](torch.randn(1, 3))
+    assert calls == ["NoisyLinear"]
+    handle.remove()  # the user's handle still works on the swapped layer
     model[0](torch.randn(1, 3))
     assert calls == ["NoisyLinear"]
     assert model[1].out_proj is out_proj, "Linear subclasses with their own use are left alone by default"

@@ -147,6 +147,18 @@ def test_dtype_device_and_unbatched_inputs():
     torch.testing.assert_close(out3, lin(x3.reshape(6, 4)).reshape(2, 3, 2))
 
 
+def test_autocast_and_low_precision():
+    m = NoisyConv2d(3, 4, 3, pni="channelwise", noise="both")
+    x = torch.rand(2, 3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x.bfloat16())  # input noise on a bf16 activation with an fp32 alpha_i
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert m.alpha_i.grad.dtype == torch.float32 and torch.isfinite(m.alpha_w.grad).all()
+    half = NoisyLinear(4, 3, noise="both").to(torch.bfloat16)
+    assert half(torch.randn(2, 4, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
 def test_noise_is_fresh_and_on_in_eval_and_no_grad():
     m, x = _make("linear", "layerwise", "weight", dtype=torch.float32)
     m.eval()
