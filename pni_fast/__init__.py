@@ -7,7 +7,7 @@ storing it. Importing never fails: without a compiled extension the pure-PyTorch
 """
 from .backends import available_backends, info
 from .functional import draw_seed, inject_noise, noisy_weight, noisy_weights, randn, weight_sigma
-from .modules import NoiseInjection, NoisyConv2d, NoisyLinear
+from .modules import NoiseInjection, NoisyConv2d, NoisyLinear, batch_weight_noise
 from .control import no_noise, noise_enabled, set_noise
 from .convert import convert, strip
 from .optim import param_groups
@@ -28,6 +28,7 @@ __all__ = [
     "NoisyConv2d",
     "NoisyLinear",
     "NoiseInjection",
+    "batch_weight_noise",
     "convert",
     "strip",
     "set_noise",
