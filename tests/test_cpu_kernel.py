@@ -367,3 +367,33 @@ def test_multi_checks():
         ops.perturb_multi([v, v], [a, a.double()], [s, s], 1, [0, 2], [1, 1])
     with pytest.raises(RuntimeError, match=r"grads\[0\]: offset must be >= 0"):
         ops.perturb_alpha_grad_multi([v], [a], [s], 1, [-1], [1])
+
+
+# ---------------------------------------------------------------------------
+# SIMD variants (csrc/cpu/normal_block.cpp picks AVX-512, AVX2 or generic at run time)
+# ---------------------------------------------------------------------------
+
+_VARIANT_SCRIPT = """
+import hashlib, torch, pni_fast._ext as e
+assert e.load(), e.status_message()
+z = torch.ops.pni_fast.noise(torch.empty(100_003), 2**40 + 5, 2**32 - 77)
+g = torch.ops.pni_fast.perturb_alpha_grad(torch.ones(3, 4099), torch.ones(4099), torch.tensor(1.0), 3, 1, 1)
+print(hashlib.sha256(z.numpy().tobytes() + g.numpy().tobytes()).hexdigest())
+"""
+
+
+def test_simd_variants_give_identical_bits():
+    import os
+    import subprocess
+    import sys
+
+    namespace: dict = {}
+    exec(_VARIANT_SCRIPT.replace("print(", "digest = ("), namespace)  # this process: auto-chosen variant
+    digests = {"auto": namespace["digest"]}
+    for isa in ("generic", "avx2"):
+        env = dict(os.environ, PNI_FAST_CPU_ISA=isa, PNI_FAST_NO_JIT="1")
+        res = subprocess.run([sys.executable, "-c", _VARIANT_SCRIPT], env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert res.returncode == 0, res.stderr[-2000:]
+        digests[isa] = res.stdout.strip()
+    assert len(set(digests.values())) == 1, digests

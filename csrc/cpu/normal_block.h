@@ -15,9 +15,12 @@ constexpr int kBlockQuads = 64;                 // Philox counters per block
 constexpr int kBlockElems = 4 * kBlockQuads;    // normals per block
 
 // z[0..255] = normals of counters ctr0 .. ctr0 + 63 under `seed`, in element
-// order (z[4j + w] = output w of counter ctr0 + j). Chooses the widest SIMD
-// the running CPU supports; every variant returns identical bits.
+// order (z[4j + w] = output w of counter ctr0 + j). Uses the widest SIMD the
+// running CPU supports; every variant returns identical bits.
 void normal_block(uint64_t seed, uint64_t ctr0, float* z);
+
+// Name of the SIMD variant normal_block() runs: "avx512", "avx2" or "generic".
+const char* normal_block_isa();
 
 }  // namespace cpu
 }  // namespace pni_fast

@@ -33,7 +33,7 @@ using at::Tensor;
 // so small tensors run inline with no thread hand-off.
 constexpr int64_t kGrainBlocks = 64;
 // Elements per reduction item in the alpha gradient (a multiple of kBlockElems).
-constexpr int64_t kItemElems = 64 * 1024;
+constexpr int64_t kItemElems = 16 * 1024;
 // Runs of constant alpha index shorter than this use the column strategy.
 constexpr int64_t kMinRowInner = 64;
 // Alpha indices per column tile (column strategy).
@@ -224,7 +224,7 @@ void walk_normals(uint64_t seed, uint64_t offset, int64_t e_begin, int64_t e_end
 }
 
 // Row strategy: runs of `inner` >= kMinRowInner elements (or the whole tensor
-// when alpha has one element). Items are fixed 64K-element ranges; each item
+// when alpha has one element). Items are fixed 16K-element ranges; each item
 // stores one partial per run it touches.
 template <typename scalar_t, typename acc_t>
 void alpha_grad_rows(const scalar_t* g, int64_t n, int64_t na, int64_t inner, uint64_t seed, uint64_t offset,
