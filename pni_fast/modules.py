@@ -423,7 +423,7 @@ def batch_weight_noise(model: nn.Module) -> _WeightNoiseBatch:
     under one seed with consecutive counter ranges. Each forward of ``model`` then draws one seed
     instead of one per layer (so the noise differs from the unbatched model for the same
     ``torch.manual_seed``). A layer called twice in one forward draws fresh noise for its second
-    call. The PNI layers are collected now: call this after ``convert``. Returns a handle with
+    call. The PNI layers are collected now: call this after ``convert`` (and ``remove()`` it before ``strip``). Returns a handle with
     ``remove()`` (also a context manager). Input noise stays per layer.
     """
     if not isinstance(model, nn.Module):

@@ -5,9 +5,8 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from pni_fast.control import no_noise, set_noise
+from pni_fast.control import no_noise
 from pni_fast.convert import convert, strip
 from pni_fast.modules import NoiseInjection, NoisyConv2d, NoisyLinear, alpha_parameters
 from pni_fast.optim import param_groups
