@@ -7,6 +7,8 @@ the interpreter executes every block op in numpy. With a GPU the same tests run 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -273,3 +275,22 @@ def test_argument_errors():
         ops.perturb_multi_triton([v], [alpha, alpha], [sigma], 1, [0], [6])
     if DEVICE == "cpu":
         assert pt.INTERPRETED
+
+
+# ---------------------------------------------------------------------------
+# GPU compilation without a GPU
+# ---------------------------------------------------------------------------
+
+
+def test_kernels_compile_for_sm90_without_approx_math():
+    """triton.compile every kernel for sm_90 (bundled ptxas): catches what the interpreter cannot,
+    and checks the PTX of the noise path has no lg2/sin/cos/sqrt .approx instruction."""
+    from triton.backends import backends
+
+    if "nvidia" not in backends:
+        pytest.skip("triton's NVIDIA backend is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "pni_fast.triton.compile_check", "90"], env=env,
+                          capture_output=True, text=True, timeout=600,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 __all__: list[str] = []  # private module: the ops live in pni_fast.triton.ops
 
@@ -30,10 +31,38 @@ SEG_ELEM = 3  # inner == 1: every element is its own segment
 
 
 @triton.jit
-def _normal_block(seed, offset, start, BLOCK: tl.constexpr):
-    """z of elements ``start .. start + BLOCK - 1`` (``start`` a multiple of 4), element order."""
+def _uniform(x):
+    """The contract's word -> [0, 1) map (tl.randn4x's uint_to_uniform_float for 32-bit words)."""
+    x = x.to(tl.int32, bitcast=True)
+    x = tl.where(x < 0, -x - 1, x)
+    return x.to(tl.float32) * 4.6566127342e-10
+
+
+@triton.jit
+def _box_muller(wa, wb):
+    """(r cos t, r sin t) with accurate libdevice logf/cosf/sinf and an IEEE sqrt."""
+    u1 = tl.maximum(1.0e-7, _uniform(wa))
+    t = 6.2831855 * _uniform(wb)
+    r = tl.sqrt_rn(-2.0 * libdevice.log(u1))
+    return r * libdevice.cos(t), r * libdevice.sin(t)
+
+
+@triton.jit
+def _normal_block(seed, offset, start, BLOCK: tl.constexpr, PRECISE: tl.constexpr):
+    """z of elements ``start .. start + BLOCK - 1`` (``start`` a multiple of 4), element order.
+
+    PRECISE (compiled kernels): tl.randint4x words through the same uniform/Box-Muller formula as
+    tl.randn4x but with accurate libdevice math, so z matches the CUDA backend (accurate logf,
+    cosf, sinf) within the 2e-6 contract whatever approximations tl.math lowers to. Otherwise
+    (the CPU interpreter, which cannot call libdevice): tl.randn4x itself, evaluated in numpy fp32.
+    """
     quad = start // 4 + tl.arange(0, BLOCK // 4).to(tl.int64)
-    z0, z1, z2, z3 = tl.randn4x(seed, offset + quad)
+    if PRECISE:
+        w0, w1, w2, w3 = tl.randint4x(seed, offset + quad)
+        z0, z1 = _box_muller(w0, w1)
+        z2, z3 = _box_muller(w2, w3)
+    else:
+        z0, z1, z2, z3 = tl.randn4x(seed, offset + quad)
     # join(join(z0, z2), join(z1, z3))[q, a, b] = z_{2a + b}: row-major flattening gives
     # z0, z1, z2, z3 of quad q at positions 4q .. 4q + 3.
     return tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), [BLOCK])
@@ -57,12 +86,12 @@ def _alpha_index(start, n_alpha, inner, BLOCK: tl.constexpr, INDEX64: tl.constex
 @triton.jit
 def _perturb_block(v_ptr, out_ptr, alpha_ptr, sigma_ptr, n, n_alpha, inner, seed, offset, block,
                    BLOCK: tl.constexpr, LAYERWISE: tl.constexpr, IS_F64: tl.constexpr,
-                   INDEX64: tl.constexpr):
+                   INDEX64: tl.constexpr, PRECISE: tl.constexpr):
     """out = v + alpha[b(i)] * sigma * z for one block of BLOCK elements."""
     start = block * BLOCK
     offs = start + tl.arange(0, BLOCK).to(tl.int64)
     mask = offs < n
-    z = _normal_block(seed, offset, start, BLOCK)
+    z = _normal_block(seed, offset, start, BLOCK, PRECISE)
     if LAYERWISE:
         a = tl.load(alpha_ptr)
     else:
@@ -77,22 +106,22 @@ def _perturb_block(v_ptr, out_ptr, alpha_ptr, sigma_ptr, n, n_alpha, inner, seed
 
 
 @triton.jit
-def _noise_kernel(out_ptr, n, seed, offset, BLOCK: tl.constexpr):
+def _noise_kernel(out_ptr, n, seed, offset, BLOCK: tl.constexpr, PRECISE: tl.constexpr):
     """float32 z of n elements."""
     start = tl.program_id(0).to(tl.int64) * BLOCK
     offs = start + tl.arange(0, BLOCK).to(tl.int64)
-    z = _normal_block(seed, offset, start, BLOCK)
+    z = _normal_block(seed, offset, start, BLOCK, PRECISE)
     tl.store(out_ptr + offs, z, mask=offs < n)
 
 
 @triton.jit
 def _perturb_fwd_kernel(v_ptr, out_ptr, alpha_ptr, sigma_ptr, n, n_alpha, inner, seed, offset,
                         BLOCK: tl.constexpr, LAYERWISE: tl.constexpr, IS_F64: tl.constexpr,
-                        INDEX64: tl.constexpr):
+                        INDEX64: tl.constexpr, PRECISE: tl.constexpr):
     """One program per BLOCK elements (BLOCK / 4 Philox counters)."""
     block = tl.program_id(0).to(tl.int64)
     _perturb_block(v_ptr, out_ptr, alpha_ptr, sigma_ptr, n, n_alpha, inner, seed, offset, block,
-                   BLOCK, LAYERWISE, IS_F64, INDEX64)
+                   BLOCK, LAYERWISE, IS_F64, INDEX64, PRECISE)
 
 
 @triton.jit
@@ -102,11 +131,12 @@ def _segsum_combine(flag_a, val_a, flag_b, val_b):
 
 
 @triton.jit
-def _grad_z_block(g_ptr, n, seed, offset, start, BLOCK: tl.constexpr, IS_F64: tl.constexpr):
+def _grad_z_block(g_ptr, n, seed, offset, start, BLOCK: tl.constexpr, IS_F64: tl.constexpr,
+                  PRECISE: tl.constexpr):
     """(offs, mask, g * z) for one block, in the accumulation dtype (0 outside the tensor)."""
     offs = start + tl.arange(0, BLOCK).to(tl.int64)
     mask = offs < n
-    z = _normal_block(seed, offset, start, BLOCK)
+    z = _normal_block(seed, offset, start, BLOCK, PRECISE)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0)
     if IS_F64:
         vals = g.to(tl.float64) * z.to(tl.float64)
@@ -130,7 +160,7 @@ def _scan_partials_block(part_ptr, vals, offs, mask, n, inner, S, block, BLOCK: 
 @triton.jit
 def _perturb_bwd_kernel(g_ptr, part_ptr, out_ptr, sigma_ptr, n, inner, S, seed, offset,
                         BLOCK: tl.constexpr, SEG_MODE: tl.constexpr, IS_F64: tl.constexpr,
-                        DIRECT: tl.constexpr):
+                        DIRECT: tl.constexpr, PRECISE: tl.constexpr):
     """Stage 1 of the alpha gradient: partial sums of g * z per (block, segment).
 
     With SEG_MODE == SEG_ELEM and DIRECT (elementwise alpha, n_alpha == n) the result
@@ -138,7 +168,7 @@ def _perturb_bwd_kernel(g_ptr, part_ptr, out_ptr, sigma_ptr, n, inner, S, seed, 
     """
     block = tl.program_id(0).to(tl.int64)
     start = block * BLOCK
-    offs, mask, vals = _grad_z_block(g_ptr, n, seed, offset, start, BLOCK, IS_F64)
+    offs, mask, vals = _grad_z_block(g_ptr, n, seed, offset, start, BLOCK, IS_F64, PRECISE)
     if SEG_MODE == 0:  # SEG_ONE
         s0 = start // inner
         tl.store(part_ptr + (block - (s0 * inner) // BLOCK) * S + s0, tl.sum(vals, axis=0))
@@ -233,7 +263,8 @@ def _find_tensor(table_ptr, pid, T, COLS: tl.constexpr, T_POW2: tl.constexpr):
 
 @triton.jit
 def _perturb_multi_fwd_kernel(table_ptr, T, seed, T_POW2: tl.constexpr, BLOCK: tl.constexpr,
-                              V_DTYPE: tl.constexpr, SIGMA_DTYPE: tl.constexpr, IS_F64: tl.constexpr):
+                              V_DTYPE: tl.constexpr, SIGMA_DTYPE: tl.constexpr, IS_F64: tl.constexpr,
+                              PRECISE: tl.constexpr):
     """Forward for T tensors; table row = (v, out, alpha, sigma, n, n_alpha, inner, offset, first block)."""
     pid = tl.program_id(0).to(tl.int64)
     row = _find_tensor(table_ptr, pid, T, 9, T_POW2)
@@ -247,12 +278,12 @@ def _perturb_multi_fwd_kernel(table_ptr, T, seed, T_POW2: tl.constexpr, BLOCK: t
     offset = tl.load(row + 7)
     block = pid - tl.load(row + 8)
     _perturb_block(v_ptr, out_ptr, alpha_ptr, sigma_ptr, n, n_alpha, inner, seed, offset, block,
-                   BLOCK, False, IS_F64, True)
+                   BLOCK, False, IS_F64, True, PRECISE)
 
 
 @triton.jit
 def _perturb_multi_bwd_kernel(table_ptr, part_ptr, T, seed, T_POW2: tl.constexpr, BLOCK: tl.constexpr,
-                              G_DTYPE: tl.constexpr, IS_F64: tl.constexpr):
+                              G_DTYPE: tl.constexpr, IS_F64: tl.constexpr, PRECISE: tl.constexpr):
     """Stage 1 for T tensors (segmented scan for every inner); row = (grad, sigma, part base, n,
     inner, S, offset, first block)."""
     pid = tl.program_id(0).to(tl.int64)
@@ -264,7 +295,7 @@ def _perturb_multi_bwd_kernel(table_ptr, part_ptr, T, seed, T_POW2: tl.constexpr
     S = tl.load(row + 5)
     offset = tl.load(row + 6)
     block = pid - tl.load(row + 7)
-    offs, mask, vals = _grad_z_block(g_ptr, n, seed, offset, block * BLOCK, BLOCK, IS_F64)
+    offs, mask, vals = _grad_z_block(g_ptr, n, seed, offset, block * BLOCK, BLOCK, IS_F64, PRECISE)
     _scan_partials_block(part_ptr + base, vals, offs, mask, n, inner, S, block, BLOCK)
 
 

@@ -55,6 +55,9 @@ _TL_DTYPE = {
 
 # True when triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1 at import time).
 INTERPRETED: bool = type(K._noise_kernel).__name__ == "InterpretedFunction"
+# Compiled kernels compute Box-Muller with libdevice's accurate logf/cosf/sinf (kernels.py,
+# _normal_block); the interpreter cannot call libdevice and runs tl.randn4x in numpy instead.
+PRECISE: bool = not INTERPRETED
 
 
 # ---------------------------------------------------------------------------
@@ -204,7 +207,8 @@ def noise_triton(like: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
     n = out.numel()
     if n == 0:
         return out
-    wrap_triton(K._noise_kernel)[(triton.cdiv(n, BLOCK),)](out, n, seed, offset, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    wrap_triton(K._noise_kernel)[(triton.cdiv(n, BLOCK),)](
+        out, n, seed, offset, BLOCK=BLOCK, PRECISE=PRECISE, num_warps=NUM_WARPS)
     return out
 
 
@@ -222,7 +226,7 @@ def perturb_triton(v: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, se
     wrap_triton(K._perturb_fwd_kernel)[(triton.cdiv(n, BLOCK),)](
         v, out, alpha, sigma, n, n_alpha, inner, seed, offset,
         BLOCK=BLOCK, LAYERWISE=n_alpha == 1, IS_F64=v.dtype == torch.float64,
-        INDEX64=_index64(n_alpha, inner), num_warps=NUM_WARPS,
+        INDEX64=_index64(n_alpha, inner), PRECISE=PRECISE, num_warps=NUM_WARPS,
     )
     return out
 
@@ -244,13 +248,13 @@ def perturb_alpha_grad_triton(grad: torch.Tensor, alpha: torch.Tensor, sigma: to
     if plan.direct:
         wrap_triton(K._perturb_bwd_kernel)[grid1](
             grad, out, out, sigma, n, plan.inner, plan.S, seed, offset,
-            BLOCK=BLOCK, SEG_MODE=plan.seg_mode, IS_F64=is_f64, DIRECT=True, num_warps=NUM_WARPS,
+            BLOCK=BLOCK, SEG_MODE=plan.seg_mode, IS_F64=is_f64, DIRECT=True, PRECISE=PRECISE, num_warps=NUM_WARPS,
         )
         return out
     part = torch.empty(plan.J * plan.S, dtype=acc_dtype, device=grad.device)
     wrap_triton(K._perturb_bwd_kernel)[grid1](
         grad, part, out, sigma, n, plan.inner, plan.S, seed, offset,
-        BLOCK=BLOCK, SEG_MODE=plan.seg_mode, IS_F64=is_f64, DIRECT=False, num_warps=NUM_WARPS,
+        BLOCK=BLOCK, SEG_MODE=plan.seg_mode, IS_F64=is_f64, DIRECT=False, PRECISE=PRECISE, num_warps=NUM_WARPS,
     )
     block_k, block_j, block_r = _reduce_tiles(n_alpha, plan.J, plan.R)
     wrap_triton(K._alpha_grad_reduce_kernel)[(triton.cdiv(n_alpha, block_k),)](
@@ -311,7 +315,7 @@ def perturb_multi_triton(vs: list[torch.Tensor], alphas: list[torch.Tensor], sig
             K._perturb_multi_fwd_kernel[(total,)](
                 table, len(idx), seed, T_POW2=triton.next_power_of_2(len(idx)), BLOCK=BLOCK,
                 V_DTYPE=_TL_DTYPE[dtype], SIGMA_DTYPE=_TL_DTYPE[sigma_dtype],
-                IS_F64=dtype == torch.float64, num_warps=NUM_WARPS,
+                IS_F64=dtype == torch.float64, PRECISE=PRECISE, num_warps=NUM_WARPS,
             )
     return outs
 
@@ -364,7 +368,7 @@ def perturb_alpha_grad_multi_triton(grads: list[torch.Tensor], alphas: list[torc
         with _launch_guard(device):
             K._perturb_multi_bwd_kernel[(total1,)](
                 table1, part, t, seed, T_POW2=triton.next_power_of_2(t), BLOCK=BLOCK,
-                G_DTYPE=_TL_DTYPE[dtype], IS_F64=is_f64, num_warps=NUM_WARPS,
+                G_DTYPE=_TL_DTYPE[dtype], IS_F64=is_f64, PRECISE=PRECISE, num_warps=NUM_WARPS,
             )
             K._alpha_grad_multi_reduce_kernel[(total2,)](
                 table2, part, t, T_POW2=triton.next_power_of_2(t), BLOCK=BLOCK, BLOCK_K=block_k,
