@@ -176,21 +176,25 @@ def convert(
             continue
         candidates[id(m)] = m
     replace: dict[int, nn.Module] = {}
+    warned = False
     for key, m in candidates.items():
         if key in skip_ids:
             continue
         if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
             warnings.warn(f"convert: skipping an uninitialised lazy layer ({type(m).__name__}); "
                           "run one forward pass before converting", stacklevel=2)
+            warned = True
             continue
         if parametrize.is_parametrized(m):
             warnings.warn(f"convert: skipping a parametrized layer ({type(m).__name__}); remove the "
                           "parametrization (or convert before adding it)", stacklevel=2)
+            warned = True
             continue
         replace[key] = noisy_from(m, pni=pni, noise=noise, alpha_init=alpha_init)
     if not replace:
-        warnings.warn(f"convert: no layer of type {', '.join(t.__name__ for t in layers)} was converted in "
-                      f"{type(model).__name__} (none matched, all skipped, or already noisy)", stacklevel=2)
+        if not warned:
+            warnings.warn(f"convert: no layer of type {', '.join(t.__name__ for t in layers)} was converted in "
+                          f"{type(model).__name__} (none matched, all skipped, or already noisy)", stacklevel=2)
         return model
     return _swap(model, replace)
 
