@@ -70,9 +70,9 @@ def test_option_a_shortcut_appends_zero_channels_after_input():
 def test_forward_backward_with_noise_and_inputs_in_unit_range():
     torch.manual_seed(0)
     model = resnet20(pni="layerwise")
-    x = torch.rand(4, 3, 32, 32)
+    x = torch.rand(2, 3, 16, 16)  # global average pooling: any size works; 32x32 is CIFAR's
     out = model(x)
-    assert out.shape == (4, 10)
+    assert out.shape == (2, 10)
     out.logsumexp(1).sum().backward()
     assert model.classifier.alpha_w.grad is not None and model.conv_1_3x3.weight.grad is not None
     model.eval()
@@ -195,7 +195,7 @@ def test_load_original_checkpoint_reproduces_outputs(pni):
     orig = _original(pni=pni)
     sd = orig.state_dict()
     assert "0.mean" in sd and "1.stage_2.0.conv_a.weight" in sd and "1.classifier.bias" in sd
-    x = torch.rand(3, 3, 32, 32)
+    x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         want = orig(x)
     model = load_pni_checkpoint("resnet20", sd)
