@@ -248,6 +248,8 @@ def test_load_checkpoint_errors():
     missing = {k: v for k, v in sd.items() if k != "1.stage_2.0.bn_a.running_var"}
     with pytest.raises(ValueError, match=r"missing from the checkpoint: 1\.stage_2\.0\.bn_a\.running_var"):
         load_pni_checkpoint("resnet20", missing)
+    partial = load_pni_checkpoint("resnet20", missing, strict=False)
+    torch.testing.assert_close(partial.stage_2[0].bn_a.running_mean, sd["1.stage_2.0.bn_a.running_mean"])
     extra = dict(sd, **{"1.stage_1.0.extra.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match="not in the model: stage_1.0.extra.weight"):
         load_pni_checkpoint("resnet20", extra)
