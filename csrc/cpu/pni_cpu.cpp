@@ -228,7 +228,7 @@ void walk_normals(uint64_t seed, uint64_t offset, int64_t e_begin, int64_t e_end
 // stores one partial per run it touches.
 template <typename scalar_t, typename acc_t>
 void alpha_grad_rows(const scalar_t* g, int64_t n, int64_t na, int64_t inner, uint64_t seed, uint64_t offset,
-                     std::vector<acc_t>& gsum) {
+                     acc_t* gsum) {
   const int64_t nitems = (n + kItemElems - 1) / kItemElems;
   std::vector<int64_t> first_run(nitems), slot(nitems + 1, 0);
   for (int64_t i = 0; i < nitems; ++i) {
@@ -258,9 +258,10 @@ void alpha_grad_rows(const scalar_t* g, int64_t n, int64_t na, int64_t inner, ui
   });
   // fixed order: items in order, runs in order
   for (int64_t i = 0; i < nitems; ++i) {
+    int64_t k = first_run[i] % na;
     for (int64_t r = slot[i]; r < slot[i + 1]; ++r) {
-      const int64_t run = first_run[i] + (r - slot[i]);
-      gsum[static_cast<size_t>(run % na)] += partial[static_cast<size_t>(r)];
+      gsum[k] += partial[static_cast<size_t>(r)];
+      k = k + 1 == na ? 0 : k + 1;
     }
   }
 }
@@ -271,7 +272,7 @@ void alpha_grad_rows(const scalar_t* g, int64_t n, int64_t na, int64_t inner, ui
 // its tile, summed over its rows in order; groups are then added in order.
 template <typename scalar_t, typename acc_t>
 void alpha_grad_columns(const scalar_t* g, int64_t n, int64_t na, int64_t inner, uint64_t seed, uint64_t offset,
-                        std::vector<acc_t>& gsum) {
+                        acc_t* gsum) {
   const int64_t width = na * inner;
   const int64_t rows = n / width;
   const int64_t tile_k = std::max<int64_t>(1, kTileTarget / inner);
@@ -282,7 +283,9 @@ void alpha_grad_columns(const scalar_t* g, int64_t n, int64_t na, int64_t inner,
   ngroups = std::min(ngroups, rows);
   const int64_t rows_per_group = (rows + ngroups - 1) / ngroups;
   ngroups = (rows + rows_per_group - 1) / rows_per_group;
-  std::vector<acc_t> partial(static_cast<size_t>(ngroups * na), acc_t(0));
+  // one group: items own disjoint alpha ranges and accumulate straight into gsum
+  std::vector<acc_t> partial(ngroups > 1 ? static_cast<size_t>(ngroups * na) : 0, acc_t(0));
+  acc_t* partial_base = ngroups > 1 ? partial.data() : gsum;
 
   at::parallel_for(0, ngroups * ntiles, 1, [&](int64_t it0, int64_t it1) {
     alignas(64) float zbuf[kBlockElems];
@@ -293,7 +296,7 @@ void alpha_grad_columns(const scalar_t* g, int64_t n, int64_t na, int64_t inner,
       const int64_t k1 = std::min(na, k0 + tile_k);
       const int64_t r0 = grp * rows_per_group;
       const int64_t r1 = std::min(rows, r0 + rows_per_group);
-      acc_t* part = partial.data() + grp * na;
+      acc_t* part = partial_base + grp * na;
       // consume a piece starting at element e (column c of its row)
       auto consume = [&](int64_t e, const float* z, int64_t len) {
         int64_t c = e % width;
@@ -325,13 +328,17 @@ void alpha_grad_columns(const scalar_t* g, int64_t n, int64_t na, int64_t inner,
       }
     }
   });
+  if (ngroups == 1) {
+    return;
+  }
+  // groups in order for every k (k innermost so the loop vectorizes)
   at::parallel_for(0, na, 4096, [&](int64_t ka, int64_t kb) {
-    for (int64_t k = ka; k < kb; ++k) {
-      acc_t s = 0;
-      for (int64_t grp = 0; grp < ngroups; ++grp) {
-        s += partial[static_cast<size_t>(grp * na + k)];
+    acc_t* __restrict__ out = gsum;
+    for (int64_t grp = 0; grp < ngroups; ++grp) {
+      const acc_t* __restrict__ p = partial.data() + grp * na;
+      for (int64_t k = ka; k < kb; ++k) {
+        out[k] += p[k];
       }
-      gsum[static_cast<size_t>(k)] = s;
     }
   });
 }
@@ -341,17 +348,18 @@ Tensor alpha_grad_impl(const Tensor& grad_in, const Tensor& alpha, const Tensor&
   const Tensor grad = grad_in.contiguous();
   const int64_t n = grad.numel();
   const int64_t na = alpha.numel();
-  Tensor result = at::zeros(alpha.sizes(), alpha.options().memory_format(at::MemoryFormat::Contiguous));
   if (n == 0) {
-    return result;
+    return at::zeros(alpha.sizes(), alpha.options().memory_format(at::MemoryFormat::Contiguous));
   }
   const uint64_t useed = static_cast<uint64_t>(seed);
   const uint64_t uoffset = static_cast<uint64_t>(offset);
+  // sums of grad * z per alpha entry, in fp32 (fp64 for float64)
+  const at::ScalarType acc_type = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  Tensor acc = at::zeros({na}, grad.options().dtype(acc_type));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "pni_fast_alpha_grad_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const acc_t s = read_scalar<acc_t>(sigma);
     const scalar_t* gp = grad.const_data_ptr<scalar_t>();
-    std::vector<acc_t> gsum(static_cast<size_t>(na), acc_t(0));
+    acc_t* gsum = acc.mutable_data_ptr<acc_t>();
     if (na == 1) {
       alpha_grad_rows<scalar_t, acc_t>(gp, n, 1, n, useed, uoffset, gsum);
     } else if (inner >= kMinRowInner) {
@@ -359,12 +367,10 @@ Tensor alpha_grad_impl(const Tensor& grad_in, const Tensor& alpha, const Tensor&
     } else {
       alpha_grad_columns<scalar_t, acc_t>(gp, n, na, inner, useed, uoffset, gsum);
     }
-    scalar_t* rp = result.mutable_data_ptr<scalar_t>();
-    for (int64_t k = 0; k < na; ++k) {
-      rp[k] = static_cast<scalar_t>(gsum[static_cast<size_t>(k)] * s);
-    }
   });
-  return result;
+  // times sigma (in the accumulation dtype), then alpha's dtype and shape
+  acc.mul_(sigma.to(acc_type));
+  return acc.to(alpha.scalar_type()).reshape(alpha.sizes());
 }
 
 // ---------------------------------------------------------------------------
