@@ -24,6 +24,9 @@ import argparse
 import math
 import os
 import sys
+
+os.environ.setdefault("KINETO_LOG_LEVEL", "99")  # the CPU memory profiler's start/stop lines are noise here
+
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,15 +210,10 @@ class Providers:
         if name == "compile":
             if self.compile_reason:
                 raise Unavailable(self.compile_reason)
-            key = (case.kind, case.alpha, case.dtype)
+            key = (case.kind, case.alpha, case.dtype, case.mode == "backward")
             if key in self._compile_failed:
                 raise Unavailable(self._compile_failed[key])
-            if case.kind == "weight":
-                fn = self._compiled.setdefault("weight", torch.compile(self._eager(case), fullgraph=True))
-                return fn
-            _, inner = case.alpha_layout()
-            fn = self._compiled.setdefault("activation", torch.compile(_eager_inject, fullgraph=True))
-            return lambda v, a: fn(v, a, inner)
+            return self._compiled_fn(case)
         backend = name.removeprefix("pni_fast-")
         if self.functional is None:
             raise Unavailable(self.functional_error)
@@ -237,8 +235,49 @@ class Providers:
             return lambda v, a: f.noisy_weight(v, a, backend=backend)
         return lambda v, a: f.inject_noise(v, a, backend=backend)
 
+    def _compiled_fn(self, case: Case) -> Callable:
+        """``torch.compile`` of the eager math; one compiled function per kind (and per retain mode).
+
+        The backward-only timing calls backward repeatedly on one retained graph, which AOTAutograd
+        refuses when the compiled backward donates its saved buffers. That pass therefore uses a
+        separate function (its own dynamo cache) compiled with ``donated_buffer=False``; forward and
+        fwd_bwd use the default compiled path users get.
+        """
+        retained = case.mode == "backward"
+        key = f"{case.kind}{'-retained' if retained else ''}"
+        if key not in self._compiled:
+            # Separate def statements on purpose: dynamo caches per code object, and the retained
+            # variant must not reuse a graph compiled with donated buffers.
+            if case.kind == "weight":
+                eager = self.reference.compile_friendly_noisy_weight
+                if retained:
+                    def target(v: torch.Tensor, a: torch.Tensor, inner: int) -> torch.Tensor:
+                        return eager(v, a)
+                else:
+                    def target(v: torch.Tensor, a: torch.Tensor, inner: int) -> torch.Tensor:  # type: ignore[misc]
+                        return eager(v, a)
+            elif retained:
+                def target(v: torch.Tensor, a: torch.Tensor, inner: int) -> torch.Tensor:  # type: ignore[misc]
+                    return _eager_inject(v, a, inner)
+            else:
+                target = _eager_inject  # type: ignore[assignment]
+            compiled = torch.compile(target, fullgraph=True)
+            if retained:
+                import torch._functorch.config as fcfg
+
+                def run_retained(v: torch.Tensor, a: torch.Tensor, inner: int) -> torch.Tensor:
+                    with fcfg.patch(donated_buffer=False):
+                        return compiled(v, a, inner)
+
+                self._compiled[key] = run_retained
+            else:
+                self._compiled[key] = compiled
+        fn = self._compiled[key]
+        _, inner = case.alpha_layout()
+        return lambda v, a: fn(v, a, inner)
+
     def note_compile_failure(self, case: Case, reason: str) -> None:
-        self._compile_failed[(case.kind, case.alpha, case.dtype)] = reason
+        self._compile_failed[(case.kind, case.alpha, case.dtype, case.mode == "backward")] = reason
 
 
 def _bytes_moved(case: Case, itemsize: int) -> int:
@@ -465,7 +504,7 @@ def markdown(meta: dict[str, Any], records: list[dict[str, Any]], command: str) 
         f"## Op benchmark: {meta['device']}",
         "",
         f"Command: `{command}`  ",
-        f"torch {meta['torch']}, CUDA {meta['cuda']}, triton {meta['triton']}, {meta['threads']} threads, "
+        f"torch {meta['torch']}, CUDA {meta['cuda']}{common.driver_text(meta)}, triton {meta['triton']}, {meta['threads']} threads, "
         f"{meta['date_utc']}, load average {meta['load_avg_1_5_15']}, commit {meta['git_commit']}  ",
         f"Peak bandwidth: {common.fmt(meta['peak_bw_gbs'])} GB/s ({meta['peak_bw_source']})  ",
         f"GB/s bytes model: {meta['bytes_model']}  ",

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+os.environ.setdefault("KINETO_LOG_LEVEL", "99")  # silence the memory profiler's start/stop lines
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -136,7 +138,7 @@ def run(
     timed_steps: int,
     warmup: int,
     pgd_steps: int = 7,
-    skip_slow: bool = True,
+    skip_torch_backend: Optional[str] = None,
     measure_memory: bool = True,
     log: Callable[[str], None] = print,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -155,9 +157,8 @@ def run(
                                    pni="layerwise" if name != "plain" else None)
         if factory is None:
             rec.update(status="unavailable", reason=reason)
-        elif skip_slow and name == "pni_fast-torch" and device.type == "cpu":
-            rec.update(status="unavailable", reason="skipped: the pure-PyTorch Philox backend on CPU takes minutes "
-                       "per step; run with --train-slow to include it")
+        elif skip_torch_backend and name == "pni_fast-torch":
+            rec.update(status="unavailable", reason=skip_torch_backend)
         else:
             try:
                 with _env("PNI_FAST_BACKEND", backend):
@@ -234,7 +235,7 @@ def markdown(meta: dict[str, Any], records: list[dict[str, Any]], command: str) 
         f"## Training step: PGD-{meta['pgd_steps']} adversarial training, CIFAR ResNet-20, {meta['device']}",
         "",
         f"Command: `{command}`  ",
-        f"torch {meta['torch']}, CUDA {meta['cuda']}, triton {meta['triton']}, {meta['threads']} threads, "
+        f"torch {meta['torch']}, CUDA {meta['cuda']}{common.driver_text(meta)}, triton {meta['triton']}, {meta['threads']} threads, "
         f"{meta['date_utc']}, load average {meta['load_avg_1_5_15']}, commit {meta['git_commit']}  ",
         f"Batch {meta['batch']} of random CIFAR-shaped data; median of {meta['timed_steps']} steps after "
         f"{meta['warmup']} warm-up; one step = {meta['pgd_steps']} PGD forward+backward passes + one training "
@@ -255,7 +256,6 @@ def write_outputs(out_dir: Path, meta: dict[str, Any], records: list[dict[str, A
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=None, help="batch size (default 128 on GPU, 32 on CPU)")
     p.add_argument("--train-steps", type=int, default=None, help="timed steps (default 10 GPU, 3 CPU)")
-    p.add_argument("--train-slow", action="store_true", help="also train with the pure-PyTorch backend on CPU")
 
 
 def options(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -267,7 +267,9 @@ def options(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         batch, steps, warmup, pgd = args.batch or (128 if gpu else 32), args.train_steps or (10 if gpu else 3), 2 if gpu else 1, 7
     if batch < 1 or steps < 1:
         raise ValueError(f"--batch and --train-steps must be >= 1, got {batch} and {steps}")
-    return dict(batch=batch, timed_steps=steps, warmup=warmup, pgd_steps=pgd, skip_slow=not args.train_slow)
+    skip = "skipped in --quick: the pure-PyTorch Philox backend adds seconds per step on CPU" if (
+        args.quick and not gpu) else None
+    return dict(batch=batch, timed_steps=steps, warmup=warmup, pgd_steps=pgd, skip_torch_backend=skip)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -142,11 +142,13 @@ def environment(device: torch.device) -> dict[str, Any]:
         "pni_fast": _pni_fast_status(),
     }
     if device.type == "cuda":
+        env["cuda_driver"] = None
         try:
-            drv = torch._C._cuda_getDriverVersion()  # e.g. 12040
-            env["cuda_driver"] = f"{drv // 1000}.{(drv % 1000) // 10}"
-        except Exception:
-            env["cuda_driver"] = None
+            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20)
+            env["cuda_driver"] = out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
+        except (OSError, subprocess.SubprocessError, IndexError):
+            pass
     return env
 
 
@@ -241,6 +243,11 @@ def peak_bandwidth(device: torch.device) -> tuple[Optional[float], str]:
         f"measured, not a hardware spec: torch.clone of 128 MiB fp32 with {torch.get_num_threads()} "
         "threads (read + write), the practical peak of this machine"
     )
+
+
+def driver_text(meta: dict[str, Any]) -> str:
+    """`` (driver X)`` for GPU runs, empty on CPU."""
+    return f" (driver {meta['cuda_driver']})" if meta.get("cuda_driver") else ""
 
 
 def write_json(path: Path, meta: dict[str, Any], records: list[dict[str, Any]]) -> None:

@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+os.environ.setdefault("KINETO_LOG_LEVEL", "99")  # silence the memory profiler's start/stop lines
+
 import torch
 
 if __package__ in (None, ""):
