@@ -37,92 +37,15 @@
 
 #include "../checks.h"
 #include "../philox.h"
+#include "perturb_impl.cuh"
 
 namespace pni_fast {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarpSize = 32;
-constexpr int kWarps = kThreads / kWarpSize;
-// Tensors per launch of a list op: the pack must fit the 4 KiB kernel-parameter limit.
-constexpr int kMaxPack = 32;
-// Elements per warp task in stage 1 of the alpha gradient.
-constexpr int64_t kChunk = 2048;
-// Segments shorter than this are summed by one lane each (thread mode).
-constexpr int64_t kThreadModeMaxInner = 64;
+using namespace cuda_impl;
+
 // Blocks per SM of a grid-stride launch.
 constexpr int64_t kBlocksPerSm = 16;
-
-// How stage 1 of the alpha gradient treats one tensor.
-enum GradMode : int32_t {
-  kWarpMode = 0,    // one warp per (segment, chunk of kChunk elements)
-  kThreadMode = 1,  // one lane per segment (short segments)
-  kDirectMode = 2,  // elementwise alpha (inner == 1, n_alpha == n): the gradient itself, no stage 2
-};
-
-enum DescFlags : int32_t {
-  kSigmaFloat = 1,  // sigma is float32 (else v's dtype)
-  kVecIn = 2,       // `in` is aligned to 4 elements: vector loads
-  kVecOut = 4,      // `out` is aligned to 4 elements: vector stores
-};
-
-// One tensor of a launch.
-struct Desc {
-  const void* in;     // v (forward) or grad (alpha gradient)
-  void* out;          // perturbed output (forward) or alpha gradient
-  const void* alpha;  // v's dtype, n_alpha elements
-  const void* sigma;  // 0-d, float32 or v's dtype
-  int64_t n;
-  int64_t n_alpha;
-  int64_t inner;      // alpha gradient: effective inner (layerwise: n)
-  int64_t offset;     // first Philox counter
-  int64_t segs;       // alpha gradient: number of segments
-  int64_t chunks;     // alpha gradient: partials per segment
-  int64_t part_base;  // alpha gradient: first partial of this tensor
-  int32_t mode;       // GradMode
-  int32_t flags;      // DescFlags
-};
-
-// Up to kMaxPack tensors; work unit u belongs to tensor t when start[t] <= u < start[t+1].
-struct Pack {
-  Desc d[kMaxPack];
-  int64_t start[kMaxPack + 1];
-  int32_t count;
-};
-static_assert(sizeof(Pack) <= 4096, "Pack must fit the 4 KiB kernel parameter limit");
-
-template <typename T>
-struct AccType {
-  using type = float;
-};
-template <>
-struct AccType<double> {
-  using type = double;
-};
-template <typename T>
-using acc_t = typename AccType<T>::type;
-
-// Four consecutive elements; the alignment makes one load/store instruction per
-// 16 bytes (float4, 2x double2, or one 64-bit access for 16-bit types).
-template <typename T>
-struct alignas(4 * sizeof(T)) Vec4 {
-  T v[4];
-};
-
-__host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-
-__device__ __forceinline__ int find_desc(const Pack& p, int64_t unit) {
-  int t = 0;
-  while (t + 1 < p.count && unit >= p.start[t + 1]) ++t;
-  return t;
-}
-
-template <typename T>
-__device__ __forceinline__ acc_t<T> load_sigma(const Desc& d) {
-  using A = acc_t<T>;
-  if (d.flags & kSigmaFloat) return static_cast<A>(*static_cast<const float*>(d.sigma));
-  return static_cast<A>(*static_cast<const T*>(d.sigma));
-}
 
 template <typename A>
 __device__ __forceinline__ A warp_sum(A v) {
@@ -131,123 +54,21 @@ __device__ __forceinline__ A warp_sum(A v) {
   return v;
 }
 
-// ---------------------------------------------------------------------------
-// Forward
-// ---------------------------------------------------------------------------
-
-// Elements 4q .. 4q+3 of one tensor: out = v + (alpha * sigma) * z.
-template <typename T>
-__device__ __forceinline__ void perturb_quad(const Desc& d, int64_t q, uint64_t seed) {
-  using A = acc_t<T>;
-  const T* v = static_cast<const T*>(d.in);
-  T* out = static_cast<T*>(d.out);
-  const T* alpha = static_cast<const T*>(d.alpha);
-  const int64_t base = 4 * q;
-  const NormalQuad z = normal4(static_cast<uint64_t>(d.offset) + static_cast<uint64_t>(q), seed);
-  const A s = load_sigma<T>(d);
-  A as[4];
-  if (d.n_alpha == 1) {
-    const A a = static_cast<A>(alpha[0]) * s;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) as[j] = a;
-  } else {
-    // alpha index (i / inner) % n_alpha, one 64-bit division per quad
-    int64_t k = (base / d.inner) % d.n_alpha;
-    int64_t r = base % d.inner;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      as[j] = static_cast<A>(alpha[k]) * s;
-      if (++r == d.inner) {
-        r = 0;
-        if (++k == d.n_alpha) k = 0;
-      }
-    }
-  }
-  const int64_t m = d.n - base;
-  if (m >= 4 && (d.flags & kVecIn) && (d.flags & kVecOut)) {
-    const Vec4<T> x = *reinterpret_cast<const Vec4<T>*>(v + base);
-    Vec4<T> y;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) y.v[j] = static_cast<T>(static_cast<A>(x.v[j]) + as[j] * static_cast<A>(z.z[j]));
-    *reinterpret_cast<Vec4<T>*>(out + base) = y;
-  } else {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      if (j < m) out[base + j] = static_cast<T>(static_cast<A>(v[base + j]) + as[j] * static_cast<A>(z.z[j]));
-    }
-  }
-}
-
 // One unit = one tile of kThreads quads; grid-stride over all tiles of the pack.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) perturb_kernel(const __grid_constant__ Pack pack, uint64_t seed) {
   const int64_t total = pack.start[pack.count];
   for (int64_t unit = blockIdx.x; unit < total; unit += gridDim.x) {
     const int t = find_desc(pack, unit);
-    const Desc& d = pack.d[t];
-    const int64_t q = (unit - pack.start[t]) * kThreads + threadIdx.x;
-    if (4 * q < d.n) perturb_quad<T>(d, q, seed);
+    perturb_unit_thread<T>(pack.d[t], unit - pack.start[t], threadIdx.x, seed);
   }
 }
 
 // ---------------------------------------------------------------------------
-// Alpha gradient
+// Alpha gradient (bodies in perturb_impl.cuh)
 // ---------------------------------------------------------------------------
 
-// Sum of grad_i * z_i over elements [lo, hi) of one tensor, taking quads
-// lo/4 + first, + stride, ... (each lane sums its quads in order).
-template <typename T>
-__device__ __forceinline__ acc_t<T> range_sum(const Desc& d, int64_t lo, int64_t hi, uint64_t seed, int first,
-                                              int stride) {
-  using A = acc_t<T>;
-  const T* g = static_cast<const T*>(d.in);
-  A acc = 0;
-  if (hi <= lo) return acc;
-  const int64_t q_last = (hi - 1) / 4;
-  for (int64_t q = lo / 4 + first; q <= q_last; q += stride) {
-    const NormalQuad z = normal4(static_cast<uint64_t>(d.offset) + static_cast<uint64_t>(q), seed);
-    const int64_t base = 4 * q;
-    if (base >= lo && base + 4 <= hi && (d.flags & kVecIn)) {
-      const Vec4<T> x = *reinterpret_cast<const Vec4<T>*>(g + base);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) acc += static_cast<A>(x.v[j]) * static_cast<A>(z.z[j]);
-    } else {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int64_t i = base + j;
-        if (i >= lo && i < hi) acc += static_cast<A>(g[i]) * static_cast<A>(z.z[j]);
-      }
-    }
-  }
-  return acc;
-}
-
-// Elementwise alpha: grad_alpha_i = grad_i * z_i * sigma for the 4 elements of quad q.
-template <typename T>
-__device__ __forceinline__ void direct_quad(const Desc& d, int64_t q, uint64_t seed) {
-  using A = acc_t<T>;
-  const T* g = static_cast<const T*>(d.in);
-  T* out = static_cast<T*>(d.out);
-  const A s = load_sigma<T>(d);
-  const int64_t base = 4 * q;
-  const NormalQuad z = normal4(static_cast<uint64_t>(d.offset) + static_cast<uint64_t>(q), seed);
-  const int64_t m = d.n - base;
-  if (m >= 4 && (d.flags & kVecIn) && (d.flags & kVecOut)) {
-    const Vec4<T> x = *reinterpret_cast<const Vec4<T>*>(g + base);
-    Vec4<T> y;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) y.v[j] = static_cast<T>(static_cast<A>(x.v[j]) * static_cast<A>(z.z[j]) * s);
-    *reinterpret_cast<Vec4<T>*>(out + base) = y;
-  } else {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      if (j < m) out[base + j] = static_cast<T>(static_cast<A>(g[base + j]) * static_cast<A>(z.z[j]) * s);
-    }
-  }
-}
-
-// Stage 1: one unit = one warp. Warp mode: the unit is (segment, chunk);
-// thread mode: 32 segments, one per lane; direct mode: 32 quads, one per lane.
+// Stage 1: one unit = one warp (see perturb_impl.cuh for the three modes).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     alpha_grad_partials_kernel(const __grid_constant__ Pack pack, uint64_t seed, acc_t<T>* __restrict__ part) {
@@ -259,52 +80,28 @@ __global__ void __launch_bounds__(kThreads)
     const int t = find_desc(pack, unit);
     const Desc& d = pack.d[t];
     const int64_t u = unit - pack.start[t];
-    if (d.mode == kDirectMode) {
-      const int64_t q = u * kWarpSize + lane;
-      if (4 * q < d.n) direct_quad<T>(d, q, seed);
-    } else if (d.mode == kThreadMode) {
-      const int64_t s = u * kWarpSize + lane;
-      if (s < d.segs) {
-        const int64_t lo = s * d.inner;
-        part[d.part_base + s] = range_sum<T>(d, lo, min64(lo + d.inner, d.n), seed, 0, 1);
-      }
+    if (d.mode == kWarpMode) {  // warp-uniform branch: every lane reaches the shuffles
+      const acc_t<T> sum = warp_sum(stage1_lane_value<T>(d, u, lane, seed));
+      if (lane == 0) part[d.part_base + u] = sum;
     } else {
-      const int64_t s = u / d.chunks;
-      const int64_t c = u % d.chunks;
-      const int64_t seg_end = min64((s + 1) * d.inner, d.n);
-      const int64_t lo = s * d.inner + c * kChunk;
-      const int64_t hi = min64(lo + kChunk, seg_end);
-      const acc_t<T> sum = warp_sum(range_sum<T>(d, lo, hi, seed, lane, kWarpSize));
-      if (lane == 0) part[d.part_base + s * d.chunks + c] = sum;
+      stage1_lane_alone<T>(d, u, lane, seed, part);
     }
   }
 }
 
-// Stage 2: one warp per alpha index k: sigma * sum over rows r and chunks c of
-// part[(r * n_alpha + k) * chunks + c], lanes strided in a fixed order.
+// Stage 2: one warp per alpha index, fixed-order sums of the stage-1 partials.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     alpha_grad_reduce_kernel(const __grid_constant__ Pack pack, const acc_t<T>* __restrict__ part) {
-  using A = acc_t<T>;
   const int lane = threadIdx.x % kWarpSize;
   const int64_t total = pack.start[pack.count];
   const int64_t step = static_cast<int64_t>(gridDim.x) * kWarps;
   for (int64_t unit = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / kWarpSize; unit < total;
        unit += step) {
     const int t = find_desc(pack, unit);
-    const Desc& d = pack.d[t];
     const int64_t k = unit - pack.start[t];
-    const int64_t rows = d.segs / d.n_alpha;
-    const int64_t count = rows * d.chunks;
-    const A* p = part + d.part_base;
-    A acc = 0;
-    for (int64_t e = lane; e < count; e += kWarpSize) {
-      const int64_t r = e / d.chunks;
-      const int64_t c = e - r * d.chunks;
-      acc += p[(r * d.n_alpha + k) * d.chunks + c];
-    }
-    acc = warp_sum(acc);
-    if (lane == 0) static_cast<T*>(d.out)[k] = static_cast<T>(acc * load_sigma<T>(d));
+    const acc_t<T> sum = warp_sum(stage2_lane_value<T>(pack.d[t], k, lane, part));
+    if (lane == 0) stage2_store<T>(pack.d[t], k, sum);
   }
 }
 
@@ -351,8 +148,6 @@ __global__ void __launch_bounds__(kThreads)
 // Host side
 // ---------------------------------------------------------------------------
 
-int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 // Grid of a grid-stride launch: enough blocks to fill the device, no more than the work.
 unsigned int grid_size(int64_t blocks_needed, c10::DeviceIndex device) {
   static int sm_cache[256] = {0};
@@ -373,14 +168,8 @@ void check_counter_range(int64_t offset, int64_t n, const std::string& prefix) {
               offset, ", numel=", n);
 }
 
-bool aligned4(const void* p, size_t elem) { return reinterpret_cast<uintptr_t>(p) % (4 * elem) == 0; }
-
 int32_t desc_flags(const at::Tensor& in, const void* out, const at::Tensor& sigma) {
-  int32_t f = 0;
-  if (sigma.scalar_type() == at::kFloat) f |= kSigmaFloat;
-  if (aligned4(in.data_ptr(), in.element_size())) f |= kVecIn;
-  if (aligned4(out, in.element_size())) f |= kVecOut;
-  return f;
+  return make_flags(sigma.scalar_type() == at::kFloat, in.data_ptr(), out, in.element_size());
 }
 
 // Indices of the non-empty tensors grouped by dtype, each group split into packs of kMaxPack.
@@ -427,7 +216,7 @@ void perturb_launch(const std::vector<at::Tensor>& vs, const std::vector<at::Ten
       d.offset = offsets[i];
       d.flags = desc_flags(vs[i], d.out, sigmas[i]);
       pack.start[j] = units;
-      units += cdiv(num_quads(d.n), kThreads);
+      units += forward_units(d);
     }
     pack.start[idx.size()] = units;
     const at::Tensor& first = vs[idx[0]];
@@ -462,29 +251,11 @@ void alpha_grad_launch(const std::vector<at::Tensor>& grads, const std::vector<a
       d.n_alpha = alphas[i].numel();
       d.offset = offsets[i];
       d.flags = desc_flags(grads[i], d.out, sigmas[i]);
-      // Layerwise: the whole tensor is one segment.
-      d.inner = d.n_alpha == 1 ? d.n : inners[i];
-      d.segs = d.n / d.inner;  // exact: checked by check_perturb_args
-      int64_t u1 = 0;
-      if (d.inner == 1 && d.n_alpha == d.n) {
-        d.mode = kDirectMode;
-        d.chunks = 0;
-        u1 = cdiv(num_quads(d.n), kWarpSize);
-      } else if (d.inner < kThreadModeMaxInner) {
-        d.mode = kThreadMode;
-        d.chunks = 1;
-        u1 = cdiv(d.segs, kWarpSize);
-        units2[j] = d.n_alpha;
-      } else {
-        d.mode = kWarpMode;
-        d.chunks = cdiv(d.inner, kChunk);
-        u1 = d.segs * d.chunks;
-        units2[j] = d.n_alpha;
-      }
-      d.part_base = parts;
-      parts += d.mode == kDirectMode ? 0 : d.segs * d.chunks;
+      const GradPlan plan = plan_alpha_grad(d, inners[i], parts);
+      parts += plan.parts;
+      units2[j] = plan.units2;
       stage1.start[j] = units1;
-      units1 += u1;
+      units1 += plan.units1;
     }
     stage1.start[idx.size()] = units1;
     Pack stage2 = stage1;
@@ -504,12 +275,12 @@ void alpha_grad_launch(const std::vector<at::Tensor>& grads, const std::vector<a
       using A = acc_t<scalar_t>;
       A* part_ptr = part.data_ptr<A>();
       alpha_grad_partials_kernel<scalar_t>
-          <<<grid_size(cdiv(units1, kWarps), device), kThreads, 0, stream>>>(stage1, static_cast<uint64_t>(seed),
+          <<<grid_size(cdiv64(units1, kWarps), device), kThreads, 0, stream>>>(stage1, static_cast<uint64_t>(seed),
                                                                             part_ptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (total2 > 0) {
         alpha_grad_reduce_kernel<scalar_t>
-            <<<grid_size(cdiv(total2, kWarps), device), kThreads, 0, stream>>>(stage2, part_ptr);
+            <<<grid_size(cdiv64(total2, kWarps), device), kThreads, 0, stream>>>(stage2, part_ptr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     });
@@ -529,7 +300,7 @@ at::Tensor noise_cuda(const at::Tensor& like, int64_t seed, int64_t offset) {
   const int64_t n = out.numel();
   if (n == 0) return out;
   const auto stream = c10::cuda::getCurrentCUDAStream(like.device().index());
-  noise_kernel<<<grid_size(cdiv(num_quads(n), kThreads), like.device().index()), kThreads, 0, stream>>>(
+  noise_kernel<<<grid_size(cdiv64(num_quads(n), kThreads), like.device().index()), kThreads, 0, stream>>>(
       out.data_ptr<float>(), n, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -544,7 +315,7 @@ at::Tensor rng_words_cuda(const at::Tensor& like, int64_t seed, int64_t offset) 
   at::Tensor out = at::empty({4 * nq}, like.options().dtype(at::kInt));
   if (nq == 0) return out;
   const auto stream = c10::cuda::getCurrentCUDAStream(like.device().index());
-  rng_words_kernel<<<grid_size(cdiv(nq, kThreads), like.device().index()), kThreads, 0, stream>>>(
+  rng_words_kernel<<<grid_size(cdiv64(nq, kThreads), like.device().index()), kThreads, 0, stream>>>(
       out.data_ptr<int32_t>(), nq, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -559,7 +330,7 @@ at::Tensor rng_uniform_cuda(const at::Tensor& like, int64_t seed, int64_t offset
   at::Tensor out = at::empty({4 * nq}, like.options().dtype(at::kFloat));
   if (nq == 0) return out;
   const auto stream = c10::cuda::getCurrentCUDAStream(like.device().index());
-  rng_uniform_kernel<<<grid_size(cdiv(nq, kThreads), like.device().index()), kThreads, 0, stream>>>(
+  rng_uniform_kernel<<<grid_size(cdiv64(nq, kThreads), like.device().index()), kThreads, 0, stream>>>(
       out.data_ptr<float>(), nq, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;

@@ -1,0 +1,180 @@
+// Host emulation of the CUDA kernels in csrc/cuda/perturb_cuda.cu, for machines
+// without a GPU (tests/test_cuda_compile.py builds it with the host compiler and
+// calls it through ctypes).
+//
+// It runs the very same per-thread bodies (csrc/cuda/perturb_impl.cuh) with the
+// kernels' work mapping: packs of up to kMaxPack tensors, every unit of a pack,
+// every thread/lane of a unit, and the warp butterfly of __shfl_xor_sync
+// reproduced exactly (new_l = v_l + v_(l xor o) for o = 16, 8, 4, 2, 1; lane 0
+// keeps the result). Grid-stride order does not matter: units write disjoint
+// outputs. So the index math, modes, chunking and the two-stage reduction are
+// checked against the numpy oracle here, and only the CUDA-specific parts
+// (launch, shuffles, vector instructions) are left to the GPU run.
+#include <cstdint>
+#include <vector>
+
+#include "../csrc/cuda/perturb_impl.cuh"
+
+using namespace pni_fast;
+using namespace pni_fast::cuda_impl;
+
+namespace {
+
+template <typename A>
+A warp_sum_emulated(A (&v)[kWarpSize]) {
+  for (int o = kWarpSize / 2; o > 0; o >>= 1) {
+    A next[kWarpSize];
+    for (int l = 0; l < kWarpSize; ++l) next[l] = v[l] + v[l ^ o];
+    for (int l = 0; l < kWarpSize; ++l) v[l] = next[l];
+  }
+  return v[0];
+}
+
+struct Args {
+  int count;
+  const void* const* in;
+  void* const* out;
+  const void* const* alpha;
+  const void* const* sigma;
+  const int32_t* sigma_float;
+  const int64_t* n;
+  const int64_t* n_alpha;
+  const int64_t* inner;
+  const int64_t* offset;
+  size_t elem;
+};
+
+Desc make_desc(const Args& a, int i) {
+  Desc d{};
+  d.in = a.in[i];
+  d.out = a.out[i];
+  d.alpha = a.alpha[i];
+  d.sigma = a.sigma[i];
+  d.n = a.n[i];
+  d.n_alpha = a.n_alpha[i];
+  d.inner = a.inner[i];
+  d.offset = a.offset[i];
+  d.flags = make_flags(a.sigma_float[i] != 0, d.in, d.out, a.elem);
+  return d;
+}
+
+// Non-empty tensors in packs of kMaxPack (the emulation has one dtype per call).
+std::vector<std::vector<int>> packs_of(const Args& a) {
+  std::vector<std::vector<int>> packs;
+  std::vector<int> cur;
+  for (int i = 0; i < a.count; ++i) {
+    if (a.n[i] == 0) continue;
+    cur.push_back(i);
+    if (static_cast<int>(cur.size()) == kMaxPack) {
+      packs.push_back(cur);
+      cur.clear();
+    }
+  }
+  if (!cur.empty()) packs.push_back(cur);
+  return packs;
+}
+
+template <typename T>
+void perturb(const Args& a, uint64_t seed) {
+  for (const auto& idx : packs_of(a)) {
+    Pack pack{};
+    pack.count = static_cast<int32_t>(idx.size());
+    int64_t units = 0;
+    for (size_t j = 0; j < idx.size(); ++j) {
+      pack.d[j] = make_desc(a, idx[j]);
+      pack.start[j] = units;
+      units += forward_units(pack.d[j]);
+    }
+    pack.start[idx.size()] = units;
+    for (int64_t unit = 0; unit < units; ++unit) {
+      const int t = find_desc(pack, unit);
+      for (int tid = 0; tid < kThreads; ++tid) perturb_unit_thread<T>(pack.d[t], unit - pack.start[t], tid, seed);
+    }
+  }
+}
+
+template <typename T>
+void alpha_grad(const Args& a, uint64_t seed) {
+  using A = acc_t<T>;
+  for (const auto& idx : packs_of(a)) {
+    Pack stage1{};
+    stage1.count = static_cast<int32_t>(idx.size());
+    int64_t units1 = 0, parts = 0;
+    std::vector<int64_t> units2(idx.size(), 0);
+    for (size_t j = 0; j < idx.size(); ++j) {
+      Desc& d = stage1.d[j];
+      d = make_desc(a, idx[j]);
+      const GradPlan plan = plan_alpha_grad(d, a.inner[idx[j]], parts);
+      parts += plan.parts;
+      units2[j] = plan.units2;
+      stage1.start[j] = units1;
+      units1 += plan.units1;
+    }
+    stage1.start[idx.size()] = units1;
+    Pack stage2 = stage1;
+    int64_t total2 = 0;
+    for (size_t j = 0; j < idx.size(); ++j) {
+      stage2.start[j] = total2;
+      total2 += units2[j];
+    }
+    stage2.start[idx.size()] = total2;
+    // NaN-filled: a partial that stage 2 reads but stage 1 never wrote shows up in the result.
+    std::vector<A> part(parts > 0 ? parts : 1, static_cast<A>(0.0 / 0.0));
+    for (int64_t unit = 0; unit < units1; ++unit) {
+      const int t = find_desc(stage1, unit);
+      const Desc& d = stage1.d[t];
+      const int64_t u = unit - stage1.start[t];
+      if (d.mode == kWarpMode) {
+        A v[kWarpSize];
+        for (int lane = 0; lane < kWarpSize; ++lane) v[lane] = stage1_lane_value<T>(d, u, lane, seed);
+        part[d.part_base + u] = warp_sum_emulated(v);
+      } else {
+        for (int lane = 0; lane < kWarpSize; ++lane) stage1_lane_alone<T>(d, u, lane, seed, part.data());
+      }
+    }
+    for (int64_t unit = 0; unit < total2; ++unit) {
+      const int t = find_desc(stage2, unit);
+      const int64_t k = unit - stage2.start[t];
+      A v[kWarpSize];
+      for (int lane = 0; lane < kWarpSize; ++lane) v[lane] = stage2_lane_value<T>(stage2.d[t], k, lane, part.data());
+      stage2_store<T>(stage2.d[t], k, warp_sum_emulated(v));
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// dtype: 0 = float32, 1 = float64. Returns 0 on success.
+int emu_perturb(int dtype, int count, const void* const* in, void* const* out, const void* const* alpha,
+                const void* const* sigma, const int32_t* sigma_float, const int64_t* n, const int64_t* n_alpha,
+                const int64_t* inner, const int64_t* offset, uint64_t seed) {
+  Args a{count, in, out, alpha, sigma, sigma_float, n, n_alpha, inner, offset, dtype == 1 ? 8u : 4u};
+  if (dtype == 0) {
+    perturb<float>(a, seed);
+  } else if (dtype == 1) {
+    perturb<double>(a, seed);
+  } else {
+    return 1;
+  }
+  return 0;
+}
+
+int emu_alpha_grad(int dtype, int count, const void* const* grad, void* const* out, const void* const* alpha,
+                   const void* const* sigma, const int32_t* sigma_float, const int64_t* n, const int64_t* n_alpha,
+                   const int64_t* inner, const int64_t* offset, uint64_t seed) {
+  Args a{count, grad, out, alpha, sigma, sigma_float, n, n_alpha, inner, offset, dtype == 1 ? 8u : 4u};
+  if (dtype == 0) {
+    alpha_grad<float>(a, seed);
+  } else if (dtype == 1) {
+    alpha_grad<double>(a, seed);
+  } else {
+    return 1;
+  }
+  return 0;
+}
+
+int emu_max_pack() { return kMaxPack; }
+
+}  // extern "C"
