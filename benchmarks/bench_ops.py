@@ -50,9 +50,12 @@ WEIGHT_SHAPES: dict[int, tuple[int, ...]] = {
     262144: (512, 512),
     1048576: (1024, 1024),
     4194304: (2048, 2048),
+    8388608: (2048, 4096),
     16777216: (4096, 4096),
 }
 DEFAULT_SIZES = (2304, 65536, 1048576, 4194304, 16777216)
+# On a GPU the sweep is cheap: add 8M, the size the GPU targets are stated at.
+DEFAULT_SIZES_GPU = (2304, 65536, 1048576, 4194304, 8388608, 16777216)
 QUICK_SIZES = (2304,)
 # Batch-128 CIFAR ResNet-20 activations, one per stage.
 ACTIVATION_SHAPES = ((128, 16, 32, 32), (128, 32, 16, 16), (128, 64, 8, 8))
@@ -102,7 +105,7 @@ class Case:
 
 
 def default_cases(
-    sizes: Optional[tuple[int, ...]] = None, *, full: bool = False, quick: bool = False
+    sizes: Optional[tuple[int, ...]] = None, *, full: bool = False, quick: bool = False, device_type: str = "cpu"
 ) -> list[Case]:
     """The grid: every mode for layerwise fp32 weights at every size, a smaller grid elsewhere.
 
@@ -112,7 +115,7 @@ def default_cases(
         sizes = sizes or QUICK_SIZES
         acts = QUICK_ACTIVATION_SHAPES
     else:
-        sizes = sizes or DEFAULT_SIZES
+        sizes = sizes or (DEFAULT_SIZES_GPU if device_type == "cuda" else DEFAULT_SIZES)
         acts = ACTIVATION_SHAPES
     shapes = [weight_shape(n) for n in sizes]
     mid = [s for s in shapes if 2**16 <= math.prod(s) <= 2**20] or shapes[:2]
@@ -369,10 +372,12 @@ def run(
                     peak_mem_bytes=mem,
                     memory_method=mem_method,
                     speedup_vs_reference=None,
+                    speedup_vs_compile=None,
                     first_call_ms=None,
                 )
             )
         ref_ms: Optional[float] = None
+        compile_ms: Optional[float] = None
         for name in providers.names():
             rec = dict(base, **_case_fields(case), provider=name, clone_ms=clone_ms[ckey])
             try:
@@ -395,7 +400,10 @@ def run(
                     rec["peak_mem_bytes"], rec["memory_method"] = common.peak_extra_bytes(call, device)
                 if name == "reference":
                     ref_ms = t["median_ms"]
+                if name == "compile":
+                    compile_ms = t["median_ms"]
                 rec["speedup_vs_reference"] = ref_ms / t["median_ms"] if ref_ms else None
+                rec["speedup_vs_compile"] = compile_ms / t["median_ms"] if compile_ms else None
             except Unavailable as exc:
                 rec.update(status="unavailable", reason=str(exc))
             except Exception as exc:  # a provider that crashes is reported, not hidden
@@ -431,6 +439,7 @@ OPS_COLUMNS = [
     ("pct_peak", "% peak BW"),
     ("peak_mem_mb", "peak MB"),
     ("speedup_vs_reference", "speed-up vs ref"),
+    ("speedup_vs_compile", "speed-up vs compile"),
     ("note", "note"),
 ]
 
@@ -456,6 +465,7 @@ SUMMARY_COLUMNS = [
     ("fwd_x_clone", "fwd / clone"),
     ("fb_ms", "fwd+bwd ms"),
     ("fb_speedup", "fwd+bwd x ref"),
+    ("fb_vs_compile", "fwd+bwd x compile"),
     ("fb_mem_mb", "fwd+bwd peak MB"),
     ("fb_mem_sizes", "peak / tensor size"),
     ("note", "note"),
@@ -489,7 +499,8 @@ def summary_rows(records: list[dict[str, Any]], dtype: str = "fp32") -> list[dic
             if fwd is not None and fwd["status"] == "ok":
                 row.update(fwd_ms=fwd["median_ms"], fwd_speedup=fwd["speedup_vs_reference"], fwd_x_clone=fwd["x_clone"])
             if fb is not None and fb["status"] == "ok":
-                row.update(fb_ms=fb["median_ms"], fb_speedup=fb["speedup_vs_reference"])
+                row.update(fb_ms=fb["median_ms"], fb_speedup=fb["speedup_vs_reference"],
+                           fb_vs_compile=fb.get("speedup_vs_compile"))
                 if fb.get("peak_mem_bytes") is not None:
                     itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
                     row["fb_mem_mb"] = fb["peak_mem_bytes"] / 2**20
@@ -572,7 +583,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = parse_device(args.device)
-    cases = default_cases(args.sizes, full=args.full, quick=args.quick)
+    cases = default_cases(args.sizes, full=args.full, quick=args.quick, device_type=device.type)
     meta, records = run(cases, device, **options(args, device))
     out = args.out or common.REPO_ROOT / "benchmarks" / "results" / common.device_slug(device)
     write_outputs(out, meta, records, "python benchmarks/bench_ops.py " + " ".join(argv or sys.argv[1:]))

@@ -59,7 +59,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     sections = [f"# pni_fast benchmark results: {common.device_name(device)}", "",
                 f"Produced by `{command}`.", ""]
     if not args.skip_ops:
-        cases = bench_ops.default_cases(args.sizes, full=args.full, quick=args.quick)
+        cases = bench_ops.default_cases(args.sizes, full=args.full, quick=args.quick, device_type=device.type)
         meta, records = bench_ops.run(cases, device, **bench_ops.options(args, device))
         bench_ops.write_outputs(out, meta, records, command)
         sections.append(bench_ops.markdown(meta, records, command))

@@ -27,7 +27,7 @@ OPS_KEYS = {
     "clone_ms",
 }
 OK_KEYS = {"median_ms", "q20_ms", "q80_ms", "timer", "bytes_moved", "gbs", "x_clone", "frac_peak_bw",
-           "peak_mem_bytes", "memory_method", "speedup_vs_reference", "first_call_ms"}
+           "peak_mem_bytes", "memory_method", "speedup_vs_reference", "speedup_vs_compile", "first_call_ms"}
 PROVIDERS = {"reference", "eager", "compile", "pni_fast-cpu", "pni_fast-cuda", "pni_fast-triton", "pni_fast-torch"}
 
 
@@ -140,5 +140,7 @@ def test_default_grid_covers_every_pass_for_layerwise_fp32() -> None:
     assert {c.alpha for c in cases} == set(bench_ops.ALPHA_MODES)
     assert {c.dtype for c in cases} == {"fp32", "bf16"}
     assert {c.shape for c in cases if c.kind == "activation"} == set(bench_ops.ACTIVATION_SHAPES)
+    gpu = {c.numel for c in bench_ops.default_cases(device_type="cuda") if c.kind == "weight"}
+    assert 8388608 in gpu  # the size the GPU targets are stated at
     full = bench_ops.default_cases(full=True)
     assert len(full) == (len(bench_ops.DEFAULT_SIZES) + 3) * 2 * 3 * 3
