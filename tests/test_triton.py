@@ -294,3 +294,19 @@ def test_kernels_compile_for_sm90_without_approx_math():
                           capture_output=True, text=True, timeout=600,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+def test_opcheck():
+    """Schema/fake/autograd-registration checks; the triton_ops' fake tracing needs a GPU
+    (under the interpreter wrap_triton would touch fake data), the custom_ops get the full check."""
+    v, _, alpha, sigma = _inputs((8, 3, 3, 3), 8, torch.float32)
+    single_utils = ("test_schema", "test_autograd_registration")
+    if not pt.INTERPRETED:
+        single_utils += ("test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(ops.perturb_triton.default, (v, alpha, sigma, 1, 0, 27), test_utils=single_utils)
+    torch.library.opcheck(ops.perturb_alpha_grad_triton.default, (v, alpha, sigma, 1, 0, 27),
+                          test_utils=single_utils)
+    torch.library.opcheck(ops.noise_triton.default, (v, 1, 0), test_utils=single_utils)
+    lists = ([v, v[:2]], [alpha, alpha[:1]], [sigma, sigma], 1, [0, 100], [27, 1])
+    torch.library.opcheck(ops.perturb_multi_triton.default, lists)
+    torch.library.opcheck(ops.perturb_alpha_grad_multi_triton.default, lists)
