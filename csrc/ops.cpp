@@ -43,4 +43,8 @@ TORCH_LIBRARY(pni_fast, m) {
       "perturb_alpha_grad_multi(Tensor[] grads, Tensor[] alphas, Tensor[] sigmas, int seed, int[] offsets, "
       "int[] inners) -> Tensor[]",
       tags);
+  // Unbiased std of all of v's elements as a 0-d tensor (float32; float64 for float64
+  // input); 0 when v has fewer than 2 elements. Deterministic, fp64 accumulation. The
+  // "sigma" of PNI; CPU (and Meta) kernels only so far.
+  m.def("sigma(Tensor v) -> Tensor", tags);
 }

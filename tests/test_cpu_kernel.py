@@ -397,3 +397,44 @@ def test_simd_variants_give_identical_bits():
         assert res.returncode == 0, res.stderr[-2000:]
         digests[isa] = res.stdout.strip()
     assert len(set(digests.values())) == 1, digests
+
+
+# ---------------------------------------------------------------------------
+# sigma (fused unbiased std)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n", [2, 3, 1000, 70_001])
+def test_sigma_matches_float64_std(dtype, n):
+    x = (torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(n)) * 3 + 100).to(dtype)
+    got = ops.sigma(x)
+    assert got.shape == () and got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    exp = x.double().std().item()
+    assert abs(got.item() - exp) <= 1e-6 * exp
+
+
+def test_sigma_edge_cases():
+    assert ops.sigma(torch.ones(1)).item() == 0.0
+    assert ops.sigma(torch.empty(0, 4)).item() == 0.0
+    assert ops.sigma(torch.full((100,), 2.5)).item() == 0.0
+    assert torch.isnan(ops.sigma(torch.tensor([1.0, float("nan"), 2.0])))
+    assert torch.isnan(ops.sigma(torch.tensor([1.0, float("inf")])))
+    x = torch.randn(64, 48)
+    assert ops.sigma(x.t()).item() == ops.sigma(x.t().contiguous()).item()
+    assert ops.sigma(torch.empty(5, 7, device="meta")).shape == ()
+    with pytest.raises(RuntimeError, match="v must be float32"):
+        ops.sigma(torch.ones(4, dtype=torch.int64))
+
+
+def test_sigma_is_deterministic_across_threads():
+    x = torch.randn(300_000)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a = ops.sigma(x)
+        torch.set_num_threads(2)
+        b = ops.sigma(x)
+    finally:
+        torch.set_num_threads(before)
+    assert a.item() == b.item()

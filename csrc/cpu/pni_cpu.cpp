@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -374,6 +375,93 @@ Tensor alpha_grad_impl(const Tensor& grad_in, const Tensor& alpha, const Tensor&
 }
 
 // ---------------------------------------------------------------------------
+// sigma: unbiased std of all elements (two passes, deterministic)
+// ---------------------------------------------------------------------------
+
+// Sum of f(x) over a block of at most kBlockElems elements with 16 fp32 (or
+// fp64) lanes; the caller adds block sums in fp64 in a fixed order.
+template <typename scalar_t, typename lane_t, typename F>
+double block_sum(const scalar_t* __restrict__ x, int64_t len, F f) {
+  lane_t lane[16] = {};
+  int64_t t = 0;
+  for (; t + 16 <= len; t += 16) {
+    for (int l = 0; l < 16; ++l) {
+      lane[l] += f(static_cast<lane_t>(x[t + l]));
+    }
+  }
+  for (int l = 0; t < len; ++t, ++l) {
+    lane[l] += f(static_cast<lane_t>(x[t]));
+  }
+  double s = 0.0;
+  for (int l = 0; l < 16; ++l) {
+    s += static_cast<double>(lane[l]);
+  }
+  return s;
+}
+
+// Sum over the tensor of f(x): items of kItemElems in parallel, item sums
+// added in item order (same bits for any thread count).
+template <typename scalar_t, typename lane_t, typename F>
+double deterministic_sum(const scalar_t* x, int64_t n, F f) {
+  const int64_t nitems = (n + kItemElems - 1) / kItemElems;
+  std::vector<double> part(static_cast<size_t>(nitems), 0.0);
+  at::parallel_for(0, nitems, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t lo = i * kItemElems;
+      const int64_t hi = std::min(n, lo + kItemElems);
+      double s = 0.0;
+      for (int64_t b = lo; b < hi; b += kBlockElems) {
+        s += block_sum<scalar_t, lane_t>(x + b, std::min<int64_t>(kBlockElems, hi - b), f);
+      }
+      part[static_cast<size_t>(i)] = s;
+    }
+  });
+  double total = 0.0;
+  for (double s : part) {
+    total += s;
+  }
+  return total;
+}
+
+Tensor sigma_cpu(const Tensor& v_in) {
+  TORCH_CHECK(is_supported_float(v_in.scalar_type()),
+              "v must be float32, float64, float16 or bfloat16, got ", v_in.scalar_type());
+  const Tensor v = v_in.contiguous();
+  const int64_t n = v.numel();
+  const bool is_double = v.scalar_type() == at::kDouble;
+  Tensor out = at::empty({}, v.options().dtype(is_double ? at::kDouble : at::kFloat));
+  double result = 0.0;
+  if (n >= 2) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "pni_fast_sigma_cpu", [&] {
+      using lane_t = at::opmath_type<scalar_t>;
+      const scalar_t* x = v.const_data_ptr<scalar_t>();
+      const double mean = deterministic_sum<scalar_t, lane_t>(x, n, [](lane_t a) { return a; }) / n;
+      const lane_t m = static_cast<lane_t>(mean);
+      const double ss = deterministic_sum<scalar_t, lane_t>(x, n, [m](lane_t a) {
+        const lane_t d = a - m;
+        return d * d;
+      });
+      // the fp32 shift m differs from the exact mean by dm: remove n * dm^2
+      const double dm = mean - static_cast<double>(m);
+      result = std::sqrt(std::max(0.0, ss - static_cast<double>(n) * dm * dm) / static_cast<double>(n - 1));
+      if (std::isnan(ss)) {
+        result = ss;
+      }
+    });
+  }
+  if (is_double) {
+    out.fill_(result);
+  } else {
+    out.fill_(static_cast<float>(result));
+  }
+  return out;
+}
+
+Tensor sigma_meta(const Tensor& v) {
+  return at::empty({}, v.options().dtype(v.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+}
+
+// ---------------------------------------------------------------------------
 // op entry points
 // ---------------------------------------------------------------------------
 
@@ -429,7 +517,12 @@ TORCH_LIBRARY_IMPL(pni_fast, CPU, m) {
   m.impl("perturb_alpha_grad", &perturb_alpha_grad_cpu);
   m.impl("perturb_multi", &perturb_multi_cpu);
   m.impl("perturb_alpha_grad_multi", &perturb_alpha_grad_multi_cpu);
+  m.impl("sigma", &sigma_cpu);
 }
+
+// Shape function of sigma for torch.compile / FakeTensor (the other ops get
+// theirs from Python, pni_fast/functional.py).
+TORCH_LIBRARY_IMPL(pni_fast, Meta, m) { m.impl("sigma", &sigma_meta); }
 
 }  // namespace cpu
 }  // namespace pni_fast
