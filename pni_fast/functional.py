@@ -153,7 +153,7 @@ def _multi_backward(grad_op_name: str):
         ]
         seed, offsets, inners = ctx.rng
         grad_alphas = _op(grad_op_name)(grads, alphas, sigmas, seed, offsets, inners)
-        return grads, list(grad_alphas), None, None, None, None
+        return grads, list(grad_alphas), [None] * n, None, None, None
 
     return backward
 
