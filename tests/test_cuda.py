@@ -38,7 +38,10 @@ def _has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-needs_cuda_ext = pytest.mark.skipif(not _has_cuda_ext(), reason="pni_fast was built without CUDA kernels")
+needs_cuda_ext = pytest.mark.skipif(
+    not _has_cuda_ext(),
+    reason="no CUDA device" if not torch.cuda.is_available() else "pni_fast was built without CUDA kernels",
+)
 needs_triton = pytest.mark.skipif(not _has_triton(), reason="triton is not installed")
 
 GPU_BACKENDS = [
