@@ -339,9 +339,7 @@ def test_wrong_alpha_shape_assigned_by_hand():
         m(torch.randn(1, 4))
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param(None, marks=pytest.mark.xfail(
-    reason="functional._multi_backward returns None for the sigmas list (needs a list of None); "
-           "tests/test_functional.py::test_multi_tensor_equals_single_calls[cpu] fails the same way", strict=False))])
+@pytest.mark.parametrize("backend", ["torch", None])
 def test_batch_weight_noise_equals_per_layer_calls_with_offsets(backend, monkeypatch):
     """One multi-tensor draw per forward: layer k gets noisy_weight(seed, offset = counters of layers < k)."""
     from pni_fast.modules import batch_weight_noise
