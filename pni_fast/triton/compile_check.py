@@ -25,8 +25,9 @@ def _configs():
 
     from . import kernels as K
 
-    out = [(K._noise_kernel, {"out_ptr": "*fp32", "n": "i32", "seed": "i64", "offset": "i64"},
-            {"BLOCK": 1024, "PRECISE": True})]
+    # triton types an int argument i32, u32 or i64 by its value: cover each for seed and offset
+    out = [(K._noise_kernel, {"out_ptr": "*fp32", "n": "i32", "seed": t, "offset": t}, {"BLOCK": 1024, "PRECISE": True})
+           for t in ("i32", "u32", "i64")]
     for dt, f64 in (("fp32", False), ("fp16", False), ("fp64", True)):  # bf16 lowers like fp16
         for layerwise in (True, False):
             sig = {"v_ptr": f"*{dt}", "out_ptr": f"*{dt}", "alpha_ptr": f"*{dt}", "sigma_ptr": "*fp32",
