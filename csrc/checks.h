@@ -3,6 +3,7 @@
 // kernel runs. Every message names the argument and what was expected.
 #pragma once
 
+#include <cstdint>
 #include <string>
 
 #include <ATen/ATen.h>
@@ -23,6 +24,13 @@ inline void check_seed_offset(int64_t seed, int64_t offset, const std::string& p
 // Number of Philox counters (quads) a tensor of n elements consumes.
 inline int64_t num_quads(int64_t n) { return (n + 3) / 4; }
 
+// The last counter a tensor of n elements uses, offset + ceil(n/4) - 1, must
+// stay below 2^63 (counters are int64 in the Python and Triton backends).
+inline void check_offset_fits(int64_t offset, int64_t n, const std::string& prefix = "") {
+  TORCH_CHECK(offset <= INT64_MAX - num_quads(n), prefix,
+              "offset + ceil(numel / 4) must be < 2^63, got offset=", offset, ", numel=", n);
+}
+
 // Checks for perturb / perturb_alpha_grad. `vname` is "v" or "grad".
 inline void check_perturb_args(const at::Tensor& v, const at::Tensor& alpha, const at::Tensor& sigma,
                                int64_t seed, int64_t offset, int64_t inner, const char* vname,
@@ -42,6 +50,7 @@ inline void check_perturb_args(const at::Tensor& v, const at::Tensor& alpha, con
   TORCH_CHECK(sigma.device() == v.device(), prefix, "sigma must be on ", vname, "'s device (",
               v.device(), "), got ", sigma.device());
   check_seed_offset(seed, offset, prefix);
+  check_offset_fits(offset, v.numel(), prefix);
   TORCH_CHECK(inner >= 1, prefix, "inner must be >= 1, got ", inner);
   const int64_t n = v.numel();
   const int64_t na = alpha.numel();

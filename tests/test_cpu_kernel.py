@@ -330,6 +330,7 @@ def _call(v=None, alpha=None, sigma=None, seed=1, offset=0, inner=1, op="perturb
         (dict(sigma=torch.tensor(1.0, dtype=torch.float64)), "sigma must be float32 or"),
         (dict(seed=-1), r"seed must be in \[0, 2\^63\)"),
         (dict(offset=-5), "offset must be >= 0"),
+        (dict(offset=2**63 - 2), r"offset \+ ceil\(numel / 4\) must be < 2\^63"),
         (dict(inner=0), "inner must be >= 1"),
     ],
 )
@@ -354,6 +355,9 @@ def test_rng_op_checks(op):
         getattr(ops, op)(torch.empty(3), -2, 0)
     with pytest.raises(RuntimeError, match="offset must be"):
         getattr(ops, op)(torch.empty(3), 2, -1)
+    with pytest.raises(RuntimeError, match="must be < 2"):
+        getattr(ops, op)(torch.empty(9), 2, 2**63 - 2)
+    assert getattr(ops, op)(torch.empty(4), 2, 2**63 - 2).numel() == 4  # last counter 2^63 - 2 is fine
 
 
 def test_multi_checks():

@@ -127,6 +127,7 @@ Tensor perturb_impl(const Tensor& v_in, const Tensor& alpha_in, const Tensor& si
 
 Tensor noise_cpu(const Tensor& like, int64_t seed, int64_t offset) {
   check_seed_offset(seed, offset);
+  check_offset_fits(offset, like.numel());
   Tensor out = at::empty(like.sizes(), like.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous));
   const int64_t n = out.numel();
   if (n == 0) {
@@ -153,6 +154,7 @@ Tensor noise_cpu(const Tensor& like, int64_t seed, int64_t offset) {
 
 Tensor rng_words_cpu(const Tensor& like, int64_t seed, int64_t offset) {
   check_seed_offset(seed, offset);
+  check_offset_fits(offset, like.numel());
   const int64_t nq = num_quads(like.numel());
   Tensor out = at::empty({4 * nq}, like.options().dtype(at::kInt));
   int32_t* op = out.mutable_data_ptr<int32_t>();
@@ -172,6 +174,7 @@ Tensor rng_words_cpu(const Tensor& like, int64_t seed, int64_t offset) {
 
 Tensor rng_uniform_cpu(const Tensor& like, int64_t seed, int64_t offset) {
   check_seed_offset(seed, offset);
+  check_offset_fits(offset, like.numel());
   const int64_t nq = num_quads(like.numel());
   Tensor out = at::empty({4 * nq}, like.options().dtype(at::kFloat));
   float* op = out.mutable_data_ptr<float>();
