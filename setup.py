@@ -74,6 +74,10 @@ def _ext_modules_and_cmdclass():
         want_cuda = True
     else:
         want_cuda = torch.cuda.is_available() and CUDA_HOME is not None
+    if want_cuda and torch.version.cuda is None:
+        print(f"pni_fast: torch {torch.__version__} has no CUDA support, building the CPU kernels only",
+              file=sys.stderr)
+        want_cuda = False
     if want_cuda and not cuda_sources:
         print("pni_fast: no CUDA sources under csrc/cuda, building the CPU kernels only", file=sys.stderr)
         want_cuda = False
