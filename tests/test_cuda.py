@@ -299,8 +299,9 @@ def test_multi_equals_single(backend, count):
         single = alpha_grad(g, a, s, SEED, o, n)
         if backend == "cuda":
             assert torch.equal(grads[i], single), i  # same kernels, same partial order
-        else:
-            torch.testing.assert_close(grads[i], single, rtol=2e-5, atol=2e-5)
+        else:  # one scan-based reduction for every tensor: fp32 sums may differ in the last bits
+            tol = 2e-5 if a.dtype == torch.float32 else 2e-3  # fp16: one ulp after rounding
+            torch.testing.assert_close(grads[i], single, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -321,7 +322,8 @@ def test_noisy_weights_backward(backend):
         singles.append(leaf.grad)
         offset += (v.numel() + 3) // 4
     for leaf, ref in zip(leaves, singles):
-        torch.testing.assert_close(leaf.grad, ref, rtol=2e-5, atol=2e-5)
+        tol = 2e-5 if ref.dtype == torch.float32 else 2e-3
+        torch.testing.assert_close(leaf.grad, ref, rtol=tol, atol=tol)
 
 
 # ---------------------------------------------------------------------------
