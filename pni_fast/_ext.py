@@ -56,11 +56,47 @@ def _ops_registered() -> bool:
         return False
 
 
+def _installed_library() -> Optional[str]:
+    """Path of the _C library of the installed distribution, if it is not this directory's.
+
+    Running from a checkout (tests from the repository root) imports the source tree's
+    pni_fast, which has no _C after a non-editable ``pip install .``; the installed copy's
+    library is the same build and can be loaded directly.
+    """
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        from importlib import metadata
+
+        dists = [d for d in metadata.distributions() if (d.metadata["Name"] or "").lower() == "pni_fast"]
+        for dist in dists:  # a checkout may also hold an egg-info without files
+            for f in dist.files or []:
+                name = os.path.basename(str(f))
+                if str(f).startswith("pni_fast") and name.startswith("_C.") and name.endswith((".so", ".pyd")):
+                    path = os.path.abspath(str(f.locate()))
+                    if os.path.isfile(path) and os.path.dirname(path) != here:
+                        return path
+    except Exception:  # noqa: BLE001  (broken metadata: no fallback)
+        return None
+    return None
+
+
 def _load_aot() -> tuple[bool, str]:
     try:
         from . import _C  # noqa: F401  (importing registers the ops)
     except Exception as exc:  # noqa: BLE001  (missing, ABI mismatch, ...)
-        return False, f"pni_fast._C could not be imported ({type(exc).__name__}: {exc})"
+        reason = f"pni_fast._C could not be imported ({type(exc).__name__}: {exc})"
+        path = _installed_library()
+        if path is None:
+            return False, reason
+        try:
+            import torch
+
+            torch.ops.load_library(path)
+        except Exception as exc2:  # noqa: BLE001
+            return False, f"{reason}; installed {path} failed to load ({type(exc2).__name__}: {exc2})"
+        if not _ops_registered():
+            return False, f"{reason}; installed {path} registered no CPU kernels"
+        return True, f"installed ahead-of-time build {path}"
     if not _ops_registered():
         return False, "pni_fast._C imported but registered no CPU kernels"
     return True, "pni_fast._C (ahead-of-time build)"
