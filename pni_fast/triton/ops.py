@@ -15,6 +15,17 @@ Signatures are those of the C++ ops (design contract), suffixed ``_triton``:
 * ``perturb_alpha_grad_multi_triton(grads, alphas, sigmas, seed, offsets, inners) -> Tensor[]``
 
 Autograd is registered by ``pni_fast.functional``, not here.
+
+Notes:
+* Noise: the compiled kernels evaluate tl.randn4x's formula on tl.randint4x words with libdevice
+  logf/cosf/sinf and an IEEE sqrt (tl.sqrt lowers to ``sqrt.approx.ftz`` on sm_90), so z matches
+  the CUDA C++ backend; under the CPU interpreter they call tl.randn4x itself.
+* The list ops group tensors by (dtype, sigma dtype): one forward launch and two alpha-gradient
+  launches per group. Forward results are bit-identical to the single op; alpha gradients use one
+  segmented-scan reduction for every tensor, so they agree with the single op to fp32 rounding.
+* The list ops copy their pointer table from pinned memory (non-blocking, no host sync); that copy
+  is not meant for CUDA-graph capture - capture the single ops or the CUDA backend's list op.
+* Kernels launch on the current CUDA device (as Triton does); keep it equal to the tensors' device.
 """
 from __future__ import annotations
 
