@@ -419,3 +419,35 @@ def test_opcheck(backend):
     v, g, alpha, sigma = _inputs((8, 3, 3, 3), 8, torch.float32)
     torch.library.opcheck(perturb.default, (v, alpha, sigma, 1, 0, 27))
     torch.library.opcheck(alpha_grad.default, (g, alpha, sigma, 1, 0, 27))
+
+
+@needs_cuda_ext
+def test_cuda_graph_multi_tensor():
+    """The CUDA list op passes its tensor table as kernel parameters, so it replays in a graph."""
+    ws = [torch.randn(16, 8, 3, 3, device=DEV), torch.randn(10, 64, device=DEV)]
+    alphas = [torch.full((16, 1, 1, 1), 0.25, device=DEV), torch.full((1,), 0.1, device=DEV)]
+    eager = pni_fast.noisy_weights(ws, alphas, seed=21, backend="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        pni_fast.noisy_weights(ws, alphas, seed=21, backend="cuda")
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = pni_fast.noisy_weights(ws, alphas, seed=21, backend="cuda")
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(static, eager):
+        assert torch.equal(a, b)
+
+
+@needs_triton
+def test_triton_multi_refuses_graph_capture():
+    _, _, _, multi, _ = _ops("triton")
+    v = torch.randn(100, device=DEV)
+    args = ([v], [torch.ones(1, device=DEV)], [torch.tensor(1.0, device=DEV)], 1, [0], [1])
+    multi(*args)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        with torch.cuda.graph(graph):
+            multi(*args)

@@ -24,7 +24,8 @@ Notes:
   launches per group. Forward results are bit-identical to the single op; alpha gradients use one
   segmented-scan reduction for every tensor, so they agree with the single op to fp32 rounding.
 * The list ops copy their pointer table from pinned memory (non-blocking, no host sync); that copy
-  is not meant for CUDA-graph capture - capture the single ops or the CUDA backend's list op.
+  cannot be replayed by a CUDA graph, so they refuse stream capture with a clear error - capture
+  the single ops or the CUDA backend's list op (kernel parameters only).
 * Kernels launch on the current CUDA device (as Triton does); keep it equal to the tensors' device.
 """
 from __future__ import annotations
@@ -192,11 +193,16 @@ def _reduce_tiles(n_alpha: int, J: int, R: int) -> tuple[int, int, int]:
     return block_k, block_j, block_r
 
 
-def _device_table(rows: list[list[int]], tail: list[int], device: torch.device) -> torch.Tensor:
+def _device_table(rows: list[list[int]], tail: list[int], device: torch.device, op: str) -> torch.Tensor:
     """The packed int64 table (rows, then ``tail``) on ``device``, copied without a host sync."""
     flat = [x for row in rows for x in row] + tail
     host = torch.tensor(flat, dtype=torch.int64)
     if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"{op} cannot be captured in a CUDA graph: its pointer table is copied from host memory "
+                "at launch; capture the single-tensor Triton ops or use backend='cuda'"
+            )
         return host.pin_memory().to(device, non_blocking=True)
     return host
 
@@ -321,7 +327,7 @@ def perturb_multi_triton(vs: list[torch.Tensor], alphas: list[torch.Tensor], sig
             first.append(total)
             total += triton.cdiv(n, BLOCK)
         device = vs[idx[0]].device
-        table = _device_table(rows, first, device)
+        table = _device_table(rows, first, device, op)
         with _launch_guard(device):
             K._perturb_multi_fwd_kernel[(total,)](
                 table, len(idx), seed, T_POW2=triton.next_power_of_2(len(idx)), BLOCK=BLOCK,
@@ -374,8 +380,8 @@ def perturb_alpha_grad_multi_triton(grads: list[torch.Tensor], alphas: list[torc
             first2.append(total2)
             total2 += triton.cdiv(n_alpha, block_k)
         t = len(idx)
-        table1 = _device_table(rows1, first1, device)
-        table2 = _device_table(rows2, first2, device)
+        table1 = _device_table(rows1, first1, device, op)
+        table2 = _device_table(rows2, first2, device, op)
         with _launch_guard(device):
             K._perturb_multi_bwd_kernel[(total1,)](
                 table1, part, t, seed, T_POW2=triton.next_power_of_2(t), BLOCK=BLOCK,
