@@ -163,11 +163,6 @@ void check_cuda(const at::Tensor& t, const std::string& what) {
   TORCH_CHECK(t.is_cuda(), what, " must be a CUDA tensor, got device ", t.device());
 }
 
-void check_counter_range(int64_t offset, int64_t n, const std::string& prefix) {
-  TORCH_CHECK(offset <= INT64_MAX - num_quads(n), prefix, "offset + ceil(numel / 4) must be < 2^63, got offset=",
-              offset, ", numel=", n);
-}
-
 int32_t desc_flags(const at::Tensor& in, const void* out, const at::Tensor& sigma) {
   return make_flags(sigma.scalar_type() == at::kFloat, in.data_ptr(), out, in.element_size());
 }
@@ -294,7 +289,7 @@ void alpha_grad_launch(const std::vector<at::Tensor>& grads, const std::vector<a
 at::Tensor noise_cuda(const at::Tensor& like, int64_t seed, int64_t offset) {
   check_cuda(like, "like");
   check_seed_offset(seed, offset);
-  check_counter_range(offset, like.numel(), "");
+  check_offset_fits(offset, like.numel());
   c10::cuda::CUDAGuard guard(like.device());
   at::Tensor out = at::empty(like.sizes(), like.options().dtype(at::kFloat));
   const int64_t n = out.numel();
@@ -309,7 +304,7 @@ at::Tensor noise_cuda(const at::Tensor& like, int64_t seed, int64_t offset) {
 at::Tensor rng_words_cuda(const at::Tensor& like, int64_t seed, int64_t offset) {
   check_cuda(like, "like");
   check_seed_offset(seed, offset);
-  check_counter_range(offset, like.numel(), "");
+  check_offset_fits(offset, like.numel());
   c10::cuda::CUDAGuard guard(like.device());
   const int64_t nq = num_quads(like.numel());
   at::Tensor out = at::empty({4 * nq}, like.options().dtype(at::kInt));
@@ -324,7 +319,7 @@ at::Tensor rng_words_cuda(const at::Tensor& like, int64_t seed, int64_t offset) 
 at::Tensor rng_uniform_cuda(const at::Tensor& like, int64_t seed, int64_t offset) {
   check_cuda(like, "like");
   check_seed_offset(seed, offset);
-  check_counter_range(offset, like.numel(), "");
+  check_offset_fits(offset, like.numel());
   c10::cuda::CUDAGuard guard(like.device());
   const int64_t nq = num_quads(like.numel());
   at::Tensor out = at::empty({4 * nq}, like.options().dtype(at::kFloat));
@@ -341,7 +336,6 @@ void check_one(const at::Tensor& v, const at::Tensor& alpha, const at::Tensor& s
                int64_t inner, const char* vname, const std::string& prefix) {
   check_cuda(v, prefix + vname);
   check_perturb_args(v, alpha, sigma, seed, offset, inner, vname, prefix);
-  check_counter_range(offset, v.numel(), prefix);
 }
 
 at::Tensor perturb_cuda(const at::Tensor& v, const at::Tensor& alpha, const at::Tensor& sigma, int64_t seed,
