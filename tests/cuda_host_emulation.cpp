@@ -13,6 +13,11 @@
 #include <cstdint>
 #include <vector>
 
+#ifdef PNI_EMU_WITH_C10  // header-only c10 types from torch's include dir: 16-bit paths too
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#endif
+
 #include "../csrc/cuda/perturb_impl.cuh"
 
 using namespace pni_fast;
@@ -146,33 +151,38 @@ void alpha_grad(const Args& a, uint64_t seed) {
 
 extern "C" {
 
-// dtype: 0 = float32, 1 = float64. Returns 0 on success.
+// dtype: 0 = float32, 1 = float64, 2 = float16, 3 = bfloat16 (2 and 3 only when built with
+// PNI_EMU_WITH_C10). Returns 0 on success, 1 for an unsupported dtype.
 int emu_perturb(int dtype, int count, const void* const* in, void* const* out, const void* const* alpha,
                 const void* const* sigma, const int32_t* sigma_float, const int64_t* n, const int64_t* n_alpha,
                 const int64_t* inner, const int64_t* offset, uint64_t seed) {
-  Args a{count, in, out, alpha, sigma, sigma_float, n, n_alpha, inner, offset, dtype == 1 ? 8u : 4u};
-  if (dtype == 0) {
-    perturb<float>(a, seed);
-  } else if (dtype == 1) {
-    perturb<double>(a, seed);
-  } else {
-    return 1;
+  const size_t elem = dtype == 1 ? 8u : dtype == 0 ? 4u : 2u;
+  Args a{count, in, out, alpha, sigma, sigma_float, n, n_alpha, inner, offset, elem};
+  switch (dtype) {
+    case 0: perturb<float>(a, seed); return 0;
+    case 1: perturb<double>(a, seed); return 0;
+#ifdef PNI_EMU_WITH_C10
+    case 2: perturb<c10::Half>(a, seed); return 0;
+    case 3: perturb<c10::BFloat16>(a, seed); return 0;
+#endif
+    default: return 1;
   }
-  return 0;
 }
 
 int emu_alpha_grad(int dtype, int count, const void* const* grad, void* const* out, const void* const* alpha,
                    const void* const* sigma, const int32_t* sigma_float, const int64_t* n, const int64_t* n_alpha,
                    const int64_t* inner, const int64_t* offset, uint64_t seed) {
-  Args a{count, grad, out, alpha, sigma, sigma_float, n, n_alpha, inner, offset, dtype == 1 ? 8u : 4u};
-  if (dtype == 0) {
-    alpha_grad<float>(a, seed);
-  } else if (dtype == 1) {
-    alpha_grad<double>(a, seed);
-  } else {
-    return 1;
+  const size_t elem = dtype == 1 ? 8u : dtype == 0 ? 4u : 2u;
+  Args a{count, grad, out, alpha, sigma, sigma_float, n, n_alpha, inner, offset, elem};
+  switch (dtype) {
+    case 0: alpha_grad<float>(a, seed); return 0;
+    case 1: alpha_grad<double>(a, seed); return 0;
+#ifdef PNI_EMU_WITH_C10
+    case 2: alpha_grad<c10::Half>(a, seed); return 0;
+    case 3: alpha_grad<c10::BFloat16>(a, seed); return 0;
+#endif
+    default: return 1;
   }
-  return 0;
 }
 
 int emu_max_pack() { return kMaxPack; }

@@ -99,7 +99,8 @@ def emu(tmp_path_factory):
     if CXX is None:
         pytest.skip("no host C++ compiler to build the CUDA host emulation")
     lib = tmp_path_factory.mktemp("emu") / "emu.so"
-    cmd = [CXX, "-std=c++17", "-O2", "-shared", "-fPIC", "-ffp-contract=off", "-o", str(lib), str(EMULATION_SRC)]
+    cmd = [CXX, "-std=c++17", "-O2", "-shared", "-fPIC", "-ffp-contract=off", "-DPNI_EMU_WITH_C10",
+           f"-I{cpp_extension.include_paths()[0]}", "-o", str(lib), str(EMULATION_SRC)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     so = ctypes.CDLL(str(lib))
@@ -144,6 +145,20 @@ EMU_CASES = {
     "unaligned-rows": (5 * 70, 5, 70),
 }
 SEED, OFFSET = 0x1234_5678_9ABC, 2**32 - 7
+
+
+def _run_torch(so, fn_name, ins, alphas, sigmas, offsets, inners, seed, out_like):
+    """_run for torch CPU tensors (any of float32/float64/float16/bfloat16)."""
+    code = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}[ins[0].dtype]
+    outs = [torch.full_like(o, float("nan")) for o in out_like]
+    ptrs = lambda ts: (ctypes.c_void_p * len(ts))(*[t.data_ptr() for t in ts])  # noqa: E731
+    rc = getattr(so, fn_name)(
+        ctypes.c_int(code), ctypes.c_int(len(ins)), ptrs(ins), ptrs(outs), ptrs(alphas), ptrs(sigmas),
+        (ctypes.c_int32 * len(ins))(*[int(s.dtype == torch.float32) for s in sigmas]),
+        _i64([t.numel() for t in ins]), _i64([t.numel() for t in alphas]), _i64(inners), _i64(offsets),
+        ctypes.c_uint64(seed))
+    assert rc == 0
+    return outs
 
 
 def _expected(kind, v, alpha, sigma, inner, seed=SEED, offset=OFFSET):
@@ -216,3 +231,24 @@ def test_emulated_multi_equals_single_bitwise(emu):
         np.testing.assert_array_equal(grads[i], single_g)
         np.testing.assert_allclose(outs[i], _expected("out", ins[i], alphas[i], sigmas[i], inners[i], SEED,
                                                       offsets[i]), rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", ["conv-channelwise-warp", "elementwise-direct", "act-7x7-thread-mode",
+                                  "layerwise-warp-many-chunks"])
+def test_emulated_kernels_16bit(emu, case, dtype):
+    """c10::Half / c10::BFloat16 paths (math in float32, 64-bit vector accesses), sigma in v's dtype."""
+    n, n_alpha, inner = EMU_CASES[case]
+    gen = torch.Generator().manual_seed(3)
+    v = torch.randn(n, generator=gen).to(dtype)
+    alpha = (torch.rand(n_alpha, generator=gen) + 0.1).to(dtype)
+    sigma = torch.tensor(0.75, dtype=dtype)
+    (out,) = _run_torch(emu, "emu_perturb", [v], [alpha], [sigma], [OFFSET], [inner], SEED, [v])
+    expected = _expected("out", v.double().numpy(), alpha.double().numpy(), 0.75, inner)
+    tol = 2e-3 if dtype == torch.float16 else 2e-2
+    np.testing.assert_allclose(out.double().numpy(), expected, rtol=tol, atol=tol)
+    (grad,) = _run_torch(emu, "emu_alpha_grad", [v], [alpha], [sigma], [OFFSET], [inner], SEED, [alpha])
+    expected = _expected("grad", v.double().numpy(), alpha.double().numpy(), 0.75, inner)
+    scale = 1.0 + np.abs(expected).max()
+    np.testing.assert_allclose(grad.double().numpy() / scale, expected / scale, rtol=0,
+                               atol=1e-2 if dtype == torch.float16 else 5e-2)
