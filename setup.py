@@ -40,8 +40,16 @@ def cxx_flags() -> list[str]:
     every SIMD variant of the noise bit-identical.
     """
     if sys.platform == "win32":
-        return ["/O2", "/fp:precise"]
-    return ["-O3", "-ffp-contract=off", "-fno-math-errno"]
+        return ["/O2", "/fp:precise", "/openmp"]
+    flags = ["-O3", "-ffp-contract=off", "-fno-math-errno"]
+    return flags + openmp_flags()
+
+
+def openmp_flags() -> list[str]:
+    """at::parallel_for is an inline OpenMP loop in torch's headers: without -fopenmp it runs serially."""
+    if sys.platform == "darwin":  # Apple clang has no OpenMP by default: kernels run single-threaded
+        return []
+    return ["-fopenmp"]
 
 
 def nvcc_flags() -> list[str]:
@@ -89,6 +97,7 @@ def _ext_modules_and_cmdclass():
             sources=sources + cuda_sources,
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags(), "nvcc": nvcc_flags()},
+            extra_link_args=openmp_flags(),
             define_macros=[("PNI_FAST_WITH_CUDA", "1")],
         )
     else:
@@ -97,6 +106,7 @@ def _ext_modules_and_cmdclass():
             sources=sources,
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags()},
+            extra_link_args=openmp_flags(),
         )
     print(f"pni_fast: building pni_fast._C ({'CPU + CUDA' if want_cuda else 'CPU'}) against torch "
           f"{torch.__version__}", file=sys.stderr)

@@ -34,8 +34,13 @@ def _flag(name: str) -> bool:
 def _cxx_flags() -> list[str]:
     # keep in sync with setup.py: portable (no -march, no -ffast-math), SIMD variants bit-identical
     if sys.platform == "win32":
-        return ["/O2", "/fp:precise"]
-    return ["-O3", "-ffp-contract=off", "-fno-math-errno"]
+        return ["/O2", "/fp:precise", "/openmp"]
+    return ["-O3", "-ffp-contract=off", "-fno-math-errno"] + _openmp_flags()
+
+
+def _openmp_flags() -> list[str]:
+    # at::parallel_for is an inline OpenMP loop in torch's headers: without -fopenmp it runs serially
+    return [] if sys.platform in ("darwin", "win32") else ["-fopenmp"]
 
 
 def source_dir() -> Optional[str]:
@@ -141,6 +146,7 @@ def _load_jit() -> tuple[bool, str]:
             sources=sources,
             extra_cflags=_cxx_flags(),
             extra_cuda_cflags=["-O3"],
+            extra_ldflags=_openmp_flags(),
             extra_include_paths=[src],
             with_cuda=with_cuda,
             is_python_module=False,
