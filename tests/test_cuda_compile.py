@@ -1,12 +1,16 @@
-"""Compile-check every csrc/cuda/*.cu with nvcc against the installed torch's headers.
+"""The CUDA backend without a GPU: nvcc compile check and a host emulation of the kernels.
 
-No GPU is needed (design.md section 9): a CUDA syntax or type error fails CI even on a
-CPU-only machine. The CPU build of torch lacks c10/cuda/impl/cuda_cmake_macros.h (generated
-when torch is built with CUDA), so a one-line stub supplies it. The real build and the
-runtime tests (tests/test_cuda.py) happen on a GPU machine.
+* Every csrc/cuda/*.cu is compiled with nvcc against the installed torch's headers (design.md
+  section 9): a CUDA syntax or type error fails CI on a CPU-only machine. The CPU build of torch
+  lacks c10/cuda/impl/cuda_cmake_macros.h (generated when torch is built with CUDA), so a
+  one-line stub supplies it.
+* tests/cuda_host_emulation.cpp runs the kernels' per-thread bodies (csrc/cuda/perturb_impl.cuh)
+  with the kernels' work mapping on the CPU, checked against the numpy oracle.
+The real build and the runtime tests (tests/test_cuda.py) happen on a GPU machine.
 """
 from __future__ import annotations
 
+import ctypes
 import glob
 import os
 import re
@@ -15,6 +19,8 @@ import subprocess
 import sysconfig
 from pathlib import Path
 
+import numpy as np
+import philox_oracle as oracle
 import pytest
 import torch
 import torch.utils.cpp_extension as cpp_extension
@@ -82,12 +88,6 @@ def test_no_fast_math_in_build_flags():
 # ---------------------------------------------------------------------------
 # Host emulation of the CUDA kernels (same bodies, same work mapping; no GPU)
 # ---------------------------------------------------------------------------
-
-import ctypes  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-import philox_oracle as oracle  # noqa: E402
 
 EMULATION_SRC = ROOT / "tests" / "cuda_host_emulation.cpp"
 CXX = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
