@@ -434,6 +434,7 @@ OPS_COLUMNS = [
     ("median_ms", "median ms"),
     ("q20_ms", "q20 ms"),
     ("q80_ms", "q80 ms"),
+    ("min_ms", "min ms"),
     ("gbs", "GB/s"),
     ("x_clone", "x clone"),
     ("pct_peak", "% peak BW"),

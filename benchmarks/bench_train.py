@@ -187,6 +187,7 @@ def run(
                         median_ms=statistics.median(times),
                         q20_ms=float(torch.quantile(q, 0.2)),
                         q80_ms=float(torch.quantile(q, 0.8)),
+                        min_ms=min(times),
                         times_ms=times,
                         timer=f"time.perf_counter around each step, device synchronised, {timed_steps} steps",
                     )
