@@ -26,10 +26,10 @@ Notes:
 * The list ops copy their pointer table from pinned memory (non-blocking, no host sync); that copy
   cannot be replayed by a CUDA graph, so they refuse stream capture with a clear error - capture
   the single ops or the CUDA backend's list op (kernel parameters only).
-* Kernels launch on the current CUDA device (as Triton does); keep it equal to the tensors' device.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -207,6 +207,11 @@ def _device_table(rows: list[list[int]], tail: list[int], device: torch.device, 
     return host
 
 
+def _launch_guard(device: torch.device):
+    """Make ``device`` current for the launch: Triton launches on the current CUDA device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 # ---------------------------------------------------------------------------
 # Single-tensor ops
 # ---------------------------------------------------------------------------
@@ -224,8 +229,9 @@ def noise_triton(like: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
     n = out.numel()
     if n == 0:
         return out
-    wrap_triton(K._noise_kernel)[(triton.cdiv(n, BLOCK),)](
-        out, n, seed, offset, BLOCK=BLOCK, PRECISE=PRECISE, num_warps=NUM_WARPS)
+    with _launch_guard(out.device):
+        wrap_triton(K._noise_kernel)[(triton.cdiv(n, BLOCK),)](
+            out, n, seed, offset, BLOCK=BLOCK, PRECISE=PRECISE, num_warps=NUM_WARPS)
     return out
 
 
@@ -240,11 +246,12 @@ def perturb_triton(v: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, se
     n, n_alpha = v.numel(), alpha.numel()
     if n == 0:
         return out
-    wrap_triton(K._perturb_fwd_kernel)[(triton.cdiv(n, BLOCK),)](
-        v, out, alpha, sigma, n, n_alpha, inner, seed, offset,
-        BLOCK=BLOCK, LAYERWISE=n_alpha == 1, IS_F64=v.dtype == torch.float64,
-        INDEX64=_index64(n_alpha, inner), PRECISE=PRECISE, num_warps=NUM_WARPS,
-    )
+    with _launch_guard(v.device):
+        wrap_triton(K._perturb_fwd_kernel)[(triton.cdiv(n, BLOCK),)](
+            v, out, alpha, sigma, n, n_alpha, inner, seed, offset,
+            BLOCK=BLOCK, LAYERWISE=n_alpha == 1, IS_F64=v.dtype == torch.float64,
+            INDEX64=_index64(n_alpha, inner), PRECISE=PRECISE, num_warps=NUM_WARPS,
+        )
     return out
 
 
@@ -262,22 +269,23 @@ def perturb_alpha_grad_triton(grad: torch.Tensor, alpha: torch.Tensor, sigma: to
     acc_dtype = torch.float64 if is_f64 else torch.float32
     plan = _grad_plan(n, n_alpha, inner)
     grid1 = (triton.cdiv(n, BLOCK),)
-    if plan.direct:
+    with _launch_guard(grad.device):
+        if plan.direct:
+            wrap_triton(K._perturb_bwd_kernel)[grid1](
+                grad, out, out, sigma, n, plan.inner, plan.S, seed, offset, BLOCK=BLOCK,
+                SEG_MODE=plan.seg_mode, IS_F64=is_f64, DIRECT=True, PRECISE=PRECISE, num_warps=NUM_WARPS,
+            )
+            return out
+        part = torch.empty(plan.J * plan.S, dtype=acc_dtype, device=grad.device)
         wrap_triton(K._perturb_bwd_kernel)[grid1](
-            grad, out, out, sigma, n, plan.inner, plan.S, seed, offset,
-            BLOCK=BLOCK, SEG_MODE=plan.seg_mode, IS_F64=is_f64, DIRECT=True, PRECISE=PRECISE, num_warps=NUM_WARPS,
+            grad, part, out, sigma, n, plan.inner, plan.S, seed, offset, BLOCK=BLOCK,
+            SEG_MODE=plan.seg_mode, IS_F64=is_f64, DIRECT=False, PRECISE=PRECISE, num_warps=NUM_WARPS,
         )
-        return out
-    part = torch.empty(plan.J * plan.S, dtype=acc_dtype, device=grad.device)
-    wrap_triton(K._perturb_bwd_kernel)[grid1](
-        grad, part, out, sigma, n, plan.inner, plan.S, seed, offset,
-        BLOCK=BLOCK, SEG_MODE=plan.seg_mode, IS_F64=is_f64, DIRECT=False, PRECISE=PRECISE, num_warps=NUM_WARPS,
-    )
-    block_k, block_j, block_r = _reduce_tiles(n_alpha, plan.J, plan.R)
-    wrap_triton(K._alpha_grad_reduce_kernel)[(triton.cdiv(n_alpha, block_k),)](
-        part, out, sigma, plan.S, plan.J, n_alpha, plan.R, plan.inner, n,
-        BLOCK=BLOCK, BLOCK_K=block_k, BLOCK_J=block_j, BLOCK_R=block_r, IS_F64=is_f64, num_warps=NUM_WARPS,
-    )
+        block_k, block_j, block_r = _reduce_tiles(n_alpha, plan.J, plan.R)
+        wrap_triton(K._alpha_grad_reduce_kernel)[(triton.cdiv(n_alpha, block_k),)](
+            part, out, sigma, plan.S, plan.J, n_alpha, plan.R, plan.inner, n,
+            BLOCK=BLOCK, BLOCK_K=block_k, BLOCK_J=block_j, BLOCK_R=block_r, IS_F64=is_f64, num_warps=NUM_WARPS,
+        )
     return out
 
 
@@ -293,18 +301,6 @@ def _groups(tensors: Sequence[torch.Tensor], sigmas: Sequence[torch.Tensor]) -> 
         if t.numel() > 0:
             groups.setdefault((t.dtype, s.dtype), []).append(i)
     return groups
-
-
-def _launch_guard(device: torch.device):
-    return torch.cuda.device(device) if device.type == "cuda" else _NullContext()
-
-
-class _NullContext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 @custom_op("pni_fast::perturb_multi_triton", mutates_args=())
