@@ -12,6 +12,10 @@ from .control import no_noise, noise_enabled, set_noise
 from .convert import convert, strip
 from .optim import param_groups
 from . import models
+from . import attacks, data, evaluate, train
+from .attacks import carlini_wagner_l2, eot_pgd, fgsm, pgd
+from .evaluate import AttackSpec
+from .train import TrainConfig
 
 __version__ = "0.1.0"
 
@@ -36,4 +40,14 @@ __all__ = [
     "no_noise",
     "param_groups",
     "models",
+    "attacks",
+    "data",
+    "evaluate",
+    "train",
+    "fgsm",
+    "pgd",
+    "eot_pgd",
+    "carlini_wagner_l2",
+    "AttackSpec",
+    "TrainConfig",
 ]

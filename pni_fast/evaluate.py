@@ -236,9 +236,15 @@ def format_results(rows: Dict[str, List[EvalResult]], repeats: Optional[int] = N
     lines.append("  ".join(["-" * name_w] + ["-" * w for w in col_w]))
     for k in rows:
         lines.append("  ".join([k.ljust(name_w)] + [c.rjust(w) for c, w in zip(cells[k], col_w)]))
-    r = repeats if repeats is not None else len(first[0].accuracies)
+    rs = {k: len(v[0].accuracies) for k, v in rows.items()}
     lines.append("")
-    lines.append(f"accuracy in % on {first[0].n_examples} test images, mean +/- std over R={r} noisy evaluations")
+    if repeats is not None or len(set(rs.values())) == 1:
+        r = repeats if repeats is not None else next(iter(rs.values()))
+        lines.append(f"accuracy in % on {first[0].n_examples} test images, mean +/- std over R={r} noisy evaluations")
+    else:
+        per = ", ".join(f"{k}: R={v}" for k, v in rs.items())
+        lines.append(f"accuracy in % on {first[0].n_examples} test images, mean +/- std over R noisy evaluations ({per}; "
+                     "a model without noise gives the same answer every time, so R=1 and std 0 for it)")
     for res in first:
         lines.append(f"  {res.description}")
     return "\n".join(lines)

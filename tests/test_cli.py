@@ -91,6 +91,7 @@ def test_help(cmd, capsys):
         (["train", "--lr", "-1"], "--lr"),
         (["eval"], "--checkpoint"),
         (["frobnicate"], "invalid choice"),
+        (["train", "--bogus"], "unrecognized arguments: --bogus"),
         ([], "required"),
     ],
 )
@@ -124,8 +125,21 @@ def test_eps_accepts_fractions():
     assert args.eps == pytest.approx(8 / 255) and args.step == pytest.approx(2 / 255)
 
 
-def test_bench_without_benchmarks_folder_explains(capsys):
-    if os.path.isfile(os.path.join(ROOT, "benchmarks", "run_all.py")):
-        pytest.skip("benchmarks/run_all.py exists in this checkout; running it is the benchmark suite's job")
+def test_bench_missing_script_explains(monkeypatch, tmp_path, capsys):
+    import pni_fast.cli as cli
+
+    monkeypatch.setattr(cli, "_bench_script", lambda: str(tmp_path / "benchmarks" / "run_all.py"))
     assert main(["bench"]) == 1
-    assert "benchmarks" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "run_all.py not found" in err and "checkout" in err
+
+
+def test_bench_runs_the_script_with_its_arguments(monkeypatch, tmp_path, capsys):
+    import pni_fast.cli as cli
+
+    script = tmp_path / "run_all.py"
+    script.write_text("import sys\nprint('BENCH', sys.argv[1:])\nsys.exit(3 if '--fail' in sys.argv else 0)\n")
+    monkeypatch.setattr(cli, "_bench_script", lambda: str(script))
+    assert main(["bench", "--quick", "--sizes", "1"]) == 0
+    assert "BENCH ['--quick', '--sizes', '1']" in capsys.readouterr().out
+    assert main(["bench", "--fail"]) == 3
