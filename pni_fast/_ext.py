@@ -61,6 +61,33 @@ def _ops_registered() -> bool:
         return False
 
 
+# every op csrc/ops.cpp defines with a CPU kernel; a library missing some is a stale build
+EXPECTED_OPS = (
+    "noise",
+    "rng_words",
+    "rng_uniform",
+    "perturb",
+    "perturb_alpha_grad",
+    "perturb_multi",
+    "perturb_alpha_grad_multi",
+    "sigma",
+)
+
+
+def _missing_ops() -> list[str]:
+    import torch
+
+    missing = []
+    for name in EXPECTED_OPS:
+        try:
+            ok = torch._C._dispatch_has_kernel_for_dispatch_key(f"pni_fast::{name}", "CPU")
+        except Exception:  # noqa: BLE001
+            ok = False
+        if not ok:
+            missing.append(name)
+    return missing
+
+
 def _installed_library() -> Optional[str]:
     """Path of the _C library of the installed distribution, if it is not this directory's.
 
@@ -176,6 +203,12 @@ def load() -> bool:
             ok, msg = _load_jit()
             if not ok:
                 msg = f"{aot_msg}; {msg}"
+        if ok:
+            missing = _missing_ops()
+            if missing:
+                msg += (f"; stale build without {', '.join(missing)}: rebuild with "
+                        "`pip install --no-build-isolation -e .`")
+                warnings.warn(f"pni_fast: {msg}", RuntimeWarning, stacklevel=2)
         _state.update(loaded=ok, msg=msg)
         if not ok and not _state["warned"]:
             _state["warned"] = True

@@ -25,6 +25,12 @@ def test_jit_name_is_keyed_by_torch_version():
     assert torch.__version__.split("+")[0].replace(".", "_") in name
 
 
+def test_loaded_library_has_every_op():
+    if _ext.available():
+        assert _ext._missing_ops() == []
+        assert "stale" not in _ext.status_message()
+
+
 def test_status_message_says_where_the_ops_came_from():
     msg = _ext.status_message()
     assert isinstance(msg, str) and msg
