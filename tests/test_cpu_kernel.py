@@ -377,7 +377,10 @@ import hashlib, torch, pni_fast._ext as e
 assert e.load(), e.status_message()
 z = torch.ops.pni_fast.noise(torch.empty(100_003), 2**40 + 5, 2**32 - 77)
 g = torch.ops.pni_fast.perturb_alpha_grad(torch.ones(3, 4099), torch.ones(4099), torch.tensor(1.0), 3, 1, 1)
-print(hashlib.sha256(z.numpy().tobytes() + g.numpy().tobytes()).hexdigest())
+x = torch.linspace(-70000, 70000, 5003).half()  # includes +-inf after the cast
+h = torch.ops.pni_fast.perturb(x, torch.tensor(0.3).half(), torch.tensor(2.0), 9, 0, 1)
+h = torch.cat([h, torch.ops.pni_fast.sigma(x[1:-1]).half().reshape(1)])
+print(hashlib.sha256(z.numpy().tobytes() + g.numpy().tobytes() + h.view(torch.int16).numpy().tobytes()).hexdigest())
 """
 
 
@@ -437,3 +440,17 @@ def test_sigma_is_deterministic_across_threads():
     finally:
         torch.set_num_threads(before)
     assert a.item() == b.item()
+
+
+def test_float16_path_matches_fp32_formula_bitwise():
+    # F16C conversions (when present) must round like c10::Half: compare with the
+    # fp32 formula rounded by torch
+    v = torch.randn(5000, dtype=torch.float16) * 100
+    v[7], v[300] = float("inf"), float("nan")
+    for alpha in (torch.tensor(0.25, dtype=torch.float16), torch.rand(5000, dtype=torch.float16)):
+        sigma = torch.tensor(1.7)
+        out = ops.perturb(v, alpha, sigma, 5, 3, 1)
+        z = ops.noise(v, 5, 3)
+        ref = (v.float() + (alpha.float() * sigma) * z).half()
+        assert torch.equal(out.view(torch.int16)[torch.isfinite(ref)], ref.view(torch.int16)[torch.isfinite(ref)])
+        assert torch.isinf(out[7]) and torch.isnan(out[300])

@@ -16,6 +16,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include <c10/util/Half.h>
+
 #include "../philox.h"
 #include "vecmath.h"
 
@@ -209,11 +211,47 @@ PNI_TARGET_AVX512 void normal_block_avx512(uint64_t seed, uint64_t ctr0, float* 
 
 #endif  // PNI_X86_DISPATCH
 
+void half_to_float_generic(const uint16_t* in, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = c10::detail::fp16_ieee_to_fp32_value(in[i]);
+  }
+}
+
+void float_to_half_generic(const float* in, uint16_t* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = c10::detail::fp16_ieee_from_fp32_value(in[i]);
+  }
+}
+
+#if PNI_X86_DISPATCH
+PNI_TARGET_AVX2 void half_to_float_f16c(const uint16_t* in, float* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i));
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(h));
+  }
+  half_to_float_generic(in + i, out + i, n - i);
+}
+
+PNI_TARGET_AVX2 void float_to_half_f16c(const float* in, uint16_t* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(in + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), h);
+  }
+  float_to_half_generic(in + i, out + i, n - i);
+}
+#endif
+
 using BlockFn = void (*)(uint64_t, uint64_t, float*);
+using ToFloatFn = void (*)(const uint16_t*, float*, int64_t);
+using ToHalfFn = void (*)(const float*, uint16_t*, int64_t);
 
 struct Variant {
   BlockFn fn;
   const char* name;
+  ToFloatFn to_float = &half_to_float_generic;
+  ToHalfFn to_half = &float_to_half_generic;
 };
 
 Variant choose_variant() {
@@ -223,25 +261,25 @@ Variant choose_variant() {
   const bool has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("bmi2");
+                          __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("f16c");
   const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                        __builtin_cpu_supports("bmi2");
+                        __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("f16c");
   if (forced != nullptr && std::strcmp(forced, "generic") == 0) {
-    return {&normal_block_generic, "generic"};
+    return {&normal_block_generic, "generic", &half_to_float_generic, &float_to_half_generic};
   }
   if (forced != nullptr && std::strcmp(forced, "avx2") == 0 && has_avx2) {
-    return {&normal_block_avx2, "avx2"};
+    return {&normal_block_avx2, "avx2", &half_to_float_f16c, &float_to_half_f16c};
   }
   if (has_avx512) {
-    return {&normal_block_avx512, "avx512"};
+    return {&normal_block_avx512, "avx512", &half_to_float_f16c, &float_to_half_f16c};
   }
   if (has_avx2) {
-    return {&normal_block_avx2, "avx2"};
+    return {&normal_block_avx2, "avx2", &half_to_float_f16c, &float_to_half_f16c};
   }
 #else
   (void)forced;
 #endif
-  return {&normal_block_generic, "generic"};
+  return {&normal_block_generic, "generic", &half_to_float_generic, &float_to_half_generic};
 }
 
 const Variant& variant() {
@@ -254,6 +292,10 @@ const Variant& variant() {
 void normal_block(uint64_t seed, uint64_t ctr0, float* z) { variant().fn(seed, ctr0, z); }
 
 const char* normal_block_isa() { return variant().name; }
+
+void half_to_float(const uint16_t* in, float* out, int64_t n) { variant().to_float(in, out, n); }
+
+void float_to_half(const float* in, uint16_t* out, int64_t n) { variant().to_half(in, out, n); }
 
 }  // namespace cpu
 }  // namespace pni_fast

@@ -19,6 +19,11 @@ constexpr int kBlockElems = 4 * kBlockQuads;    // normals per block
 // running CPU supports; every variant returns identical bits.
 void normal_block(uint64_t seed, uint64_t ctr0, float* z);
 
+// IEEE binary16 <-> float32 for n values (round to nearest even), with F16C
+// where the CPU has it; c10::Half's conversions give the same values.
+void half_to_float(const uint16_t* in, float* out, int64_t n);
+void float_to_half(const float* in, uint16_t* out, int64_t n);
+
 // Name of the SIMD variant normal_block() runs: "avx512", "avx2" or "generic".
 const char* normal_block_isa();
 

@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../checks.h"
@@ -88,6 +89,33 @@ void apply_block(const scalar_t* __restrict__ v, const scalar_t* __restrict__ al
   }
 }
 
+// float16: blocks converted with F16C (when present) to fp32 and back; same
+// values as the generic path (fp32 math, round-to-nearest-even result).
+void perturb_half(const Tensor& v, const Tensor& alpha, const Tensor& sigma, uint64_t seed, uint64_t offset,
+                  int64_t inner_eff, Tensor& out) {
+  const Tensor alpha_f = alpha.to(at::kFloat).contiguous();  // exact
+  const float s = read_scalar<float>(sigma);
+  const int64_t n = v.numel();
+  const int64_t na = alpha.numel();
+  const int64_t nblocks = (n + kBlockElems - 1) / kBlockElems;
+  const uint16_t* vp = reinterpret_cast<const uint16_t*>(v.const_data_ptr<at::Half>());
+  uint16_t* op = reinterpret_cast<uint16_t*>(out.mutable_data_ptr<at::Half>());
+  const float* ap = alpha_f.const_data_ptr<float>();
+  at::parallel_for(0, nblocks, kGrainBlocks, [&](int64_t b0, int64_t b1) {
+    alignas(64) float z[kBlockElems];
+    alignas(64) float vb[kBlockElems];
+    alignas(64) float ob[kBlockElems];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t e0 = b * kBlockElems;
+      const int64_t len = std::min<int64_t>(kBlockElems, n - e0);
+      half_to_float(vp + e0, vb, len);
+      normal_block(seed, offset + static_cast<uint64_t>(b) * kBlockQuads, z);
+      apply_block<float, float>(vb, ap, s, z, ob, e0, len, na, inner_eff);
+      float_to_half(ob, op + e0, len);
+    }
+  });
+}
+
 Tensor perturb_impl(const Tensor& v_in, const Tensor& alpha_in, const Tensor& sigma, int64_t seed, int64_t offset,
                     int64_t inner) {
   const Tensor v = v_in.contiguous();
@@ -102,6 +130,10 @@ Tensor perturb_impl(const Tensor& v_in, const Tensor& alpha_in, const Tensor& si
   const int64_t nblocks = (n + kBlockElems - 1) / kBlockElems;
   const uint64_t useed = static_cast<uint64_t>(seed);
   const uint64_t uoffset = static_cast<uint64_t>(offset);
+  if (v.scalar_type() == at::kHalf) {
+    perturb_half(v, alpha, sigma, useed, uoffset, inner_eff, out);
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "pni_fast_perturb_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const opmath_t s = read_scalar<opmath_t>(sigma);
@@ -414,7 +446,14 @@ double deterministic_sum(const scalar_t* x, int64_t n, F f) {
       const int64_t hi = std::min(n, lo + kItemElems);
       double s = 0.0;
       for (int64_t b = lo; b < hi; b += kBlockElems) {
-        s += block_sum<scalar_t, lane_t>(x + b, std::min<int64_t>(kBlockElems, hi - b), f);
+        const int64_t len = std::min<int64_t>(kBlockElems, hi - b);
+        if constexpr (std::is_same_v<scalar_t, at::Half>) {
+          alignas(64) float buf[kBlockElems];
+          half_to_float(reinterpret_cast<const uint16_t*>(x + b), buf, len);
+          s += block_sum<float, lane_t>(buf, len, f);
+        } else {
+          s += block_sum<scalar_t, lane_t>(x + b, len, f);
+        }
       }
       part[static_cast<size_t>(i)] = s;
     }
