@@ -6,8 +6,9 @@
 // Domains (guaranteed by the callers in normal_block.h, not checked here):
 //   pni_log_unit(x):   x in [1e-7, 1)       (normal, positive floats)
 //   pni_sincos_2pi(t): t in [0, 6.2831855f]
-// Accuracy (measured against float64 math): a few ulp, so the Box-Muller
-// normals stay within 1e-6 of the numpy oracle. The polynomial coefficients
+// Accuracy, checked exhaustively over every float of each domain against
+// float64 libm: log <= 1.7 ulp; sin and cos <= 9.3e-8 absolute. The normals
+// stay within 7.2e-7 of the numpy oracle (contract: 2e-6). The polynomial coefficients
 // were fitted for this file (near-minimax, relative error < 1e-8 before
 // rounding to float). Pure IEEE add/mul/div/sqrt and integer ops only: with
 // -ffp-contract=off every ISA (SSE2, AVX2, AVX-512, NEON) returns the same
