@@ -493,6 +493,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.bench_args = extra + list(args.bench_args or [])  # options for run_all.py pass through
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command in ("demo", "train", "eval"):
+        # tiny gradients late in training become subnormal floats, which slow CPU math ~10x
+        # (measured: 20 plain digits epochs 13.5 s -> 1.4 s, same accuracy)
+        torch.set_flush_denormal(True)
     try:
         if args.command == "demo":
             run_demo(args)

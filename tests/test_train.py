@@ -163,3 +163,13 @@ def test_resume_errors(digits, tmp_path):
         load_checkpoint(bad)
     with pytest.raises(TypeError, match="Split"):
         train(DigitsCNN(1, 10, 4), (tr.x, tr.y), None, _cfg(), progress=False)
+
+
+def test_resume_with_more_epochs_stretches_the_schedule(digits, tmp_path):
+    tr, _ = digits
+    model = DigitsCNN(1, 10, 4)
+    train(model, tr, None, _cfg(epochs=2, adversarial=False), out_dir=tmp_path, progress=False)
+    hist = train(DigitsCNN(1, 10, 4), tr, None, _cfg(epochs=4, adversarial=False), out_dir=tmp_path,
+                 resume=tmp_path, progress=False)
+    # 2-epoch schedule decayed at epoch 1 (and 2); the 4-epoch one decays at epochs 2 and 3
+    assert [h["lr"] for h in hist] == pytest.approx([0.05, 0.005, 0.005, 0.0005])
