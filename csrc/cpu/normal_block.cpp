@@ -75,7 +75,7 @@ PNI_ALWAYS_INLINE void philox_block_plain(uint64_t seed, uint64_t ctr0, uint32_t
 // Words -> uniforms -> Box-Muller -> element order. Plain loops, vectorized
 // for whatever target the caller is compiled for.
 PNI_ALWAYS_INLINE void box_muller_block(const uint32_t* c0, const uint32_t* c1, const uint32_t* c2,
-                                        const uint32_t* c3, float* __restrict__ z) {
+                                        const uint32_t* c3, float* PNI_RESTRICT z) {
   // pair p < 64 is (w0, w1) of counter p; pair p >= 64 is (w2, w3) of counter p - 64
   alignas(64) float u1[kPairs], u2[kPairs];
   for (int j = 0; j < kBlockQuads; ++j) {

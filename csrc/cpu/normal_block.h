@@ -8,6 +8,13 @@
 
 #include <cstdint>
 
+// no-alias hint for the kernel loops (spelled differently by MSVC)
+#if defined(_MSC_VER)
+#define PNI_RESTRICT __restrict
+#else
+#define PNI_RESTRICT __restrict__
+#endif
+
 namespace pni_fast {
 namespace cpu {
 

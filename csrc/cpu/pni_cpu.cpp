@@ -54,8 +54,8 @@ T read_scalar(const Tensor& t) {
 
 // out[t] = v[t] + (alpha[b(e0 + t)] * s) * z[t] for t < len.
 template <typename scalar_t, typename opmath_t>
-void apply_block(const scalar_t* __restrict__ v, const scalar_t* __restrict__ alpha, opmath_t s,
-                 const float* __restrict__ z, scalar_t* __restrict__ out, int64_t e0, int64_t len, int64_t na,
+void apply_block(const scalar_t* PNI_RESTRICT v, const scalar_t* PNI_RESTRICT alpha, opmath_t s,
+                 const float* PNI_RESTRICT z, scalar_t* PNI_RESTRICT out, int64_t e0, int64_t len, int64_t na,
                  int64_t inner) {
   if (na == 1) {
     const opmath_t c = static_cast<opmath_t>(alpha[0]) * s;
@@ -72,7 +72,7 @@ void apply_block(const scalar_t* __restrict__ v, const scalar_t* __restrict__ al
     if (inner == 1) {
       // consecutive elements use consecutive alpha entries up to the wrap
       const int64_t run = std::min(len - t, na - k);
-      const scalar_t* __restrict__ a = alpha + k;
+      const scalar_t* PNI_RESTRICT a = alpha + k;
       for (int64_t u = 0; u < run; ++u) {
         const opmath_t c = static_cast<opmath_t>(a[u]) * s;
         out[t + u] = static_cast<scalar_t>(static_cast<opmath_t>(v[t + u]) + c * static_cast<opmath_t>(z[t + u]));
@@ -229,7 +229,7 @@ Tensor rng_uniform_cpu(const Tensor& like, int64_t seed, int64_t offset) {
 // sum_t g[t] * z[t] with 8 explicit lanes: the association is fixed by the
 // code, so the compiler's vector width cannot change the bits.
 template <typename scalar_t, typename acc_t>
-acc_t dot_lanes(const scalar_t* __restrict__ g, const float* __restrict__ z, int64_t len) {
+acc_t dot_lanes(const scalar_t* PNI_RESTRICT g, const float* PNI_RESTRICT z, int64_t len) {
   acc_t lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t t = 0;
   for (; t + 8 <= len; t += 8) {
@@ -340,9 +340,9 @@ void alpha_grad_columns(const scalar_t* g, int64_t n, int64_t na, int64_t inner,
         while (t < len) {
           const int64_t seg = std::min(len - t, width - c);  // up to the row end
           if (inner == 1) {
-            acc_t* __restrict__ p = part + c;
-            const scalar_t* __restrict__ gg = g + e + t;
-            const float* __restrict__ zz = z + t;
+            acc_t* PNI_RESTRICT p = part + c;
+            const scalar_t* PNI_RESTRICT gg = g + e + t;
+            const float* PNI_RESTRICT zz = z + t;
             for (int64_t u = 0; u < seg; ++u) {
               p[u] += static_cast<acc_t>(gg[u]) * static_cast<acc_t>(zz[u]);
             }
@@ -369,9 +369,9 @@ void alpha_grad_columns(const scalar_t* g, int64_t n, int64_t na, int64_t inner,
   }
   // groups in order for every k (k innermost so the loop vectorizes)
   at::parallel_for(0, na, 4096, [&](int64_t ka, int64_t kb) {
-    acc_t* __restrict__ out = gsum;
+    acc_t* PNI_RESTRICT out = gsum;
     for (int64_t grp = 0; grp < ngroups; ++grp) {
-      const acc_t* __restrict__ p = partial.data() + grp * na;
+      const acc_t* PNI_RESTRICT p = partial.data() + grp * na;
       for (int64_t k = ka; k < kb; ++k) {
         out[k] += p[k];
       }
@@ -416,7 +416,7 @@ Tensor alpha_grad_impl(const Tensor& grad_in, const Tensor& alpha, const Tensor&
 // Sum of f(x) over a block of at most kBlockElems elements with 16 fp32 (or
 // fp64) lanes; the caller adds block sums in fp64 in a fixed order.
 template <typename scalar_t, typename lane_t, typename F>
-double block_sum(const scalar_t* __restrict__ x, int64_t len, F f) {
+double block_sum(const scalar_t* PNI_RESTRICT x, int64_t len, F f) {
   lane_t lane[16] = {};
   int64_t t = 0;
   for (; t + 16 <= len; t += 16) {
