@@ -195,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--restarts", type=_pos_int, default=1)
     e.add_argument("--eot-samples", type=_pos_int, default=8)
     e.add_argument("--targets", choices=("labels", "predictions"), default="labels")
+    e.add_argument("--cw-c", type=_pos_float, default=1.0, help="CW: initial constant c (binary-searched)")
+    e.add_argument("--cw-kappa", type=_fraction, default=0.0, help="CW: confidence margin kappa")
+    e.add_argument("--cw-steps", type=_pos_int, default=100, help="CW: Adam steps per binary-search step")
     e.add_argument("--repeats", type=_pos_int, default=5, help="R noisy evaluations")
     e.add_argument("--limit", type=_pos_int, default=None, help="evaluate only the first N test images")
     e.add_argument("--batch-size", type=_pos_int, default=256)
@@ -213,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------- #
 # commands
 # --------------------------------------------------------------------------- #
-def _eval_specs(names: Sequence[str], eps: float, step: float, steps: int, restarts: int, eot: int, targets: str) -> list:
+def _eval_specs(names: Sequence[str], eps: float, step: float, steps: int, restarts: int, eot: int, targets: str,
+                cw: Optional[Dict[str, Any]] = None) -> list:
     from .evaluate import AttackSpec
 
     specs = []
@@ -228,7 +232,7 @@ def _eval_specs(names: Sequence[str], eps: float, step: float, steps: int, resta
             specs.append(AttackSpec("eot-pgd", eps=eps, alpha=step, steps=steps, restarts=restarts,
                                     eot_samples=max(2, eot), targets=targets))
         elif n == "cw":
-            specs.append(AttackSpec("cw", targets=targets))
+            specs.append(AttackSpec("cw", targets=targets, **(cw or {})))
         else:
             raise ValueError(f"--attacks: unknown attack {n!r}; choose from clean, fgsm, pgd, eot-pgd, cw")
     return specs
@@ -433,7 +437,8 @@ def run_eval(args: argparse.Namespace) -> list:
     eps = cfg.adv_eps if args.eps is None else args.eps
     step = eps / 4 if args.step is None else args.step
     names = [n.strip() for n in args.attacks.split(",") if n.strip()]
-    specs = _eval_specs(names, eps, step, args.pgd_steps, args.restarts, args.eot_samples, args.targets)
+    specs = _eval_specs(names, eps, step, args.pgd_steps, args.restarts, args.eot_samples, args.targets,
+                        cw={"cw_c": args.cw_c, "cw_kappa": args.cw_kappa, "cw_steps": args.cw_steps})
     if args.no_noise:
         from .control import set_noise
         from .modules import is_noisy_module

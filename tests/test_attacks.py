@@ -317,3 +317,12 @@ def test_torchattacks_eot_pgd_accepts_a_pni_model():
     atk = torchattacks.EOTPGD(model, eps=0.1, alpha=0.02, steps=2, eot_iter=2)
     xa = atk(x, y)
     assert xa.shape == x.shape and (xa - x).abs().max() <= 0.1 + 1e-6
+
+
+def test_cw_through_evaluate_records_its_settings(trained):
+    model, x, y = trained
+    spec = AttackSpec("cw", cw_c=0.5, cw_kappa=1.0, cw_steps=30, cw_search_steps=2)
+    (res,) = evaluate(model, (x[:16], y[:16]), [spec], repeats=1)
+    assert res.attack == "CW-L2" and res.settings["cw_kappa"] == 1.0
+    assert "kappa=1" in res.description and "c=0.5" in res.description and "unbounded" in res.description
+    assert res.mean < 0.5
