@@ -55,6 +55,7 @@ class AttackSpec:
     targets: str = "labels"
     cw_c: float = 1.0
     cw_kappa: float = 0.0
+    cw_lr: float = 0.01
     cw_steps: int = 100
     cw_search_steps: int = 5
     seed: int = 0
@@ -88,7 +89,7 @@ class AttackSpec:
         if self.kind == "cw":
             return (
                 f"CW-L2 (unbounded, smallest L2 found): c={self.cw_c:g} (binary search {self.cw_search_steps}), "
-                f"kappa={self.cw_kappa:g}, steps={self.cw_steps}, targets={self.targets}"
+                f"kappa={self.cw_kappa:g}, steps={self.cw_steps}, lr={self.cw_lr:g}, targets={self.targets}"
             )
         norm = "Linf" if self.norm == "linf" else "L2"
         eps = _fmt_eps(self.eps) if self.norm == "linf" else f"{self.eps:g}"
@@ -113,7 +114,7 @@ class AttackSpec:
             return _attacks.fgsm(model, x, y, eps=self.eps, targets=self.targets, eot_samples=self.eot_samples)
         if self.kind == "cw":
             return _attacks.carlini_wagner_l2(
-                model, x, y, c=self.cw_c, kappa=self.cw_kappa, steps=self.cw_steps,
+                model, x, y, c=self.cw_c, kappa=self.cw_kappa, steps=self.cw_steps, lr=self.cw_lr,
                 search_steps=self.cw_search_steps, targets=self.targets,
             )
         return _attacks.pgd(

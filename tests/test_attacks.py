@@ -321,8 +321,8 @@ def test_torchattacks_eot_pgd_accepts_a_pni_model():
 
 def test_cw_through_evaluate_records_its_settings(trained):
     model, x, y = trained
-    spec = AttackSpec("cw", cw_c=0.5, cw_kappa=1.0, cw_steps=30, cw_search_steps=2)
+    spec = AttackSpec("cw", cw_c=0.5, cw_kappa=1.0, cw_steps=40, cw_search_steps=2, cw_lr=0.05)
     (res,) = evaluate(model, (x[:16], y[:16]), [spec], repeats=1)
     assert res.attack == "CW-L2" and res.settings["cw_kappa"] == 1.0
     assert "kappa=1" in res.description and "c=0.5" in res.description and "unbounded" in res.description
-    assert res.mean < 0.5
+    assert res.mean < _acc(model, x[:16], y[:16]) - 0.5
