@@ -40,7 +40,9 @@ def test_status_message_says_where_the_ops_came_from():
 
 _NO_EXT_SCRIPT = """
 import sys, warnings
-sys.modules["pni_fast._C"] = None  # simulate a missing / unloadable AOT build
+import importlib.metadata
+sys.modules["pni_fast._C"] = None  # simulate a missing / unloadable AOT build ...
+importlib.metadata.distributions = lambda *a, **k: []  # ... and no installed copy to borrow it from
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     import torch
