@@ -420,6 +420,8 @@ def run(
                 f"{case.mode} {name}: {status}"
             )
         del v, alpha, g
+    # the load at the end includes this benchmark's own threads; compare with load_avg_1_5_15 at the start
+    meta["load_avg_end_1_5_15"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     return meta, records
 
 
@@ -517,7 +519,9 @@ def markdown(meta: dict[str, Any], records: list[dict[str, Any]], command: str) 
         "",
         f"Command: `{command}`  ",
         f"torch {meta['torch']}, CUDA {meta['cuda']}{common.driver_text(meta)}, triton {meta['triton']}, {meta['threads']} threads, "
-        f"{meta['date_utc']}, load average {meta['load_avg_1_5_15']}, commit {meta['git_commit']}  ",
+        f"{meta['date_utc']}, commit {meta['git_commit']}  ",
+        f"Load average (1/5/15 min): {meta['load_avg_1_5_15']} at start, {meta.get('load_avg_end_1_5_15')} at end "
+        "(the end figure includes this run's own threads)  ",
         f"Peak bandwidth: {common.fmt(meta['peak_bw_gbs'])} GB/s ({meta['peak_bw_source']})  ",
         f"GB/s bytes model: {meta['bytes_model']}  ",
         f"Peak memory: {next((r['memory_method'] for r in records if r.get('memory_method')), 'not measured')}; "

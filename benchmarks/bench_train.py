@@ -207,6 +207,8 @@ def run(
     for r in records:
         if ref and r["status"] == "ok":
             r["speedup_vs_reference"] = ref["median_ms"] / r["median_ms"]
+    # the load at the end includes this benchmark's own threads; compare with load_avg_1_5_15 at the start
+    meta["load_avg_end_1_5_15"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     return meta, records
 
 
@@ -237,7 +239,9 @@ def markdown(meta: dict[str, Any], records: list[dict[str, Any]], command: str) 
         "",
         f"Command: `{command}`  ",
         f"torch {meta['torch']}, CUDA {meta['cuda']}{common.driver_text(meta)}, triton {meta['triton']}, {meta['threads']} threads, "
-        f"{meta['date_utc']}, load average {meta['load_avg_1_5_15']}, commit {meta['git_commit']}  ",
+        f"{meta['date_utc']}, commit {meta['git_commit']}  ",
+        f"Load average (1/5/15 min): {meta['load_avg_1_5_15']} at start, {meta.get('load_avg_end_1_5_15')} at end "
+        "(the end figure includes this run's own threads)  ",
         f"Batch {meta['batch']} of random CIFAR-shaped data; median of {meta['timed_steps']} steps after "
         f"{meta['warmup']} warm-up; one step = {meta['pgd_steps']} PGD forward+backward passes + one training "
         "forward+backward + SGD. Noise on the weights of every conv and linear layer (layerwise alpha).  ",
