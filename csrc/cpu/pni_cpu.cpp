@@ -282,12 +282,22 @@ void alpha_grad_rows(const scalar_t* g, int64_t n, int64_t na, int64_t inner, ui
       const int64_t lo = i * kItemElems;
       const int64_t hi = std::min(n, lo + kItemElems);
       walk_normals(seed, offset, lo, hi, zbuf, [&](int64_t e, const float* z, int64_t len) {
-        int64_t t = 0;
-        while (t < len) {
-          const int64_t run = (e + t) / inner;
-          const int64_t seg = std::min(len - t, (run + 1) * inner - (e + t));
-          part[run - base_run] += dot_lanes<scalar_t, acc_t>(g + e + t, z + t, seg);
-          t += seg;
+        auto reduce = [&](const auto* gp) {  // gp[t] is element e + t
+          int64_t t = 0;
+          while (t < len) {
+            const int64_t run = (e + t) / inner;
+            const int64_t seg = std::min(len - t, (run + 1) * inner - (e + t));
+            part[run - base_run] += dot_lanes<std::remove_cv_t<std::remove_pointer_t<decltype(gp)>>, acc_t>(
+                gp + t, z + t, seg);
+            t += seg;
+          }
+        };
+        if constexpr (std::is_same_v<scalar_t, at::Half>) {
+          alignas(64) float gbuf[kBlockElems];  // F16C conversion of the block
+          half_to_float(reinterpret_cast<const uint16_t*>(g + e), gbuf, len);
+          reduce(static_cast<const float*>(gbuf));
+        } else {
+          reduce(g + e);
         }
       });
     }
