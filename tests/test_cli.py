@@ -143,3 +143,28 @@ def test_bench_runs_the_script_with_its_arguments(monkeypatch, tmp_path, capsys)
     assert main(["bench", "--quick", "--sizes", "1"]) == 0
     assert "BENCH ['--quick', '--sizes', '1']" in capsys.readouterr().out
     assert main(["bench", "--fail"]) == 3
+
+
+def test_train_resnet20_pni_on_fake_cifar(tmp_path, capsys):
+    """The CIFAR path end to end: pickles -> ResNet-20 with channelwise PNI -> checkpoint -> eval."""
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    data_dir = tmp_path / "cifar-10-batches-py"
+    data_dir.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(data_dir / name, "wb") as f:
+            pickle.dump({b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8),
+                         b"labels": [int(v) for v in rng.integers(0, 10, 4)]}, f)
+    out = tmp_path / "rn"
+    assert main(["train", "--model", "resnet20", "--pni", "channelwise", "--data-dir", str(data_dir),
+                 "--epochs", "1", "--warmup-epochs", "0", "--pgd-steps", "1", "--batch-size", "10",
+                 "--eval-samples", "4", "--out", str(out), "--no-progress"]) == 0
+    hist = json.loads((out / "history.json").read_text())
+    assert hist[0]["adversarial"] and len(hist[0]["alpha"]) == 20  # 19 convs + classifier
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out), "--data-dir", str(data_dir), "--attacks", "clean,pgd",
+                 "--pgd-steps", "1", "--repeats", "2"]) == 0
+    assert "resnet20 + PNI (channelwise, weight)" in capsys.readouterr().out
