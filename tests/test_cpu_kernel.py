@@ -45,6 +45,7 @@ CASES = {
     "big_layerwise": ((300_001,), (), 1),
     "big_rows_multi_item": ((5, 40, 1000), (40,), 1000),
     "big_columns_tiles": ((3, 10_000), (10_000,), 1),
+    "columns_tiles_inner2": ((3, 3000, 2), (3000,), 2),
 }
 
 
@@ -247,7 +248,9 @@ def test_alpha_grad_dtypes(dtype, tol):
     assert np.all(err <= tol * (np.abs(exp) + scale) + 1e-5 * scale), f"max err {err.max()}"
 
 
-@pytest.mark.parametrize("case", ["big_layerwise", "big_rows_multi_item", "big_columns_tiles", "act_per_feature"])
+@pytest.mark.parametrize(
+    "case", ["big_layerwise", "big_rows_multi_item", "big_columns_tiles", "act_per_feature", "columns_tiles_inner2"]
+)
 def test_determinism_across_runs_and_threads(case):
     shape, alpha_shape, inner = CASES[case]
     grad, alpha = make(shape, alpha_shape, gen_seed=3)

@@ -357,8 +357,13 @@ void alpha_grad_columns(const scalar_t* g, int64_t n, int64_t na, int64_t inner,
               p[u] += static_cast<acc_t>(gg[u]) * static_cast<acc_t>(zz[u]);
             }
           } else {
-            for (int64_t u = 0; u < seg; ++u) {
-              part[(c + u) / inner] += static_cast<acc_t>(g[e + t + u]) * static_cast<acc_t>(z[t + u]);
+            // pieces of constant alpha index (a run of `inner` columns, or part of one)
+            int64_t u = 0;
+            while (u < seg) {
+              const int64_t k = (c + u) / inner;
+              const int64_t piece = std::min(seg - u, (k + 1) * inner - (c + u));
+              part[k] += dot_lanes<scalar_t, acc_t>(g + e + t + u, z + t + u, piece);
+              u += piece;
             }
           }
           t += seg;
