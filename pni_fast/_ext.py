@@ -241,5 +241,14 @@ def has_cuda() -> bool:
 def status_message() -> str:
     """One line saying where the C++ ops came from, or why they are unavailable."""
     load()
-    cuda = " with CUDA kernels" if _state["loaded"] and has_cuda() else ""
-    return f"{_state['msg']}{cuda}"
+    extra = ""
+    if _state["loaded"]:
+        if has_cuda():
+            extra += " with CUDA kernels"
+        try:
+            import torch
+
+            extra += f"; CPU SIMD: {torch.ops.pni_fast.cpu_isa()}"
+        except Exception:  # noqa: BLE001  (older build without cpu_isa)
+            pass
+    return f"{_state['msg']}{extra}"

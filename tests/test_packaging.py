@@ -36,6 +36,8 @@ def test_status_message_says_where_the_ops_came_from():
     assert isinstance(msg, str) and msg
     if _ext.available():
         assert "pni_fast" in msg or "JIT" in msg
+        assert torch.ops.pni_fast.cpu_isa() in ("avx512", "avx2", "generic")
+        assert "CPU SIMD" in msg
 
 
 _NO_EXT_SCRIPT = """

@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -576,6 +577,12 @@ TORCH_LIBRARY_IMPL(pni_fast, CPU, m) {
   m.impl("perturb_alpha_grad_multi", &perturb_alpha_grad_multi_cpu);
   m.impl("sigma", &sigma_cpu);
 }
+
+// Which SIMD variant the CPU kernels run ("avx512", "avx2" or "generic"), for
+// `python -m pni_fast info` and bug reports. Not a tensor op: no dispatch key.
+std::string cpu_isa() { return normal_block_isa(); }
+
+TORCH_LIBRARY_FRAGMENT(pni_fast, m) { m.def("cpu_isa() -> str", &cpu_isa); }
 
 // Shape function of sigma for torch.compile / FakeTensor (the other ops get
 // theirs from Python, pni_fast/functional.py).
