@@ -21,7 +21,7 @@ import threading
 import warnings
 from typing import Optional
 
-__all__ = ["load", "available", "has_cuda", "status_message", "source_dir"]
+__all__ = ["load", "available", "has_cuda", "has_op", "status_message", "source_dir"]
 
 _lock = threading.Lock()
 _state: dict = {"loaded": None, "msg": "not loaded yet", "warned": False}
@@ -235,6 +235,22 @@ def has_cuda() -> bool:
     try:
         return torch._C._dispatch_has_kernel_for_dispatch_key("pni_fast::perturb", "CUDA")
     except Exception:  # noqa: BLE001
+        return False
+
+
+def has_op(name: str, device: str = "cpu") -> bool:
+    """True if the loaded library has a kernel of ``torch.ops.pni_fast.<name>`` for ``device``.
+
+    For optional ops (``sigma`` has CPU kernels only) and builds older than the sources.
+    """
+    if not load():
+        return False
+    import torch
+
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device, device)
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"pni_fast::{name}", key)
+    except Exception:  # noqa: BLE001  (no such op)
         return False
 
 

@@ -28,6 +28,9 @@ def test_jit_name_is_keyed_by_torch_version():
 def test_loaded_library_has_every_op():
     if _ext.available():
         assert _ext._missing_ops() == []
+        assert _ext.has_op("sigma", "cpu") and _ext.has_op("perturb")
+        assert not _ext.has_op("no_such_op")
+        assert _ext.has_op("perturb", "cuda") == _ext.has_cuda()
         assert "stale" not in _ext.status_message()
 
 
