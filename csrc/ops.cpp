@@ -15,8 +15,12 @@ PyObject* PyInit__C(void) {
       PyModuleDef_HEAD_INIT,
       "_C",
       "pni_fast compiled kernels (registered as torch.ops.pni_fast.*)",
-      -1,
-      nullptr,
+      -1,       // no per-module state
+      nullptr,  // methods
+      nullptr,  // slots
+      nullptr,  // traverse
+      nullptr,  // clear
+      nullptr,  // free
   };
   return PyModule_Create(&module_def);
 }
