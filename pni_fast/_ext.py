@@ -151,7 +151,8 @@ def _load_jit() -> tuple[bool, str]:
         import torch
         from torch.utils import cpp_extension
 
-        sources = [os.path.join(src, "ops.cpp")] + sorted(glob.glob(os.path.join(src, "cpu", "*.cpp")))
+        sources = [os.path.join(src, "ops.cpp"), os.path.join(src, "autograd.cpp")]
+        sources += sorted(glob.glob(os.path.join(src, "cpu", "*.cpp")))
         cuda_sources = sorted(glob.glob(os.path.join(src, "cuda", "*.cu")))
         with_cuda = bool(
             cuda_sources

@@ -198,11 +198,15 @@ def _ensure_registered(backend: str) -> None:
     elif group == "triton":
         from . import triton as _triton_ops  # noqa: F401  (registers the triton_ops)
     _, fwd, bwd, fwd_multi, bwd_multi = _OPS[backend]
-    torch.library.register_autograd(f"pni_fast::{fwd}", _single_backward(bwd), setup_context=_setup_single)
-    if fwd_multi is not None:
-        torch.library.register_autograd(
-            f"pni_fast::{fwd_multi}", _multi_backward(bwd_multi), setup_context=_setup_multi
-        )
+    # the compiled library brings the same autograd in C++ (csrc/autograd.cpp): keep it, it
+    # saves ~20 us of Python per forward + backward
+    cpp_autograd = group == "cpp" and torch._C._dispatch_has_kernel_for_dispatch_key(f"pni_fast::{fwd}", "Autograd")
+    if not cpp_autograd:
+        torch.library.register_autograd(f"pni_fast::{fwd}", _single_backward(bwd), setup_context=_setup_single)
+        if fwd_multi is not None:
+            torch.library.register_autograd(
+                f"pni_fast::{fwd_multi}", _multi_backward(bwd_multi), setup_context=_setup_multi
+            )
     _registered.add(group)
 
 

@@ -457,3 +457,45 @@ def test_float16_path_matches_fp32_formula_bitwise():
         ref = (v.float() + (alpha.float() * sigma) * z).half()
         assert torch.equal(out.view(torch.int16)[torch.isfinite(ref)], ref.view(torch.int16)[torch.isfinite(ref)])
         assert torch.isinf(out[7]) and torch.isnan(out[300])
+
+
+# ---------------------------------------------------------------------------
+# C++ autograd (csrc/autograd.cpp)
+# ---------------------------------------------------------------------------
+
+
+def test_cpp_autograd_single():
+    v, alpha = make((6, 4, 3, 3), (6, 1, 1, 1), torch.float64)
+    v.requires_grad_(True)
+    alpha.requires_grad_(True)
+    sigma = v.detach().std()
+    assert torch.autograd.gradcheck(lambda vv, aa: ops.perturb(vv, aa, sigma, 5, 2, 36), (v, alpha))
+    out = ops.perturb(v, alpha, sigma, 5, 2, 36)
+    assert "Cpp" in type(out.grad_fn).__name__  # the C++ node, no Python on the hot path
+    g = torch.randn_like(out)
+    gv, ga = torch.autograd.grad(out, [v, alpha], g)
+    assert torch.equal(gv, g)
+    assert torch.equal(ga, ops.perturb_alpha_grad(g, alpha.detach(), sigma, 5, 2, 36))
+    # only v requires grad: alpha's gradient is never computed
+    out = ops.perturb(v, alpha.detach(), sigma, 5, 2, 36)
+    (gv2,) = torch.autograd.grad(out, [v], g)
+    assert torch.equal(gv2, g)
+
+
+def test_cpp_autograd_multi():
+    v1, a1 = make((8, 3, 3, 3), (8, 1, 1, 1), torch.float64, gen_seed=1)
+    v2, a2 = make((10, 7), (), torch.float64, gen_seed=2)
+    for t in (v1, a1, v2, a2):
+        t.requires_grad_(True)
+    s1, s2 = v1.detach().std(), v2.detach().std()
+
+    def f(x1, b1, x2, b2):
+        return tuple(ops.perturb_multi([x1, x2], [b1, b2], [s1, s2], 9, [0, 100], [27, 1]))
+
+    assert torch.autograd.gradcheck(f, (v1, a1, v2, a2))
+    outs = f(v1, a1, v2, a2)
+    # the second output unused: its alpha gets a zero gradient, v2 none
+    g1 = torch.randn_like(outs[0])
+    ga1, ga2 = torch.autograd.grad(outs[0], [a1, a2], g1, allow_unused=True, materialize_grads=True)
+    assert torch.equal(ga1, ops.perturb_alpha_grad(g1, a1.detach(), s1, 9, 0, 27))
+    assert ga2.item() == 0.0
