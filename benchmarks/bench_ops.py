@@ -464,9 +464,11 @@ SUMMARY_COLUMNS = [
     ("numel", "elements"),
     ("provider", "provider"),
     ("fwd_ms", "fwd ms"),
+    ("fwd_min", "fwd min ms"),
     ("fwd_speedup", "fwd x ref"),
     ("fwd_x_clone", "fwd / clone"),
     ("fb_ms", "fwd+bwd ms"),
+    ("fb_min", "fwd+bwd min ms"),
     ("fb_speedup", "fwd+bwd x ref"),
     ("fb_vs_compile", "fwd+bwd x compile"),
     ("fb_mem_mb", "fwd+bwd peak MB"),
@@ -482,7 +484,8 @@ def summary_rows(records: list[dict[str, Any]], dtype: str = "fp32") -> list[dic
     for numel in sorted({r["numel"] for r in sel}):
         clone = next((r for r in sel if r["numel"] == numel and r["provider"] == "torch.clone"), None)
         if clone:
-            rows.append({"numel": numel, "provider": "torch.clone", "fwd_ms": clone["median_ms"], "fwd_x_clone": 1.0,
+            rows.append({"numel": numel, "provider": "torch.clone", "fwd_ms": clone["median_ms"],
+                         "fwd_min": clone.get("min_ms"), "fwd_x_clone": 1.0,
                          "fb_mem_mb": None, "note": ""})
         names = [p for p in dict.fromkeys(r["provider"] for r in sel) if p != "torch.clone"]
         for name in names:
@@ -500,9 +503,9 @@ def summary_rows(records: list[dict[str, Any]], dtype: str = "fp32") -> list[dic
             bad = [r for r in (fwd, fb) if r is not None and r["status"] != "ok"]
             row["note"] = f"{bad[0]['status']}: {bad[0]['reason']}" if bad else ""
             if fwd is not None and fwd["status"] == "ok":
-                row.update(fwd_ms=fwd["median_ms"], fwd_speedup=fwd["speedup_vs_reference"], fwd_x_clone=fwd["x_clone"])
+                row.update(fwd_ms=fwd["median_ms"], fwd_min=fwd.get("min_ms"), fwd_speedup=fwd["speedup_vs_reference"], fwd_x_clone=fwd["x_clone"])
             if fb is not None and fb["status"] == "ok":
-                row.update(fb_ms=fb["median_ms"], fb_speedup=fb["speedup_vs_reference"],
+                row.update(fb_ms=fb["median_ms"], fb_min=fb.get("min_ms"), fb_speedup=fb["speedup_vs_reference"],
                            fb_vs_compile=fb.get("speedup_vs_compile"))
                 if fb.get("peak_mem_bytes") is not None:
                     itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
@@ -528,6 +531,9 @@ def markdown(meta: dict[str, Any], records: list[dict[str, Any]], command: str) 
         "extra bytes allocated by the call and alive at its peak (output and saved tensors included).",
         "",
         "### Summary: layerwise fp32 weight noise (forward; forward+backward)",
+        "",
+        "Ratios use medians; the minimum is shown beside the median because it is the figure least "
+        "disturbed by other work on a shared machine.",
         "",
         common.markdown_table(summary_rows(records), SUMMARY_COLUMNS),
         "",
