@@ -218,6 +218,7 @@ TRAIN_COLUMNS = [
     ("median_ms", "ms / step"),
     ("q20_ms", "q20 ms"),
     ("q80_ms", "q80 ms"),
+    ("min_ms", "min ms"),
     ("overhead_pct", "overhead vs plain %"),
     ("speedup_vs_reference", "speed-up vs ref"),
     ("peak_mem_mb", "peak MB"),
