@@ -21,10 +21,11 @@ import threading
 import warnings
 from typing import Optional
 
-__all__ = ["load", "available", "has_cuda", "has_op", "status_message", "source_dir"]
+__all__ = ["load", "is_loaded", "available", "has_cuda", "has_op", "status_message", "source_dir"]
 
 _lock = threading.Lock()
 _state: dict = {"loaded": None, "msg": "not loaded yet", "warned": False}
+_op_cache: dict = {}
 
 
 def _flag(name: str) -> bool:
@@ -222,6 +223,11 @@ def load() -> bool:
         return ok
 
 
+def is_loaded() -> bool:
+    """True if :func:`load` already ran and succeeded (never triggers a load or a JIT build)."""
+    return bool(_state["loaded"])
+
+
 def available() -> bool:
     """True if the C++ ops (CPU kernels) are loaded; triggers :func:`load`."""
     return load()
@@ -246,13 +252,18 @@ def has_op(name: str, device: str = "cpu") -> bool:
     """
     if not load():
         return False
+    cached = _op_cache.get((name, device))
+    if cached is not None:  # the dispatcher lookup costs ~2 us: once per op is enough
+        return cached
     import torch
 
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device, device)
     try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"pni_fast::{name}", key)
+        found = bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"pni_fast::{name}", key))
     except Exception:  # noqa: BLE001  (no such op)
-        return False
+        found = False
+    _op_cache[(name, device)] = found
+    return found
 
 
 def status_message() -> str:
