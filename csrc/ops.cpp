@@ -1,8 +1,9 @@
 // Schemas of the pni_fast ops (one definition; the CPU and CUDA files
 // register kernels for them). Every op is a pure function of its inputs: the
 // noise is fixed by (seed, offset), so autograd, opcheck and torch.compile
-// all see the same values. Fake kernels and autograd are registered from
-// Python (pni_fast/functional.py).
+// all see the same values. Autograd of perturb / perturb_multi is in
+// csrc/autograd.cpp; fake (meta) kernels are registered from Python
+// (pni_fast/functional.py), except sigma's (csrc/cpu/pni_cpu.cpp).
 #include <Python.h>
 
 #include <torch/library.h>
