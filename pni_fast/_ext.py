@@ -182,8 +182,10 @@ def _load_jit() -> tuple[bool, str]:
             verbose=_flag("PNI_FAST_VERBOSE_BUILD"),
         )
     except Exception as exc:  # noqa: BLE001  (no compiler, build error, ...)
-        msg = str(exc).strip().splitlines()
-        return False, f"JIT build failed ({type(exc).__name__}: {msg[-1] if msg else ''})"
+        lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+        errors = [ln for ln in lines if "error" in ln.lower()]  # the compiler's first error says most
+        detail = errors[0] if errors else (lines[-1] if lines else "")
+        return False, f"JIT build failed ({type(exc).__name__}: {detail[:300]})"
     if not _ops_registered():
         return False, "JIT build loaded but registered no CPU kernels"
     return True, f"JIT build {name} of {src}"
