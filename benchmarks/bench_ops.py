@@ -21,6 +21,7 @@ backward needs); gradients come from ``torch.autograd.grad`` so nothing accumula
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -243,8 +244,8 @@ class Providers:
 
         The backward-only timing calls backward repeatedly on one retained graph, which AOTAutograd
         refuses when the compiled backward donates its saved buffers. That pass therefore uses a
-        separate function (its own dynamo cache) compiled with ``donated_buffer=False``; forward and
-        fwd_bwd use the default compiled path users get.
+        separate function (its own dynamo cache), measured under ``donated_buffer=False``
+        (``measure_context``); forward and fwd_bwd use the default compiled path users get.
         """
         retained = case.mode == "backward"
         key = f"{case.kind}{'-retained' if retained else ''}"
@@ -264,20 +265,23 @@ class Providers:
                     return _eager_inject(v, a, inner)
             else:
                 target = _eager_inject  # type: ignore[assignment]
-            compiled = torch.compile(target, fullgraph=True)
-            if retained:
-                import torch._functorch.config as fcfg
-
-                def run_retained(v: torch.Tensor, a: torch.Tensor, inner: int) -> torch.Tensor:
-                    with fcfg.patch(donated_buffer=False):
-                        return compiled(v, a, inner)
-
-                self._compiled[key] = run_retained
-            else:
-                self._compiled[key] = compiled
+            self._compiled[key] = torch.compile(target, fullgraph=True)
         fn = self._compiled[key]
         _, inner = case.alpha_layout()
         return lambda v, a: fn(v, a, inner)
+
+    def measure_context(self, name: str, case: Case) -> contextlib.AbstractContextManager:
+        """Settings held for the whole measurement of one case (compile, calls, timing, memory).
+
+        The backward-only pass of ``compile`` runs with ``donated_buffer=False``: AOTAutograd may
+        compile the backward lazily at its first call (dynamic shapes), so the setting must hold
+        then too, not only while the forward is traced.
+        """
+        if name == "compile" and case.mode == "backward":
+            import torch._functorch.config as fcfg
+
+            return fcfg.patch(donated_buffer=False)
+        return contextlib.nullcontext()
 
     def note_compile_failure(self, case: Case, reason: str) -> None:
         self._compile_failed[(case.kind, case.alpha, case.dtype, case.mode == "backward")] = reason
@@ -316,6 +320,28 @@ def _case_fields(case: Case) -> dict[str, Any]:
         "alpha_numel": math.prod(case.alpha_layout()[0]),
         "mode": case.mode,
     }
+
+
+def _measure(rec: dict[str, Any], fn: Callable, case: Case, v: torch.Tensor, alpha: torch.Tensor,
+             g: torch.Tensor, device: torch.device, min_run_time: float, measure_memory: bool,
+             peak_gbs: Optional[float], itemsize: int, clone_ms: float) -> None:
+    """Time (and measure the memory of) one provider on one case; fills ``rec``."""
+    call = _call_for(case, fn, v, alpha, g)
+    t0 = time.perf_counter()
+    call()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    rec["first_call_ms"] = (time.perf_counter() - t0) * 1e3
+    call()
+    t = common.time_call(call, device, min_run_time)
+    rec.update(t, status="ok", reason=None)
+    nbytes = _bytes_moved(case, itemsize)
+    rec["bytes_moved"] = nbytes
+    rec["gbs"] = nbytes / (t["median_ms"] * 1e-3) / 1e9
+    rec["x_clone"] = t["median_ms"] / clone_ms
+    rec["frac_peak_bw"] = rec["gbs"] / peak_gbs if peak_gbs else None
+    if measure_memory:
+        rec["peak_mem_bytes"], rec["memory_method"] = common.peak_extra_bytes(call, device)
 
 
 def run(
@@ -381,29 +407,15 @@ def run(
         for name in providers.names():
             rec = dict(base, **_case_fields(case), provider=name, clone_ms=clone_ms[ckey])
             try:
-                fn = providers.build(name, case)
-                call = _call_for(case, fn, v, alpha, g)
-                t0 = time.perf_counter()
-                call()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                rec["first_call_ms"] = (time.perf_counter() - t0) * 1e3
-                call()
-                t = common.time_call(call, device, min_run_time)
-                rec.update(t, status="ok", reason=None)
-                nbytes = _bytes_moved(case, itemsize)
-                rec["bytes_moved"] = nbytes
-                rec["gbs"] = nbytes / (t["median_ms"] * 1e-3) / 1e9
-                rec["x_clone"] = t["median_ms"] / clone_ms[ckey]
-                rec["frac_peak_bw"] = rec["gbs"] / peak_gbs if peak_gbs else None
-                if measure_memory:
-                    rec["peak_mem_bytes"], rec["memory_method"] = common.peak_extra_bytes(call, device)
+                with providers.measure_context(name, case):
+                    _measure(rec, providers.build(name, case), case, v, alpha, g, device, min_run_time,
+                             measure_memory, peak_gbs, itemsize, clone_ms[ckey])
                 if name == "reference":
-                    ref_ms = t["median_ms"]
+                    ref_ms = rec["median_ms"]
                 if name == "compile":
-                    compile_ms = t["median_ms"]
-                rec["speedup_vs_reference"] = ref_ms / t["median_ms"] if ref_ms else None
-                rec["speedup_vs_compile"] = compile_ms / t["median_ms"] if compile_ms else None
+                    compile_ms = rec["median_ms"]
+                rec["speedup_vs_reference"] = ref_ms / rec["median_ms"] if ref_ms else None
+                rec["speedup_vs_compile"] = compile_ms / rec["median_ms"] if compile_ms else None
             except Unavailable as exc:
                 rec.update(status="unavailable", reason=str(exc))
             except Exception as exc:  # a provider that crashes is reported, not hidden
