@@ -21,26 +21,26 @@ using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-Tensor call_perturb(const Tensor& v, const Tensor& alpha, const Tensor& sigma, int64_t seed, int64_t offset,
+Tensor call_perturb(const Tensor& v, const Tensor& alpha, const Tensor& sigma, c10::SymInt seed, int64_t offset,
                     int64_t inner) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("pni_fast::perturb", "")
-                       .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t, int64_t)>();
+                       .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, c10::SymInt, int64_t, int64_t)>();
   return op.call(v, alpha, sigma, seed, offset, inner);
 }
 
-Tensor call_alpha_grad(const Tensor& g, const Tensor& alpha, const Tensor& sigma, int64_t seed, int64_t offset,
+Tensor call_alpha_grad(const Tensor& g, const Tensor& alpha, const Tensor& sigma, c10::SymInt seed, int64_t offset,
                        int64_t inner) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("pni_fast::perturb_alpha_grad", "")
-                       .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t, int64_t)>();
+                       .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, c10::SymInt, int64_t, int64_t)>();
   return op.call(g, alpha, sigma, seed, offset, inner);
 }
 
-using MultiSig = std::vector<Tensor>(at::TensorList, at::TensorList, at::TensorList, int64_t, at::IntArrayRef,
+using MultiSig = std::vector<Tensor>(at::TensorList, at::TensorList, at::TensorList, c10::SymInt, at::IntArrayRef,
                                      at::IntArrayRef);
 
-std::vector<Tensor> call_perturb_multi(at::TensorList vs, at::TensorList alphas, at::TensorList sigmas, int64_t seed,
+std::vector<Tensor> call_perturb_multi(at::TensorList vs, at::TensorList alphas, at::TensorList sigmas, c10::SymInt seed,
                                        at::IntArrayRef offsets, at::IntArrayRef inners) {
   static auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("pni_fast::perturb_multi", "").typed<MultiSig>();
@@ -48,7 +48,7 @@ std::vector<Tensor> call_perturb_multi(at::TensorList vs, at::TensorList alphas,
 }
 
 std::vector<Tensor> call_alpha_grad_multi(at::TensorList gs, at::TensorList alphas, at::TensorList sigmas,
-                                          int64_t seed, at::IntArrayRef offsets, at::IntArrayRef inners) {
+                                          c10::SymInt seed, at::IntArrayRef offsets, at::IntArrayRef inners) {
   static auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("pni_fast::perturb_alpha_grad_multi", "").typed<MultiSig>();
   return op.call(gs, alphas, sigmas, seed, offsets, inners);
@@ -56,7 +56,7 @@ std::vector<Tensor> call_alpha_grad_multi(at::TensorList gs, at::TensorList alph
 
 class PerturbFunction : public torch::autograd::Function<PerturbFunction> {
  public:
-  static Tensor forward(AutogradContext* ctx, const Tensor& v, const Tensor& alpha, const Tensor& sigma, int64_t seed,
+  static Tensor forward(AutogradContext* ctx, const Tensor& v, const Tensor& alpha, const Tensor& sigma, c10::SymInt seed,
                         int64_t offset, int64_t inner) {
     at::AutoDispatchBelowADInplaceOrView guard;
     Tensor out = call_perturb(v, alpha, sigma, seed, offset, inner);
@@ -74,7 +74,7 @@ class PerturbFunction : public torch::autograd::Function<PerturbFunction> {
     const Tensor& g = grad_outputs[0];
     Tensor grad_alpha;
     if (ctx->needs_input_grad(1) && g.defined()) {
-      grad_alpha = call_alpha_grad(g.contiguous(), alpha, sigma, ctx->saved_data["seed"].toInt(),
+      grad_alpha = call_alpha_grad(g.contiguous(), alpha, sigma, ctx->saved_data["seed"].toSymInt(),
                                    ctx->saved_data["offset"].toInt(), ctx->saved_data["inner"].toInt());
     }
     return {g, grad_alpha, Tensor(), Tensor(), Tensor(), Tensor()};
@@ -84,7 +84,7 @@ class PerturbFunction : public torch::autograd::Function<PerturbFunction> {
 class PerturbMultiFunction : public torch::autograd::Function<PerturbMultiFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, at::TensorList vs, at::TensorList alphas,
-                               at::TensorList sigmas, int64_t seed, at::IntArrayRef offsets,
+                               at::TensorList sigmas, c10::SymInt seed, at::IntArrayRef offsets,
                                at::IntArrayRef inners) {
     at::AutoDispatchBelowADInplaceOrView guard;
     std::vector<Tensor> outs = call_perturb_multi(vs, alphas, sigmas, seed, offsets, inners);
@@ -132,7 +132,7 @@ class PerturbMultiFunction : public torch::autograd::Function<PerturbMultiFuncti
         inns.push_back(inners[i]);
       }
       if (!idx.empty()) {
-        std::vector<Tensor> ga = call_alpha_grad_multi(gs, as, ss, ctx->saved_data["seed"].toInt(), offs, inns);
+        std::vector<Tensor> ga = call_alpha_grad_multi(gs, as, ss, ctx->saved_data["seed"].toSymInt(), offs, inns);
         for (size_t j = 0; j < idx.size(); ++j) {
           grads[n + idx[j]] = ga[j];
         }
@@ -142,13 +142,13 @@ class PerturbMultiFunction : public torch::autograd::Function<PerturbMultiFuncti
   }
 };
 
-Tensor perturb_autograd(const Tensor& v, const Tensor& alpha, const Tensor& sigma, int64_t seed, int64_t offset,
+Tensor perturb_autograd(const Tensor& v, const Tensor& alpha, const Tensor& sigma, c10::SymInt seed, int64_t offset,
                         int64_t inner) {
   return PerturbFunction::apply(v, alpha, sigma, seed, offset, inner);
 }
 
 std::vector<Tensor> perturb_multi_autograd(at::TensorList vs, at::TensorList alphas, at::TensorList sigmas,
-                                           int64_t seed, at::IntArrayRef offsets, at::IntArrayRef inners) {
+                                           c10::SymInt seed, at::IntArrayRef offsets, at::IntArrayRef inners) {
   return PerturbMultiFunction::apply(vs, alphas, sigmas, seed, offsets, inners);
 }
 

@@ -30,22 +30,22 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(pni_fast, m) {
   const std::vector<at::Tag> tags{at::Tag::pt2_compliant_tag};
   // float32 z with like's shape (like's values unused).
-  m.def("noise(Tensor like, int seed, int offset) -> Tensor", tags);
+  m.def("noise(Tensor like, SymInt seed, int offset) -> Tensor", tags);
   // int32 [4*ceil(n/4)]: raw Philox words (uint32 bits) of counters offset.. in element order.
-  m.def("rng_words(Tensor like, int seed, int offset) -> Tensor", tags);
+  m.def("rng_words(Tensor like, SymInt seed, int offset) -> Tensor", tags);
   // float32 [4*ceil(n/4)]: uniform(word) of the same words (before the 1e-7 clamp).
-  m.def("rng_uniform(Tensor like, int seed, int offset) -> Tensor", tags);
+  m.def("rng_uniform(Tensor like, SymInt seed, int offset) -> Tensor", tags);
   // v + alpha[(i / inner) % alpha.numel()] * sigma * z_i
-  m.def("perturb(Tensor v, Tensor alpha, Tensor sigma, int seed, int offset, int inner) -> Tensor", tags);
+  m.def("perturb(Tensor v, Tensor alpha, Tensor sigma, SymInt seed, int offset, int inner) -> Tensor", tags);
   // d/dalpha of sum(grad * perturb(...)): sum of grad_i * sigma * z_i per alpha index.
-  m.def("perturb_alpha_grad(Tensor grad, Tensor alpha, Tensor sigma, int seed, int offset, int inner) -> Tensor",
+  m.def("perturb_alpha_grad(Tensor grad, Tensor alpha, Tensor sigma, SymInt seed, int offset, int inner) -> Tensor",
         tags);
   m.def(
-      "perturb_multi(Tensor[] vs, Tensor[] alphas, Tensor[] sigmas, int seed, int[] offsets, int[] inners) "
+      "perturb_multi(Tensor[] vs, Tensor[] alphas, Tensor[] sigmas, SymInt seed, int[] offsets, int[] inners) "
       "-> Tensor[]",
       tags);
   m.def(
-      "perturb_alpha_grad_multi(Tensor[] grads, Tensor[] alphas, Tensor[] sigmas, int seed, int[] offsets, "
+      "perturb_alpha_grad_multi(Tensor[] grads, Tensor[] alphas, Tensor[] sigmas, SymInt seed, int[] offsets, "
       "int[] inners) -> Tensor[]",
       tags);
   // Unbiased std of all of v's elements as a 0-d tensor (float32; float64 for float64

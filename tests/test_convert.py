@@ -223,10 +223,7 @@ def test_param_groups_exclude_only_alphas():
 
 @pytest.mark.parametrize("backend", [
     "torch",
-    pytest.param(None, marks=pytest.mark.xfail(
-        reason="C++ op schemas take `int seed`: the seed drawn inside a compiled forward is an unbacked SymInt, "
-               "which only a `SymInt seed` schema accepts (the Python-registered backends infer SymInt)",
-        strict=False)),
+    None,  # default backend: the C++ ops take a `SymInt seed`, so the drawn seed traces
 ])
 def test_compile_fullgraph_converted_resnet20(backend, monkeypatch):
     """Dynamo traces a converted ResNet-20 without graph breaks (aot_eager: fake kernels + autograd
