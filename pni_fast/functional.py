@@ -7,8 +7,10 @@ The backward never stores the noise: it regenerates ``z`` from ``(seed, offset)`
 
 Seeds: when ``seed`` is None a fresh one is drawn from PyTorch's default CPU generator
 (``torch.manual_seed`` makes a run reproducible; this advances that generator and never
-touches the GPU). Under ``torch.compile`` pass an explicit seed to trace without a graph
-break.
+touches the GPU). Under ``torch.compile(fullgraph=True)`` a drawn seed traces as a symbolic
+integer (the ops take ``SymInt seed``): no graph break. Inductor replays the draw with its own
+random stream, so compiled noise is fresh per call but not bit-equal to eager's for the same
+``torch.manual_seed``; ``aot_eager`` and explicit seeds match eager exactly.
 """
 from __future__ import annotations
 
