@@ -42,6 +42,7 @@ from torch import nn
 
 from .attacks import pgd
 from .data import Split, iterate_batches
+from .optim import param_groups
 
 __all__ = [
     "TrainConfig",
@@ -135,29 +136,10 @@ def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     return torch.device(device)
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
-    """Alphas without weight decay (pni_fast.optim.param_groups; by-name fallback for foreign modules)."""
-    try:
-        from .optim import param_groups
-    except ImportError:  # pragma: no cover - the optim module ships with the package
-        param_groups = None
-    if param_groups is not None:
-        groups = param_groups(model, weight_decay)
-        named_alpha = {id(p) for n, p in model.named_parameters() if "alpha" in n.rsplit(".", 1)[-1]}
-        in_groups = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
-        if named_alpha <= in_groups:
-            return groups
-    decay, no_decay = [], []
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if "alpha" in n.rsplit(".", 1)[-1] else decay).append(p)
-    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-
-
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     """SGD over the model's parameters, alphas in a weight-decay-free group."""
     return torch.optim.SGD(
-        _param_groups(model, config.weight_decay), lr=config.lr, momentum=config.momentum, nesterov=config.nesterov
+        param_groups(model, config.weight_decay), lr=config.lr, momentum=config.momentum, nesterov=config.nesterov
     )
 
 

@@ -253,3 +253,13 @@ def test_compile_fullgraph_converted_resnet20(backend, monkeypatch):
     eager.square().sum().backward()
     for g, a in zip(grads, alpha_parameters(model)):
         torch.testing.assert_close(g, a.grad)
+
+
+def test_param_groups_recognise_reference_layer_alphas():
+    """Alphas of PNI layers defined elsewhere (original naming alpha_w) are kept out of decay too."""
+    from pni_fast.reference import ReferenceNoisyConv2d
+
+    model = nn.Sequential(ReferenceNoisyConv2d(3, 4, 3), nn.Flatten())
+    groups = param_groups(model, 0.1)
+    no_decay = [p for g in groups if g["weight_decay"] == 0 for p in g["params"]]
+    assert len(no_decay) == 1 and no_decay[0] is model[0].alpha_w
