@@ -339,6 +339,17 @@ def draw_seed() -> int:
     return int(torch.randint(0, SEED_LIMIT - 1, (), dtype=torch.int64).item())
 
 
+def _perturb(
+    name: str, t: Tensor, alpha: Tensor, inner: int, seed: Optional[int], offset: int, backend: Optional[str]
+) -> Tensor:
+    """The shared tail of noisy_weight / inject_noise once ``alpha``'s layout is known."""
+    seed = _check_seed_offset(seed, offset)
+    sigma = weight_sigma(t)
+    _check_finite(sigma, name)
+    chosen = _backend_for(backend, t.device.type)
+    return _op(_OPS[chosen][1])(t.contiguous(), alpha.contiguous(), sigma, seed, offset, inner)
+
+
 def noisy_weight(
     weight: Tensor,
     alpha: Tensor,
@@ -359,12 +370,7 @@ def noisy_weight(
     """
     _check_tensor("weight", weight)
     _check_alpha(alpha, weight, "weight")
-    inner = _weight_inner(weight, alpha)
-    seed = _check_seed_offset(seed, offset)
-    sigma = weight_sigma(weight)
-    _check_finite(sigma, "weight")
-    chosen = _backend_for(backend, weight.device.type)
-    return _op(_OPS[chosen][1])(weight.contiguous(), alpha.contiguous(), sigma, seed, offset, inner)
+    return _perturb("weight", weight, alpha, _weight_inner(weight, alpha), seed, offset, backend)
 
 
 def inject_noise(
@@ -382,12 +388,7 @@ def inject_noise(
     """
     _check_tensor("x", x)
     _check_alpha(alpha, x, "x")
-    inner = _activation_inner(x, alpha)
-    seed = _check_seed_offset(seed, offset)
-    sigma = weight_sigma(x)
-    _check_finite(sigma, "x")
-    chosen = _backend_for(backend, x.device.type)
-    return _op(_OPS[chosen][1])(x.contiguous(), alpha.contiguous(), sigma, seed, offset, inner)
+    return _perturb("x", x, alpha, _activation_inner(x, alpha), seed, offset, backend)
 
 
 def noisy_weights(
