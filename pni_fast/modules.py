@@ -191,6 +191,20 @@ class _PNIMixin:
                 f"with pni={self.pni!r} and expects {list(mine.shape)}: rebuild it with the checkpoint's mode"
             )
 
+    # Shared by both layers; the mixin comes first in their MRO, so super() is the torch layer.
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        self._reset_alphas()
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", " + self._noise_repr()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        self._check_alpha_in_state_dict(state_dict, prefix, error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
 
 class NoisyConv2d(_PNIMixin, nn.Conv2d):
     """``nn.Conv2d`` with Parametric Noise Injection on its weight and/or input.
@@ -226,10 +240,6 @@ class NoisyConv2d(_PNIMixin, nn.Conv2d):
         )
         self._setup_noise(pni, noise, alpha_init, device=self.weight.device, dtype=self.weight.dtype)
 
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        self._reset_alphas()
-
     def _input_channels(self) -> int:
         return self.in_channels
 
@@ -239,15 +249,6 @@ class NoisyConv2d(_PNIMixin, nn.Conv2d):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         weight = self._noisy_weight()
         return self._conv_forward(self._noisy_input(input), weight, self.bias)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + ", " + self._noise_repr()
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs) -> None:
-        self._check_alpha_in_state_dict(state_dict, prefix, error_msgs)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
 
 
 class NoisyLinear(_PNIMixin, nn.Linear):
@@ -275,10 +276,6 @@ class NoisyLinear(_PNIMixin, nn.Linear):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self._setup_noise(pni, noise, alpha_init, device=self.weight.device, dtype=self.weight.dtype)
 
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        self._reset_alphas()
-
     def _input_channels(self) -> int:
         return self.in_features
 
@@ -289,15 +286,6 @@ class NoisyLinear(_PNIMixin, nn.Linear):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         weight = self._noisy_weight()
         return F.linear(self._noisy_input(input), weight, self.bias)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + ", " + self._noise_repr()
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs) -> None:
-        self._check_alpha_in_state_dict(state_dict, prefix, error_msgs)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
 
 
 class NoiseInjection(nn.Module):
