@@ -27,6 +27,9 @@ import os
 import sys
 
 os.environ.setdefault("KINETO_LOG_LEVEL", "99")  # the CPU memory profiler's start/stop lines are noise here
+# compile in-process: inductor's pool of compile workers would otherwise start in the background and
+# compete with the timed code for the cores
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 import time
 from dataclasses import dataclass
@@ -184,6 +187,9 @@ class Providers:
             self.functional_error = f"pni_fast.functional failed to import: {type(exc).__name__}: {exc}"
         if compile_:
             import torch._dynamo.config as dcfg
+            import torch._inductor.config as icfg
+
+            icfg.compile_threads = 1  # no background compile workers competing with the timed code
 
             # Many shapes/dtypes recompile the same function: raise the limit so dynamo never
             # silently falls back to eager after 8 recompiles (that would mislabel eager as compiled).
@@ -301,6 +307,13 @@ BYTES_MODEL = (
 )
 
 
+COMPILE_SETTINGS = (
+    "torch.compile(fullgraph=True), default mode and inductor settings except compile_threads=1 "
+    "(in-process compilation); dynamic shapes as torch decides (a second shape recompiles dynamic); "
+    "backward-only pass measured with torch._functorch.config.donated_buffer=False"
+)
+
+
 def _call_for(case: Case, fn: Callable, v: torch.Tensor, alpha: torch.Tensor, g: torch.Tensor) -> Callable:
     if case.mode == "forward":
         return lambda: fn(v, alpha)
@@ -332,7 +345,13 @@ def _measure(rec: dict[str, Any], fn: Callable, case: Case, v: torch.Tensor, alp
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     rec["first_call_ms"] = (time.perf_counter() - t0) * 1e3
+    # warm up for a while, not one call: caches, allocator and (for compile) lazily built pieces settle
+    warm_until = time.perf_counter() + (0.5 if rec["provider"] == "compile" else 0.05)
     call()
+    while time.perf_counter() < warm_until:
+        call()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     t = common.time_call(call, device, min_run_time)
     rec.update(t, status="ok", reason=None)
     nbytes = _bytes_moved(case, itemsize)
@@ -359,7 +378,8 @@ def run(
     env = common.environment(device)
     peak_gbs, peak_src = common.peak_bandwidth(device)
     providers = Providers(device, compile_=compile_, compile_reason=compile_reason, slow_max_numel=slow_max_numel)
-    meta = dict(env, peak_bw_gbs=peak_gbs, peak_bw_source=peak_src, bytes_model=BYTES_MODEL, benchmark="ops")
+    meta = dict(env, peak_bw_gbs=peak_gbs, peak_bw_source=peak_src, bytes_model=BYTES_MODEL, benchmark="ops",
+                compile_settings=COMPILE_SETTINGS if compile_ else compile_reason)
     base = {k: env[k] for k in ("device", "device_slug", "torch", "cuda", "triton", "date_utc", "threads")}
     base["load_avg_1"] = env["load_avg_1_5_15"][0] if env["load_avg_1_5_15"] else None
     records: list[dict[str, Any]] = []
@@ -539,6 +559,7 @@ def markdown(meta: dict[str, Any], records: list[dict[str, Any]], command: str) 
         "(the end figure includes this run's own threads)  ",
         f"Peak bandwidth: {common.fmt(meta['peak_bw_gbs'])} GB/s ({meta['peak_bw_source']})  ",
         f"GB/s bytes model: {meta['bytes_model']}  ",
+        f"torch.compile: {meta.get('compile_settings')}  ",
         f"Peak memory: {next((r['memory_method'] for r in records if r.get('memory_method')), 'not measured')}; "
         "extra bytes allocated by the call and alive at its peak (output and saved tensors included).",
         "",

@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Optional
 
 os.environ.setdefault("KINETO_LOG_LEVEL", "99")  # silence the memory profiler's start/stop lines
+# compile in-process: inductor's pool of compile workers would otherwise start in the background and
+# compete with the timed code for the cores
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 import torch
 
