@@ -104,25 +104,10 @@ void alpha_grad(const Args& a, uint64_t seed) {
   for (const auto& idx : packs_of(a)) {
     Pack stage1{};
     stage1.count = static_cast<int32_t>(idx.size());
-    int64_t units1 = 0, parts = 0;
-    std::vector<int64_t> units2(idx.size(), 0);
-    for (size_t j = 0; j < idx.size(); ++j) {
-      Desc& d = stage1.d[j];
-      d = make_desc(a, idx[j]);
-      const GradPlan plan = plan_alpha_grad(d, a.inner[idx[j]], parts);
-      parts += plan.parts;
-      units2[j] = plan.units2;
-      stage1.start[j] = units1;
-      units1 += plan.units1;
-    }
-    stage1.start[idx.size()] = units1;
-    Pack stage2 = stage1;
-    int64_t total2 = 0;
-    for (size_t j = 0; j < idx.size(); ++j) {
-      stage2.start[j] = total2;
-      total2 += units2[j];
-    }
-    stage2.start[idx.size()] = total2;
+    for (size_t j = 0; j < idx.size(); ++j) stage1.d[j] = make_desc(a, idx[j]);  // d.inner = the op's inner
+    Pack stage2{};
+    const GradPlan total = plan_alpha_grad_pack(stage1, stage2);
+    const int64_t units1 = total.units1, total2 = total.units2, parts = total.parts;
     // NaN-filled: a partial that stage 2 reads but stage 1 never wrote shows up in the result.
     std::vector<A> part(parts > 0 ? parts : 1, static_cast<A>(0.0 / 0.0));
     for (int64_t unit = 0; unit < units1; ++unit) {

@@ -232,9 +232,6 @@ void alpha_grad_launch(const std::vector<at::Tensor>& grads, const std::vector<a
     const at::Tensor& first = grads[idx[0]];
     Pack stage1{};
     stage1.count = static_cast<int32_t>(idx.size());
-    int64_t units1 = 0;
-    int64_t parts = 0;
-    std::vector<int64_t> units2(idx.size(), 0);
     for (size_t j = 0; j < idx.size(); ++j) {
       const size_t i = idx[j];
       Desc& d = stage1.d[j];
@@ -244,22 +241,13 @@ void alpha_grad_launch(const std::vector<at::Tensor>& grads, const std::vector<a
       d.sigma = sigmas[i].data_ptr();
       d.n = grads[i].numel();
       d.n_alpha = alphas[i].numel();
+      d.inner = inners[i];  // the op's inner; plan_alpha_grad_pack replaces it by the effective one
       d.offset = offsets[i];
       d.flags = desc_flags(grads[i], d.out, sigmas[i]);
-      const GradPlan plan = plan_alpha_grad(d, inners[i], parts);
-      parts += plan.parts;
-      units2[j] = plan.units2;
-      stage1.start[j] = units1;
-      units1 += plan.units1;
     }
-    stage1.start[idx.size()] = units1;
-    Pack stage2 = stage1;
-    int64_t total2 = 0;
-    for (size_t j = 0; j < idx.size(); ++j) {
-      stage2.start[j] = total2;
-      total2 += units2[j];
-    }
-    stage2.start[idx.size()] = total2;
+    Pack stage2{};
+    const GradPlan total = plan_alpha_grad_pack(stage1, stage2);
+    const int64_t units1 = total.units1, total2 = total.units2, parts = total.parts;
 
     const bool f64 = first.scalar_type() == at::kDouble;
     const at::Tensor part =
@@ -286,49 +274,38 @@ void alpha_grad_launch(const std::vector<at::Tensor>& grads, const std::vector<a
 // Op implementations (CUDA dispatch key)
 // ---------------------------------------------------------------------------
 
-at::Tensor noise_cuda(const at::Tensor& like, int64_t seed, int64_t offset) {
+// Shared body of the raw RNG ops: kernel(out, count, seed, offset), one thread per quad of `like`.
+// like_shaped: out has like's shape and count = like.numel() (noise); else out holds the 4 values
+// of every quad and count = quads (words, uniforms).
+template <typename T>
+at::Tensor rng_op(void (*kernel)(T*, int64_t, uint64_t, uint64_t), const at::Tensor& like, int64_t seed,
+                  int64_t offset, bool like_shaped) {
   check_cuda(like, "like");
   check_seed_offset(seed, offset);
   check_offset_fits(offset, like.numel());
   c10::cuda::CUDAGuard guard(like.device());
-  at::Tensor out = at::empty(like.sizes(), like.options().dtype(at::kFloat));
-  const int64_t n = out.numel();
-  if (n == 0) return out;
-  const auto stream = c10::cuda::getCurrentCUDAStream(like.device().index());
-  noise_kernel<<<grid_size(cdiv64(num_quads(n), kThreads), like.device().index()), kThreads, 0, stream>>>(
-      out.data_ptr<float>(), n, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
+  const int64_t nq = num_quads(like.numel());
+  const auto options = like.options().dtype(c10::CppTypeToScalarType<T>::value);
+  at::Tensor out = like_shaped ? at::empty(like.sizes(), options) : at::empty({4 * nq}, options);
+  if (nq == 0) return out;
+  const auto device = like.device().index();
+  const auto stream = c10::cuda::getCurrentCUDAStream(device);
+  kernel<<<grid_size(cdiv64(nq, kThreads), device), kThreads, 0, stream>>>(
+      out.data_ptr<T>(), like_shaped ? like.numel() : nq, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
+}
+
+at::Tensor noise_cuda(const at::Tensor& like, int64_t seed, int64_t offset) {
+  return rng_op(noise_kernel, like, seed, offset, /*like_shaped=*/true);
 }
 
 at::Tensor rng_words_cuda(const at::Tensor& like, int64_t seed, int64_t offset) {
-  check_cuda(like, "like");
-  check_seed_offset(seed, offset);
-  check_offset_fits(offset, like.numel());
-  c10::cuda::CUDAGuard guard(like.device());
-  const int64_t nq = num_quads(like.numel());
-  at::Tensor out = at::empty({4 * nq}, like.options().dtype(at::kInt));
-  if (nq == 0) return out;
-  const auto stream = c10::cuda::getCurrentCUDAStream(like.device().index());
-  rng_words_kernel<<<grid_size(cdiv64(nq, kThreads), like.device().index()), kThreads, 0, stream>>>(
-      out.data_ptr<int32_t>(), nq, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
+  return rng_op(rng_words_kernel, like, seed, offset, /*like_shaped=*/false);
 }
 
 at::Tensor rng_uniform_cuda(const at::Tensor& like, int64_t seed, int64_t offset) {
-  check_cuda(like, "like");
-  check_seed_offset(seed, offset);
-  check_offset_fits(offset, like.numel());
-  c10::cuda::CUDAGuard guard(like.device());
-  const int64_t nq = num_quads(like.numel());
-  at::Tensor out = at::empty({4 * nq}, like.options().dtype(at::kFloat));
-  if (nq == 0) return out;
-  const auto stream = c10::cuda::getCurrentCUDAStream(like.device().index());
-  rng_uniform_kernel<<<grid_size(cdiv64(nq, kThreads), like.device().index()), kThreads, 0, stream>>>(
-      out.data_ptr<float>(), nq, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
+  return rng_op(rng_uniform_kernel, like, seed, offset, /*like_shaped=*/false);
 }
 
 // Checks one (v, alpha, sigma) triple of a single or list op; `prefix` names the list element.

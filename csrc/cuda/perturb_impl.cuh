@@ -305,5 +305,30 @@ inline GradPlan plan_alpha_grad(Desc& d, int64_t inner, int64_t part_base) {
   return plan;
 }
 
+// Plans one alpha-gradient launch. stage1.count and stage1.d[0 .. count) are set, each Desc
+// with n > 0, n_alpha, and the op's `inner` in d.inner. Fills every Desc (plan_alpha_grad,
+// partials numbered in pack order) and stage1.start over the stage-1 units; stage2 becomes
+// stage1 with starts over the stage-2 units. Returns the totals of units1, units2 and parts.
+inline GradPlan plan_alpha_grad_pack(Pack& stage1, Pack& stage2) {
+  GradPlan total{0, 0, 0};
+  int64_t units2[kMaxPack];
+  for (int j = 0; j < stage1.count; ++j) {
+    Desc& d = stage1.d[j];
+    const GradPlan plan = plan_alpha_grad(d, d.inner, total.parts);
+    stage1.start[j] = total.units1;
+    total.units1 += plan.units1;
+    total.parts += plan.parts;
+    units2[j] = plan.units2;
+  }
+  stage1.start[stage1.count] = total.units1;
+  stage2 = stage1;
+  for (int j = 0; j < stage1.count; ++j) {
+    stage2.start[j] = total.units2;
+    total.units2 += units2[j];
+  }
+  stage2.start[stage1.count] = total.units2;
+  return total;
+}
+
 }  // namespace cuda_impl
 }  // namespace pni_fast
