@@ -263,8 +263,8 @@ def write_outputs(out_dir: Path, meta: dict[str, Any], records: list[dict[str, A
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch", type=int, default=None, help="batch size (default 128 on GPU, 32 on CPU)")
-    p.add_argument("--train-steps", type=int, default=None, help="timed steps (default 10 GPU, 3 CPU)")
+    p.add_argument("--batch", type=int, default=None, help="batch size (default 128; 2 with --quick)")
+    p.add_argument("--train-steps", type=int, default=None, help="timed steps (default 10 GPU, 5 CPU)")
 
 
 def options(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -273,7 +273,7 @@ def options(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     if args.quick:
         batch, steps, warmup, pgd = args.batch or 2, args.train_steps or 1, 1, 1
     else:
-        batch, steps, warmup, pgd = args.batch or (128 if gpu else 32), args.train_steps or (10 if gpu else 3), 2 if gpu else 1, 7
+        batch, steps, warmup, pgd = args.batch or 128, args.train_steps or (10 if gpu else 5), 2 if gpu else 1, 7
     if batch < 1 or steps < 1:
         raise ValueError(f"--batch and --train-steps must be >= 1, got {batch} and {steps}")
     skip = "skipped in --quick: the pure-PyTorch Philox backend adds seconds per step on CPU" if (
