@@ -2,6 +2,10 @@
 
 Variants, same architecture (``pni_fast.models.resnet20``) and same random data:
   plain              nn.Conv2d / nn.Linear, no noise
+  plain-fresh-weight the plain model, but each conv/linear uses ``weight.clone()``: no noise, and
+                     the layer gets a fresh non-leaf weight every forward as the noisy layers do
+                     (on CPU, oneDNN convolutions measured faster that way than with the leaf
+                     Parameter itself, so this is the like-for-like baseline for the noise cost)
   reference          every conv/linear swapped for ``pni_fast.reference.ReferenceNoisyConv2d`` /
                      ``ReferenceNoisyLinear`` (original PNI code: ``std().item()``, stored noise)
   pni_fast-<b>       ``resnet20(pni="layerwise")`` (NoisyConv2d / NoisyLinear on every layer) with
@@ -66,6 +70,31 @@ def pgd_train_step(
     return loss.detach()
 
 
+class _FreshWeightConv2d(nn.Conv2d):
+    """A plain convolution whose weight is a fresh copy each forward (baseline, no noise)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.weight.clone(), self.bias)
+
+
+class _FreshWeightLinear(nn.Linear):
+    """A plain linear layer whose weight is a fresh copy each forward (baseline, no noise)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.clone(), self.bias)
+
+
+def _to_fresh_weight(model: nn.Module) -> nn.Module:
+    """Swap nn.Conv2d / nn.Linear for the fresh-weight baselines holding the same parameters."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Conv2d:
+                child.__class__ = _FreshWeightConv2d
+            elif type(child) is nn.Linear:
+                child.__class__ = _FreshWeightLinear
+    return model
+
+
 def _to_reference(model: nn.Module) -> nn.Module:
     """Swap every nn.Conv2d / nn.Linear for the reference PNI layer holding the same parameters."""
     from pni_fast.reference import ReferenceNoisyConv2d, ReferenceNoisyLinear
@@ -115,9 +144,11 @@ def _variants(device: torch.device) -> list[tuple[str, Optional[Callable[[], nn.
         from pni_fast.models import resnet20
     except Exception as exc:
         reason = f"pni_fast.models failed to import: {type(exc).__name__}: {exc}"
-        return [(n, None, None, reason) for n in ["plain", "reference"] + [f"pni_fast-{b}" for b in PNI_BACKENDS]]
+        names = ["plain", "plain-fresh-weight", "reference"] + [f"pni_fast-{b}" for b in PNI_BACKENDS]
+        return [(n, None, None, reason) for n in names]
     out: list[tuple[str, Optional[Callable[[], nn.Module]], Optional[str], str]] = [
         ("plain", lambda: resnet20(pni=None), None, ""),
+        ("plain-fresh-weight", lambda: _to_fresh_weight(resnet20(pni=None)), None, ""),
         ("reference", lambda: _to_reference(resnet20(pni=None)), None, ""),
     ]
     from pni_fast import backends
@@ -155,9 +186,10 @@ def run(
     y = torch.randint(0, 10, (batch,), generator=gen).to(device)
     records: list[dict[str, Any]] = []
     plain_ms: Optional[float] = None
+    fresh_ms: Optional[float] = None
     for name, factory, backend, reason in _variants(device):
         rec: dict[str, Any] = dict(base, provider=name, batch=batch, pgd_steps=pgd_steps, model="resnet20",
-                                   pni="layerwise" if name != "plain" else None)
+                                   pni=None if name.startswith("plain") else "layerwise")
         if factory is None:
             rec.update(status="unavailable", reason=reason)
         elif skip_torch_backend and name == "pni_fast-torch":
@@ -201,8 +233,12 @@ def run(
                 rec.update(status="error", reason=f"{type(exc).__name__}: {exc}"[:300])
         if name == "plain" and rec["status"] == "ok":
             plain_ms = rec["median_ms"]
+        if name == "plain-fresh-weight" and rec["status"] == "ok":
+            fresh_ms = rec["median_ms"]
         if rec["status"] == "ok" and plain_ms:
             rec["overhead_vs_plain"] = rec["median_ms"] / plain_ms - 1
+        if rec["status"] == "ok" and fresh_ms:
+            rec["overhead_vs_fresh_weight"] = rec["median_ms"] / fresh_ms - 1
         records.append(rec)
         shown = f"{rec['median_ms']:.1f} ms/step" if rec["status"] == "ok" else f"{rec['status']}: {rec['reason']}"
         log(f"[train] {name} batch {batch}: {shown}")
@@ -223,6 +259,7 @@ TRAIN_COLUMNS = [
     ("q80_ms", "q80 ms"),
     ("min_ms", "min ms"),
     ("overhead_pct", "overhead vs plain %"),
+    ("overhead_fresh_pct", "overhead vs plain-fresh-weight %"),
     ("speedup_vs_reference", "speed-up vs ref"),
     ("peak_mem_mb", "peak MB"),
     ("note", "note"),
@@ -234,6 +271,8 @@ def markdown(meta: dict[str, Any], records: list[dict[str, Any]], command: str) 
     for r in records:
         row = dict(r)
         row["overhead_pct"] = 100 * r["overhead_vs_plain"] if r.get("overhead_vs_plain") is not None else None
+        fresh = r.get("overhead_vs_fresh_weight")
+        row["overhead_fresh_pct"] = 100 * fresh if fresh is not None else None
         row["peak_mem_mb"] = r["peak_mem_bytes"] / 2**20 if r.get("peak_mem_bytes") is not None else None
         row["note"] = "" if r["status"] == "ok" else f"{r['status']}: {r['reason']}"
         rows.append(row)
@@ -249,6 +288,8 @@ def markdown(meta: dict[str, Any], records: list[dict[str, Any]], command: str) 
         f"Batch {meta['batch']} of random CIFAR-shaped data; median of {meta['timed_steps']} steps after "
         f"{meta['warmup']} warm-up; one step = {meta['pgd_steps']} PGD forward+backward passes + one training "
         "forward+backward + SGD. Noise on the weights of every conv and linear layer (layerwise alpha).  ",
+        "`plain-fresh-weight` is the plain model with `weight.clone()` fed to each layer: no noise, but a fresh "
+        "weight tensor every forward like the noisy layers (the like-for-like baseline for the cost of noise).  ",
         f"Peak memory: {method}, over one step, above the model and optimizer state already allocated.",
         "",
         common.markdown_table(rows, TRAIN_COLUMNS),

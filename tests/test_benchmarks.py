@@ -103,7 +103,8 @@ def test_train_json_lists_every_variant(quick_run: Path) -> None:
     data = json.loads((quick_run / "train.json").read_text())
     assert data["meta"]["batch"] == 2
     names = {r["provider"]: r for r in data["records"]}
-    assert set(names) == {"plain", "reference", "pni_fast-cpu", "pni_fast-cuda", "pni_fast-triton", "pni_fast-torch"}
+    assert set(names) == {"plain", "plain-fresh-weight", "reference", "pni_fast-cpu", "pni_fast-cuda",
+                          "pni_fast-triton", "pni_fast-torch"}
     assert names["plain"]["status"] == "ok" and names["plain"]["overhead_vs_plain"] == 0
     assert names["reference"]["status"] == "ok" and names["reference"]["peak_mem_bytes"] > 0
     for r in names.values():
