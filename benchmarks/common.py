@@ -21,7 +21,6 @@ import os
 import platform
 import re
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -284,9 +283,3 @@ def markdown_table(rows: Iterable[dict[str, Any]], columns: Sequence[tuple[str, 
         lines.append("| " + " | ".join(fmt(row.get(k)) for k, _ in columns) + " |")
     return "\n".join(lines)
 
-
-def add_repo_to_path() -> None:
-    """Let ``python benchmarks/x.py`` import ``benchmarks.*`` and an uninstalled ``pni_fast``."""
-    root = str(REPO_ROOT)
-    if root not in sys.path:
-        sys.path.insert(0, root)
