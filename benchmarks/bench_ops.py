@@ -607,29 +607,13 @@ def options(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     return dict(compile_=compile_, compile_reason=reason, slow_max_numel=slow, min_run_time=min_rt)
 
 
-def parse_device(name: Optional[str]) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name!r} asked for CUDA but torch.cuda.is_available() is False")
-    return dev
-
-
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="tiny sizes, seconds: proves the script works")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results/<device>)")
+    p = common.base_parser(__doc__.splitlines()[0], "tiny sizes, seconds: proves the script works")
     add_arguments(p)
     args = p.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device = parse_device(args.device)
+    device, out = common.setup_run(args)
     cases = default_cases(args.sizes, full=args.full, quick=args.quick, device_type=device.type)
     meta, records = run(cases, device, **options(args, device))
-    out = args.out or common.REPO_ROOT / "benchmarks" / "results" / common.device_slug(device)
     write_outputs(out, meta, records, "python benchmarks/bench_ops.py " + " ".join(argv or sys.argv[1:]))
     print(f"wrote {out}/ops.json and ops.md")
     return 0

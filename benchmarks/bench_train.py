@@ -323,20 +323,11 @@ def options(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from benchmarks.bench_ops import parse_device
-
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="batch 2, PGD-1, one step: proves the script works")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results/<device>)")
+    p = common.base_parser(__doc__.splitlines()[0], "batch 2, PGD-1, one step: proves the script works")
     add_arguments(p)
     args = p.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device = parse_device(args.device)
+    device, out = common.setup_run(args)
     meta, records = run(device, **options(args, device))
-    out = args.out or common.REPO_ROOT / "benchmarks" / "results" / common.device_slug(device)
     write_outputs(out, meta, records, "python benchmarks/bench_train.py " + " ".join(argv or sys.argv[1:]))
     print(f"wrote {out}/train.json and train.md")
     return 0

@@ -13,6 +13,7 @@ Every number the benchmarks publish goes through here, so the methods are stated
 """
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import importlib.metadata
 import itertools
@@ -283,3 +284,32 @@ def markdown_table(rows: Iterable[dict[str, Any]], columns: Sequence[tuple[str, 
         lines.append("| " + " | ".join(fmt(row.get(k)) for k, _ in columns) + " |")
     return "\n".join(lines)
 
+
+
+def base_parser(description: str, quick_help: str) -> argparse.ArgumentParser:
+    """The options every benchmark script shares: --quick, --device, --threads, --out."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU; recorded)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results/<device>)")
+    return p
+
+
+def setup_run(args: argparse.Namespace) -> tuple[torch.device, Path]:
+    """Apply --threads, resolve --device and the output folder of a parsed ``base_parser``."""
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    device = parse_device(args.device)
+    return device, args.out or REPO_ROOT / "benchmarks" / "results" / device_slug(device)
+
+
+def parse_device(name: Optional[str]) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name!r} asked for CUDA but torch.cuda.is_available() is False")
+    return dev

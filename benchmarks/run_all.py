@@ -10,7 +10,6 @@ command), and ``ops_time.png`` / ``ops_gbs.png``.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
 import sys
@@ -34,23 +33,14 @@ __all__ = ["main"]
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="tiny sizes, seconds: proves the scripts work")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU; recorded)")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results/<device>)")
+    p = common.base_parser(__doc__.splitlines()[0], "tiny sizes, seconds: proves the scripts work")
     p.add_argument("--skip-ops", action="store_true", help="leave out the op benchmark")
     p.add_argument("--skip-train", action="store_true", help="leave out the training-step benchmark")
     p.add_argument("--no-plot", action="store_true", help="do not draw the figures")
     bench_ops.add_arguments(p)
     bench_train.add_arguments(p)
     args = p.parse_args(argv)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    device = bench_ops.parse_device(args.device)
-    out = args.out or common.REPO_ROOT / "benchmarks" / "results" / common.device_slug(device)
+    device, out = common.setup_run(args)
     out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/run_all.py" + "".join(" " + shlex.quote(a) for a in argv)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
