@@ -111,27 +111,32 @@ def _reference_alpha(weight: torch.Tensor, pni: str, alpha_init: float) -> nn.Pa
     return nn.Parameter(torch.full(shape, float(alpha_init), device=weight.device, dtype=weight.dtype))
 
 
-class ReferenceNoisyConv2d(nn.Conv2d):
+class _ReferenceAlpha:
+    """Adds the original code's ``alpha_w`` to a torch layer (after its own __init__)."""
+
+    def _add_alpha(self, pni: str, alpha_init: float) -> None:
+        _check_pni_mode(pni)
+        self.pni = pni
+        self.alpha_w = _reference_alpha(self.weight, pni, alpha_init)
+
+
+class ReferenceNoisyConv2d(_ReferenceAlpha, nn.Conv2d):
     """The original PNI-W convolution (``alpha_w``, ``std().item()``, stored noise): benchmark baseline."""
 
     def __init__(self, *args, pni: str = "layerwise", alpha_init: float = 0.25, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        _check_pni_mode(pni)
-        self.pni = pni
-        self.alpha_w = _reference_alpha(self.weight, pni, alpha_init)
+        self._add_alpha(pni, alpha_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, reference_noisy_weight(self.weight, self.alpha_w), self.bias)
 
 
-class ReferenceNoisyLinear(nn.Linear):
+class ReferenceNoisyLinear(_ReferenceAlpha, nn.Linear):
     """The original PNI-W linear layer: benchmark baseline."""
 
     def __init__(self, *args, pni: str = "layerwise", alpha_init: float = 0.25, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        _check_pni_mode(pni)
-        self.pni = pni
-        self.alpha_w = _reference_alpha(self.weight, pni, alpha_init)
+        self._add_alpha(pni, alpha_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, reference_noisy_weight(self.weight, self.alpha_w), self.bias)
