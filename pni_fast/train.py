@@ -30,6 +30,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -343,6 +344,8 @@ def train(
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm is a dependency
         tqdm = None
+    # bars redraw in place on a terminal; in a log file (CI, nohup) they would bury the results
+    progress = progress and sys.stderr.isatty()
 
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
