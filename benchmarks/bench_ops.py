@@ -453,7 +453,7 @@ def run(
             )
         del v, alpha, g
     # the load at the end includes this benchmark's own threads; compare with load_avg_1_5_15 at the start
-    meta["load_avg_end_1_5_15"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    meta["load_avg_end_1_5_15"] = common.load_average()
     return meta, records
 
 

@@ -247,7 +247,7 @@ def run(
         if ref and r["status"] == "ok":
             r["speedup_vs_reference"] = ref["median_ms"] / r["median_ms"]
     # the load at the end includes this benchmark's own threads; compare with load_avg_1_5_15 at the start
-    meta["load_avg_end_1_5_15"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    meta["load_avg_end_1_5_15"] = common.load_average()
     return meta, records
 
 

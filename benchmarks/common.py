@@ -123,6 +123,11 @@ def _pni_fast_status() -> dict[str, Any]:
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
+def load_average() -> Optional[list[float]]:
+    """1/5/15-minute load averages (rounded), None where the OS has none: timings depend on it."""
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     """Everything needed to reproduce or compare a run; copied into every record."""
     env: dict[str, Any] = {
@@ -137,7 +142,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
-        "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "load_avg_1_5_15": load_average(),
         "git_commit": _git_commit(),
         "pni_fast": _pni_fast_status(),
     }

@@ -190,6 +190,22 @@ std::vector<std::vector<size_t>> make_groups(const std::vector<at::Tensor>& ts) 
   return packs;
 }
 
+// One tensor's entry of a launch table (input, output, alpha, sigma, contract inner and offset).
+Desc make_tensor_desc(const at::Tensor& in, const at::Tensor& out, const at::Tensor& alpha, const at::Tensor& sigma,
+                      int64_t inner, int64_t offset) {
+  Desc d{};
+  d.in = in.data_ptr();
+  d.out = out.data_ptr();
+  d.alpha = alpha.data_ptr();
+  d.sigma = sigma.data_ptr();
+  d.n = in.numel();
+  d.n_alpha = alpha.numel();
+  d.inner = inner;
+  d.offset = offset;
+  d.flags = desc_flags(in, d.out, sigma);
+  return d;
+}
+
 // Forward of already checked, contiguous tensors.
 void perturb_launch(const std::vector<at::Tensor>& vs, const std::vector<at::Tensor>& alphas,
                     const std::vector<at::Tensor>& sigmas, int64_t seed, const std::vector<int64_t>& offsets,
@@ -201,15 +217,7 @@ void perturb_launch(const std::vector<at::Tensor>& vs, const std::vector<at::Ten
     for (size_t j = 0; j < idx.size(); ++j) {
       const size_t i = idx[j];
       Desc& d = pack.d[j];
-      d.in = vs[i].data_ptr();
-      d.out = outs[i].data_ptr();
-      d.alpha = alphas[i].data_ptr();
-      d.sigma = sigmas[i].data_ptr();
-      d.n = vs[i].numel();
-      d.n_alpha = alphas[i].numel();
-      d.inner = inners[i];
-      d.offset = offsets[i];
-      d.flags = desc_flags(vs[i], d.out, sigmas[i]);
+      d = make_tensor_desc(vs[i], outs[i], alphas[i], sigmas[i], inners[i], offsets[i]);
       pack.start[j] = units;
       units += forward_units(d);
     }
@@ -235,15 +243,8 @@ void alpha_grad_launch(const std::vector<at::Tensor>& grads, const std::vector<a
     for (size_t j = 0; j < idx.size(); ++j) {
       const size_t i = idx[j];
       Desc& d = stage1.d[j];
-      d.in = grads[i].data_ptr();
-      d.out = outs[i].data_ptr();
-      d.alpha = alphas[i].data_ptr();
-      d.sigma = sigmas[i].data_ptr();
-      d.n = grads[i].numel();
-      d.n_alpha = alphas[i].numel();
-      d.inner = inners[i];  // the op's inner; plan_alpha_grad_pack replaces it by the effective one
-      d.offset = offsets[i];
-      d.flags = desc_flags(grads[i], d.out, sigmas[i]);
+      // the op's inner; plan_alpha_grad_pack replaces it by the effective one
+      d = make_tensor_desc(grads[i], outs[i], alphas[i], sigmas[i], inners[i], offsets[i]);
     }
     Pack stage2{};
     const GradPlan total = plan_alpha_grad_pack(stage1, stage2);
