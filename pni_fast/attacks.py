@@ -9,12 +9,18 @@ batch). All attacks:
 - work on any ``nn.Module`` mapping ``[N, ...]`` inputs to ``[N, classes]``
   logits, on any device;
 - never modify the caller's tensors and return a new, detached tensor;
-- leave the model as they found it: the train/eval flag of every submodule
-  and the ``requires_grad`` flag of every parameter are restored (parameters
-  are frozen during the attack so no gradient leaks into ``param.grad``);
-- by default respect the model's current mode (``mode=None``); pass
-  ``mode="eval"`` to attack the model in eval mode (what adversarial training
-  does: BatchNorm uses its running statistics and is not updated).
+  refuse inputs outside [0, 1] and NaN/Inf inputs with a ValueError;
+- attack the model in **eval mode by default** (``mode="eval"``, as
+  torchattacks does): BatchNorm uses its running statistics, so a model left in
+  train mode is attacked as the same function it computes in eval. PNI noise
+  stays on in eval (that is PNI's defense); switch it off with
+  ``pni_fast.no_noise`` if you want a deterministic model. ``mode="current"``
+  attacks the model in whatever mode it is in, ``mode="train"`` in train mode;
+- leave the model as they found it, also when they raise: the train/eval flag
+  of every submodule, the ``requires_grad`` flag of every parameter
+  (parameters are frozen during the attack so no gradient leaks into
+  ``param.grad``) and every buffer (BatchNorm running statistics are put back
+  even if a ``"train"``/``"current"`` attack ran train-mode forwards).
 """
 
 from __future__ import annotations
@@ -33,16 +39,17 @@ __all__ = [
     "eot_pgd",
     "carlini_wagner_l2",
     "attack_mode",
+    "model_mode",
     "resolve_targets",
 ]
 
 Norm = Literal["linf", "l2"]
 Targets = Literal["labels", "predictions"]
-Mode = Optional[Literal["eval", "train"]]
+Mode = Literal["eval", "current", "train"]
 
 _NORMS = ("linf", "l2")
 _TARGETS = ("labels", "predictions")
-_MODES = (None, "eval", "train")
+_MODES = ("eval", "current", "train")
 
 
 # --------------------------------------------------------------------------- #
@@ -84,6 +91,10 @@ def _check_inputs(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor]) 
     if x.dim() < 2:
         raise ValueError(f"x must be a batch [N, ...] with at least 2 dims, got shape {tuple(x.shape)}")
     if x.numel() > 0:
+        finite = torch.isfinite(x.detach())
+        if not bool(finite.all()):
+            bad = int((~finite).sum().item())
+            raise ValueError(f"x must be finite, got {bad} NaN/Inf value(s) in a tensor of shape {tuple(x.shape)}")
         lo, hi = torch.aminmax(x.detach())
         if bool(lo < 0) or bool(hi > 1):
             raise ValueError(
@@ -102,29 +113,59 @@ def _check_inputs(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor]) 
 # model state handling
 # --------------------------------------------------------------------------- #
 @contextlib.contextmanager
-def attack_mode(model: nn.Module, mode: Mode = None) -> Iterator[nn.Module]:
-    """Freeze parameters (and optionally switch train/eval) for an attack; restore on exit.
+def model_mode(model: nn.Module, mode: Mode = "eval") -> Iterator[nn.Module]:
+    """Run a block with ``model`` in ``mode``; put every submodule's train/eval flag back on exit.
 
-    Freezing keeps weight gradients out of ``param.grad`` and skips their
-    computation; the flags of every submodule and parameter are put back
-    exactly, even if the attack raises.
+    ``mode`` is "eval", "train" or "current" (leave the mode as it is). The
+    flags are restored per submodule (a model with some submodules frozen in
+    eval keeps that mix), also when the block raises. The one place in
+    pni_fast that switches a model's mode temporarily.
     """
     _check_choice("mode", mode, _MODES)
     training = [(m, m.training) for m in model.modules()]
-    grads = [(p, p.requires_grad) for p in model.parameters()]
     try:
-        for p, _ in grads:
-            p.requires_grad_(False)
         if mode == "eval":
             model.eval()
         elif mode == "train":
             model.train()
         yield model
     finally:
-        for p, flag in grads:
-            p.requires_grad_(flag)
         for m, flag in training:
             m.training = flag
+
+
+@contextlib.contextmanager
+def attack_mode(model: nn.Module, mode: Mode = "eval") -> Iterator[nn.Module]:
+    """Model state for an attack: `model_mode`, frozen parameters, untouched buffers; all restored on exit.
+
+    Freezing keeps weight gradients out of ``param.grad`` and skips their
+    computation. Buffers of modules that run in train mode during the attack
+    (BatchNorm running statistics, ``num_batches_tracked``) are saved and
+    copied back, so an attack never changes them; in eval mode nothing needs
+    saving. Everything is put back exactly, even if the attack raises.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    with model_mode(model, mode):
+        grads = [(p, p.requires_grad) for p in model.parameters()]
+        saved = [
+            (m, name, t, t.detach().clone())
+            for m in model.modules()
+            if m.training
+            for name, t in m._buffers.items()
+            if t is not None
+        ]
+        try:
+            for p, _ in grads:
+                p.requires_grad_(False)
+            yield model
+        finally:
+            for p, flag in grads:
+                p.requires_grad_(flag)
+            with torch.no_grad():
+                for m, name, t, copy in saved:
+                    m._buffers[name] = t  # in case the module replaced the tensor
+                    t.copy_(copy)
 
 
 def resolve_targets(
@@ -201,12 +242,14 @@ def fgsm(
     eps: float = 8 / 255,
     targets: Targets = "labels",
     eot_samples: int = 1,
-    mode: Mode = None,
+    mode: Mode = "eval",
 ) -> torch.Tensor:
     """Fast Gradient Sign Method (Goodfellow et al. 2015): one L-inf step of size eps.
 
     Args:
         eot_samples: average the gradient over this many forward passes (EOT).
+        mode: "eval" (default), "current" or "train": the model's mode during
+            the attack (see `pgd`); restored afterwards.
     Returns:
         Adversarial inputs in [0, 1] with ``|x_adv - x|_inf <= eps``.
     """
@@ -234,7 +277,7 @@ def pgd(
     restarts: int = 1,
     targets: Targets = "labels",
     eot_samples: int = 1,
-    mode: Mode = None,
+    mode: Mode = "eval",
     generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
     """Projected Gradient Descent (Madry et al. 2018), L-inf or L2, with restarts.
@@ -252,7 +295,9 @@ def pgd(
         restarts: independent runs; the best per example is returned.
         targets: "labels" (needs y) or "predictions" (the model's own argmax).
         eot_samples: forward passes averaged per gradient (EOT); see eot_pgd.
-        mode: None keeps the model's mode; "eval"/"train" switch it for the attack.
+        mode: "eval" (default) attacks the model in eval mode (noise stays on),
+            "current" in the mode it is in, "train" in train mode; the mode
+            and all buffers are restored afterwards.
         generator: torch.Generator for the random start (the model's own noise
             is not affected), for reproducible attacks.
     """
@@ -314,7 +359,8 @@ def eot_pgd(
 
     Every step averages the input gradient over ``eot_samples`` separate
     forward/backward passes of the whole batch, so each sample sees a fresh
-    noise draw. Accepts every keyword of `pgd`.
+    noise draw. Accepts every keyword of `pgd` (the model is attacked in eval
+    mode unless ``mode`` says otherwise).
     """
     return pgd(model, x, y, eot_samples=eot_samples, **pgd_kwargs)
 
@@ -330,7 +376,7 @@ def carlini_wagner_l2(
     lr: float = 0.01,
     search_steps: int = 5,
     targets: Targets = "labels",
-    mode: Mode = None,
+    mode: Mode = "eval",
 ) -> torch.Tensor:
     """Carlini-Wagner L2 attack (untargeted), batched, with a binary search over c.
 
@@ -339,6 +385,7 @@ def carlini_wagner_l2(
     Per example, c is halved after a success and multiplied by 10 after a
     failure (bisected once both bounds are known). Returns, per example, the
     smallest-L2 adversarial input found, or x itself where none was found.
+    ``mode`` is the model's mode during the attack, "eval" by default (see `pgd`).
     """
     c = _check_real("c", c, positive=True)
     kappa = _check_real("kappa", kappa)

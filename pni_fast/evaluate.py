@@ -179,7 +179,7 @@ def evaluate(
     """Accuracy of ``model`` on ``data`` under each attack, repeated ``repeats`` times.
 
     The model runs in eval mode (PNI noise stays on unless switched off by the
-    caller) and its mode is restored afterwards. In each repeat every batch is
+    caller), attacks included, and every submodule's mode is restored afterwards. In each repeat every batch is
     attacked afresh and the adversarial batch is classified by one more noisy
     forward pass.
 
@@ -204,10 +204,8 @@ def evaluate(
     if n == 0:
         raise ValueError("data holds no examples")
 
-    was_training = [(m, m.training) for m in model.modules()]
-    model.eval()
     results = []
-    try:
+    with _attacks.model_mode(model, "eval"):
         for spec in attacks:
             accs = []
             for _ in range(repeats):
@@ -220,9 +218,6 @@ def evaluate(
                 accs.append(correct / n)
             settings = asdict(spec)
             results.append(EvalResult(spec.name, settings, spec.describe(), accs, n))
-    finally:
-        for m, flag in was_training:
-            m.training = flag
     return results
 
 

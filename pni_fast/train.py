@@ -10,7 +10,7 @@ epochs (``--epoch_delay 5``), then PGD-7 adversarial training with the loss
 eps 0.031 and step 0.01; we use the usual 8/255 and 2/255.
 
 The adversarial batch is generated on the model in eval mode with its noise on
-(`attacks.pgd(..., mode="eval")`, which switches the mode and restores it):
+(`attacks.pgd` attacks in eval mode by default, and restores the mode):
 BatchNorm uses and does not update its running statistics, exactly as for an
 eval-mode copy of the model, without the cost of copying it every batch.
 
@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attacks import pgd
+from .attacks import model_mode, pgd
 from .data import Split, iterate_batches
 from .optim import param_groups
 
@@ -245,10 +245,8 @@ def _evaluate_epoch(model: nn.Module, test: Split, config: TrainConfig, device: 
     sub = test.subset(config.eval_samples)
     if len(sub) == 0:
         return float("nan"), None
-    was = [(m, m.training) for m in model.modules()]
-    model.eval()
     clean = adv = 0
-    try:
+    with model_mode(model, "eval"):
         for x, y in iterate_batches(sub, max(config.batch_size, 256), device=device):
             with torch.no_grad():
                 clean += int((model(x).argmax(1) == y).sum())
@@ -257,9 +255,6 @@ def _evaluate_epoch(model: nn.Module, test: Split, config: TrainConfig, device: 
                          random_start=True, targets=config.adv_targets)
                 with torch.no_grad():
                     adv += int((model(xa).argmax(1) == y).sum())
-    finally:
-        for m, f in was:
-            m.training = f
     n = len(sub)
     return clean / n, (adv / n if config.adversarial else None)
 
@@ -364,7 +359,7 @@ def train(
             if adv_on:
                 with _noise_ctx(model, config.adv_noise):
                     x_adv = pgd(model, x, y, eps=config.adv_eps, alpha=config.adv_alpha, steps=config.adv_steps,
-                                random_start=config.adv_random_start, targets=config.adv_targets, mode="eval")
+                                random_start=config.adv_random_start, targets=config.adv_targets)
             logits = model(x)
             loss = F.cross_entropy(logits, y)
             if adv_on:
