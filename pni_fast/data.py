@@ -5,7 +5,10 @@
   This is the embedded default: the demo and the tests need nothing else.
 - ``load_cifar10``: CIFAR-10 from the standard python-pickle batches
   (``data_batch_1`` .. ``data_batch_5``, ``test_batch``) in a local folder.
-  Images stay ``uint8`` in memory (150 MB instead of 600 MB as float32);
+  The batches are read with a restricted unpickler (`safe_load_pickle`) that
+  builds only dicts, lists, tuples, bytes, str, numbers and numpy arrays, so a
+  crafted file cannot run code; shapes, dtypes and labels are checked at load
+  time. Images stay ``uint8`` in memory (150 MB instead of 600 MB as float32);
   `iterate_batches` / `to_unit_float` convert each batch to float in [0, 1].
 - ``random_crop_flip``: the standard CIFAR augmentation (random crop with
   zero padding 4, horizontal flip) on whole batches with torch ops.
@@ -13,10 +16,12 @@
 
 from __future__ import annotations
 
+import codecs
+import importlib
 import os
 import pickle
 from dataclasses import dataclass
-from typing import Iterator, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -26,6 +31,7 @@ __all__ = [
     "Split",
     "load_digits",
     "load_cifar10",
+    "safe_load_pickle",
     "CIFAR10_TRAIN_FILES",
     "CIFAR10_TEST_FILE",
     "CIFAR10_CLASSES",
@@ -97,25 +103,100 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Tuple[Split, Split
     return make(tr), make(te)
 
 
-def _read_cifar_batch(path: str) -> Tuple[np.ndarray, np.ndarray]:
+def _latin1_encode(obj: Any, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+    """What a protocol-2 pickle written by Python 3 uses to store bytes; only latin-1 is accepted."""
+    if not isinstance(obj, str) or codecs.lookup(encoding).name != "iso8859-1" or errors != "strict":
+        raise pickle.UnpicklingError(f"refused _codecs.encode({type(obj).__name__}, {encoding!r}, {errors!r})")
+    return obj.encode("latin-1")
+
+
+def _numpy_global(name: str) -> Callable[..., Any]:
+    """numpy's array-unpickling helpers (numpy._core in numpy 2, numpy.core in numpy 1)."""
+    module = {"_reconstruct": "multiarray", "_frombuffer": "numeric"}[name]
+    for pkg in ("numpy._core", "numpy.core"):
+        try:
+            return getattr(importlib.import_module(f"{pkg}.{module}"), name)
+        except (ImportError, AttributeError):
+            continue
+    raise pickle.UnpicklingError(f"this numpy has no {name} to unpickle arrays with")  # pragma: no cover
+
+
+# (module, name) -> how to get the object. Nothing else may be loaded.
+_SAFE_GLOBALS: Dict[Tuple[str, str], Callable[[], Any]] = {
+    ("numpy", "ndarray"): lambda: np.ndarray,
+    ("numpy", "dtype"): lambda: np.dtype,
+    ("_codecs", "encode"): lambda: _latin1_encode,
+}
+for _pkg in ("numpy.core", "numpy._core"):
+    _SAFE_GLOBALS[(f"{_pkg}.multiarray", "_reconstruct")] = lambda: _numpy_global("_reconstruct")
+    _SAFE_GLOBALS[(f"{_pkg}.numeric", "_frombuffer")] = lambda: _numpy_global("_frombuffer")
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Builds builtin containers, bytes, str, numbers and numpy arrays; refuses every other global."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        get = _SAFE_GLOBALS.get((module, name))
+        if get is None:
+            raise pickle.UnpicklingError(
+                f"refused to load global {module}.{name} (only builtin containers, bytes, str, numbers and "
+                "numpy arrays are allowed; the file may be crafted to run code)"
+            )
+        return get()
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("refused a persistent id (not allowed in a data file)")
+
+
+def safe_load_pickle(path: Union[str, os.PathLike], encoding: str = "bytes") -> Any:
+    """Unpickle ``path`` without running code: only containers, bytes, str, numbers and numpy arrays.
+
+    Raises ValueError naming the file (and the refused global) for anything else.
+    ``encoding="bytes"`` reads Python 2 pickles (the CIFAR-10 batches) as bytes.
+    """
+    path = os.fspath(path)
     with open(path, "rb") as f:
         try:
-            d = pickle.load(f, encoding="bytes")
+            return _RestrictedUnpickler(f, encoding=encoding).load()
         except Exception as e:
-            raise ValueError(f"{path} is not a CIFAR-10 python pickle batch: {e}") from e
+            raise ValueError(f"{path}: cannot read it as a safe python pickle: {e}") from None
+
+
+def _read_cifar_batch(path: str) -> Tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 batch file -> (uint8 [N, 3, 32, 32], int64 [N] labels in [0, 10)), checked."""
+    d = safe_load_pickle(path)
     if not isinstance(d, dict):
         raise ValueError(f"{path} is not a CIFAR-10 python batch (expected a dict, got {type(d).__name__})")
     data = d.get(b"data", d.get("data"))
     labels = d.get(b"labels", d.get("labels"))
     if data is None or labels is None:
         raise ValueError(f"{path} is not a CIFAR-10 python batch (keys 'data' and 'labels' missing, has {sorted(map(str, d))})")
-    data = np.asarray(data, dtype=np.uint8)
-    labels = np.asarray(labels, dtype=np.int64)
-    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.shape[0] != labels.shape[0]:
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
+        what = f"array of dtype {data.dtype}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise ValueError(f"{path}: 'data' must be a uint8 numpy array, got {what}")
+    if data.ndim == 2 and data.shape[1] == 3 * 32 * 32:
+        data = data.reshape(-1, 3, 32, 32)
+    elif data.ndim != 4 or data.shape[1:] != (3, 32, 32):
+        raise ValueError(f"{path}: 'data' must have shape [N, 3072] or [N, 3, 32, 32], got {list(data.shape)}")
+    if isinstance(labels, np.ndarray):
+        if labels.ndim != 1 or labels.dtype.kind not in "iu":
+            raise ValueError(f"{path}: 'labels' must be a 1-D integer array, got dtype {labels.dtype} shape {list(labels.shape)}")
+    elif isinstance(labels, (list, tuple)):
+        bad = next((v for v in labels if isinstance(v, bool) or not isinstance(v, int)), None)
+        if bad is not None:
+            raise ValueError(f"{path}: 'labels' must hold integers, got {type(bad).__name__} {bad!r}")
+    else:
+        raise ValueError(f"{path}: 'labels' must be a list of integers, got {type(labels).__name__}")
+    if len(labels) != data.shape[0]:
+        raise ValueError(f"{path}: expected one label per image, got {data.shape[0]} images and {len(labels)} labels")
+    k = len(CIFAR10_CLASSES)
+    out_of_range = [i for i, v in enumerate(labels) if not 0 <= int(v) < k]
+    if out_of_range:
+        i = out_of_range[0]
         raise ValueError(
-            f"{path}: expected data of shape [N, 3072] and N labels, got data {data.shape} and {labels.shape[0]} labels"
+            f"{path}: labels must lie in [0, {k}), got {int(labels[i])} at index {i} ({len(out_of_range)} out of range)"
         )
-    return data.reshape(-1, 3, 32, 32), labels
+    return np.ascontiguousarray(data), np.asarray(labels, dtype=np.int64).reshape(-1)
 
 
 def load_cifar10(data_dir: Union[str, os.PathLike]) -> Tuple[Split, Split]:
