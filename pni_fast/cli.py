@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import shutil
 import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
@@ -132,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
         "training, PGD training + PNI-W via pni_fast.convert), then print clean / PGD / EOT-PGD accuracy "
         "(mean +/- std over R noisy evaluations) and save a PNG to --out. Needs no download.",
     )
-    d.add_argument("--out", default="pni_demo_out", help="output folder for results.json, the PNG and the logs")
+    d.add_argument("--out", default="pni_demo_out",
+                   help="output folder for results.json, the PNG and the logs (a re-run replaces its contents)")
     d.add_argument("--epochs", type=_pos_int, default=20, help="training epochs per model")
     d.add_argument("--warmup-epochs", type=_nonneg_int, default=2, help="clean epochs before PGD training starts")
     d.add_argument("--eps", type=_fraction, default=0.2, help="L-inf radius for training and evaluation (images in [0,1])")
@@ -174,8 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-samples", type=_nonneg_int, default=1000, help="test images checked after each epoch")
     t.add_argument("--seed", type=_nonneg_int, default=0)
     t.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    t.add_argument("--out", default="pni_run", help="output folder")
-    t.add_argument("--resume", default=None, help="checkpoint file or folder to continue from")
+    t.add_argument("--out", default="pni_run",
+                   help="output folder; one that holds another run is refused unless --resume or --overwrite")
+    t.add_argument("--resume", default=None,
+                   help="checkpoint file or folder to continue from (same noise stream); if it already holds "
+                   "--epochs epochs, a note says so and the command exits 0 without training")
+    t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     t.add_argument("--limit-train", type=_pos_int, default=None, help="use only the first N training images")
     t.add_argument("--no-progress", action="store_true", help="no tqdm bars")
 
@@ -283,7 +290,7 @@ def run_demo(args: argparse.Namespace) -> Dict[str, Any]:
         print(f"[demo] training {name}: {epochs} epochs{'' if not cfg.adversarial else f', PGD-{cfg.adv_steps} from epoch {warmup + 1}'}",
               file=sys.stderr, flush=True)
         hist = train(model, train_set, test_set, cfg, out_dir=os.path.join(args.out, slug), device="cpu",
-                     progress=not args.no_progress, model_spec=spec)
+                     progress=not args.no_progress, model_spec=spec, overwrite=True)
         t_train = time.perf_counter() - t0
         print(f"[demo] evaluating {name}", file=sys.stderr, flush=True)
         # a model without noise answers identically every time: one evaluation is exact (std 0)
@@ -400,14 +407,24 @@ def run_train(args: argparse.Namespace) -> List[Dict[str, Any]]:
     spec = {"arch": args.model, "pni": None if args.pni == "none" else args.pni, "noise": args.noise,
             "num_classes": 10, "in_channels": in_channels, "width": 32, "dataset": dataset}
     if args.resume:
-        old = load_checkpoint(args.resume).get("model_spec") or {}
+        ckpt = load_checkpoint(args.resume)
+        old = ckpt.get("model_spec") or {}
         if old and (old.get("arch"), old.get("pni")) != (spec["arch"], spec["pni"]):
             raise ValueError(f"--resume checkpoint holds {old.get('arch')} pni={old.get('pni')}, "
                              f"but --model {spec['arch']} --pni {args.pni} was asked")
+        if int(ckpt["epoch"]) >= args.epochs:
+            print(f"nothing to train: checkpoint {args.resume} already holds {int(ckpt['epoch'])} epochs "
+                  f"(--epochs {args.epochs}); pass a larger --epochs to continue it", file=sys.stderr)
+            return list(ckpt.get("history", []))
+        del ckpt
     torch.manual_seed(args.seed)
     model = build_model(spec)
-    hist = train(model, train_set, test_set, cfg, out_dir=args.out, resume=args.resume, device=args.device,
-                 progress=not args.no_progress, model_spec=spec)
+    try:
+        hist = train(model, train_set, test_set, cfg, out_dir=args.out, resume=args.resume, device=args.device,
+                     progress=not args.no_progress, model_spec=spec, overwrite=args.overwrite)
+    except KeyboardInterrupt:
+        print(_interrupted_message(args), file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     if hist:
         last = hist[-1]
         adv = last["test_adv_acc"]
@@ -415,6 +432,36 @@ def run_train(args: argparse.Namespace) -> List[Dict[str, Any]]:
               f"{100 * last['test_clean_acc']:.2f}%" + (f", test PGD-{cfg.eval_pgd_steps} acc {100 * adv:.2f}%" if adv is not None else ""))
     print(f"checkpoint and logs in {args.out}")
     return hist
+
+
+def _interrupted_message(args: argparse.Namespace) -> str:
+    """One line after Ctrl-C: the last checkpoint and the exact command that resumes it."""
+    from .train import CHECKPOINT_NAME, load_checkpoint
+
+    ckpt = os.path.join(args.out, CHECKPOINT_NAME)
+    if not os.path.isfile(ckpt) and args.resume:
+        ckpt = args.resume  # interrupted before this run wrote its own checkpoint
+    epoch = None
+    if os.path.exists(ckpt):
+        try:
+            epoch = int(load_checkpoint(ckpt)["epoch"])
+        except (ValueError, OSError):
+            epoch = None
+    argv, skip = [], False
+    for a in getattr(args, "argv", None) or []:
+        if skip:
+            skip = False
+        elif a == "--resume":
+            skip = True
+        elif not a.startswith("--resume=") and a != "--overwrite":
+            argv.append(a)
+    python = "python" if shutil.which("python") and os.path.realpath(shutil.which("python")) == os.path.realpath(
+        sys.executable) else sys.executable
+    if epoch is None:
+        cmd = shlex.join([python, "-m", "pni_fast", *argv])
+        return f"interrupted before a checkpoint was written (nothing to resume); start again with: {cmd}"
+    cmd = shlex.join([python, "-m", "pni_fast", *argv, "--resume", ckpt])
+    return f"interrupted: last checkpoint {ckpt} (epoch {epoch} of {args.epochs}); resume with: {cmd}"
 
 
 def run_eval(args: argparse.Namespace) -> list:
@@ -492,7 +539,9 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
+    args.argv = argv
     if args.command == "bench":
         args.bench_args = extra + list(args.bench_args or [])  # options for run_all.py pass through
     elif extra:
@@ -512,6 +561,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             run_info(args)
         elif args.command == "bench":
             return run_bench(args)
-    except (ValueError, FileNotFoundError, TypeError) as e:
-        parser.exit(2, f"{parser.prog} {args.command}: error: {e}\n")
+    except (ValueError, OSError, TypeError) as e:
+        msg = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the message
+        parser.exit(2, f"{parser.prog} {args.command}: error: {msg}\n")
     return 0

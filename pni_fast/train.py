@@ -16,8 +16,14 @@ eval-mode copy of the model, without the cost of copying it every batch.
 
 Checkpoints hold model, optimizer, scheduler, completed epochs, history, RNG
 states and config; they are written atomically (temp file + ``os.replace``)
-after every epoch, so a crash loses at most the epoch in progress, and
-``resume`` continues bit-for-bit (same shuffling, augmentation and noise).
+after every epoch with a sha256 checksum (`pni_fast.checkpoint`), so a crash
+loses at most the epoch in progress, a damaged file is reported instead of
+loaded, and ``resume`` continues bit-for-bit (same shuffling, augmentation and
+noise). ``history.json``/``metrics.csv`` are written after the checkpoint and
+rewritten from the checkpoint's history on resume, so they never run ahead of
+it. Leftover ``*.tmp<pid>`` files of an interrupted writer are removed when a
+run starts, and a run refuses to write into a folder that holds another run
+unless asked to (``overwrite=True``).
 """
 
 from __future__ import annotations
@@ -42,6 +48,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attacks import model_mode, pgd
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    CheckpointError,
+    atomic_write_bytes,
+    load_checkpoint,
+    remove_orphan_temp_files,
+    save_checkpoint,
+)
 from .data import Split, iterate_batches
 from .optim import param_groups
 
@@ -55,9 +69,11 @@ __all__ = [
     "alpha_means",
     "resolve_device",
     "CHECKPOINT_NAME",
+    "CheckpointError",
+    "RUN_FILES",
 ]
 
-CHECKPOINT_NAME = "checkpoint.pt"
+RUN_FILES = (CHECKPOINT_NAME, "history.json", "metrics.csv")  # what a run writes into out_dir
 
 
 @dataclass
@@ -180,37 +196,8 @@ def _set_rng_state(st: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def save_checkpoint(path: str, state: Dict[str, Any]) -> None:
-    """torch.save to a temp file in the same folder, then rename: never a half-written checkpoint."""
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    _atomic_write_bytes(path, buf.getvalue())
-
-
-def load_checkpoint(path: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
-    """Load a checkpoint written by `train` (a file, or a folder holding checkpoint.pt)."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, CHECKPOINT_NAME)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} not found")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "epoch" not in ckpt:
-        raise ValueError(f"{path!r} is not a pni_fast training checkpoint (keys 'model' and 'epoch' missing)")
-    return ckpt
-
-
 def _write_logs(out_dir: str, history: List[Dict[str, Any]]) -> None:
-    _atomic_write_bytes(os.path.join(out_dir, "history.json"), json.dumps(history, indent=1).encode())
+    atomic_write_bytes(os.path.join(out_dir, "history.json"), json.dumps(history, indent=1).encode())
     cols = [
         "epoch", "lr", "adversarial", "train_loss", "train_clean_acc", "train_adv_acc",
         "test_clean_acc", "test_adv_acc", "alpha_mean", "time_s",
@@ -221,7 +208,7 @@ def _write_logs(out_dir: str, history: List[Dict[str, Any]]) -> None:
     w.writerow(cols + [f"alpha[{n}]" for n in alpha_names])
     for h in history:
         w.writerow([h.get(c, "") if h.get(c) is not None else "" for c in cols] + [h["alpha"].get(n, "") for n in alpha_names])
-    _atomic_write_bytes(os.path.join(out_dir, "metrics.csv"), s.getvalue().encode())
+    atomic_write_bytes(os.path.join(out_dir, "metrics.csv"), s.getvalue().encode())
 
 
 @contextlib.contextmanager
@@ -259,6 +246,35 @@ def _evaluate_epoch(model: nn.Module, test: Split, config: TrainConfig, device: 
     return clean / n, (adv / n if config.adversarial else None)
 
 
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _prepare_out_dir(out_dir: str, resume: Optional[str], overwrite: bool, started: float) -> None:
+    """Make out_dir, drop orphan temp files, refuse to mix with another run unless overwrite."""
+    os.makedirs(out_dir, exist_ok=True)
+    remove_orphan_temp_files(out_dir, RUN_FILES, started)
+    existing = [n for n in RUN_FILES if os.path.exists(os.path.join(out_dir, n))]
+    if not existing:
+        return
+    ckpt = os.path.join(out_dir, CHECKPOINT_NAME)
+    resume_file = None
+    if resume is not None:
+        resume_file = os.path.join(resume, CHECKPOINT_NAME) if os.path.isdir(resume) else resume
+    if resume_file is not None and _same_file(resume_file, ckpt):
+        return  # continuing the run in place
+    if not overwrite:
+        raise FileExistsError(
+            f"output folder {out_dir!r} already holds a training run ({', '.join(existing)}); continue it with "
+            f"--resume {out_dir} (resume=...) or replace it with --overwrite (overwrite=True)"
+        )
+    for n in existing:
+        os.remove(os.path.join(out_dir, n))
+
+
 def train(
     model: nn.Module,
     train_data: Split,
@@ -271,6 +287,7 @@ def train(
     progress: bool = True,
     model_spec: Optional[Dict[str, Any]] = None,
     on_epoch: Optional[Callable[[Dict[str, Any]], None]] = None,
+    overwrite: bool = False,
 ) -> List[Dict[str, Any]]:
     """Train ``model`` (plain or PNI) with clean warm-up then PGD adversarial training.
 
@@ -283,7 +300,10 @@ def train(
         resume: a checkpoint file or folder to continue from.
         model_spec: JSON-able description stored in the checkpoint so
             ``python -m pni_fast eval`` can rebuild the model.
-        on_epoch: called with each epoch's record.
+        on_epoch: called with each epoch's record (after its checkpoint is written).
+        overwrite: allow ``out_dir`` to hold another run's files (they are
+            deleted first); without it such a folder raises FileExistsError,
+            unless ``resume`` is that folder's own checkpoint.
     Returns:
         The list of per-epoch records (loss, accuracies, lr, mean alpha per layer).
 
@@ -293,6 +313,8 @@ def train(
     A fresh run calls ``torch.manual_seed(config.seed)`` first (PNI noise is
     drawn from torch's default generator), so a run is reproducible from its
     config; a resumed run restores the generator states from the checkpoint.
+    Resuming a checkpoint that already holds ``config.epochs`` epochs trains
+    nothing: it warns and returns the checkpoint's history.
     """
     config = config if config is not None else TrainConfig()
     if not isinstance(config, TrainConfig):
@@ -301,15 +323,18 @@ def train(
         raise TypeError(f"train_data must be a pni_fast.data.Split, got {type(train_data).__name__}")
     if test_data is not None and not isinstance(test_data, Split):
         raise TypeError(f"test_data must be a pni_fast.data.Split or None, got {type(test_data).__name__}")
+    started = time.time()
     dev = resolve_device(device)
     model.to(dev)
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config)
     history: List[Dict[str, Any]] = []
     start_epoch = 0
+    if resume is not None:
+        resume = os.fspath(resume)
     if out_dir is not None:
         out_dir = os.fspath(out_dir)
-        os.makedirs(out_dir, exist_ok=True)
+        _prepare_out_dir(out_dir, resume, overwrite, started)
 
     if resume is not None:
         ckpt = load_checkpoint(resume, map_location=dev)
@@ -332,6 +357,11 @@ def train(
         _set_rng_state(ckpt["rng"])
         if model_spec is None:
             model_spec = ckpt.get("model_spec")
+        if out_dir is not None:
+            _write_logs(out_dir, history)  # logs of a crashed run may be ahead of its checkpoint
+        if start_epoch >= config.epochs:
+            warnings.warn(f"checkpoint {resume!r} already holds {start_epoch} epochs (epochs={config.epochs}): "
+                          "nothing to train", stacklevel=2)
     else:
         torch.manual_seed(config.seed)
 
@@ -394,7 +424,6 @@ def train(
         record["alpha_mean"] = float(np.mean(list(record["alpha"].values()))) if record["alpha"] else None
         history.append(record)
         if out_dir is not None:
-            _write_logs(out_dir, history)
             save_checkpoint(
                 os.path.join(out_dir, CHECKPOINT_NAME),
                 {
@@ -408,6 +437,7 @@ def train(
                     "model_spec": model_spec,
                 },
             )
+            _write_logs(out_dir, history)  # after the checkpoint: the logs never run ahead of it
         if on_epoch is not None:
             on_epoch(record)
     return history

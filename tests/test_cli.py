@@ -74,7 +74,7 @@ def test_help(cmd, capsys):
     out = capsys.readouterr().out
     assert "usage:" in out
     if cmd == ["train"]:
-        for opt in ("--model", "--pni", "--noise", "--data-dir", "--epochs", "--out", "--resume", "--eps"):
+        for opt in ("--model", "--pni", "--noise", "--data-dir", "--epochs", "--out", "--resume", "--overwrite", "--eps"):
             assert opt in out
     if cmd == []:
         for sub in ("demo", "train", "eval", "info", "bench"):
