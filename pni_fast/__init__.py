@@ -6,7 +6,8 @@ storing it. Importing never fails: without a compiled extension the pure-PyTorch
 (same noise, slower) and says so once.
 """
 from .backends import available_backends, info
-from .functional import draw_seed, inject_noise, noisy_weight, noisy_weights, randn, weight_sigma
+from .functional import inject_noise, noisy_weight, noisy_weights, randn, weight_sigma
+from .rng import default_rng_state, draw_seed, make_rng_state
 from .modules import NoiseInjection, NoisyConv2d, NoisyLinear, batch_weight_noise
 from .control import no_noise, noise_enabled, set_noise
 from .convert import convert, strip
@@ -28,6 +29,8 @@ __all__ = [
     "inject_noise",
     "randn",
     "draw_seed",
+    "make_rng_state",
+    "default_rng_state",
     "weight_sigma",
     "NoisyConv2d",
     "NoisyLinear",

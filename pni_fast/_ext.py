@@ -152,7 +152,7 @@ def _load_jit() -> tuple[bool, str]:
         import torch
         from torch.utils import cpp_extension
 
-        sources = [os.path.join(src, "ops.cpp"), os.path.join(src, "autograd.cpp")]
+        sources = [os.path.join(src, "ops.cpp")] + [p for p in [os.path.join(src, "autograd.cpp")] if os.path.isfile(p)]
         sources += sorted(glob.glob(os.path.join(src, "cpu", "*.cpp")))
         cuda_sources = sorted(glob.glob(os.path.join(src, "cuda", "*.cu")))
         with_cuda = bool(

@@ -11,15 +11,48 @@ from __future__ import annotations
 import importlib.util
 import os
 import warnings
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from . import _ext
 
-__all__ = ["BACKENDS", "ENV_VAR", "available_backends", "resolve_backend", "info"]
+__all__ = ["BACKENDS", "ENV_VAR", "Backend", "REGISTRY", "available_backends", "resolve_backend", "info"]
 
-BACKENDS = ("cpu", "cuda", "triton", "torch")
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of the op contract (docs/ops.md): the names of its ``torch.ops.pni_fast`` ops.
+
+    ``perturb_multi`` / ``alpha_grad_multi`` are None where the backend has no list op (the functional
+    layer then loops over the single op).
+    """
+
+    name: str
+    noise: str
+    perturb: str
+    alpha_grad: str
+    perturb_multi: Optional[str] = None
+    alpha_grad_multi: Optional[str] = None
+
+
+_CPP = dict(noise="noise", perturb="perturb", alpha_grad="perturb_alpha_grad", perturb_multi="perturb_multi",
+            alpha_grad_multi="perturb_alpha_grad_multi")
+REGISTRY: dict[str, Backend] = {
+    "cpu": Backend("cpu", **_CPP),
+    "cuda": Backend("cuda", **_CPP),
+    "triton": Backend(
+        "triton",
+        noise="noise_triton",
+        perturb="perturb_triton",
+        alpha_grad="perturb_alpha_grad_triton",
+        perturb_multi="perturb_multi_triton",
+        alpha_grad_multi="perturb_alpha_grad_multi_triton",
+    ),
+    "torch": Backend("torch", noise="noise_torch", perturb="perturb_torch", alpha_grad="perturb_alpha_grad_torch"),
+}
+BACKENDS = tuple(REGISTRY)
 ENV_VAR = "PNI_FAST_BACKEND"
 
 _warned_fallback: set[str] = set()

@@ -1,27 +1,33 @@
-"""The fused PNI ops as differentiable functions: ``w' = w + alpha * std(w) * z``.
+"""The public PNI functions: ``w' = w + alpha * std(w) * z`` in one fused pass, differentiable.
 
-Every backend is a PyTorch custom op that is a pure function of ``(tensor, alpha, sigma,
-seed, offset, inner)``; this module validates arguments, computes ``sigma`` on the
-device (no ``.item()``), picks the backend, and registers fake kernels and autograd.
+This layer validates arguments, computes ``sigma`` on the device (no ``.item()`` on GPU),
+chooses the seed source (:mod:`pni_fast.rng`) and the backend (:mod:`pni_fast.backends`),
+and calls the backend's op through the autograd functions of :mod:`pni_fast.autograd`.
 The backward never stores the noise: it regenerates ``z`` from ``(seed, offset)``.
 
-Seeds: when ``seed`` is None a fresh one is drawn from PyTorch's default CPU generator
+Seeds: ``seed=None`` draws a fresh seed per call from PyTorch's default CPU generator
 (``torch.manual_seed`` makes a run reproducible; this advances that generator and never
-touches the GPU). Under ``torch.compile(fullgraph=True)`` a drawn seed traces as a symbolic
-integer (the ops take ``SymInt seed``): no graph break. Inductor replays the draw with its own
-random stream, so compiled noise is fresh per call but not bit-equal to eager's for the same
-``torch.manual_seed``; ``aot_eager`` and explicit seeds match eager exactly.
+touches the GPU). ``seed`` may also be an RNG state tensor (:func:`pni_fast.make_rng_state`),
+read on the device and advanced in place: the graph-safe source, used automatically for
+``seed=None`` while a CUDA graph is being captured. Under ``torch.compile(fullgraph=True)``
+a drawn seed traces as a symbolic integer (no graph break); inductor replays the draw with
+its own random stream, so compiled noise is fresh per call but not bit-equal to eager's.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+import operator
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from . import _ext, backends
-from .reference import alpha_view, randn_torch, philox_words_torch, uniform_from_words_torch
+from . import ops_torch  # noqa: F401  (registers the pure-PyTorch ops)
+from .autograd import AlphaGradFn, PerturbFn, PerturbMultiFn, call, register_op_autograd  # noqa: F401
+from .backends import REGISTRY
+from .ops_torch import check_alpha_dtype, opmath
+from .rng import SEED_LIMIT, default_rng_state, draw_seed, make_rng_state, rng_args, under_vmap
 
 __all__ = [
     "noisy_weight",
@@ -29,166 +35,40 @@ __all__ = [
     "noisy_weights",
     "randn",
     "draw_seed",
+    "make_rng_state",
+    "default_rng_state",
     "weight_sigma",
     "SEED_LIMIT",
 ]
 
-SEED_LIMIT = 2**63
+Seed = Union[int, Tensor, None]
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-def _opmath(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-# ---------------------------------------------------------------------------
-# The pure-PyTorch backend, registered with the same signatures as the C++ ops
-# ---------------------------------------------------------------------------
-
-
-@torch.library.custom_op("pni_fast::noise_torch", mutates_args=())
-def _noise_torch(like: Tensor, seed: int, offset: int) -> Tensor:
-    return randn_torch(like.numel(), seed, offset, like.device).reshape(like.shape)
-
-
-@_noise_torch.register_fake
-def _(like: Tensor, seed: int, offset: int) -> Tensor:
-    return like.new_empty(like.shape, dtype=torch.float32)
-
-
-@torch.library.custom_op("pni_fast::rng_words_torch", mutates_args=())
-def _rng_words_torch(like: Tensor, seed: int, offset: int) -> Tensor:
-    w = philox_words_torch(like.numel(), seed, offset, like.device)
-    return torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
-
-
-@torch.library.custom_op("pni_fast::rng_uniform_torch", mutates_args=())
-def _rng_uniform_torch(like: Tensor, seed: int, offset: int) -> Tensor:
-    return uniform_from_words_torch(philox_words_torch(like.numel(), seed, offset, like.device))
-
-
-@torch.library.custom_op("pni_fast::perturb_torch", mutates_args=())
-def _perturb_torch(v: Tensor, alpha: Tensor, sigma: Tensor, seed: int, offset: int, inner: int) -> Tensor:
-    om = _opmath(v.dtype)
-    shape, a = alpha_view(alpha.to(om), v.numel(), inner)
-    z = randn_torch(v.numel(), seed, offset, v.device).to(om).reshape(shape)
-    out = v.to(om).reshape(shape) + (a * sigma.to(om)) * z
-    return out.to(v.dtype).reshape(v.shape)
-
-
-@_perturb_torch.register_fake
-def _(v: Tensor, alpha: Tensor, sigma: Tensor, seed: int, offset: int, inner: int) -> Tensor:
-    return v.new_empty(v.shape)
-
-
-@torch.library.custom_op("pni_fast::perturb_alpha_grad_torch", mutates_args=())
-def _perturb_alpha_grad_torch(
-    grad: Tensor, alpha: Tensor, sigma: Tensor, seed: int, offset: int, inner: int
-) -> Tensor:
-    om = _opmath(grad.dtype)
-    shape, _ = alpha_view(alpha, grad.numel(), inner)
-    z = randn_torch(grad.numel(), seed, offset, grad.device).to(om).reshape(shape)
-    partial = (grad.to(om).reshape(shape) * z).sum(dim=(0, 2))
-    return (partial * sigma.to(om)).reshape(alpha.shape).to(alpha.dtype)
-
-
-@_perturb_alpha_grad_torch.register_fake
-def _(grad: Tensor, alpha: Tensor, sigma: Tensor, seed: int, offset: int, inner: int) -> Tensor:
-    return alpha.new_empty(alpha.shape)
-
-
-# ---------------------------------------------------------------------------
-# Backend table, fake kernels for the C++ ops, autograd for every forward op
-# ---------------------------------------------------------------------------
-
-_OPS = {
-    # backend: (noise, perturb, alpha grad, perturb multi or None, alpha grad multi or None)
-    "cpu": ("noise", "perturb", "perturb_alpha_grad", "perturb_multi", "perturb_alpha_grad_multi"),
-    "cuda": ("noise", "perturb", "perturb_alpha_grad", "perturb_multi", "perturb_alpha_grad_multi"),
-    "triton": (
-        "noise_triton",
-        "perturb_triton",
-        "perturb_alpha_grad_triton",
-        "perturb_multi_triton",
-        "perturb_alpha_grad_multi_triton",
-    ),
-    "torch": ("noise_torch", "perturb_torch", "perturb_alpha_grad_torch", None, None),
-}
 _registered: set[str] = set()
 
 
-def _op(name: str):
-    return getattr(torch.ops.pni_fast, name).default
-
-
-def _setup_single(ctx, inputs, output) -> None:
-    _, alpha, sigma, seed, offset, inner = inputs
-    ctx.save_for_backward(alpha, sigma)
-    ctx.rng = (seed, offset, inner)
-
-
-def _setup_multi(ctx, inputs, output) -> None:
-    _, alphas, sigmas, seed, offsets, inners = inputs
-    ctx.save_for_backward(*alphas, *sigmas)
-    ctx.rng = (seed, list(offsets), list(inners))
-    ctx.shapes = [(a.shape, a.dtype, a.device) for a in inputs[0]]
-
-
-def _single_backward(grad_op_name: str):
-    def backward(ctx, grad: Tensor):
-        alpha, sigma = ctx.saved_tensors
-        grad_alpha = None
-        if ctx.needs_input_grad[1]:
-            grad_alpha = _op(grad_op_name)(grad.contiguous(), alpha, sigma, *ctx.rng)
-        return grad, grad_alpha, None, None, None, None
-
-    return backward
-
-
-def _multi_backward(grad_op_name: str):
-    def backward(ctx, grads: Sequence[Optional[Tensor]]):
-        saved = ctx.saved_tensors
-        n = len(saved) // 2
-        alphas, sigmas = list(saved[:n]), list(saved[n:])
-        grads = [
-            torch.zeros(s, dtype=d, device=dev) if g is None else g.contiguous()
-            for g, (s, d, dev) in zip(grads, ctx.shapes)
-        ]
-        seed, offsets, inners = ctx.rng
-        grad_alphas = _op(grad_op_name)(grads, alphas, sigmas, seed, offsets, inners)
-        return grads, list(grad_alphas), [None] * n, None, None, None
-
-    return backward
-
-
 def _register_cpp_fakes() -> None:
-    @torch.library.register_fake("pni_fast::noise")
-    def _(like, seed, offset):
-        return like.new_empty(like.shape, dtype=torch.float32)
+    def words_like(like, seed, offset, rng_state=None, dtype=torch.int32):
+        return like.new_empty((4 * (-(-like.numel() // 4)),), dtype=dtype)
 
-    @torch.library.register_fake("pni_fast::rng_words")
-    def _(like, seed, offset):
-        return like.new_empty((4 * (-(-like.numel() // 4)),), dtype=torch.int32)
-
-    @torch.library.register_fake("pni_fast::rng_uniform")
-    def _(like, seed, offset):
-        return like.new_empty((4 * (-(-like.numel() // 4)),), dtype=torch.float32)
-
-    @torch.library.register_fake("pni_fast::perturb")
-    def _(v, alpha, sigma, seed, offset, inner):
-        return v.new_empty(v.shape)
-
-    @torch.library.register_fake("pni_fast::perturb_alpha_grad")
-    def _(grad, alpha, sigma, seed, offset, inner):
-        return alpha.new_empty(alpha.shape)
-
-    @torch.library.register_fake("pni_fast::perturb_multi")
-    def _(vs, alphas, sigmas, seed, offsets, inners):
-        return [v.new_empty(v.shape) for v in vs]
-
-    @torch.library.register_fake("pni_fast::perturb_alpha_grad_multi")
-    def _(grads, alphas, sigmas, seed, offsets, inners):
-        return [a.new_empty(a.shape) for a in alphas]
+    torch.library.register_fake("pni_fast::noise")(
+        lambda like, seed, offset, rng_state=None: like.new_empty(like.shape, dtype=torch.float32)
+    )
+    torch.library.register_fake("pni_fast::rng_words")(words_like)
+    torch.library.register_fake("pni_fast::rng_uniform")(
+        lambda like, seed, offset, rng_state=None: words_like(like, seed, offset, dtype=torch.float32)
+    )
+    torch.library.register_fake("pni_fast::perturb")(
+        lambda v, alpha, sigma, seed, offset, inner, rng_state=None: v.new_empty(v.shape)
+    )
+    torch.library.register_fake("pni_fast::perturb_alpha_grad")(
+        lambda grad, alpha, sigma, seed, offset, inner, rng_state=None: alpha.new_empty(alpha.shape)
+    )
+    torch.library.register_fake("pni_fast::perturb_multi")(
+        lambda vs, alphas, sigmas, seed, offsets, inners, rng_state=None: [v.new_empty(v.shape) for v in vs]
+    )
+    torch.library.register_fake("pni_fast::perturb_alpha_grad_multi")(
+        lambda grads, alphas, sigmas, seed, offsets, inners, rng_state=None: [a.new_empty(a.shape) for a in alphas]
+    )
 
 
 def _ensure_registered(backend: str) -> None:
@@ -200,16 +80,7 @@ def _ensure_registered(backend: str) -> None:
         _register_cpp_fakes()
     elif group == "triton":
         from . import triton as _triton_ops  # noqa: F401  (registers the triton_ops)
-    _, fwd, bwd, fwd_multi, bwd_multi = _OPS[backend]
-    # the compiled library brings the same autograd in C++ (csrc/autograd.cpp): keep it, it
-    # saves ~20 us of Python per forward + backward
-    cpp_autograd = group == "cpp" and torch._C._dispatch_has_kernel_for_dispatch_key(f"pni_fast::{fwd}", "Autograd")
-    if not cpp_autograd:
-        torch.library.register_autograd(f"pni_fast::{fwd}", _single_backward(bwd), setup_context=_setup_single)
-        if fwd_multi is not None:
-            torch.library.register_autograd(
-                f"pni_fast::{fwd_multi}", _multi_backward(bwd_multi), setup_context=_setup_multi
-            )
+    register_op_autograd(REGISTRY[backend])
     _registered.add(group)
 
 
@@ -241,36 +112,19 @@ def _check_alpha(alpha, ref: Tensor, ref_name: str) -> None:
         raise TypeError(f"alpha must be a torch.Tensor, got {type(alpha).__name__}")
     if alpha.device != ref.device:
         raise ValueError(f"alpha must be on {ref_name}'s device {ref.device}, got {alpha.device}")
-    if alpha.dtype != ref.dtype:
-        raise TypeError(f"alpha must have {ref_name}'s dtype {ref.dtype}, got {alpha.dtype}")
+    check_alpha_dtype(alpha, ref.dtype, ref_name)
     if alpha.numel() == 0:
         raise ValueError("alpha must have at least one element, got an empty tensor")
 
 
-def _check_seed_offset(seed, offset) -> int:
-    if seed is None:
-        seed = draw_seed()
-    elif isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int in [0, 2**63) or None, got {type(seed).__name__}")
-    elif not 0 <= seed < SEED_LIMIT:
-        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
-    if isinstance(offset, bool) or not isinstance(offset, int):
-        raise TypeError(f"offset must be a non-negative int, got {type(offset).__name__}")
-    if not 0 <= offset < SEED_LIMIT:
-        raise ValueError(f"offset must be in [0, 2**63), got {offset}")
-    return seed
-
-
 def _weight_inner(weight: Tensor, alpha: Tensor) -> int:
-    """The contract's ``inner`` for a weight's alpha, inferred from alpha's shape."""
-    if alpha.numel() == 1:
-        return 1
-    if tuple(alpha.shape) == tuple(weight.shape):
+    """The contract's ``inner`` for a weight's alpha, inferred from alpha's shape (>= 1, also for empty weights)."""
+    if alpha.numel() == 1 or tuple(alpha.shape) == tuple(weight.shape):
         return 1
     out = weight.shape[0] if weight.dim() > 0 else 1
     channel_shapes = {(out,) + (1,) * k for k in range(weight.dim())}
     if tuple(alpha.shape) in channel_shapes:
-        return weight.numel() // out
+        return max(1, weight.numel() // max(out, 1))
     raise ValueError(
         f"alpha must have 1 element (layerwise), shape {[out] + [1] * (weight.dim() - 1)} (channelwise) "
         f"or the weight's shape {list(weight.shape)} (elementwise), got {list(alpha.shape)}"
@@ -288,39 +142,65 @@ def _activation_inner(x: Tensor, alpha: Tensor) -> int:
         ones = (1,) * max(0, x.dim() - 2)
         per_channel = {(c,)} | {(c,) + ones[:k] for k in range(len(ones) + 1)} | {(1, c) + ones}
         if tuple(alpha.shape) in per_channel:
-            inner = 1
-            for s in x.shape[2:]:
-                inner *= s
-            return max(inner, 1)
+            return max(math.prod(x.shape[2:]), 1)
     raise ValueError(
         "alpha for activation noise must have 1 element (layerwise), x.shape[1] elements (per channel, "
         f"dim 1) or shape x.shape[1:] (per feature); got alpha {list(alpha.shape)} for x {list(x.shape)}"
     )
 
 
+# ---------------------------------------------------------------------------
+# sigma: one definition per (device, dtype), whichever backend is loaded
+# ---------------------------------------------------------------------------
+
+
+def _std_scaled(t: Tensor) -> Tensor:
+    """Unbiased std of a float64 tensor whose squares may overflow: scale by max|t - mean| first."""
+    m = t.mean()
+    d = t - m
+    scale = d.abs().amax()
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (d / safe).std() * safe
+
+
+def _sigma_torch(t: Tensor) -> Tensor:
+    """The pure-PyTorch sigma. CPU: float64 two-pass, rounded once (the C++ ``sigma`` op's definition)."""
+    if t.device.type == "cpu" or t.dtype == torch.float64:
+        d = t.to(torch.float64)
+        if t.dtype == torch.float64:
+            s = d.std()
+            if t.device.type == "cpu" and not torch.compiler.is_compiling() and not under_vmap() and not math.isfinite(float(s)):
+                s = _std_scaled(d)  # finite tensors whose squares overflow float64
+            return s
+        m = d.mean()
+        return torch.sqrt(((d - m) ** 2).sum() / (d.numel() - 1)).to(torch.float32)
+    return t.to(torch.float32).std()
+
+
 def weight_sigma(t: Tensor) -> Tensor:
     """Detached unbiased ``std`` as a 0-d tensor on ``t``'s device (float32, float64 for float64).
 
     A tensor with fewer than 2 elements has no spread: sigma is 0 and the op returns it unchanged.
+    On CPU, float16/bfloat16/float32 sigma is the float64 two-pass std rounded once to float32 on every
+    backend (so the first call in a process equals later ones); float64 sigma is ``torch.std``.
     """
     t = t.detach()
-    om = _opmath(t.dtype)
     if t.numel() < 2:
-        return torch.zeros((), dtype=om, device=t.device)
-    if t.device.type == "cpu" and _cpp_sigma_loaded():
-        return torch.ops.pni_fast.sigma(t)  # same definition, one fused pass (~4x faster than std)
-    return t.to(om).std()
+        return torch.zeros((), dtype=opmath(t.dtype), device=t.device)
+    if t.device.type == "cpu" and t.dtype != torch.float64 and not under_vmap() and _cpp_sigma_available():
+        return torch.ops.pni_fast.sigma(t)  # the same definition in one fused pass
+    return _sigma_torch(t)
 
 
 @torch.compiler.assume_constant_result
-def _cpp_sigma_loaded() -> bool:
-    """The compiled library is already loaded and has pni_fast::sigma (a trace-time constant)."""
-    return _ext.is_loaded() and _ext.has_op("sigma", "cpu")
+def _cpp_sigma_available() -> bool:
+    """The compiled library (loaded now if it can be) has pni_fast::sigma: a trace-time constant."""
+    return _ext.load() and _ext.has_op("sigma", "cpu")
 
 
 def _check_finite(sigma: Tensor, name: str) -> None:
     """Refuse NaN/Inf on CPU, where the check costs no device sync; on GPU they propagate."""
-    if sigma.device.type == "cpu" and not torch.compiler.is_compiling():
+    if sigma.device.type == "cpu" and not torch.compiler.is_compiling() and not under_vmap():
         values = [sigma.item()] if sigma.dim() == 0 else sigma.reshape(-1).tolist()  # CPU: no sync
         if not all(map(math.isfinite, values)):
             raise ValueError(
@@ -334,27 +214,26 @@ def _check_finite(sigma: Tensor, name: str) -> None:
 # ---------------------------------------------------------------------------
 
 
-def draw_seed() -> int:
-    """A seed in [0, 2**63) from PyTorch's default CPU generator (advances it; no GPU sync)."""
-    return int(torch.randint(0, SEED_LIMIT - 1, (), dtype=torch.int64).item())
+def _quads(n: int) -> int:
+    return -(-n // 4)
 
 
-def _perturb(
-    name: str, t: Tensor, alpha: Tensor, inner: int, seed: Optional[int], offset: int, backend: Optional[str]
-) -> Tensor:
+def _perturb(name: str, t: Tensor, alpha: Tensor, inner: int, seed: Seed, offset, backend: Optional[str]) -> Tensor:
     """The shared tail of noisy_weight / inject_noise once ``alpha``'s layout is known."""
-    seed = _check_seed_offset(seed, offset)
+    rng = rng_args(seed, offset, t.device, _quads(t.numel()))
     sigma = weight_sigma(t)
     _check_finite(sigma, name)
     chosen = _backend_for(backend, t.device.type)
-    return _op(_OPS[chosen][1])(t.contiguous(), alpha.contiguous(), sigma, seed, offset, inner)
+    out = PerturbFn.apply(t, alpha, sigma, rng.seed, rng.offset, inner, rng.state, chosen)
+    rng.advance()
+    return out
 
 
 def noisy_weight(
     weight: Tensor,
     alpha: Tensor,
     *,
-    seed: Optional[int] = None,
+    seed: Seed = None,
     offset: int = 0,
     backend: Optional[str] = None,
 ) -> Tensor:
@@ -363,8 +242,9 @@ def noisy_weight(
     Args:
         weight: a floating tensor (any shape; a conv weight is ``[O, I, kh, kw]``).
         alpha: 1 element (layerwise), ``[O, 1, ...]`` (channelwise) or ``weight.shape``
-            (elementwise); same dtype and device as ``weight``.
-        seed: Philox seed in [0, 2**63); None draws one from torch's default CPU generator.
+            (elementwise); weight's dtype (or float32 for a float16/bfloat16 weight) and device.
+        seed: Philox seed in [0, 2**63); None draws one from torch's default CPU generator; an RNG state
+            tensor (:func:`pni_fast.make_rng_state`) is read on the device and advanced in place.
         offset: Philox counter offset (element ``i`` uses counter ``offset + i // 4``).
         backend: "cpu", "cuda", "triton", "torch" or None (``$PNI_FAST_BACKEND``, else automatic).
     """
@@ -377,7 +257,7 @@ def inject_noise(
     x: Tensor,
     alpha: Tensor,
     *,
-    seed: Optional[int] = None,
+    seed: Seed = None,
     offset: int = 0,
     backend: Optional[str] = None,
 ) -> Tensor:
@@ -395,7 +275,7 @@ def noisy_weights(
     weights: Sequence[Tensor],
     alphas: Sequence[Tensor],
     *,
-    seed: Optional[int] = None,
+    seed: Seed = None,
     backend: Optional[str] = None,
 ) -> list[Tensor]:
     """:func:`noisy_weight` for many tensors at once (one launch where the backend supports it).
@@ -418,35 +298,41 @@ def noisy_weights(
         _check_alpha(a, w, f"weights[{k}]")
         inners.append(_weight_inner(w, a))
         offsets.append(counter)
-        counter += -(-w.numel() // 4)
+        counter += _quads(w.numel())
         sigmas.append(weight_sigma(w))
-    seed = _check_seed_offset(seed, 0)
+    rng = rng_args(seed, 0, device, counter)
     _check_finite(torch.stack(sigmas), "weights")
     chosen = _backend_for(backend, device.type)
-    weights = [w.contiguous() for w in weights]
-    alphas = [a.contiguous() for a in alphas]
-    multi = _OPS[chosen][3]
+    multi = REGISTRY[chosen].perturb_multi
     if multi is None:
-        fwd = _op(_OPS[chosen][1])
-        return [fwd(w, a, s, seed, o, i) for w, a, s, o, i in zip(weights, alphas, sigmas, offsets, inners)]
-    return list(_op(multi)(weights, alphas, sigmas, seed, offsets, inners))
+        outs = [PerturbFn.apply(w, a, s, rng.seed, o, i, rng.state, chosen)
+                for w, a, s, o, i in zip(weights, alphas, sigmas, offsets, inners)]
+    else:
+        outs = list(PerturbMultiFn.apply(len(weights), rng.seed, offsets, inners, rng.state, chosen, *weights,
+                                         *alphas, *sigmas))
+    rng.advance()
+    return outs
 
 
 def randn(
-    shape: Sequence[int] | torch.Size,
+    shape: Sequence[int] | torch.Size | int,
     *,
-    seed: int,
+    seed: Seed,
     offset: int = 0,
     device: torch.device | str | None = None,
     backend: Optional[str] = None,
 ) -> Tensor:
     """The noise ``z`` the fused ops use for ``(seed, offset)``: float32 of ``shape``."""
-    if isinstance(shape, int):
-        shape = (shape,)
-    shape = tuple(int(s) for s in shape)
+    shape = (shape,) if not isinstance(shape, (tuple, list, torch.Size)) else shape
+    try:
+        shape = tuple(operator.index(s) for s in shape)
+    except TypeError:
+        raise TypeError(f"shape must be a sequence of ints, got {shape!r}") from None
     if any(s < 0 for s in shape):
         raise ValueError(f"shape must have non-negative sizes, got {list(shape)}")
-    seed = _check_seed_offset(seed, offset)
     like = torch.empty(shape, device=device)
+    rng = rng_args(seed, offset, like.device, _quads(like.numel()))
     chosen = _backend_for(backend, like.device.type)
-    return _op(_OPS[chosen][0])(like, seed, offset)
+    out = call(REGISTRY[chosen].noise, like, rng.seed, rng.offset, state=rng.state)
+    rng.advance()
+    return out

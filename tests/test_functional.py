@@ -11,6 +11,7 @@ import pni_fast.functional as PF
 from pni_fast.reference import reference_inject_noise, reference_noisy_weight
 import philox_oracle as oracle
 from conftest import TOLERANCE
+from pni_fast.backends import REGISTRY
 
 BACKENDS = pni_fast.available_backends("cpu")
 WEIGHT_SHAPE = (8, 3, 3, 3)  # small: the Triton interpreter is slow
@@ -80,9 +81,15 @@ def test_gradcheck_float64(backend, mode):
     a = _alpha(mode, w).requires_grad_()
     sigma = w.detach().std()
     inner = PF._weight_inner(w, a)
-    fwd = PF._op(PF._OPS[backend][1])
+    fwd = getattr(torch.ops.pni_fast, REGISTRY[backend].perturb).default
     PF._backend_for(backend, "cpu")  # registers autograd for this backend
     assert torch.autograd.gradcheck(lambda w, a: fwd(w, a, sigma, 5, 2, inner), (w, a))
+    assert torch.autograd.gradgradcheck(lambda w, a: fwd(w, a, sigma, 5, 2, inner), (w, a))
+    # the public function (autograd.Function path) too; w is fixed there because sigma = std(w) is
+    # detached by design (a finite difference in w would see sigma move)
+    wd = w.detach()
+    assert torch.autograd.gradgradcheck(lambda a: pni_fast.noisy_weight(wd, a, seed=5, offset=2, backend=backend),
+                                        (a,))
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
@@ -91,10 +98,14 @@ def test_opcheck(backend):
     w = torch.randn(6, 4, dtype=torch.float32)
     a = torch.full((6, 1), 0.25, requires_grad=True)
     sigma = w.std()
+    be = REGISTRY[backend]
+    state = pni_fast.make_rng_state(3)
     for name, args in [
-        (PF._OPS[backend][1], (w, a, sigma, 3, 1, 4)),
-        (PF._OPS[backend][2], (torch.randn(6, 4), a.detach(), sigma, 3, 1, 4)),
-        (PF._OPS[backend][0], (w, 3, 1)),
+        (be.perturb, (w, a, sigma, 3, 1, 4)),
+        (be.perturb, (w, a, sigma, 0, 1, 4, state)),
+        (be.alpha_grad, (torch.randn(6, 4), a.detach(), sigma, 3, 1, 4)),
+        (be.alpha_grad, (torch.randn(6, 4, requires_grad=True), a.detach(), sigma, 3, 1, 4)),
+        (be.noise, (w, 3, 1)),
     ]:
         torch.library.opcheck(getattr(torch.ops.pni_fast, name).default, args)
 
@@ -269,7 +280,7 @@ BAD_CASES = [
     (dict(weight=W, alpha=0.25), TypeError, "alpha must be a torch.Tensor"),
     (dict(weight=W, alpha=torch.full((3, 1), 0.1)), ValueError, r"alpha must have 1 element"),
     (dict(weight=W, alpha=torch.full((4, 2), 0.1)), ValueError, r"channelwise"),
-    (dict(weight=W, alpha=torch.tensor([0.1], dtype=torch.float64)), TypeError, "alpha must have weight's dtype"),
+    (dict(weight=W, alpha=torch.tensor([0.1], dtype=torch.float64)), TypeError, r"alpha must have dtype torch.float32 \(the dtype of weight\)"),
     (dict(weight=W, alpha=torch.tensor([0.1], device="meta")), ValueError, "alpha must be on weight's device"),
     (dict(weight=W, alpha=torch.empty(0)), ValueError, "at least one element"),
     (dict(weight=W, alpha=torch.tensor([0.1]), seed=-5), ValueError, "seed"),

@@ -1,0 +1,319 @@
+"""Autograd for the fused ops, in Python so ``torch.func`` and higher-order gradients work.
+
+    out = v + alpha[b(i)] * sigma * z_i
+    d out / d v = identity;  dL/dalpha = alpha_grad(g) = sigma * sum_{b(i)=b} g_i z_i  (z regenerated)
+    alpha_grad is linear in g: its own vjp is perturb(0, gg, sigma, ...) = gg[b(i)] * sigma * z_i
+
+So the two ops differentiate into each other and every order of derivative needs no new
+kernel; only alpha, sigma, the integers and the RNG-state snapshot are saved, never the noise.
+Two entry points share these formulas: the ``autograd.Function`` classes used by the public
+functions (they carry ``setup_context`` and ``vmap``, which ``torch.func`` needs), and
+``torch.library.register_autograd`` on every op for users who call ``torch.ops.pni_fast.*``
+directly. Forward-mode AD (``jvp``) is refused with PyTorch's error: a custom ``jvp`` would make
+``torch.compile`` break the graph.
+
+Under ``torch.func.vmap`` the noise is the same for every sample (``randomness="same"``, or
+"error" with an explicit seed); ``randomness="different"`` is refused.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .backends import REGISTRY, Backend
+from .ops_torch import opmath
+from .philox_torch import alpha_view
+
+__all__ = ["PerturbFn", "AlphaGradFn", "PerturbMultiFn", "AlphaGradMultiFn", "call", "register_op_autograd"]
+
+
+def _op(name: str):
+    return getattr(torch.ops.pni_fast, name).default
+
+
+def call(name: str, *args, state: Optional[Tensor] = None):
+    """Call op ``name``; ``rng_state`` is passed only when given (keeps the short schema usable)."""
+    return _op(name)(*args) if state is None else _op(name)(*args, state)
+
+
+# ---------------------------------------------------------------------------
+# vmap: same noise for every sample
+# ---------------------------------------------------------------------------
+
+
+def _check_vmap(info, state_dim) -> None:
+    if info.randomness == "different":
+        raise RuntimeError(
+            "pni_fast noise under torch.func.vmap(randomness='different') is not supported: every sample "
+            "would need its own seed. Use randomness='same' (one noise draw shared by the batch)."
+        )
+    if state_dim is not None:
+        raise RuntimeError("pni_fast: a batched RNG state is not supported under vmap")
+
+
+def _to_batch(t: Tensor, dim: Optional[int], size: int) -> Tensor:
+    return t.unsqueeze(0).expand(size, *t.shape) if dim is None else t.movedim(dim, 0)
+
+
+def _vmap_noise(backend: str, like: Tensor, seed, offset, state) -> Tensor:
+    return call(REGISTRY[backend].noise, like, seed, offset, state=state)
+
+
+class PerturbFn(torch.autograd.Function):
+    """``v + alpha * sigma * z`` through backend ``backend``'s perturb op."""
+
+    @staticmethod
+    def forward(v, alpha, sigma, seed, offset, inner, state, backend):
+        return call(REGISTRY[backend].perturb, v.contiguous(), alpha.contiguous(), sigma, seed, offset, inner,
+                    state=state)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, alpha, sigma, seed, offset, inner, state, backend = inputs
+        ctx.save_for_backward(alpha, sigma, state)
+        ctx.rng = (seed, offset, inner, backend)
+
+    @staticmethod
+    def backward(ctx, grad):
+        alpha, sigma, state = ctx.saved_tensors
+        seed, offset, inner, backend = ctx.rng
+        grad_alpha = None
+        if ctx.needs_input_grad[1]:
+            grad_alpha = AlphaGradFn.apply(grad, alpha, sigma, seed, offset, inner, state, backend)
+        return (grad if ctx.needs_input_grad[0] else None), grad_alpha, None, None, None, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, v, alpha, sigma, seed, offset, inner, state, backend):
+        _check_vmap(info, in_dims[6])
+        b = info.batch_size
+        v = _to_batch(v, in_dims[0], b)
+        alpha = _to_batch(alpha, in_dims[1], b)
+        sigma = _to_batch(sigma, in_dims[2], b)
+        om = opmath(v.dtype)
+        z = _vmap_noise(backend, v[0], seed, offset, state)
+        shape, _ = alpha_view(alpha[0], v[0].numel(), inner)
+        out = v.to(om).reshape(b, *shape) + (
+            alpha.to(om).reshape(b, 1, -1, 1) * sigma.to(om).reshape(b, 1, 1, 1)
+        ) * z.to(om).reshape(1, *shape)
+        return out.to(v.dtype).reshape(v.shape), 0
+
+
+class AlphaGradFn(torch.autograd.Function):
+    """``sigma * sum g_i z_i`` per alpha index (the alpha gradient); linear in ``g``."""
+
+    @staticmethod
+    def forward(grad, alpha, sigma, seed, offset, inner, state, backend):
+        return call(REGISTRY[backend].alpha_grad, grad.contiguous(), alpha.contiguous(), sigma, seed, offset,
+                    inner, state=state)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad, alpha, sigma, seed, offset, inner, state, backend = inputs
+        ctx.save_for_backward(sigma, state)
+        ctx.rng = (seed, offset, inner, backend)
+        ctx.grad_meta = (grad.shape, grad.dtype, grad.device)
+
+    @staticmethod
+    def backward(ctx, gg):
+        sigma, state = ctx.saved_tensors
+        seed, offset, inner, backend = ctx.rng
+        d_grad = None
+        if ctx.needs_input_grad[0]:
+            shape, dtype, device = ctx.grad_meta
+            zeros = torch.zeros(shape, dtype=dtype, device=device)
+            d_grad = PerturbFn.apply(zeros, gg, sigma, seed, offset, inner, state, backend)
+        return d_grad, None, None, None, None, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, grad, alpha, sigma, seed, offset, inner, state, backend):
+        _check_vmap(info, in_dims[6])
+        b = info.batch_size
+        grad = _to_batch(grad, in_dims[0], b)
+        sigma = _to_batch(sigma, in_dims[2], b)
+        alpha_shape = alpha.shape if in_dims[1] is None else alpha.movedim(in_dims[1], 0).shape[1:]
+        om = opmath(grad.dtype)
+        n = math.prod(grad.shape[1:])
+        z = _vmap_noise(backend, grad[0], seed, offset, state)
+        shape, _ = alpha_view(torch.empty(alpha_shape), n, inner)
+        partial = (grad.to(om).reshape(b, *shape) * z.to(om).reshape(1, *shape)).sum(dim=(1, 3))
+        out = (partial * sigma.to(om).reshape(b, 1)).reshape(b, *alpha_shape)
+        return out.to(alpha.dtype), 0
+
+
+# ---------------------------------------------------------------------------
+# List ops: tensors flattened into the argument list (autograd.Function takes no lists)
+# ---------------------------------------------------------------------------
+
+
+def _split(n: int, flat):
+    return list(flat[:n]), list(flat[n : 2 * n]), list(flat[2 * n : 3 * n])
+
+
+class PerturbMultiFn(torch.autograd.Function):
+    """perturb for ``n`` tensors in one op call: ``apply(n, seed, offsets, inners, state, backend, *vs, *alphas,
+    *sigmas)``."""
+
+    @staticmethod
+    def forward(n, seed, offsets, inners, state, backend, *flat):
+        vs, alphas, sigmas = _split(n, flat)
+        out = call(REGISTRY[backend].perturb_multi, [v.contiguous() for v in vs], [a.contiguous() for a in alphas],
+                   sigmas, seed, offsets, inners, state=state)
+        return tuple(out)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        n, seed, offsets, inners, state, backend, *flat = inputs
+        _, alphas, sigmas = _split(n, flat)
+        ctx.save_for_backward(state, *alphas, *sigmas)
+        ctx.rng = (n, seed, offsets, inners, backend)
+        ctx.meta = [(v.shape, v.dtype, v.device) for v in flat[:n]]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        n, seed, offsets, inners, backend = ctx.rng
+        state, *rest = ctx.saved_tensors
+        alphas, sigmas = rest[:n], rest[n:]
+        grads = [torch.zeros(s, dtype=d, device=dev) if g is None else g for g, (s, d, dev) in zip(grads, ctx.meta)]
+        needs_v = ctx.needs_input_grad[6 : 6 + n]
+        grad_alphas = [None] * n
+        if any(ctx.needs_input_grad[6 + n : 6 + 2 * n]):
+            grad_alphas = list(AlphaGradMultiFn.apply(n, seed, offsets, inners, state, backend, *grads, *alphas,
+                                                      *sigmas))
+        grad_vs = [g if need else None for g, need in zip(grads, needs_v)]
+        return (None,) * 6 + tuple(grad_vs) + tuple(grad_alphas) + (None,) * n
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        raise RuntimeError("pni_fast.noisy_weights is not supported under vmap; call noisy_weight per tensor")
+
+
+class AlphaGradMultiFn(torch.autograd.Function):
+    """alpha_grad for ``n`` tensors: ``apply(n, seed, offsets, inners, state, backend, *grads, *alphas, *sigmas)``."""
+
+    @staticmethod
+    def forward(n, seed, offsets, inners, state, backend, *flat):
+        grads, alphas, sigmas = _split(n, flat)
+        out = call(REGISTRY[backend].alpha_grad_multi, [g.contiguous() for g in grads],
+                   [a.contiguous() for a in alphas], sigmas, seed, offsets, inners, state=state)
+        return tuple(out)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        n, seed, offsets, inners, state, backend, *flat = inputs
+        grads, alphas, sigmas = _split(n, flat)
+        ctx.save_for_backward(state, *sigmas)
+        ctx.rng = (n, seed, offsets, inners, backend)
+        ctx.meta = [(g.shape, g.dtype, g.device) for g in grads]
+        ctx.alpha_meta = [(a.shape, a.dtype, a.device) for a in alphas]
+
+    @staticmethod
+    def backward(ctx, *ggs):
+        n, seed, offsets, inners, backend = ctx.rng
+        state, *sigmas = ctx.saved_tensors
+        d_grads = [None] * n
+        if any(ctx.needs_input_grad[6 : 6 + n]):
+            ggs = [torch.zeros(s, dtype=d, device=dev) if g is None else g for g, (s, d, dev) in
+                   zip(ggs, ctx.alpha_meta)]
+            zeros = [torch.zeros(s, dtype=d, device=dev) for s, d, dev in ctx.meta]
+            d_grads = list(PerturbMultiFn.apply(n, seed, offsets, inners, state, backend, *zeros, *ggs, *sigmas))
+        return (None,) * 6 + tuple(d_grads) + (None,) * (2 * n)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        raise RuntimeError("pni_fast.noisy_weights is not supported under vmap; call noisy_weight per tensor")
+
+
+# ---------------------------------------------------------------------------
+# register_autograd on the ops themselves (direct torch.ops.pni_fast.* callers, opcheck)
+# ---------------------------------------------------------------------------
+
+
+def _single_setup(backend: str):
+    def setup_context(ctx, inputs, output):
+        _, alpha, sigma, seed, offset, inner, *rest = inputs
+        ctx.n_in = len(inputs)
+        ctx.save_for_backward(alpha, sigma, rest[0] if rest else None)
+        ctx.rng = (seed, offset, inner, backend)
+
+    return setup_context
+
+
+def _perturb_backward(ctx, grad):
+    grad_v, grad_alpha, *_ = PerturbFn.backward(ctx, grad)
+    return (grad_v, grad_alpha, None, None, None, None, None)[: ctx.n_in]
+
+
+def _alpha_grad_setup(backend: str):
+    def setup_context(ctx, inputs, output):
+        grad, alpha, sigma, seed, offset, inner, *rest = inputs
+        ctx.n_in = len(inputs)
+        ctx.save_for_backward(sigma, rest[0] if rest else None)
+        ctx.rng = (seed, offset, inner, backend)
+        ctx.grad_meta = (grad.shape, grad.dtype, grad.device)
+
+    return setup_context
+
+
+def _alpha_grad_backward(ctx, gg):
+    d_grad, *_ = AlphaGradFn.backward(ctx, gg)
+    return (d_grad, None, None, None, None, None, None)[: ctx.n_in]
+
+
+def _multi_setup(backend: str):
+    def setup_context(ctx, inputs, output):
+        vs, alphas, sigmas, seed, offsets, inners, *rest = inputs
+        ctx.n_in = len(inputs)
+        ctx.save_for_backward(rest[0] if rest else None, *alphas, *sigmas)
+        ctx.rng = (len(vs), seed, list(offsets), list(inners), backend)
+        ctx.meta = [(v.shape, v.dtype, v.device) for v in vs]
+
+    return setup_context
+
+
+def _multi_backward(ctx, grads):
+    n, seed, offsets, inners, backend = ctx.rng
+    state, *rest = ctx.saved_tensors
+    alphas, sigmas = rest[:n], rest[n:]
+    grads = [torch.zeros(s, dtype=d, device=dev) if g is None else g.contiguous() for g, (s, d, dev) in
+             zip(grads, ctx.meta)]
+    grad_alphas = call(REGISTRY[backend].alpha_grad_multi, grads, list(alphas), list(sigmas), seed, offsets, inners,
+                       state=state)
+    return (grads, list(grad_alphas), [None] * n, None, None, None, None)[: ctx.n_in]
+
+
+def _multi_grad_setup(backend: str):
+    def setup_context(ctx, inputs, output):
+        grads, alphas, sigmas, seed, offsets, inners, *rest = inputs
+        ctx.n_in = len(inputs)
+        ctx.save_for_backward(rest[0] if rest else None, *sigmas)
+        ctx.rng = (len(grads), seed, list(offsets), list(inners), backend)
+        ctx.meta = [(g.shape, g.dtype, g.device) for g in grads]
+
+    return setup_context
+
+
+def _multi_grad_backward(ctx, ggs):
+    n, seed, offsets, inners, backend = ctx.rng
+    state, *sigmas = ctx.saved_tensors
+    zeros = [torch.zeros(s, dtype=d, device=dev) for s, d, dev in ctx.meta]
+    d_grads = call(REGISTRY[backend].perturb_multi, zeros, [g.contiguous() for g in ggs], list(sigmas), seed,
+                   offsets, inners, state=state)
+    return (list(d_grads), [None] * n, [None] * n, None, None, None, None)[: ctx.n_in]
+
+
+def register_op_autograd(be: Backend) -> None:
+    """Attach autograd to backend ``be``'s ops (a C++ op that brings its own Autograd kernel keeps it)."""
+    cpp = be.name in ("cpu", "cuda")
+
+    def reg(op: Optional[str], setup, backward) -> None:
+        if op is None or (cpp and torch._C._dispatch_has_kernel_for_dispatch_key(f"pni_fast::{op}", "Autograd")):
+            return
+        torch.library.register_autograd(f"pni_fast::{op}", backward, setup_context=setup)
+
+    reg(be.perturb, _single_setup(be.name), _perturb_backward)
+    reg(be.alpha_grad, _alpha_grad_setup(be.name), _alpha_grad_backward)
+    reg(be.perturb_multi, _multi_setup(be.name), _multi_backward)
+    reg(be.alpha_grad_multi, _multi_grad_setup(be.name), _multi_grad_backward)

@@ -1,0 +1,138 @@
+"""Where PNI's seeds come from: drawn per call on the host, or read from a device RNG state.
+
+Two sources, both obeying the counter contract of docs/design.md section 3:
+
+* ``seed=None`` (eager): a fresh seed per call from PyTorch's default CPU generator, so
+  ``torch.manual_seed`` makes a run reproducible. It advances that generator and never
+  touches the GPU.
+* an **RNG state tensor** (``make_rng_state``): ``int64[2] = (seed, counter_base)`` on the
+  op's device. The op reads it on the device and the state is then advanced in-stream past
+  the counters used, so a captured CUDA graph draws fresh noise on every replay (a host
+  seed would be frozen into the graph). The sequence equals the eager one from the same
+  starting state. While a CUDA stream is capturing, ``seed=None`` switches to the device's
+  default state (:func:`default_rng_state`), which must exist before capture: it is created
+  by the first eager call on that device, or by calling :func:`default_rng_state`.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["SEED_LIMIT", "draw_seed", "make_rng_state", "default_rng_state", "is_rng_state", "RngArgs", "rng_args"]
+
+SEED_LIMIT = 2**63
+_default_states: dict[torch.device, Tensor] = {}
+
+
+def draw_seed() -> int:
+    """A seed in [0, 2**63) from PyTorch's default CPU generator (advances it; no GPU sync)."""
+    return int(torch.randint(0, SEED_LIMIT - 1, (), dtype=torch.int64).item())
+
+
+def _as_int(name: str, value, limit: int = SEED_LIMIT) -> int:
+    """``value`` as an int in [0, limit): Python and numpy integers are accepted, bools and floats refused."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int in [0, 2**63), got bool")
+    try:
+        out = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int in [0, 2**63), got {type(value).__name__}") from None
+    if not 0 <= out < limit:
+        raise ValueError(f"{name} must be in [0, 2**63), got {out}")
+    return out
+
+
+def make_rng_state(seed: Optional[int] = None, device: torch.device | str | None = None) -> Tensor:
+    """A fresh RNG state ``int64[2] = (seed, 0)`` on ``device`` (seed drawn with :func:`draw_seed` if None)."""
+    seed = draw_seed() if seed is None else _as_int("seed", seed)
+    return torch.tensor([seed, 0], dtype=torch.int64, device=device)
+
+
+def default_rng_state(device: torch.device | str) -> Tensor:
+    """The device's default RNG state used by ``seed=None`` during CUDA-graph capture (created once, seeded
+    from torch's CPU generator). Call it before capturing if no eager call ran on the device yet."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    state = _default_states.get(device)
+    if state is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"pni_fast: no RNG state exists for {device} yet and none can be created while a CUDA graph is "
+                f"being captured; call pni_fast.default_rng_state({str(device)!r}) (or run one eager forward) "
+                "before capturing"
+            )
+        state = make_rng_state(None, device)
+        _default_states[device] = state
+    return state
+
+
+def under_vmap() -> bool:
+    """True inside ``torch.func.vmap``: values there are per-sample, so no ``.item()`` / host checks."""
+    if torch.compiler.is_compiling():
+        return False
+    stack = torch._C._functorch.get_interpreter_stack()
+    return bool(stack) and any(i.key() == torch._C._functorch.TransformType.Vmap for i in stack)
+
+
+def is_rng_state(seed) -> bool:
+    return isinstance(seed, Tensor)
+
+
+def _check_state(state: Tensor, device: torch.device) -> None:
+    if state.dtype != torch.int64 or state.shape != (2,):
+        raise ValueError(
+            f"seed given as a tensor must be an RNG state: int64 of shape [2] (seed, counter), got "
+            f"{state.dtype} of shape {list(state.shape)}; make one with pni_fast.make_rng_state"
+        )
+    if state.device != device:
+        raise ValueError(f"the RNG state must be on the tensor's device {device}, got {state.device}")
+    if not state.is_contiguous():
+        raise ValueError("the RNG state must be contiguous")
+    if state.requires_grad:
+        raise ValueError("the RNG state must not require grad")
+
+
+@dataclass
+class RngArgs:
+    """What one op call uses: a host seed, or a snapshot of a device state (then ``seed`` is 0)."""
+
+    seed: int
+    offset: int
+    state: Optional[Tensor]  # snapshot the op reads (saved for the backward)
+    _live: Optional[Tensor]  # the user's state, advanced by ``advance``
+    _used: int
+
+    def advance(self) -> None:
+        """Move the live state past the counters this call used (an in-stream kernel; graph-replayable)."""
+        if self._live is not None and self._used:
+            self._live[1:].add_(self._used)
+
+
+def rng_args(seed, offset, device: torch.device, quads: int) -> RngArgs:
+    """Validate ``seed``/``offset`` and pick the seed source for a call consuming ``quads`` counters."""
+    offset = _as_int("offset", offset)
+    if offset + quads >= SEED_LIMIT:
+        raise ValueError(f"offset + ceil(numel / 4) must be < 2**63, got offset={offset} with {quads} counters")
+    if seed is None and device.type == "cuda" and not torch.compiler.is_compiling():
+        if torch.cuda.is_current_stream_capturing():
+            seed = default_rng_state(device)
+        else:
+            default_rng_state(device)  # exists before any capture
+    if isinstance(seed, Tensor):
+        _check_state(seed, device)
+        if device.type == "cpu" and not torch.compiler.is_compiling() and not under_vmap():
+            s, base = (int(v) for v in seed.tolist())
+            _as_int("rng_state[0] (seed)", s)
+            if not 0 <= base or base + offset + quads >= SEED_LIMIT:
+                raise ValueError(
+                    f"rng_state[1] (counter) + offset + ceil(numel / 4) must be in [0, 2**63), got {base} + "
+                    f"{offset} + {quads}"
+                )
+        return RngArgs(0, offset, seed.clone(), seed, offset + quads)
+    seed = draw_seed() if seed is None else _as_int("seed", seed)
+    return RngArgs(seed, offset, None, None, 0)
