@@ -198,15 +198,25 @@ def _cpp_sigma_available() -> bool:
     return _ext.load() and _ext.has_op("sigma", "cpu")
 
 
-def _check_finite(sigma: Tensor, name: str) -> None:
-    """Refuse NaN/Inf on CPU, where the check costs no device sync; on GPU they propagate."""
-    if sigma.device.type == "cpu" and not torch.compiler.is_compiling() and not under_vmap():
-        values = [sigma.item()] if sigma.dim() == 0 else sigma.reshape(-1).tolist()  # CPU: no sync
-        if not all(map(math.isfinite, values)):
-            raise ValueError(
-                f"{name} contains NaN or Inf, so its std (PNI's noise scale) is not finite; "
-                "fix the tensor before injecting noise"
-            )
+def _check_finite(sigma: Tensor, name: str, alphas: Sequence[Tensor] = ()) -> None:
+    """Refuse NaN/Inf in the tensor and in alpha on CPU, where the check costs no device sync (one
+    ``.item()`` in the common case); on GPU they propagate. ``alpha * sigma`` must be finite: an infinite
+    alpha would turn even a constant tensor (sigma 0) into NaN."""
+    if sigma.device.type != "cpu" or torch.compiler.is_compiling() or under_vmap():
+        return
+    with torch.no_grad():
+        total = sigma.sum()
+        for a in alphas:
+            total = total + (a * 0.0).sum()  # NaN iff a holds NaN/Inf (finite * 0 == 0, no overflow)
+        if math.isfinite(total.item()):
+            return
+        values = sigma.reshape(-1).tolist()
+    if not all(map(math.isfinite, values)):
+        raise ValueError(
+            f"{name} contains NaN or Inf, so its std (PNI's noise scale) is not finite; "
+            "fix the tensor before injecting noise"
+        )
+    raise ValueError("alpha must be finite (PNI's noise scale), got NaN or Inf")
 
 
 # ---------------------------------------------------------------------------
@@ -222,7 +232,7 @@ def _perturb(name: str, t: Tensor, alpha: Tensor, inner: int, seed: Seed, offset
     """The shared tail of noisy_weight / inject_noise once ``alpha``'s layout is known."""
     rng = rng_args(seed, offset, t.device, _quads(t.numel()))
     sigma = weight_sigma(t)
-    _check_finite(sigma, name)
+    _check_finite(sigma, name, (alpha,))
     chosen = _backend_for(backend, t.device.type)
     out = PerturbFn.apply(t, alpha, sigma, rng.seed, rng.offset, inner, rng.state, chosen)
     rng.advance()
@@ -301,7 +311,7 @@ def noisy_weights(
         counter += _quads(w.numel())
         sigmas.append(weight_sigma(w))
     rng = rng_args(seed, 0, device, counter)
-    _check_finite(torch.stack(sigmas), "weights")
+    _check_finite(torch.stack(sigmas), "weights", alphas)
     chosen = _backend_for(backend, device.type)
     multi = REGISTRY[chosen].perturb_multi
     if multi is None:

@@ -39,6 +39,15 @@ PNI_MODES: tuple[str, ...] = ("layerwise", "channelwise", "elementwise")
 NOISE_TYPES: tuple[str, ...] = ("weight", "input", "both")
 
 
+def _alpha_for(alpha: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """alpha as the op takes it for a tensor of ``dtype``: a float32 alpha stays float32 with float16/bfloat16
+    activations (AMP keeps parameters fp32, and the alpha gradient is then reduced and returned in fp32, where
+    a half-precision gradient would overflow); other mismatches are cast."""
+    if alpha.dtype == dtype or (alpha.dtype == torch.float32 and dtype in (torch.float16, torch.bfloat16)):
+        return alpha
+    return alpha.to(dtype)
+
+
 def _quoted(options: tuple[str, ...]) -> str:
     quoted = [repr(o) for o in options]
     return ", ".join(quoted[:-1]) + " or " + quoted[-1]
@@ -153,7 +162,7 @@ class _PNIMixin:
     def _noisy_input(self, x: torch.Tensor) -> torch.Tensor:
         if not self.noise_enabled or self.alpha_i is None:
             return x
-        alpha = self.alpha_i if self.alpha_i.dtype == x.dtype else self.alpha_i.to(x.dtype)  # autocast inputs
+        alpha = _alpha_for(self.alpha_i, x.dtype)
         view = self._input_noise_view(x)
         return _fn.inject_noise(view, alpha).reshape(x.shape)
 
@@ -331,7 +340,7 @@ class NoiseInjection(nn.Module):
                 f"NoiseInjection(num_channels={self.num_channels}) expects input [N, {self.num_channels}, ...], "
                 f"got shape {list(x.shape)}"
             )
-        alpha = self.alpha if self.alpha.dtype == x.dtype else self.alpha.to(x.dtype)
+        alpha = _alpha_for(self.alpha, x.dtype)
         return _fn.inject_noise(x, alpha)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,131 @@
+"""Edge cases that must give the documented answer or a clear error on every CPU backend."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import pni_fast
+import pni_fast.functional as PF
+
+BACKENDS = [b for b in pni_fast.available_backends("cpu") if b != "triton"]  # triton: tests/test_triton.py
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_float32_alpha_gradient_with_half_tensors_does_not_overflow(backend, dtype):
+    """Exact alpha gradient far beyond the fp16 range (65504): float32 alpha gets a finite, correct float32 grad."""
+    n = 1_500_000
+    torch.manual_seed(0)
+    x = torch.randn(n).to(dtype)
+    a = torch.tensor([0.3], requires_grad=True)  # float32, as AMP keeps parameters
+    out = pni_fast.inject_noise(x, a, seed=11, backend=backend)
+    assert out.dtype == dtype
+    z = pni_fast.randn((n,), seed=11, backend=backend).double()
+    g = z.to(dtype)  # gradient aligned with the noise: sum(g * sigma * z) ~ n * sigma
+    (ga,) = torch.autograd.grad(out, a, g)
+    exact = float(PF.weight_sigma(x)) * float((g.double() * z).sum())
+    assert abs(exact) > 65504 * 10
+    assert ga.dtype == torch.float32 and torch.isfinite(ga).all()
+    assert abs(ga.item() - exact) <= 1e-4 * abs(exact)
+
+
+def test_modules_keep_float32_alpha_under_autocast():
+    layer = pni_fast.NoiseInjection(4, pni="channelwise")
+    x = torch.randn(2, 4, 3, 3).to(torch.bfloat16)
+    out = layer(x)
+    out.float().sum().backward()
+    assert layer.alpha.grad.dtype == torch.float32 and torch.isfinite(layer.alpha.grad).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_alpha_of_other_float_dtype_is_refused(backend):
+    with pytest.raises(TypeError, match="alpha must have dtype torch.float64"):
+        pni_fast.noisy_weight(torch.randn(4, 4, dtype=torch.float64), torch.tensor([0.1]), seed=1, backend=backend)
+
+
+def test_sigma_has_one_definition_whatever_is_loaded():
+    """The first call in a fresh process (extension not yet loaded) gives the bits of later calls, and the
+    pure-PyTorch sigma equals the C++ one."""
+    code = (
+        "import torch, pni_fast\n"
+        "torch.manual_seed(0)\n"
+        "ts = [torch.randn(int(n)) * 3 for n in torch.randint(2, 5000, (300,))]\n"
+        "first = [pni_fast.weight_sigma(t) for t in ts]\n"
+        "later = [pni_fast.weight_sigma(t) for t in ts]\n"
+        "from pni_fast.functional import _sigma_torch\n"
+        "pure = [_sigma_torch(t) for t in ts]\n"
+        "print(all(torch.equal(a, b) for a, b in zip(first, later)), all(torch.equal(a, b) for a, b in zip(first, pure)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "True"]
+
+
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 1e30), (torch.float64, 1e200)])
+def test_sigma_of_huge_finite_tensors_is_finite(dtype, scale):
+    torch.manual_seed(1)
+    base = torch.randn(1000, dtype=torch.float64)
+    t = (base * scale).to(dtype)
+    s = PF.weight_sigma(t)
+    expect = (t.double() / scale).std() * scale
+    assert torch.isfinite(s)
+    assert abs(float(s) - float(expect)) <= 1e-6 * float(expect)
+    out = pni_fast.noisy_weight(t, torch.tensor([0.1], dtype=dtype), seed=1)  # not refused as "NaN or Inf"
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_outputs_are_fresh_tensors_so_inplace_relu_works(backend, monkeypatch):
+    monkeypatch.setenv("PNI_FAST_BACKEND", backend)
+    model = torch.nn.Sequential(pni_fast.NoiseInjection(), torch.nn.ReLU(inplace=True))
+    x = torch.randn(3, 4, requires_grad=True)
+    model(x).sum().backward()
+    assert x.grad is not None
+    out = pni_fast.noisy_weight(x.detach(), torch.tensor([0.2]), seed=1, backend=backend)
+    assert out._base is None and out.data_ptr() != x.data_ptr()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_size_weight_with_channelwise_alpha(backend, monkeypatch):
+    monkeypatch.setenv("PNI_FAST_BACKEND", backend)
+    layer = pni_fast.NoisyLinear(0, 4, pni="channelwise")
+    ref = torch.nn.Linear(0, 4)
+    x = torch.randn(2, 0)
+    out = layer(x)
+    assert out.shape == ref(x).shape == (2, 4)
+    out.sum().backward()
+    assert torch.equal(layer.alpha_w.grad, torch.zeros(4, 1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_counter_limit_is_one_rule(backend):
+    w = torch.randn(8)  # 2 counters
+    a = torch.tensor([0.1])
+    pni_fast.noisy_weight(w, a, seed=1, offset=2**63 - 3, backend=backend)  # 2^63-3 + 2 < 2^63
+    with pytest.raises(ValueError, match="offset \\+ ceil\\(numel / 4\\) must be < 2\\*\\*63"):
+        pni_fast.noisy_weight(w, a, seed=1, offset=2**63 - 2, backend=backend)
+
+
+def test_single_nan_element_and_infinite_alpha():
+    one = torch.tensor([float("nan")])
+    out = pni_fast.noisy_weight(one, torch.tensor([0.5]), seed=1)  # < 2 elements: sigma 0, returned unchanged
+    assert torch.isnan(out).all()
+    with pytest.raises(ValueError, match="alpha must be finite"):
+        pni_fast.noisy_weight(torch.ones(5), torch.tensor([float("inf")]), seed=1)
+    with pytest.raises(ValueError, match="alpha must be finite"):
+        pni_fast.noisy_weights([torch.ones(5)], [torch.tensor([float("nan")])], seed=1)
+
+
+def test_seed_types():
+    w, a = torch.randn(4, 4), torch.tensor([0.2])
+    ref = pni_fast.noisy_weight(w, a, seed=7)
+    assert torch.equal(pni_fast.noisy_weight(w, a, seed=np.int64(7)), ref)
+    assert torch.equal(pni_fast.noisy_weight(w, a, seed=np.uint32(7)), ref)
+    with pytest.raises(TypeError, match="seed"):
+        pni_fast.noisy_weight(w, a, seed=7.0)
+    with pytest.raises(TypeError, match="seed"):
+        pni_fast.noisy_weight(w, a, seed=True)
+    with pytest.raises(TypeError, match="shape"):
+        pni_fast.randn((2.7,), seed=1)
+    assert pni_fast.randn((np.int64(3),), seed=1).shape == (3,)
