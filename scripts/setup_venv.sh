@@ -12,7 +12,7 @@ fi
 python -m pip install -q --upgrade pip setuptools wheel
 # torch==2.13.0 is the CPU build on this machine kind's local disk; a bare `torch` would pull a CUDA build.
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q numpy scipy pytest ninja pybind11 tqdm matplotlib scikit-learn "triton==3.6.0"
+python -m pip install -q numpy scipy pytest hypothesis ninja pybind11 tqdm matplotlib scikit-learn "triton==3.6.0"
 # torchattacks for the interoperability test (tests/test_attacks.py); it needs only torch at import
 python -m pip install -q --no-deps torchattacks
 python -m pip install -q --no-build-isolation -e .
