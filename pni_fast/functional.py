@@ -46,6 +46,13 @@ _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _registered: set[str] = set()
 
 
+def _trace_constant(fn):
+    """``torch.compiler.assume_constant_result`` without importing ``torch._dynamo`` (2 s) at import time:
+    that decorator only sets this attribute, which dynamo reads when it traces a call to ``fn``."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 def _register_cpp_fakes() -> None:
     def words_like(like, seed, offset, rng_state=None, dtype=torch.int32):
         return like.new_empty((4 * (-(-like.numel() // 4)),), dtype=dtype)
@@ -87,7 +94,7 @@ def _ensure_registered(backend: str) -> None:
 _ensure_registered("torch")
 
 
-@torch.compiler.assume_constant_result
+@_trace_constant
 def _backend_for(name: Optional[str], device_type: str) -> str:
     """Resolve and prepare the backend; a trace-time constant under torch.compile."""
     chosen = backends.resolve_backend(name, device_type)
@@ -192,7 +199,7 @@ def weight_sigma(t: Tensor) -> Tensor:
     return _sigma_torch(t)
 
 
-@torch.compiler.assume_constant_result
+@_trace_constant
 def _cpp_sigma_available() -> bool:
     """The compiled library (loaded now if it can be) has pni_fast::sigma: a trace-time constant."""
     return _ext.load() and _ext.has_op("sigma", "cpu")
