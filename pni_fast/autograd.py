@@ -27,7 +27,19 @@ from .backends import REGISTRY, Backend
 from .ops_torch import opmath
 from .philox_torch import alpha_view
 
-__all__ = ["PerturbFn", "AlphaGradFn", "PerturbMultiFn", "AlphaGradMultiFn", "call", "register_op_autograd"]
+__all__ = ["PerturbFn", "AlphaGradFn", "PerturbMultiFn", "AlphaGradMultiFn", "apply", "call", "register_op_autograd"]
+
+
+_C_APPLY = torch._C._FunctionBase.__dict__["apply"]  # the C++ entry point behind Function.apply
+
+
+def apply(fn: type, *args):
+    """``fn.apply(*args)`` without its per-call ``inspect.signature`` binding (~10 us, more than a small
+    layer's kernel) when neither torch.func nor torch.compile is active; callers pass every argument
+    positionally, so the binding has nothing to do. Under those transforms the regular ``apply`` runs."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return fn.apply(*args)
+    return _C_APPLY.__get__(None, fn)(*args)
 
 
 def _op(name: str):
@@ -82,7 +94,7 @@ class PerturbFn(torch.autograd.Function):
         seed, offset, inner, backend = ctx.rng
         grad_alpha = None
         if ctx.needs_input_grad[1]:
-            grad_alpha = AlphaGradFn.apply(grad, alpha, sigma, seed, offset, inner, state, backend)
+            grad_alpha = apply(AlphaGradFn, grad, alpha, sigma, seed, offset, inner, state, backend)
         return (grad if ctx.needs_input_grad[0] else None), grad_alpha, None, None, None, None, None, None
 
     @staticmethod
@@ -124,7 +136,7 @@ class AlphaGradFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             shape, dtype, device = ctx.grad_meta
             zeros = torch.zeros(shape, dtype=dtype, device=device)
-            d_grad = PerturbFn.apply(zeros, gg, sigma, seed, offset, inner, state, backend)
+            d_grad = apply(PerturbFn, zeros, gg, sigma, seed, offset, inner, state, backend)
         return d_grad, None, None, None, None, None, None, None
 
     @staticmethod
@@ -180,7 +192,7 @@ class PerturbMultiFn(torch.autograd.Function):
         needs_v = ctx.needs_input_grad[6 : 6 + n]
         grad_alphas = [None] * n
         if any(ctx.needs_input_grad[6 + n : 6 + 2 * n]):
-            grad_alphas = list(AlphaGradMultiFn.apply(n, seed, offsets, inners, state, backend, *grads, *alphas,
+            grad_alphas = list(apply(AlphaGradMultiFn, n, seed, offsets, inners, state, backend, *grads, *alphas,
                                                       *sigmas))
         grad_vs = [g if need else None for g, need in zip(grads, needs_v)]
         return (None,) * 6 + tuple(grad_vs) + tuple(grad_alphas) + (None,) * n
@@ -218,7 +230,7 @@ class AlphaGradMultiFn(torch.autograd.Function):
             ggs = [torch.zeros(s, dtype=d, device=dev) if g is None else g for g, (s, d, dev) in
                    zip(ggs, ctx.alpha_meta)]
             zeros = [torch.zeros(s, dtype=d, device=dev) for s, d, dev in ctx.meta]
-            d_grads = list(PerturbMultiFn.apply(n, seed, offsets, inners, state, backend, *zeros, *ggs, *sigmas))
+            d_grads = list(apply(PerturbMultiFn, n, seed, offsets, inners, state, backend, *zeros, *ggs, *sigmas))
         return (None,) * 6 + tuple(d_grads) + (None,) * (2 * n)
 
     @staticmethod
