@@ -8,7 +8,8 @@ storing it. Importing never fails: without a compiled extension the pure-PyTorch
 from .backends import available_backends, info
 from .functional import inject_noise, noisy_weight, noisy_weights, randn, weight_sigma
 from .rng import default_rng_state, draw_seed, make_rng_state
-from .modules import NoiseInjection, NoisyConv2d, NoisyLinear, batch_weight_noise
+from .modules import NoiseInjection, NoisyConv2d, NoisyLinear
+from .batching import batch_weight_noise
 from .control import no_noise, noise_enabled, set_noise
 from .convert import convert, strip
 from .optim import param_groups

@@ -342,7 +342,7 @@ def test_wrong_alpha_shape_assigned_by_hand():
 @pytest.mark.parametrize("backend", ["torch", None])
 def test_batch_weight_noise_equals_per_layer_calls_with_offsets(backend, monkeypatch):
     """One multi-tensor draw per forward: layer k gets noisy_weight(seed, offset = counters of layers < k)."""
-    from pni_fast.modules import batch_weight_noise
+    from pni_fast.batching import batch_weight_noise
 
     if backend:
         monkeypatch.setenv("PNI_FAST_BACKEND", backend)
