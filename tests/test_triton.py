@@ -287,8 +287,11 @@ def test_argument_errors():
 
 
 def test_kernels_compile_for_sm90_without_approx_math():
-    """triton.compile every kernel for sm_90 (bundled ptxas): catches what the interpreter cannot,
-    and checks the PTX of the noise path has no lg2/sin/cos/sqrt .approx instruction."""
+    """triton.compile every kernel for sm_90 (bundled ptxas) through Triton's launch binder, in the
+    aligned (pointers and sizes divisible by 16: vectorized) and unaligned variants real tensors
+    get: catches what the interpreter cannot, checks that no PTX has an .approx instruction or an
+    ftz sqrt, that the aligned element-wise variants vectorize, and that seeds and offsets of
+    1, 16, 17 share one compiled kernel."""
     from triton.backends import backends
 
     if "nvidia" not in backends:
@@ -300,17 +303,270 @@ def test_kernels_compile_for_sm90_without_approx_math():
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
 
-def test_opcheck():
-    """Schema/fake/autograd-registration checks; the triton_ops' fake tracing needs a GPU
-    (under the interpreter wrap_triton would touch fake data), the custom_ops get the full check."""
+@pytest.mark.parametrize("with_state", [False, True])
+def test_opcheck(with_state):
+    """Schema, fake kernel, autograd registration and AOT dispatch of every op (under the interpreter
+    the single ops are custom_ops whose fake kernel skips the launch)."""
     v, _, alpha, sigma = _inputs((8, 3, 3, 3), 8, torch.float32)
-    single_utils = ("test_schema", "test_autograd_registration")
-    if not pt.INTERPRETED:
-        single_utils += ("test_faketensor", "test_aot_dispatch_dynamic")
-    torch.library.opcheck(ops.perturb_triton.default, (v, alpha, sigma, 1, 0, 27), test_utils=single_utils)
-    torch.library.opcheck(ops.perturb_alpha_grad_triton.default, (v, alpha, sigma, 1, 0, 27),
-                          test_utils=single_utils)
-    torch.library.opcheck(ops.noise_triton.default, (v, 1, 0), test_utils=single_utils)
-    lists = ([v, v[:2]], [alpha, alpha[:1]], [sigma, sigma], 1, [0, 100], [27, 1])
+    state = (torch.tensor([SEED, 40], device=DEVICE),) if with_state else ()
+    torch.library.opcheck(ops.perturb_triton.default, (v, alpha, sigma, 1, 0, 27) + state)
+    torch.library.opcheck(ops.perturb_alpha_grad_triton.default, (v, alpha, sigma, 1, 0, 27) + state)
+    torch.library.opcheck(ops.noise_triton.default, (v, 1, 0) + state)
+    lists = ([v, v[:2]], [alpha, alpha[:1]], [sigma, sigma], 1, [0, 100], [27, 1]) + state
     torch.library.opcheck(ops.perturb_multi_triton.default, lists)
     torch.library.opcheck(ops.perturb_alpha_grad_multi_triton.default, lists)
+
+
+def _subprocess_without_interpreter(code: str) -> subprocess.CompletedProcess:
+    from triton.backends import backends
+
+    if "nvidia" not in backends:
+        pytest.skip("triton's NVIDIA backend is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+# ---------------------------------------------------------------------------
+# specialization: one compiled kernel for every seed
+# ---------------------------------------------------------------------------
+
+
+def _kernels():
+    from pni_fast.triton import kernels as K
+
+    return {name: getattr(K, name) for name in dir(K) if name.endswith("_kernel")}
+
+
+def test_seed_and_offset_are_not_specialized():
+    """Every kernel taking a seed or an offset lists them in do_not_specialize (Triton would
+    otherwise compile again for values equal to 1 or divisible by 16)."""
+    import inspect
+
+    checked = 0
+    for name, fn in _kernels().items():
+        params = inspect.signature(fn.fn).parameters
+        dns = fn.kwargs.get("do_not_specialize") if pt.INTERPRETED else fn.do_not_specialize
+        for arg in ("seed", "offset"):
+            if arg in params:
+                assert arg in set(dns or ()), f"{name}: {arg} is not in do_not_specialize"
+                checked += 1
+    assert checked == 8  # noise, fwd, bwd: seed + offset; multi fwd / bwd: seed
+
+
+def test_seeds_16_and_17_share_one_compiled_kernel():
+    """Triton's own launch binder (sm_90, no GPU needed) gives seeds 16 and 17 one cache key;
+    the same kernel without do_not_specialize gives two (so the check can fail)."""
+    proc = _subprocess_without_interpreter("""
+import torch, triton
+from pni_fast.triton import kernels as K
+from pni_fast.triton.compile_check import cache_key
+out = torch.empty(4096)
+kw = dict(BLOCK=1024, HAS_STATE=False, PRECISE=True)
+same = {cache_key(K._noise_kernel, (out, out, 4096, seed, 16), kw) for seed in (16, 17)}
+plain = triton.jit(K._noise_kernel.fn)
+different = {cache_key(plain, (out, out, 4096, seed, 16), kw) for seed in (16, 17)}
+print(len(same), len(different))
+""")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.split() == ["1", "2"]
+
+
+# ---------------------------------------------------------------------------
+# torch.compile with a seed drawn inside the graph (a SymInt)
+# ---------------------------------------------------------------------------
+
+
+def test_torch_compile_with_drawn_seed_fullgraph():
+    """A seed from .item() is an unbacked SymInt: the argument checks must not guard on it."""
+    import torch._dynamo
+
+    shape, n_alpha, inner = CASES["weight-channelwise-conv"]
+    v, g, alpha, sigma = _inputs(shape, n_alpha, torch.float32)
+
+    def f(v, g, alpha, sigma, seed_t):
+        seed = seed_t.item()
+        out = ops.perturb_triton(v, alpha, sigma, seed, OFFSET, inner)
+        grad = ops.perturb_alpha_grad_triton(g, alpha, sigma, seed, OFFSET, inner)
+        z = ops.noise_triton(v, seed, OFFSET)
+        outs = ops.perturb_multi_triton([v], [alpha], [sigma], seed, [OFFSET], [inner])
+        grads = ops.perturb_alpha_grad_multi_triton([g], [alpha], [sigma], seed, [OFFSET], [inner])
+        return out, grad, z, outs[0], grads[0]
+
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+        for seed in (SEED, 16):
+            out, grad, z, out_m, grad_m = compiled(v, g, alpha, sigma, torch.tensor(seed))
+            torch.testing.assert_close(out.double().reshape(-1).cpu(), _expected_out(v, alpha, sigma, inner, seed),
+                                       rtol=0, atol=2e-6)
+            torch.testing.assert_close(grad.double().cpu(), _expected_grad(g, alpha, sigma, inner, seed),
+                                       rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(z.reshape(-1).cpu().numpy(), oracle.normal(seed, OFFSET, v.numel()),
+                                       rtol=0, atol=2e-6)
+            assert torch.equal(out_m, out)
+            torch.testing.assert_close(grad_m, grad, rtol=2e-5, atol=2e-5)
+    torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------
+# op contract v2: rng_state, float32 alpha with half tensors, fresh outputs, zero-size tensors
+# ---------------------------------------------------------------------------
+
+
+def _state(seed: int, base: int) -> torch.Tensor:
+    return torch.tensor([seed, base], dtype=torch.int64, device=DEVICE)
+
+
+@pytest.mark.parametrize("case", ["layerwise-multi-block", "weight-channelwise-long-rows", "act-channelwise-7x7",
+                                  "weight-elementwise"])
+def test_rng_state_equals_seed_and_offset(case):
+    """rng_state (seed, base) draws exactly the noise of seed=seed, offset=base+offset; the seed
+    argument is ignored and the state is not modified."""
+    shape, n_alpha, inner = CASES[case]
+    v, g, alpha, sigma = _inputs(shape, n_alpha, torch.float32)
+    seed, base, offset = 2**62 + 12345, 2**33 + 7, 11
+    state = _state(seed, base)
+    z = ops.noise_triton(v, 0, offset, state)
+    np.testing.assert_allclose(z.reshape(-1).cpu().numpy(), oracle.normal(seed, base + offset, v.numel()),
+                               rtol=0, atol=2e-6)
+    out = ops.perturb_triton(v, alpha, sigma, 0, offset, inner, state)
+    torch.testing.assert_close(out.double().reshape(-1).cpu(),
+                               _expected_out(v, alpha, sigma, inner, seed, base + offset), rtol=0, atol=2e-6)
+    assert torch.equal(out, ops.perturb_triton(v, alpha, sigma, seed, base + offset, inner))
+    assert torch.equal(out, ops.perturb_triton(v, alpha, sigma, 999, offset, inner, state))  # seed ignored
+    grad = ops.perturb_alpha_grad_triton(g, alpha, sigma, 0, offset, inner, state)
+    torch.testing.assert_close(grad.double().cpu(), _expected_grad(g, alpha, sigma, inner, seed, base + offset),
+                               rtol=1e-5, atol=1e-5)
+    assert torch.equal(grad, ops.perturb_alpha_grad_triton(g, alpha, sigma, seed, base + offset, inner))
+    assert state.tolist() == [seed, base]
+
+
+def test_rng_state_multi_ops():
+    """The list ops honour rng_state (every tensor's counters start at base + its offset)."""
+    vs, gs, alphas, sigmas, offsets, inners = [], [], [], [], [], []
+    for i, case in enumerate(["weight-channelwise-conv", "layerwise-tail", "act-per-feature"]):
+        shape, n_alpha, inner = CASES[case]
+        v, g, alpha, sigma = _inputs(shape, n_alpha, torch.float32, seed=i)
+        vs.append(v), gs.append(g), alphas.append(alpha), sigmas.append(sigma), inners.append(inner)
+        offsets.append(1000 * i)
+    seed, base = 77, 2**40
+    state = _state(seed, base)
+    outs = ops.perturb_multi_triton(vs, alphas, sigmas, 0, offsets, inners, state)
+    grads = ops.perturb_alpha_grad_multi_triton(gs, alphas, sigmas, 0, offsets, inners, state)
+    shifted = [base + o for o in offsets]
+    for out, ref in zip(outs, ops.perturb_multi_triton(vs, alphas, sigmas, seed, shifted, inners)):
+        assert torch.equal(out, ref)
+    for v, g, a, s, off, inner, out, grad in zip(vs, gs, alphas, sigmas, shifted, inners, outs, grads):
+        torch.testing.assert_close(out.double().reshape(-1).cpu(), _expected_out(v, a, s, inner, seed, off),
+                                   rtol=0, atol=2e-6)
+        torch.testing.assert_close(grad.double().cpu(), _expected_grad(g, a, s, inner, seed, off),
+                                   rtol=1e-5, atol=1e-5)
+    assert state.tolist() == [seed, base]
+
+
+def test_rng_state_errors():
+    v = torch.randn(4, 6, device=DEVICE)
+    alpha = torch.rand(4, device=DEVICE)
+    sigma = torch.tensor(1.0, device=DEVICE)
+    with pytest.raises(TypeError, match="rng_state must be an int64 tensor"):
+        ops.perturb_triton(v, alpha, sigma, 0, 0, 6, torch.zeros(2, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match=r"rng_state must have shape \[2\]"):
+        ops.noise_triton(v, 0, 0, torch.zeros(3, dtype=torch.int64, device=DEVICE))
+    with pytest.raises(ValueError, match="rng_state must be contiguous"):
+        ops.perturb_alpha_grad_triton(v, alpha, sigma, 0, 0, 6, torch.zeros(4, dtype=torch.int64, device=DEVICE)[::2])
+    with pytest.raises(ValueError, match="rng_state must have shape"):
+        ops.perturb_multi_triton([v], [alpha], [sigma], 0, [0], [6], torch.zeros(1, dtype=torch.int64, device=DEVICE))
+    if DEVICE == "cpu":  # on CUDA the values stay on the device and are not checked (no host sync)
+        with pytest.raises(ValueError, match="seed must be in"):
+            ops.perturb_triton(v, alpha, sigma, 0, 0, 6, _state(-1, 0))
+        with pytest.raises(ValueError, match="counter base"):
+            ops.noise_triton(v, 0, 0, _state(1, -5))
+        with pytest.raises(ValueError, match="offset \\+ ceil"):
+            ops.perturb_alpha_grad_multi_triton([v], [alpha], [sigma], 0, [4], [6], _state(1, 2**63 - 8))
+
+
+def test_counter_limit():
+    """offset + ceil(numel / 4) < 2**63: the last counter, offset + ceil(numel / 4) - 1, stays below 2**63 - 1."""
+    like = torch.empty(8, device=DEVICE)  # 2 counters
+    z = ops.noise_triton(like, 3, 2**63 - 3)
+    np.testing.assert_allclose(z.cpu().numpy(), oracle.normal(3, 2**63 - 3, 8), rtol=0, atol=2e-6)
+    with pytest.raises(ValueError, match="offset \\+ ceil"):
+        ops.noise_triton(like, 3, 2**63 - 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", ["layerwise-multi-block", "act-channelwise-7x7", "weight-elementwise"])
+def test_float32_alpha_with_half_tensors(dtype, case):
+    """AMP: float32 alpha with float16/bfloat16 v; the alpha gradient comes back in float32."""
+    shape, n_alpha, inner = CASES[case]
+    v, g, _, _ = _inputs(shape, n_alpha, dtype)
+    alpha = (torch.rand(n_alpha, generator=torch.Generator().manual_seed(5)) + 0.1).to(DEVICE)
+    sigma = torch.tensor(0.75, dtype=torch.float32, device=DEVICE)
+    out_tol, _ = LOW_PRECISION_TOL[dtype]
+    out = ops.perturb_triton(v, alpha, sigma, SEED, OFFSET, inner)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double().reshape(-1).cpu(), _expected_out(v, alpha, sigma, inner),
+                               rtol=out_tol, atol=out_tol)
+    grad = ops.perturb_alpha_grad_triton(g, alpha, sigma, SEED, OFFSET, inner)
+    assert grad.dtype == torch.float32 and grad.shape == alpha.shape
+    # g is exact in float32; only the fp32 accumulation rounds
+    torch.testing.assert_close(grad.double().cpu(), _expected_grad(g, alpha, sigma, inner), rtol=1e-5, atol=1e-5)
+    outs = ops.perturb_multi_triton([v, v], [alpha, alpha.to(dtype)], [sigma, sigma], SEED, [OFFSET, OFFSET],
+                                    [inner, inner])
+    assert torch.equal(outs[0], out) and outs[1].dtype == dtype
+    grads = ops.perturb_alpha_grad_multi_triton([g, g], [alpha, alpha.to(dtype)], [sigma, sigma], SEED,
+                                                [OFFSET, OFFSET], [inner, inner])
+    assert grads[0].dtype == torch.float32 and grads[1].dtype == dtype
+    torch.testing.assert_close(grads[0], grad, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.slow
+def test_float32_alpha_grad_does_not_overflow_with_float16():
+    """An fp16 tensor (4M elements on CUDA, 512K under the slow interpreter) whose exact alpha
+    gradient is above float16's 65504: with float32 alpha it is finite and matches float64 math."""
+    rows = 4
+    cols = 2**20 if DEVICE == "cuda" else 2**17
+    n = rows * cols
+    z = oracle.normal(SEED, OFFSET, n).astype(np.float64)
+    g = torch.from_numpy(z).to(torch.float16).reshape(rows, cols)  # g ~ z: every term g * z is >= 0
+    sigma = torch.tensor(0.75, dtype=torch.float32)
+    for alpha in (torch.ones(1), torch.ones(rows, 1)):  # layerwise, channelwise
+        inner = 1 if alpha.numel() == 1 else cols
+        grad = ops.perturb_alpha_grad_triton(g.to(DEVICE), alpha.to(DEVICE), sigma.to(DEVICE), SEED, OFFSET, inner)
+        assert grad.dtype == torch.float32 and grad.shape == alpha.shape
+        g64 = g.double().reshape(-1).numpy() * z * 0.75
+        expected = g64.sum() if alpha.numel() == 1 else g64.reshape(rows, cols).sum(axis=1, keepdims=True)
+        assert np.all(np.abs(expected) > 65504)
+        assert torch.isfinite(grad).all()
+        np.testing.assert_allclose(grad.double().cpu().numpy().reshape(np.shape(expected)), expected, rtol=1e-5)
+
+
+def test_outputs_are_fresh_tensors():
+    v, g, alpha, sigma = _inputs((4, 6), 4, torch.float32)
+    alpha = alpha.reshape(4, 1)
+    results = [ops.perturb_triton(v, alpha, sigma, 1, 0, 6), ops.perturb_alpha_grad_triton(g, alpha, sigma, 1, 0, 6),
+               ops.noise_triton(v, 1, 0)]
+    results += ops.perturb_multi_triton([v], [alpha], [sigma], 1, [0], [6])
+    results += ops.perturb_alpha_grad_multi_triton([g], [alpha], [sigma], 1, [0], [6])
+    inputs = {t.untyped_storage().data_ptr() for t in (v, g, alpha, sigma)}
+    for r in results:
+        assert r.untyped_storage().data_ptr() not in inputs
+
+
+def test_zero_size_tensor_with_channelwise_alpha():
+    """A [4, 0] weight with channelwise alpha [4, 1] (the layer passes inner = 0): empty output,
+    zero alpha gradient in alpha's dtype."""
+    v = torch.empty(4, 0, dtype=torch.float16, device=DEVICE)
+    alpha = torch.full((4, 1), 0.5, device=DEVICE)  # float32 alpha with a float16 tensor
+    sigma = torch.tensor(1.0, device=DEVICE)
+    for inner in (0, 1):
+        out = ops.perturb_triton(v, alpha, sigma, 1, 0, inner)
+        assert out.shape == (4, 0) and out.dtype == torch.float16
+        grad = ops.perturb_alpha_grad_triton(v, alpha, sigma, 1, 0, inner)
+        assert grad.shape == (4, 1) and grad.dtype == torch.float32 and torch.equal(grad, torch.zeros_like(grad))
+        assert ops.perturb_multi_triton([v], [alpha], [sigma], 1, [0], [inner])[0].shape == (4, 0)
+        grads = ops.perturb_alpha_grad_multi_triton([v], [alpha], [sigma], 1, [0], [inner], _state(1, 0))
+        assert torch.equal(grads[0], torch.zeros(4, 1, device=DEVICE))
+    with pytest.raises(ValueError, match="inner must be >= 1"):
+        ops.perturb_triton(torch.ones(4, 1, device=DEVICE), alpha, sigma, 1, 0, 0)

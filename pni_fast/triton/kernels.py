@@ -13,6 +13,15 @@ No atomics, so one seed gives the same gradient bits on every run.
 
 The ``*_multi_*`` kernels do the same for a list of tensors in one launch; each program finds
 its tensor in a packed int64 table (pointers, sizes, offsets) built on the host.
+
+``rng_state`` (op contract v2): with the constexpr HAS_STATE the kernels load
+``seed = state[0]`` and ``counter base = state[1] + offset`` from device memory (no host sync;
+CUDA graphs replay the load), otherwise they use the ``seed`` / ``offset`` arguments.
+
+Specialization: Triton compiles one variant per integer argument that equals 1 or is divisible
+by 16; ``seed`` and ``offset`` change from call to call, so every seeded kernel lists them in
+``do_not_specialize`` (one compiled kernel for every drawn seed). Sizes (n, inner, ...) keep the
+specialization: they are fixed per layer and n % 16 == 0 lets the masked accesses vectorize.
 """
 from __future__ import annotations
 
@@ -45,6 +54,15 @@ def _box_muller(wa, wb):
     t = 6.2831855 * _uniform(wb)
     r = tl.sqrt_rn(-2.0 * libdevice.log(u1))
     return r * libdevice.cos(t), r * libdevice.sin(t)
+
+
+@triton.jit
+def _rng_key(seed, offset, state_ptr, HAS_STATE: tl.constexpr):
+    """(seed, counter base): the arguments, or rng_state[0] and rng_state[1] + offset from memory."""
+    if HAS_STATE:
+        seed = tl.load(state_ptr)
+        offset = tl.load(state_ptr + 1) + offset
+    return seed, offset
 
 
 @triton.jit
@@ -105,20 +123,23 @@ def _perturb_block(v_ptr, out_ptr, alpha_ptr, sigma_ptr, n, n_alpha, inner, seed
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _noise_kernel(out_ptr, n, seed, offset, BLOCK: tl.constexpr, PRECISE: tl.constexpr):
+@triton.jit(do_not_specialize=["seed", "offset"])
+def _noise_kernel(out_ptr, state_ptr, n, seed, offset, BLOCK: tl.constexpr, HAS_STATE: tl.constexpr,
+                  PRECISE: tl.constexpr):
     """float32 z of n elements."""
+    seed, offset = _rng_key(seed, offset, state_ptr, HAS_STATE)
     start = tl.program_id(0).to(tl.int64) * BLOCK
     offs = start + tl.arange(0, BLOCK).to(tl.int64)
     z = _normal_block(seed, offset, start, BLOCK, PRECISE)
     tl.store(out_ptr + offs, z, mask=offs < n)
 
 
-@triton.jit
-def _perturb_fwd_kernel(v_ptr, out_ptr, alpha_ptr, sigma_ptr, n, n_alpha, inner, seed, offset,
+@triton.jit(do_not_specialize=["seed", "offset"])
+def _perturb_fwd_kernel(v_ptr, out_ptr, alpha_ptr, sigma_ptr, state_ptr, n, n_alpha, inner, seed, offset,
                         BLOCK: tl.constexpr, LAYERWISE: tl.constexpr, IS_F64: tl.constexpr,
-                        INDEX64: tl.constexpr, PRECISE: tl.constexpr):
+                        INDEX64: tl.constexpr, HAS_STATE: tl.constexpr, PRECISE: tl.constexpr):
     """One program per BLOCK elements (BLOCK / 4 Philox counters)."""
+    seed, offset = _rng_key(seed, offset, state_ptr, HAS_STATE)
     block = tl.program_id(0).to(tl.int64)
     _perturb_block(v_ptr, out_ptr, alpha_ptr, sigma_ptr, n, n_alpha, inner, seed, offset, block,
                    BLOCK, LAYERWISE, IS_F64, INDEX64, PRECISE)
@@ -146,26 +167,47 @@ def _grad_z_block(g_ptr, n, seed, offset, start, BLOCK: tl.constexpr, IS_F64: tl
 
 
 @triton.jit
-def _scan_partials_block(part_ptr, vals, offs, mask, n, inner, S, block, BLOCK: tl.constexpr):
-    """Stage 1 for any ``inner``: per-run sums by a segmented scan, stored at ``[block - p0(s), s]``."""
+def _scan_partials_block(part_ptr, vals, n, inner, S, block, BLOCK: tl.constexpr, INDEX64: tl.constexpr):
+    """Stage 1 for any ``inner``: per-run sums by a segmented scan, stored at ``[block - p0(s), s]``.
+
+    Positions are taken relative to the block's first segment, so the per-element division is
+    an int32 one (int64 only with INDEX64, when inner + BLOCK does not fit int32).
+    """
     local = tl.arange(0, BLOCK)
-    seg = offs // inner
-    first = (offs % inner == 0) | (local == 0)
-    last = ((offs + 1) % inner == 0) | (local == BLOCK - 1) | (offs == n - 1)
+    start = block * BLOCK
+    s0 = start // inner  # first segment touching this block (scalar int64 arithmetic)
+    r0 = start - s0 * inner  # position of the block's first element inside it
+    if INDEX64:
+        pos = r0 + local.to(tl.int64)
+        q = pos // inner
+        rem = pos - q * inner
+    else:
+        inner32 = tl.cast(inner, tl.int32)
+        pos = r0.to(tl.int32) + local
+        q = pos // inner32
+        rem = pos - q * inner32
+    seg = s0 + q.to(tl.int64)
+    count = tl.minimum(n - start, BLOCK).to(tl.int32)  # elements of the tensor in this block
+    first = (rem == 0) | (local == 0)
+    last = (rem == inner - 1) | (local == count - 1)
     _, run = tl.associative_scan((first.to(tl.int32), vals), 0, _segsum_combine)
-    slot = block - (seg * inner) // BLOCK
-    tl.store(part_ptr + slot * S + seg, run, mask=mask & last)
+    # Segment s0 started ceil(r0 / BLOCK) blocks before this one; later segments start here (slot 0).
+    slot0 = (r0 + BLOCK - 1) // BLOCK
+    slot = tl.where(q == 0, slot0, 0)
+    tl.store(part_ptr + slot * S + seg, run, mask=(local < count) & last)
 
 
-@triton.jit
-def _perturb_bwd_kernel(g_ptr, part_ptr, out_ptr, sigma_ptr, n, inner, S, seed, offset,
+@triton.jit(do_not_specialize=["seed", "offset"])
+def _perturb_bwd_kernel(g_ptr, part_ptr, out_ptr, sigma_ptr, state_ptr, n, inner, S, seed, offset,
                         BLOCK: tl.constexpr, SEG_MODE: tl.constexpr, IS_F64: tl.constexpr,
-                        DIRECT: tl.constexpr, PRECISE: tl.constexpr):
+                        DIRECT: tl.constexpr, INDEX64: tl.constexpr, HAS_STATE: tl.constexpr,
+                        PRECISE: tl.constexpr):
     """Stage 1 of the alpha gradient: partial sums of g * z per (block, segment).
 
     With SEG_MODE == SEG_ELEM and DIRECT (elementwise alpha, n_alpha == n) the result
     ``g * z * sigma`` goes straight to the gradient ``out_ptr`` and stage 2 is skipped.
     """
+    seed, offset = _rng_key(seed, offset, state_ptr, HAS_STATE)
     block = tl.program_id(0).to(tl.int64)
     start = block * BLOCK
     offs, mask, vals = _grad_z_block(g_ptr, n, seed, offset, start, BLOCK, IS_F64, PRECISE)
@@ -183,7 +225,7 @@ def _perturb_bwd_kernel(g_ptr, part_ptr, out_ptr, sigma_ptr, n, inner, S, seed, 
         if (s1 * inner < start + BLOCK) & (s1 * inner < n):
             tl.store(part_ptr + s1, hi)
     elif SEG_MODE == 2:  # SEG_SCAN
-        _scan_partials_block(part_ptr, vals, offs, mask, n, inner, S, block, BLOCK)
+        _scan_partials_block(part_ptr, vals, n, inner, S, block, BLOCK, INDEX64)
     else:  # SEG_ELEM
         if DIRECT:
             s = tl.load(sigma_ptr)
@@ -261,29 +303,34 @@ def _find_tensor(table_ptr, pid, T, COLS: tl.constexpr, T_POW2: tl.constexpr):
     return table_ptr + owner * COLS
 
 
-@triton.jit
-def _perturb_multi_fwd_kernel(table_ptr, T, seed, T_POW2: tl.constexpr, BLOCK: tl.constexpr,
-                              V_DTYPE: tl.constexpr, SIGMA_DTYPE: tl.constexpr, IS_F64: tl.constexpr,
+@triton.jit(do_not_specialize=["seed"])
+def _perturb_multi_fwd_kernel(table_ptr, state_ptr, T, seed, T_POW2: tl.constexpr, BLOCK: tl.constexpr,
+                              V_DTYPE: tl.constexpr, ALPHA_DTYPE: tl.constexpr, SIGMA_DTYPE: tl.constexpr,
+                              IS_F64: tl.constexpr, INDEX64: tl.constexpr, HAS_STATE: tl.constexpr,
                               PRECISE: tl.constexpr):
-    """Forward for T tensors; table row = (v, out, alpha, sigma, n, n_alpha, inner, offset, first block)."""
+    """Forward for T tensors; table row = (v, out, alpha, sigma, n, n_alpha, inner, offset, first block).
+
+    INDEX64: some tensor of the launch needs int64 alpha-index arithmetic (host-chosen per group).
+    """
     pid = tl.program_id(0).to(tl.int64)
     row = _find_tensor(table_ptr, pid, T, 9, T_POW2)
     v_ptr = tl.load(row + 0).to(tl.pointer_type(V_DTYPE))
     out_ptr = tl.load(row + 1).to(tl.pointer_type(V_DTYPE))
-    alpha_ptr = tl.load(row + 2).to(tl.pointer_type(V_DTYPE))
+    alpha_ptr = tl.load(row + 2).to(tl.pointer_type(ALPHA_DTYPE))
     sigma_ptr = tl.load(row + 3).to(tl.pointer_type(SIGMA_DTYPE))
     n = tl.load(row + 4)
     n_alpha = tl.load(row + 5)
     inner = tl.load(row + 6)
-    offset = tl.load(row + 7)
+    seed, offset = _rng_key(seed, tl.load(row + 7), state_ptr, HAS_STATE)
     block = pid - tl.load(row + 8)
     _perturb_block(v_ptr, out_ptr, alpha_ptr, sigma_ptr, n, n_alpha, inner, seed, offset, block,
-                   BLOCK, False, IS_F64, True, PRECISE)
+                   BLOCK, False, IS_F64, INDEX64, PRECISE)
 
 
-@triton.jit
-def _perturb_multi_bwd_kernel(table_ptr, part_ptr, T, seed, T_POW2: tl.constexpr, BLOCK: tl.constexpr,
-                              G_DTYPE: tl.constexpr, IS_F64: tl.constexpr, PRECISE: tl.constexpr):
+@triton.jit(do_not_specialize=["seed"])
+def _perturb_multi_bwd_kernel(table_ptr, part_ptr, state_ptr, T, seed, T_POW2: tl.constexpr,
+                              BLOCK: tl.constexpr, G_DTYPE: tl.constexpr, IS_F64: tl.constexpr,
+                              INDEX64: tl.constexpr, HAS_STATE: tl.constexpr, PRECISE: tl.constexpr):
     """Stage 1 for T tensors (segmented scan for every inner); row = (grad, sigma, part base, n,
     inner, S, offset, first block)."""
     pid = tl.program_id(0).to(tl.int64)
@@ -293,10 +340,10 @@ def _perturb_multi_bwd_kernel(table_ptr, part_ptr, T, seed, T_POW2: tl.constexpr
     n = tl.load(row + 3)
     inner = tl.load(row + 4)
     S = tl.load(row + 5)
-    offset = tl.load(row + 6)
+    seed, offset = _rng_key(seed, tl.load(row + 6), state_ptr, HAS_STATE)
     block = pid - tl.load(row + 7)
-    offs, mask, vals = _grad_z_block(g_ptr, n, seed, offset, block * BLOCK, BLOCK, IS_F64, PRECISE)
-    _scan_partials_block(part_ptr + base, vals, offs, mask, n, inner, S, block, BLOCK)
+    _, _, vals = _grad_z_block(g_ptr, n, seed, offset, block * BLOCK, BLOCK, IS_F64, PRECISE)
+    _scan_partials_block(part_ptr + base, vals, n, inner, S, block, BLOCK, INDEX64)
 
 
 @triton.jit

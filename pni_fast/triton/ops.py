@@ -1,18 +1,26 @@
 """Triton backend of pni_fast, registered as PyTorch ops (``torch.ops.pni_fast.*_triton``).
 
 Single-tensor ops are ``torch.library.triton_op``s whose kernels are launched through
-``wrap_triton``, so ``torch.compile`` sees (and can fuse around) the Triton kernels. The list
+``wrap_triton``, so ``torch.compile`` sees (and can fuse around) the Triton kernels. Under the
+CPU interpreter (TRITON_INTERPRET=1) a kernel cannot be traced, so there they are opaque
+``custom_op``s whose fake kernel is the same body with the launches skipped. The list
 ops pass their tensors to one launch through a packed int64 table of raw pointers; pointers the
 compiler cannot see must not be traced into a graph, so those two are opaque
 ``torch.library.custom_op``s with fake kernels (still ``fullgraph``-compatible).
 
-Signatures are those of the C++ ops (design contract), suffixed ``_triton``:
+Signatures are those of docs/ops.md (op contract v2), suffixed ``_triton``:
 
-* ``noise_triton(like, seed, offset) -> Tensor``
-* ``perturb_triton(v, alpha, sigma, seed, offset, inner) -> Tensor``
-* ``perturb_alpha_grad_triton(grad, alpha, sigma, seed, offset, inner) -> Tensor``
-* ``perturb_multi_triton(vs, alphas, sigmas, seed, offsets, inners) -> Tensor[]``
-* ``perturb_alpha_grad_multi_triton(grads, alphas, sigmas, seed, offsets, inners) -> Tensor[]``
+* ``noise_triton(like, seed, offset, rng_state=None) -> Tensor``
+* ``perturb_triton(v, alpha, sigma, seed, offset, inner, rng_state=None) -> Tensor``
+* ``perturb_alpha_grad_triton(grad, alpha, sigma, seed, offset, inner, rng_state=None) -> Tensor``
+* ``perturb_multi_triton(vs, alphas, sigmas, seed, offsets, inners, rng_state=None) -> Tensor[]``
+* ``perturb_alpha_grad_multi_triton(grads, alphas, sigmas, seed, offsets, inners, rng_state=None)``
+
+``rng_state`` (int64 [2] on the op's device: seed, counter base) is read by the kernels from
+device memory: no host sync, so on CUDA its values are not range-checked (they are the bits of a
+uint64 seed and counter); on CPU (interpreter) they get the usual seed/offset checks. alpha may
+be float32 with float16/bfloat16 tensors; the alpha gradient has alpha's dtype and is
+accumulated in float32 (float64 for float64). Every output is a fresh tensor.
 
 Autograd is registered by ``pni_fast.functional``, not here.
 
@@ -20,7 +28,7 @@ Notes:
 * Noise: the compiled kernels evaluate tl.randn4x's formula on tl.randint4x words with libdevice
   logf/cosf/sinf and an IEEE sqrt (tl.sqrt lowers to ``sqrt.approx.ftz`` on sm_90), so z matches
   the CUDA C++ backend; under the CPU interpreter they call tl.randn4x itself.
-* The list ops group tensors by (dtype, sigma dtype): one forward launch and two alpha-gradient
+* The list ops group tensors by (dtype, alpha dtype, sigma dtype): one forward launch and two alpha-gradient
   launches per group. Forward results are bit-identical to the single op; alpha gradients use one
   segmented-scan reduction for every tensor, so they agree with the single op to fp32 rounding.
 * The list ops copy their pointer table from pinned memory (non-blocking, no host sync); that copy
@@ -31,7 +39,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import triton
@@ -39,6 +47,7 @@ import triton.language as tl
 from torch.library import custom_op, triton_op, wrap_triton
 
 from . import kernels as K
+from .checks import check_device, check_lists, check_offset, check_perturb, check_rng_state, check_seed, is_fake
 
 __all__ = [
     "noise_triton",
@@ -55,9 +64,6 @@ NUM_WARPS = 4
 # Elements of one stage-2 tile (BLOCK_J * BLOCK_R * BLOCK_K).
 _REDUCE_TILE = 4096
 _INT32_LIMIT = 2**31
-_SEED_LIMIT = 2**63
-
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _TL_DTYPE = {
     torch.float32: tl.float32,
     torch.float16: tl.float16,
@@ -70,72 +76,6 @@ INTERPRETED: bool = type(K._noise_kernel).__name__ == "InterpretedFunction"
 # Compiled kernels compute Box-Muller with libdevice's accurate logf/cosf/sinf (kernels.py,
 # _normal_block); the interpreter cannot call libdevice and runs tl.randn4x in numpy instead.
 PRECISE: bool = not INTERPRETED
-
-
-# ---------------------------------------------------------------------------
-# Argument checks (same rules as the C++ ops; ValueError/TypeError name the argument)
-# ---------------------------------------------------------------------------
-
-
-def _check_device(op: str, name: str, t: torch.Tensor) -> None:
-    if t.device.type == "cuda":
-        return
-    if t.device.type == "cpu" and INTERPRETED:
-        return
-    hint = " (CPU tensors need TRITON_INTERPRET=1 set before triton is imported)" if t.device.type == "cpu" else ""
-    raise ValueError(f"{op}: {name} must be a CUDA tensor for the Triton backend, got device {t.device}{hint}")
-
-
-def _check_seed_offset(op: str, seed: int, offset: int, numel: int) -> None:
-    if not 0 <= seed < _SEED_LIMIT:
-        raise ValueError(f"{op}: seed must be in [0, 2**63), got {seed}")
-    if offset < 0:
-        raise ValueError(f"{op}: offset must be >= 0, got {offset}")
-    if offset + (numel + 3) // 4 > _SEED_LIMIT:
-        raise ValueError(f"{op}: offset + ceil(numel / 4) must be <= 2**63, got offset={offset}, numel={numel}")
-
-
-def _check_perturb(op: str, vname: str, v: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,
-                   seed: int, offset: int, inner: int) -> None:
-    """The checks shared by perturb and perturb_alpha_grad (``v`` is the value or the gradient)."""
-    for name, t in ((vname, v), ("alpha", alpha), ("sigma", sigma)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if v.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{op}: {vname} must be float32, float16, bfloat16 or float64, got {v.dtype}")
-    if alpha.dtype != v.dtype:
-        raise TypeError(f"{op}: alpha must have {vname}'s dtype {v.dtype}, got {alpha.dtype}")
-    if sigma.dtype not in (torch.float32, v.dtype):
-        raise TypeError(f"{op}: sigma must be float32 or {vname}'s dtype {v.dtype}, got {sigma.dtype}")
-    if sigma.dim() != 0:
-        raise ValueError(f"{op}: sigma must be a 0-d tensor, got shape {tuple(sigma.shape)}")
-    _check_device(op, vname, v)
-    for name, t in (("alpha", alpha), ("sigma", sigma)):
-        if t.device != v.device:
-            raise ValueError(f"{op}: {name} must be on {vname}'s device {v.device}, got {t.device}")
-    if inner < 1:
-        raise ValueError(f"{op}: inner must be >= 1, got {inner}")
-    n, n_alpha = v.numel(), alpha.numel()
-    if n_alpha == 0:
-        raise ValueError(f"{op}: alpha must have at least one element")
-    if n_alpha > 1 and n > 0 and n % (n_alpha * inner) != 0:
-        raise ValueError(
-            f"{op}: alpha with {n_alpha} elements and inner={inner} must tile {vname} "
-            f"({n} elements): expected numel % (alpha.numel() * inner) == 0"
-        )
-    _check_seed_offset(op, seed, offset, n)
-
-
-def _check_lists(op: str, vname: str, vs: Sequence[torch.Tensor], alphas: Sequence[torch.Tensor],
-                 sigmas: Sequence[torch.Tensor], offsets: Sequence[int], inners: Sequence[int]) -> None:
-    lengths = {len(vs), len(alphas), len(sigmas), len(offsets), len(inners)}
-    if len(lengths) != 1:
-        raise ValueError(
-            f"{op}: {vname}s, alphas, sigmas, offsets and inners must have the same length, got "
-            f"{len(vs)}, {len(alphas)}, {len(sigmas)}, {len(offsets)}, {len(inners)}"
-        )
-    if vs and any(v.device != vs[0].device for v in vs):
-        raise ValueError(f"{op}: all {vname}s must be on one device, got {sorted({str(v.device) for v in vs})}")
 
 
 # ---------------------------------------------------------------------------
@@ -212,109 +152,156 @@ def _launch_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+
+
+def _shapes_only(t: torch.Tensor) -> bool:
+    """Under the interpreter the op is a custom_op whose fake kernel is the op body itself: on
+    FakeTensors (no data) it only allocates the outputs and launches nothing."""
+    return INTERPRETED and is_fake(t)
+
+
+def _launch(kernel, grid, *args, **kwargs) -> None:
+    """Launch through ``wrap_triton`` (traceable by torch.compile on GPUs)."""
+    with _launch_guard(args[0].device):
+        wrap_triton(kernel)[grid](*args, **kwargs)
+
+
+def _single_op(name: str):
+    """``triton_op`` on GPUs; under the interpreter an opaque ``custom_op`` (see the module docstring)."""
+    def register(fn):
+        if not INTERPRETED:
+            return triton_op(name, mutates_args=())(fn)
+        op = custom_op(name, mutates_args=())(fn)
+        op.register_fake(fn)
+        return op
+    return register
+
+
+def _state_args(rng_state: Optional[torch.Tensor], dummy: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(state pointer, HAS_STATE): without a state the kernels get an unread input tensor."""
+    return (dummy, False) if rng_state is None else (rng_state, True)
+
+
+def _check_key(op: str, seed, offsets: Sequence, numels: Sequence, rng_state, device) -> None:
+    """The seed/offset rules; with rng_state the seed argument is ignored and base + offset is checked."""
+    check_rng_state(op, rng_state, device, offsets, numels)
+    if rng_state is None:
+        check_seed(op, seed)
+    for offset, numel in zip(offsets, numels):
+        check_offset(op, offset, numel)
+
+
 # ---------------------------------------------------------------------------
 # Single-tensor ops
 # ---------------------------------------------------------------------------
 
 
-@triton_op("pni_fast::noise_triton", mutates_args=())
-def noise_triton(like: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
+@_single_op("pni_fast::noise_triton")
+def noise_triton(like: torch.Tensor, seed: int, offset: int,
+                 rng_state: Optional[torch.Tensor] = None) -> torch.Tensor:
     """float32 z with ``like``'s shape: element i is output i % 4 of Philox counter offset + i // 4."""
     op = "noise_triton"
     if not isinstance(like, torch.Tensor):
         raise TypeError(f"{op}: like must be a torch.Tensor, got {type(like).__name__}")
-    _check_device(op, "like", like)
-    _check_seed_offset(op, seed, offset, like.numel())
+    check_device(op, "like", like, INTERPRETED)
+    _check_key(op, seed, [offset], [like.numel()], rng_state, like.device)
     out = torch.empty(like.shape, dtype=torch.float32, device=like.device)
     n = out.numel()
-    if n == 0:
+    if n == 0 or _shapes_only(like):
         return out
-    with _launch_guard(out.device):
-        wrap_triton(K._noise_kernel)[(triton.cdiv(n, BLOCK),)](
-            out, n, seed, offset, BLOCK=BLOCK, PRECISE=PRECISE, num_warps=NUM_WARPS)
+    state, has_state = _state_args(rng_state, like)
+    _launch(K._noise_kernel, (triton.cdiv(n, BLOCK),), out, state, n, seed, offset,
+            BLOCK=BLOCK, HAS_STATE=has_state, PRECISE=PRECISE, num_warps=NUM_WARPS)
     return out
 
 
-@triton_op("pni_fast::perturb_triton", mutates_args=())
+@_single_op("pni_fast::perturb_triton")
 def perturb_triton(v: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, seed: int, offset: int,
-                   inner: int) -> torch.Tensor:
+                   inner: int, rng_state: Optional[torch.Tensor] = None) -> torch.Tensor:
     """out = v + alpha[(i // inner) % alpha.numel()] * sigma * z_i in one pass (no stored noise)."""
-    _check_perturb("perturb_triton", "v", v, alpha, sigma, seed, offset, inner)
+    op = "perturb_triton"
+    check_perturb(op, "v", v, alpha, sigma, inner, INTERPRETED)
+    _check_key(op, seed, [offset], [v.numel()], rng_state, v.device)
     v = v.contiguous()
     alpha = alpha.contiguous()
     out = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     n, n_alpha = v.numel(), alpha.numel()
-    if n == 0:
+    if n == 0 or _shapes_only(v):
         return out
-    with _launch_guard(v.device):
-        wrap_triton(K._perturb_fwd_kernel)[(triton.cdiv(n, BLOCK),)](
-            v, out, alpha, sigma, n, n_alpha, inner, seed, offset,
-            BLOCK=BLOCK, LAYERWISE=n_alpha == 1, IS_F64=v.dtype == torch.float64,
-            INDEX64=_index64(n_alpha, inner), PRECISE=PRECISE, num_warps=NUM_WARPS,
-        )
+    state, has_state = _state_args(rng_state, sigma)
+    _launch(K._perturb_fwd_kernel, (triton.cdiv(n, BLOCK),), v, out, alpha, sigma, state, n, n_alpha, inner,
+            seed, offset, BLOCK=BLOCK, LAYERWISE=n_alpha == 1, IS_F64=v.dtype == torch.float64,
+            INDEX64=_index64(n_alpha, inner), HAS_STATE=has_state, PRECISE=PRECISE, num_warps=NUM_WARPS)
     return out
 
 
-@triton_op("pni_fast::perturb_alpha_grad_triton", mutates_args=())
+@_single_op("pni_fast::perturb_alpha_grad_triton")
 def perturb_alpha_grad_triton(grad: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, seed: int,
-                              offset: int, inner: int) -> torch.Tensor:
+                              offset: int, inner: int, rng_state: Optional[torch.Tensor] = None) -> torch.Tensor:
     """dL/dalpha[k] = sum over i with b(i) == k of grad_i * sigma * z_i, deterministic (two stages)."""
-    _check_perturb("perturb_alpha_grad_triton", "grad", grad, alpha, sigma, seed, offset, inner)
+    op = "perturb_alpha_grad_triton"
+    check_perturb(op, "grad", grad, alpha, sigma, inner, INTERPRETED)
+    _check_key(op, seed, [offset], [grad.numel()], rng_state, grad.device)
     grad = grad.contiguous()
     n, n_alpha = grad.numel(), alpha.numel()
     if n == 0:
         return torch.zeros(alpha.shape, dtype=alpha.dtype, device=alpha.device)
     out = torch.empty(alpha.shape, dtype=alpha.dtype, device=alpha.device)
+    if _shapes_only(grad):
+        return out
     is_f64 = grad.dtype == torch.float64
-    acc_dtype = torch.float64 if is_f64 else torch.float32
     plan = _grad_plan(n, n_alpha, inner)
-    grid1 = (triton.cdiv(n, BLOCK),)
-    with _launch_guard(grad.device):
-        if plan.direct:
-            wrap_triton(K._perturb_bwd_kernel)[grid1](
-                grad, out, out, sigma, n, plan.inner, plan.S, seed, offset, BLOCK=BLOCK,
-                SEG_MODE=plan.seg_mode, IS_F64=is_f64, DIRECT=True, PRECISE=PRECISE, num_warps=NUM_WARPS,
-            )
-            return out
-        part = torch.empty(plan.J * plan.S, dtype=acc_dtype, device=grad.device)
-        wrap_triton(K._perturb_bwd_kernel)[grid1](
-            grad, part, out, sigma, n, plan.inner, plan.S, seed, offset, BLOCK=BLOCK,
-            SEG_MODE=plan.seg_mode, IS_F64=is_f64, DIRECT=False, PRECISE=PRECISE, num_warps=NUM_WARPS,
-        )
+    state, has_state = _state_args(rng_state, sigma)
+    # The elementwise plan writes the gradient itself: part_ptr is unused, pass out.
+    part = out if plan.direct else torch.empty(plan.J * plan.S, dtype=torch.float64 if is_f64 else torch.float32,
+                                               device=grad.device)
+    _launch(K._perturb_bwd_kernel, (triton.cdiv(n, BLOCK),), grad, part, out, sigma, state, n, plan.inner,
+            plan.S, seed, offset, BLOCK=BLOCK, SEG_MODE=plan.seg_mode, IS_F64=is_f64, DIRECT=plan.direct,
+            INDEX64=_index64(1, plan.inner), HAS_STATE=has_state, PRECISE=PRECISE, num_warps=NUM_WARPS)
+    if not plan.direct:
         block_k, block_j, block_r = _reduce_tiles(n_alpha, plan.J, plan.R)
-        wrap_triton(K._alpha_grad_reduce_kernel)[(triton.cdiv(n_alpha, block_k),)](
-            part, out, sigma, plan.S, plan.J, n_alpha, plan.R, plan.inner, n,
-            BLOCK=BLOCK, BLOCK_K=block_k, BLOCK_J=block_j, BLOCK_R=block_r, IS_F64=is_f64, num_warps=NUM_WARPS,
-        )
+        _launch(K._alpha_grad_reduce_kernel, (triton.cdiv(n_alpha, block_k),), part, out, sigma, plan.S,
+                plan.J, n_alpha, plan.R, plan.inner, n, BLOCK=BLOCK, BLOCK_K=block_k, BLOCK_J=block_j,
+                BLOCK_R=block_r, IS_F64=is_f64, num_warps=NUM_WARPS)
     return out
 
 
 # ---------------------------------------------------------------------------
-# Multi-tensor ops: one launch per (dtype, sigma dtype) group through a pointer table
+# Multi-tensor ops: one launch per (dtype, alpha dtype, sigma dtype) group through a pointer table
 # ---------------------------------------------------------------------------
 
 
-def _groups(tensors: Sequence[torch.Tensor], sigmas: Sequence[torch.Tensor]) -> dict[tuple, list[int]]:
-    """Indices of the non-empty tensors, grouped by (dtype, sigma dtype): one launch per group."""
+def _groups(tensors: Sequence[torch.Tensor], alphas: Sequence[torch.Tensor],
+            sigmas: Sequence[torch.Tensor]) -> dict[tuple, list[int]]:
+    """Indices of the non-empty tensors, grouped by dtypes: one launch per group."""
     groups: dict[tuple, list[int]] = {}
-    for i, (t, s) in enumerate(zip(tensors, sigmas)):
+    for i, (t, a, s) in enumerate(zip(tensors, alphas, sigmas)):
         if t.numel() > 0:
-            groups.setdefault((t.dtype, s.dtype), []).append(i)
+            groups.setdefault((t.dtype, a.dtype, s.dtype), []).append(i)
     return groups
+
+
+def _check_multi(op: str, vname: str, vs, alphas, sigmas, seed, offsets, inners, rng_state) -> None:
+    check_lists(op, vname, vs, alphas, sigmas, offsets, inners)
+    for i, (v, a, s, inner) in enumerate(zip(vs, alphas, sigmas, inners)):
+        check_perturb(f"{op}: {vname}s[{i}]", vname, v, a, s, inner, INTERPRETED)
+    if vs:
+        _check_key(op, seed, offsets, [v.numel() for v in vs], rng_state, vs[0].device)
+    elif rng_state is not None:
+        check_rng_state(op, rng_state, rng_state.device, [], [])
 
 
 @custom_op("pni_fast::perturb_multi_triton", mutates_args=())
 def perturb_multi_triton(vs: list[torch.Tensor], alphas: list[torch.Tensor], sigmas: list[torch.Tensor],
-                         seed: int, offsets: list[int], inners: list[int]) -> list[torch.Tensor]:
+                         seed: int, offsets: list[int], inners: list[int],
+                         rng_state: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
     """perturb_triton for every tensor of a list in one kernel launch (per dtype group)."""
     op = "perturb_multi_triton"
-    _check_lists(op, "v", vs, alphas, sigmas, offsets, inners)
-    for v, a, s, off, inner in zip(vs, alphas, sigmas, offsets, inners):
-        _check_perturb(op, "v", v, a, s, seed, off, inner)
+    _check_multi(op, "v", vs, alphas, sigmas, seed, offsets, inners, rng_state)
     vs = [v.contiguous() for v in vs]
     alphas = [a.contiguous() for a in alphas]
     outs = [torch.empty(v.shape, dtype=v.dtype, device=v.device) for v in vs]
-    for (dtype, sigma_dtype), idx in _groups(vs, sigmas).items():
+    for (dtype, alpha_dtype, sigma_dtype), idx in _groups(vs, alphas, sigmas).items():
         rows, first, total = [], [], 0
         for i in idx:
             n = vs[i].numel()
@@ -324,36 +311,37 @@ def perturb_multi_triton(vs: list[torch.Tensor], alphas: list[torch.Tensor], sig
             total += triton.cdiv(n, BLOCK)
         device = vs[idx[0]].device
         table = _device_table(rows, first, device, op)
+        state, has_state = _state_args(rng_state, table)
         with _launch_guard(device):
             K._perturb_multi_fwd_kernel[(total,)](
-                table, len(idx), seed, T_POW2=triton.next_power_of_2(len(idx)), BLOCK=BLOCK,
-                V_DTYPE=_TL_DTYPE[dtype], SIGMA_DTYPE=_TL_DTYPE[sigma_dtype],
-                IS_F64=dtype == torch.float64, PRECISE=PRECISE, num_warps=NUM_WARPS,
+                table, state, len(idx), seed, T_POW2=triton.next_power_of_2(len(idx)), BLOCK=BLOCK,
+                V_DTYPE=_TL_DTYPE[dtype], ALPHA_DTYPE=_TL_DTYPE[alpha_dtype], SIGMA_DTYPE=_TL_DTYPE[sigma_dtype],
+                IS_F64=dtype == torch.float64, INDEX64=any(_index64(alphas[i].numel(), inners[i]) for i in idx),
+                HAS_STATE=has_state, PRECISE=PRECISE, num_warps=NUM_WARPS,
             )
     return outs
 
 
 @perturb_multi_triton.register_fake
-def _(vs, alphas, sigmas, seed, offsets, inners):
+def _(vs, alphas, sigmas, seed, offsets, inners, rng_state=None):
     return [torch.empty(v.shape, dtype=v.dtype, device=v.device) for v in vs]
 
 
 @custom_op("pni_fast::perturb_alpha_grad_multi_triton", mutates_args=())
 def perturb_alpha_grad_multi_triton(grads: list[torch.Tensor], alphas: list[torch.Tensor],
                                     sigmas: list[torch.Tensor], seed: int, offsets: list[int],
-                                    inners: list[int]) -> list[torch.Tensor]:
+                                    inners: list[int], rng_state: Optional[torch.Tensor] = None
+                                    ) -> list[torch.Tensor]:
     """perturb_alpha_grad_triton for every tensor of a list: two launches per dtype group."""
     op = "perturb_alpha_grad_multi_triton"
-    _check_lists(op, "grad", grads, alphas, sigmas, offsets, inners)
-    for g, a, s, off, inner in zip(grads, alphas, sigmas, offsets, inners):
-        _check_perturb(op, "grad", g, a, s, seed, off, inner)
+    _check_multi(op, "grad", grads, alphas, sigmas, seed, offsets, inners, rng_state)
     grads = [g.contiguous() for g in grads]
     outs = [
         torch.empty(a.shape, dtype=a.dtype, device=a.device) if g.numel() > 0
         else torch.zeros(a.shape, dtype=a.dtype, device=a.device)
         for g, a in zip(grads, alphas)
     ]
-    for (dtype, sigma_dtype), idx in _groups(grads, sigmas).items():
+    for (dtype, alpha_dtype, sigma_dtype), idx in _groups(grads, alphas, sigmas).items():
         is_f64 = dtype == torch.float64
         device = grads[idx[0]].device
         plans = [_grad_plan(grads[i].numel(), alphas[i].numel(), inners[i], general=True) for i in idx]
@@ -378,19 +366,21 @@ def perturb_alpha_grad_multi_triton(grads: list[torch.Tensor], alphas: list[torc
         t = len(idx)
         table1 = _device_table(rows1, first1, device, op)
         table2 = _device_table(rows2, first2, device, op)
+        state, has_state = _state_args(rng_state, table1)
         with _launch_guard(device):
             K._perturb_multi_bwd_kernel[(total1,)](
-                table1, part, t, seed, T_POW2=triton.next_power_of_2(t), BLOCK=BLOCK,
-                G_DTYPE=_TL_DTYPE[dtype], IS_F64=is_f64, PRECISE=PRECISE, num_warps=NUM_WARPS,
+                table1, part, state, t, seed, T_POW2=triton.next_power_of_2(t), BLOCK=BLOCK,
+                G_DTYPE=_TL_DTYPE[dtype], IS_F64=is_f64, INDEX64=any(_index64(1, p.inner) for p in plans),
+                HAS_STATE=has_state, PRECISE=PRECISE, num_warps=NUM_WARPS,
             )
             K._alpha_grad_multi_reduce_kernel[(total2,)](
                 table2, part, t, T_POW2=triton.next_power_of_2(t), BLOCK=BLOCK, BLOCK_K=block_k,
-                BLOCK_J=block_j, BLOCK_R=block_r, OUT_DTYPE=_TL_DTYPE[dtype],
+                BLOCK_J=block_j, BLOCK_R=block_r, OUT_DTYPE=_TL_DTYPE[alpha_dtype],
                 SIGMA_DTYPE=_TL_DTYPE[sigma_dtype], IS_F64=is_f64, num_warps=NUM_WARPS,
             )
     return outs
 
 
 @perturb_alpha_grad_multi_triton.register_fake
-def _(grads, alphas, sigmas, seed, offsets, inners):
+def _(grads, alphas, sigmas, seed, offsets, inners, rng_state=None):
     return [torch.empty(a.shape, dtype=a.dtype, device=a.device) for a in alphas]
