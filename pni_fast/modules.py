@@ -12,6 +12,14 @@ generator). Weight noise is drawn before input noise.
 
 Noise stays ON in ``eval()``: the defense relies on it at test time. Switch it off with the
 per-module flag ``noise_enabled`` or with ``pni_fast.no_noise(model)`` / ``set_noise``.
+
+Graph capture: every noise call goes through :func:`noisy_weight_call` / :func:`noisy_input_call`,
+which ``torch.fx`` records as leaf calls (``torch.fx.wrap``), so a symbolically traced GraphModule
+draws fresh noise when it runs. Under ``torch.export`` the seed is an RNG-state tensor made by
+``torch.randint`` inside the graph (a host-drawn int would be a data-dependent value), so the
+exported program also draws fresh noise per call. ``torch.jit.trace`` would freeze one draw into
+constants and ``torch.jit.script`` cannot compile the Python op layer: both raise an error that
+names ``pni_fast.no_noise`` / ``pni_fast.strip``, as does ONNX export with noise on.
 """
 from __future__ import annotations
 
@@ -23,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import functional as _fn
+from .rng import SEED_LIMIT
 
 __all__ = [
     "PNI_MODES",
@@ -32,7 +41,8 @@ __all__ = [
     "NoiseInjection",
     "is_noisy_module",
     "alpha_parameters",
-    "batch_weight_noise",
+    "noisy_weight_call",
+    "noisy_input_call",
 ]
 
 PNI_MODES: tuple[str, ...] = ("layerwise", "channelwise", "elementwise")
@@ -51,6 +61,75 @@ def _alpha_for(alpha: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _quoted(options: tuple[str, ...]) -> str:
     quoted = [repr(o) for o in options]
     return ", ".join(quoted[:-1]) + " or " + quoted[-1]
+
+
+# ---------------------------------------------------------------------------
+# The noise calls of every PNI module: leaves for torch.fx, tensor seeds for torch.export
+# ---------------------------------------------------------------------------
+
+_DEPLOY_HINT = (
+    "For a deterministic model use `with pni_fast.no_noise(model): ...` or `pni_fast.strip(model)` "
+    "(plain layers, same weights); to keep fresh noise per call use torch.export.export(model, args) "
+    "or torch.fx.symbolic_trace(model)."
+)
+
+
+def _refuse_frozen_capture() -> None:
+    """jit.trace records tensors, not calls: the noise of the traced call would be replayed forever."""
+    if torch.jit.is_tracing():
+        if torch.onnx.is_in_onnx_export():
+            raise RuntimeError("pni_fast: ONNX export with PNI noise on is not supported (ONNX has no op for "
+                               "it, and a traced draw would be frozen). " + _DEPLOY_HINT)
+        raise RuntimeError("pni_fast: torch.jit.trace would freeze PNI's noise into constants (one draw, "
+                           "replayed on every call). " + _DEPLOY_HINT)
+    if torch.compiler.is_exporting() and torch.onnx.is_in_onnx_export():
+        raise RuntimeError("pni_fast: ONNX export with PNI noise on is not supported (ONNX has no op for PNI's "
+                           "Philox noise). " + _DEPLOY_HINT)
+
+
+def _graph_seed(t: torch.Tensor) -> Optional[torch.Tensor]:
+    """None (a host seed per call), or under torch.export an RNG state ``(seed, 0)`` drawn by a tensor op
+    that the exported program runs on every call (``torch.randint`` on torch's generator for the device)."""
+    if not torch.compiler.is_exporting():
+        return None
+    seed = torch.randint(0, SEED_LIMIT - 1, (1,), dtype=torch.int64, device=t.device)
+    return torch.cat([seed, torch.zeros(1, dtype=torch.int64, device=t.device)])
+
+
+def noisy_weight_call(weight: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """``noisy_weight(weight, alpha)`` with a fresh seed: what every PNI layer's forward calls."""
+    _refuse_frozen_capture()
+    return _fn.noisy_weight(weight, alpha, seed=_graph_seed(weight))
+
+
+def noisy_input_call(x: torch.Tensor, alpha: torch.Tensor, layout: int, num_channels: int = 0) -> torch.Tensor:
+    """Input noise of a layer with a fresh seed. ``layout``: ``-1`` features last (linear layers), ``n >= 1``
+    a conv input with ``n`` spatial dims (channel dim 1, or 0 when unbatched), ``0`` as given
+    (``NoiseInjection``; ``num_channels > 0`` checks dim 1)."""
+    _refuse_frozen_capture()
+    if num_channels and (x.dim() < 2 or x.shape[1] != num_channels):
+        raise ValueError(f"NoiseInjection(num_channels={num_channels}) expects input [N, {num_channels}, ...], "
+                         f"got shape {list(x.shape)}")
+    alpha = _alpha_for(alpha, x.dtype)
+    if layout < 0:
+        view = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x  # features last -> dim 1
+    elif layout > 0 and x.dim() == layout + 1:
+        view = x.unsqueeze(0)  # unbatched conv input [C, *spatial]
+    else:
+        view = x
+    return _fn.inject_noise(view, alpha, seed=_graph_seed(x)).reshape(x.shape)
+
+
+torch.fx.wrap("noisy_weight_call")
+torch.fx.wrap("noisy_input_call")
+
+
+def _refuse_script(module: nn.Module) -> None:
+    raise RuntimeError(
+        f"pni_fast: torch.jit.script cannot compile {type(module).__name__} (PNI's noise runs in the Python op "
+        "layer). Script a plain copy: torch.jit.script(pni_fast.strip(copy.deepcopy(model))), or "
+        "torch.jit.trace the model inside `with pni_fast.no_noise(model):`; torch.export.export keeps the noise."
+    )
 
 
 def check_pni(pni: Any, allowed: tuple[str, ...] = PNI_MODES) -> str:
@@ -98,7 +177,7 @@ def mode_of_alpha(alpha_shape: tuple[int, ...], weight_shape: tuple[int, ...]) -
 class _PNIMixin:
     """Shared state and checks of the noisy layers (not an ``nn.Module`` by itself).
 
-    Subclasses define ``_input_channels`` and ``_input_noise_view``.
+    Subclasses define ``_input_channels`` and ``_input_layout`` (see :func:`noisy_input_call`).
     """
 
     pni: str
@@ -112,9 +191,9 @@ class _PNIMixin:
         self.pni = check_pni(pni)
         self.noise = check_noise(noise)
         self.alpha_init = check_alpha_init(alpha_init)
-        if self.noise != "weight" and self.pni == "elementwise" and isinstance(self, nn.Conv2d):
+        if self.noise != "weight" and self.pni == "elementwise" and isinstance(self, nn.modules.conv._ConvNd):
             raise ValueError(
-                "pni='elementwise' input noise on NoisyConv2d needs the input's spatial size, which is unknown "
+                f"pni='elementwise' input noise on {type(self).__name__} needs the input's spatial size, which is unknown "
                 "when the layer is built; use pni='layerwise' or 'channelwise' with noise='input'/'both', or "
                 "noise='weight'"
             )
@@ -156,21 +235,22 @@ class _PNIMixin:
             self.__dict__["_pni_pending_weight"] = None
             return pending
         if self.noise_enabled and self.alpha_w is not None:
-            weight = _fn.noisy_weight(weight, self.alpha_w)
+            weight = noisy_weight_call(weight, self.alpha_w)
         return weight
 
     def _noisy_input(self, x: torch.Tensor) -> torch.Tensor:
         if not self.noise_enabled or self.alpha_i is None:
             return x
-        alpha = _alpha_for(self.alpha_i, x.dtype)
-        view = self._input_noise_view(x)
-        return _fn.inject_noise(view, alpha).reshape(x.shape)
+        return noisy_input_call(x, self.alpha_i, self._input_layout())
 
     def _input_channels(self) -> int:
         raise NotImplementedError
 
-    def _input_noise_view(self, x: torch.Tensor) -> torch.Tensor:
+    def _input_layout(self) -> int:
         raise NotImplementedError
+
+    def __prepare_scriptable__(self):
+        _refuse_script(self)
 
     def _noise_repr(self) -> str:
         s = f"pni={self.pni!r}, noise={self.noise!r}"
@@ -252,8 +332,8 @@ class NoisyConv2d(_PNIMixin, nn.Conv2d):
     def _input_channels(self) -> int:
         return self.in_channels
 
-    def _input_noise_view(self, x: torch.Tensor) -> torch.Tensor:
-        return x.unsqueeze(0) if x.dim() == 3 else x  # unbatched [C, H, W]: channel dim is 0
+    def _input_layout(self) -> int:
+        return 2  # [N, C, H, W], or unbatched [C, H, W]
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         weight = self._noisy_weight()
@@ -288,9 +368,8 @@ class NoisyLinear(_PNIMixin, nn.Linear):
     def _input_channels(self) -> int:
         return self.in_features
 
-    def _input_noise_view(self, x: torch.Tensor) -> torch.Tensor:
-        # features are the last dim; flatten leading dims so they become dim 1 for inject_noise
-        return x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+    def _input_layout(self) -> int:
+        return -1  # features are the last dim
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         weight = self._noisy_weight()
@@ -335,13 +414,10 @@ class NoiseInjection(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.noise_enabled:
             return x
-        if self.pni == "channelwise" and (x.dim() < 2 or x.shape[1] != self.num_channels):
-            raise ValueError(
-                f"NoiseInjection(num_channels={self.num_channels}) expects input [N, {self.num_channels}, ...], "
-                f"got shape {list(x.shape)}"
-            )
-        alpha = _alpha_for(self.alpha, x.dtype)
-        return _fn.inject_noise(x, alpha)
+        return noisy_input_call(x, self.alpha, 0, self.num_channels if self.pni == "channelwise" else 0)
+
+    def __prepare_scriptable__(self):
+        _refuse_script(self)
 
     def extra_repr(self) -> str:
         s = f"num_channels={self.num_channels}, pni={self.pni!r}" if self.num_channels else f"pni={self.pni!r}"
@@ -352,12 +428,10 @@ class NoiseInjection(nn.Module):
         return s
 
 
-_NOISY_TYPES = (NoisyConv2d, NoisyLinear, NoiseInjection)
-
-
 def is_noisy_module(module: nn.Module) -> bool:
-    """True for the modules whose noise ``set_noise``/``no_noise`` control."""
-    return isinstance(module, _NOISY_TYPES)
+    """True for the modules whose noise ``set_noise``/``no_noise`` control (also layers ``convert``
+    wrapped in place, which share ``_PNIMixin``)."""
+    return isinstance(module, (_PNIMixin, NoiseInjection))
 
 
 def alpha_parameters(model: nn.Module) -> list[nn.Parameter]:
