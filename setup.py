@@ -73,7 +73,7 @@ def _ext_modules_and_cmdclass():
         )
         return [], cmdclass
 
-    sources = ["csrc/ops.cpp", "csrc/autograd.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
     want_cuda = False
     if _flag("FORCE_ONLY_CPU"):

@@ -1,9 +1,16 @@
 // Schemas of the pni_fast ops (one definition; the CPU and CUDA files
 // register kernels for them). Every op is a pure function of its inputs: the
 // noise is fixed by (seed, offset), so autograd, opcheck and torch.compile
-// all see the same values. Autograd of perturb / perturb_multi is in
-// csrc/autograd.cpp; fake (meta) kernels are registered from Python
-// (pni_fast/functional.py), except sigma's (csrc/cpu/pni_cpu.cpp).
+// all see the same values. Autograd (torch.library.register_autograd, so
+// torch.func and double backward work) and the fake (meta) kernels are
+// registered from Python (pni_fast/functional.py), except sigma's fake
+// kernel (csrc/cpu/sigma_cpu.cpp). The contract: docs/ops.md.
+//
+// rng_state (optional, every RNG op): int64 [2] = (seed, counter base) on the
+// op's device. When given, the op uses seed rng_state[0] and counter offset
+// rng_state[1] + offset and ignores `seed`; it never writes rng_state. CUDA
+// kernels read it from device memory (no host sync: CUDA graph replays see the
+// state the Python layer advances in-stream); CPU kernels read it on the host.
 #include <Python.h>
 
 #include <torch/library.h>
@@ -30,26 +37,33 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(pni_fast, m) {
   const std::vector<at::Tag> tags{at::Tag::pt2_compliant_tag};
   // float32 z with like's shape (like's values unused).
-  m.def("noise(Tensor like, SymInt seed, int offset) -> Tensor", tags);
+  m.def("noise(Tensor like, SymInt seed, int offset, Tensor? rng_state=None) -> Tensor", tags);
   // int32 [4*ceil(n/4)]: raw Philox words (uint32 bits) of counters offset.. in element order.
-  m.def("rng_words(Tensor like, SymInt seed, int offset) -> Tensor", tags);
+  m.def("rng_words(Tensor like, SymInt seed, int offset, Tensor? rng_state=None) -> Tensor", tags);
   // float32 [4*ceil(n/4)]: uniform(word) of the same words (before the 1e-7 clamp).
-  m.def("rng_uniform(Tensor like, SymInt seed, int offset) -> Tensor", tags);
-  // v + alpha[(i / inner) % alpha.numel()] * sigma * z_i
-  m.def("perturb(Tensor v, Tensor alpha, Tensor sigma, SymInt seed, int offset, int inner) -> Tensor", tags);
-  // d/dalpha of sum(grad * perturb(...)): sum of grad_i * sigma * z_i per alpha index.
-  m.def("perturb_alpha_grad(Tensor grad, Tensor alpha, Tensor sigma, SymInt seed, int offset, int inner) -> Tensor",
-        tags);
+  m.def("rng_uniform(Tensor like, SymInt seed, int offset, Tensor? rng_state=None) -> Tensor", tags);
+  // v + alpha[(i / inner) % alpha.numel()] * sigma * z_i, v's dtype; math in float32 (float64 for float64).
   m.def(
-      "perturb_multi(Tensor[] vs, Tensor[] alphas, Tensor[] sigmas, SymInt seed, int[] offsets, int[] inners) "
-      "-> Tensor[]",
+      "perturb(Tensor v, Tensor alpha, Tensor sigma, SymInt seed, int offset, int inner, Tensor? rng_state=None) "
+      "-> Tensor",
+      tags);
+  // d/dalpha of sum(grad * perturb(...)): sum of grad_i * sigma * z_i per alpha index, in alpha's
+  // dtype, accumulated in float32 (float64 for float64).
+  m.def(
+      "perturb_alpha_grad(Tensor grad, Tensor alpha, Tensor sigma, SymInt seed, int offset, int inner, "
+      "Tensor? rng_state=None) -> Tensor",
+      tags);
+  m.def(
+      "perturb_multi(Tensor[] vs, Tensor[] alphas, Tensor[] sigmas, SymInt seed, int[] offsets, int[] inners, "
+      "Tensor? rng_state=None) -> Tensor[]",
       tags);
   m.def(
       "perturb_alpha_grad_multi(Tensor[] grads, Tensor[] alphas, Tensor[] sigmas, SymInt seed, int[] offsets, "
-      "int[] inners) -> Tensor[]",
+      "int[] inners, Tensor? rng_state=None) -> Tensor[]",
       tags);
   // Unbiased std of all of v's elements as a 0-d tensor (float32; float64 for float64
-  // input); 0 when v has fewer than 2 elements. Deterministic, fp64 accumulation. The
-  // "sigma" of PNI; CPU (and Meta) kernels only so far.
+  // input); 0 when v has fewer than 2 elements. Deterministic two-pass std in float64
+  // (rounded once to float32 for float32/float16/bfloat16 inputs). The "sigma" of PNI;
+  // CPU (and Meta) kernels only so far.
   m.def("sigma(Tensor v) -> Tensor", tags);
 }

@@ -35,6 +35,8 @@ A warp_sum_emulated(A (&v)[kWarpSize]) {
   return v[0];
 }
 
+// alpha (perturb) and the alpha gradient (emu_alpha_grad's out) are in acc_t<T>, as the
+// CUDA launcher passes them; state is the rng_state pointer (nullptr: none).
 struct Args {
   int count;
   const void* const* in;
@@ -46,7 +48,8 @@ struct Args {
   const int64_t* n_alpha;
   const int64_t* inner;
   const int64_t* offset;
-  size_t elem;
+  size_t elem;      // bytes per element of in
+  size_t out_elem;  // bytes per element of out
 };
 
 Desc make_desc(const Args& a, int i) {
@@ -59,7 +62,7 @@ Desc make_desc(const Args& a, int i) {
   d.n_alpha = a.n_alpha[i];
   d.inner = a.inner[i];
   d.offset = a.offset[i];
-  d.flags = make_flags(a.sigma_float[i] != 0, d.in, d.out, a.elem);
+  d.flags = make_flags(a.sigma_float[i] != 0, d.in, a.elem, d.out, a.out_elem);
   return d;
 }
 
@@ -80,7 +83,7 @@ std::vector<std::vector<int>> packs_of(const Args& a) {
 }
 
 template <typename T>
-void perturb(const Args& a, uint64_t seed) {
+void perturb(const Args& a, const RngKey& rk) {
   for (const auto& idx : packs_of(a)) {
     Pack pack{};
     pack.count = static_cast<int32_t>(idx.size());
@@ -93,13 +96,13 @@ void perturb(const Args& a, uint64_t seed) {
     pack.start[idx.size()] = units;
     for (int64_t unit = 0; unit < units; ++unit) {
       const int t = find_desc(pack, unit);
-      for (int tid = 0; tid < kThreads; ++tid) perturb_unit_thread<T>(pack.d[t], unit - pack.start[t], tid, seed);
+      for (int tid = 0; tid < kThreads; ++tid) perturb_unit_thread<T>(pack.d[t], unit - pack.start[t], tid, rk);
     }
   }
 }
 
 template <typename T>
-void alpha_grad(const Args& a, uint64_t seed) {
+void alpha_grad(const Args& a, const RngKey& rk) {
   using A = acc_t<T>;
   for (const auto& idx : packs_of(a)) {
     Pack stage1{};
@@ -116,10 +119,10 @@ void alpha_grad(const Args& a, uint64_t seed) {
       const int64_t u = unit - stage1.start[t];
       if (d.mode == kWarpMode) {
         A v[kWarpSize];
-        for (int lane = 0; lane < kWarpSize; ++lane) v[lane] = stage1_lane_value<T>(d, u, lane, seed);
+        for (int lane = 0; lane < kWarpSize; ++lane) v[lane] = stage1_lane_value<T>(d, u, lane, rk);
         part[d.part_base + u] = warp_sum_emulated(v);
       } else {
-        for (int lane = 0; lane < kWarpSize; ++lane) stage1_lane_alone<T>(d, u, lane, seed, part.data());
+        for (int lane = 0; lane < kWarpSize; ++lane) stage1_lane_alone<T>(d, u, lane, rk, part.data());
       }
     }
     for (int64_t unit = 0; unit < total2; ++unit) {
@@ -137,18 +140,22 @@ void alpha_grad(const Args& a, uint64_t seed) {
 extern "C" {
 
 // dtype: 0 = float32, 1 = float64, 2 = float16, 3 = bfloat16 (2 and 3 only when built with
-// PNI_EMU_WITH_C10). Returns 0 on success, 1 for an unsupported dtype.
+// PNI_EMU_WITH_C10). alpha is float64 for dtype 1, else float32; so is emu_alpha_grad's out.
+// state: nullptr, or the two int64 values of an rng_state (seed, counter base) that replace
+// `seed` and add to every offset, read the way the kernels read them (make_rng_key).
+// Returns 0 on success, 1 for an unsupported dtype.
 int emu_perturb(int dtype, int count, const void* const* in, void* const* out, const void* const* alpha,
                 const void* const* sigma, const int32_t* sigma_float, const int64_t* n, const int64_t* n_alpha,
-                const int64_t* inner, const int64_t* offset, uint64_t seed) {
+                const int64_t* inner, const int64_t* offset, uint64_t seed, const int64_t* state) {
   const size_t elem = dtype == 1 ? 8u : dtype == 0 ? 4u : 2u;
-  Args a{count, in, out, alpha, sigma, sigma_float, n, n_alpha, inner, offset, elem};
+  Args a{count, in, out, alpha, sigma, sigma_float, n, n_alpha, inner, offset, elem, elem};
+  const RngKey rk = make_rng_key(seed, state);
   switch (dtype) {
-    case 0: perturb<float>(a, seed); return 0;
-    case 1: perturb<double>(a, seed); return 0;
+    case 0: perturb<float>(a, rk); return 0;
+    case 1: perturb<double>(a, rk); return 0;
 #ifdef PNI_EMU_WITH_C10
-    case 2: perturb<c10::Half>(a, seed); return 0;
-    case 3: perturb<c10::BFloat16>(a, seed); return 0;
+    case 2: perturb<c10::Half>(a, rk); return 0;
+    case 3: perturb<c10::BFloat16>(a, rk); return 0;
 #endif
     default: return 1;
   }
@@ -156,15 +163,16 @@ int emu_perturb(int dtype, int count, const void* const* in, void* const* out, c
 
 int emu_alpha_grad(int dtype, int count, const void* const* grad, void* const* out, const void* const* alpha,
                    const void* const* sigma, const int32_t* sigma_float, const int64_t* n, const int64_t* n_alpha,
-                   const int64_t* inner, const int64_t* offset, uint64_t seed) {
+                   const int64_t* inner, const int64_t* offset, uint64_t seed, const int64_t* state) {
   const size_t elem = dtype == 1 ? 8u : dtype == 0 ? 4u : 2u;
-  Args a{count, grad, out, alpha, sigma, sigma_float, n, n_alpha, inner, offset, elem};
+  Args a{count, grad, out, alpha, sigma, sigma_float, n, n_alpha, inner, offset, elem, dtype == 1 ? 8u : 4u};
+  const RngKey rk = make_rng_key(seed, state);
   switch (dtype) {
-    case 0: alpha_grad<float>(a, seed); return 0;
-    case 1: alpha_grad<double>(a, seed); return 0;
+    case 0: alpha_grad<float>(a, rk); return 0;
+    case 1: alpha_grad<double>(a, rk); return 0;
 #ifdef PNI_EMU_WITH_C10
-    case 2: alpha_grad<c10::Half>(a, seed); return 0;
-    case 3: alpha_grad<c10::BFloat16>(a, seed); return 0;
+    case 2: alpha_grad<c10::Half>(a, rk); return 0;
+    case 3: alpha_grad<c10::BFloat16>(a, rk); return 0;
 #endif
     default: return 1;
   }

@@ -106,6 +106,8 @@ def emu(tmp_path_factory):
     so = ctypes.CDLL(str(lib))
     for fn in (so.emu_perturb, so.emu_alpha_grad):
         fn.restype = ctypes.c_int
+        # dtype, count, 9 pointers (in, out, alpha, sigma, sigma_float, n, n_alpha, inner, offset), seed, state
+        fn.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 9 + [ctypes.c_uint64, ctypes.c_void_p]
     return so
 
 
@@ -117,8 +119,16 @@ def _i64(values) -> ctypes.Array:
     return (ctypes.c_int64 * max(1, len(values)))(*values)
 
 
-def _run(so, fn_name, ins, alphas, sigmas, offsets, inners, seed, out_like):
-    """Call emu_perturb / emu_alpha_grad on lists of numpy arrays; returns the outputs."""
+def _state(state):
+    """rng_state for the emulation: None, or (seed, counter base) as an int64[2] ctypes array."""
+    return None if state is None else (ctypes.c_int64 * 2)(*state)
+
+
+def _run(so, fn_name, ins, alphas, sigmas, offsets, inners, seed, out_like, state=None):
+    """Call emu_perturb / emu_alpha_grad on lists of numpy arrays; returns the outputs.
+
+    alphas and the alpha-gradient outputs (out_like) are float32 (float64 for float64 inputs),
+    as the CUDA launcher passes them."""
     dtype = ins[0].dtype if ins else np.float32
     outs = [np.full(o.shape, np.nan, dtype=dtype) for o in out_like]
     code = {np.dtype(np.float32): 0, np.dtype(np.float64): 1}[np.dtype(dtype)]
@@ -127,7 +137,7 @@ def _run(so, fn_name, ins, alphas, sigmas, offsets, inners, seed, out_like):
         ctypes.c_int(code), ctypes.c_int(len(ins)), _ptrs(ins), _ptrs(outs), _ptrs(alphas), _ptrs(sigmas),
         (ctypes.c_int32 * max(1, len(ins)))(*[int(s.dtype == np.float32) for s in sigmas]),
         _i64([a.size for a in ins]), _i64([a.size for a in alphas]), _i64(inners), _i64(offsets),
-        ctypes.c_uint64(seed))
+        ctypes.c_uint64(seed), _state(state))
     assert rc == 0
     return outs
 
@@ -147,8 +157,9 @@ EMU_CASES = {
 SEED, OFFSET = 0x1234_5678_9ABC, 2**32 - 7
 
 
-def _run_torch(so, fn_name, ins, alphas, sigmas, offsets, inners, seed, out_like):
-    """_run for torch CPU tensors (any of float32/float64/float16/bfloat16)."""
+def _run_torch(so, fn_name, ins, alphas, sigmas, offsets, inners, seed, out_like, state=None):
+    """_run for torch CPU tensors (ins: any of float32/float64/float16/bfloat16; alphas and the
+    alpha-gradient outputs in the math dtype: float32, float64 for float64)."""
     code = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}[ins[0].dtype]
     outs = [torch.full_like(o, float("nan")) for o in out_like]
     ptrs = lambda ts: (ctypes.c_void_p * len(ts))(*[t.data_ptr() for t in ts])  # noqa: E731
@@ -156,7 +167,7 @@ def _run_torch(so, fn_name, ins, alphas, sigmas, offsets, inners, seed, out_like
         ctypes.c_int(code), ctypes.c_int(len(ins)), ptrs(ins), ptrs(outs), ptrs(alphas), ptrs(sigmas),
         (ctypes.c_int32 * len(ins))(*[int(s.dtype == torch.float32) for s in sigmas]),
         _i64([t.numel() for t in ins]), _i64([t.numel() for t in alphas]), _i64(inners), _i64(offsets),
-        ctypes.c_uint64(seed))
+        ctypes.c_uint64(seed), _state(state))
     assert rc == 0
     return outs
 
@@ -243,12 +254,44 @@ def test_emulated_kernels_16bit(emu, case, dtype):
     v = torch.randn(n, generator=gen).to(dtype)
     alpha = (torch.rand(n_alpha, generator=gen) + 0.1).to(dtype)
     sigma = torch.tensor(0.75, dtype=dtype)
-    (out,) = _run_torch(emu, "emu_perturb", [v], [alpha], [sigma], [OFFSET], [inner], SEED, [v])
+    (out,) = _run_torch(emu, "emu_perturb", [v], [alpha.float()], [sigma], [OFFSET], [inner], SEED, [v])
     expected = _expected("out", v.double().numpy(), alpha.double().numpy(), 0.75, inner)
     tol = 2e-3 if dtype == torch.float16 else 2e-2
     np.testing.assert_allclose(out.double().numpy(), expected, rtol=tol, atol=tol)
-    (grad,) = _run_torch(emu, "emu_alpha_grad", [v], [alpha], [sigma], [OFFSET], [inner], SEED, [alpha])
+    (grad,) = _run_torch(emu, "emu_alpha_grad", [v], [alpha.float()], [sigma], [OFFSET], [inner], SEED,
+                         [alpha.float()])
     expected = _expected("grad", v.double().numpy(), alpha.double().numpy(), 0.75, inner)
     scale = 1.0 + np.abs(expected).max()
     np.testing.assert_allclose(grad.double().numpy() / scale, expected / scale, rtol=0,
                                atol=1e-2 if dtype == torch.float16 else 5e-2)
+
+
+@pytest.mark.parametrize("case", ["conv-channelwise-warp", "elementwise-direct", "per-feature-thread-mode"])
+def test_emulated_rng_state(emu, case):
+    """rng_state (seed, base): seed replaced, base added to every offset; the seed argument is ignored."""
+    n, n_alpha, inner = EMU_CASES[case]
+    rng = np.random.default_rng(4)
+    v = rng.standard_normal(n).astype(np.float32)
+    alpha = (rng.random(n_alpha) + 0.1).astype(np.float32)
+    sigma = np.array(0.5, dtype=np.float32)
+    seed2, base = 2**40 + 9, 2**33 + 5
+    for fn, out_like in (("emu_perturb", v), ("emu_alpha_grad", alpha)):
+        (with_state,) = _run(emu, fn, [v], [alpha], [sigma], [OFFSET], [inner], 123, [out_like], state=(seed2, base))
+        (plain,) = _run(emu, fn, [v], [alpha], [sigma], [OFFSET + base], [inner], seed2, [out_like])
+        np.testing.assert_array_equal(with_state, plain)
+    (out,) = _run(emu, "emu_perturb", [v], [alpha], [sigma], [7], [inner], 0, [v], state=(seed2, base))
+    np.testing.assert_allclose(out, _expected("out", v, alpha, sigma, inner, seed2, base + 7), rtol=0, atol=2e-6)
+
+
+def test_emulated_float32_alpha_half_grad_does_not_overflow(emu):
+    """float16 grad, float32 alpha (AMP): the gradient stays float32, beyond float16's 65504."""
+    n = 1 << 20
+    z = torch.from_numpy(oracle.normal(SEED, OFFSET, n))
+    g = z.half()  # sum(g * z) ~ n, far above 65504
+    alpha = torch.tensor([0.3], dtype=torch.float32)
+    sigma = torch.tensor(1.5)
+    (grad,) = _run_torch(emu, "emu_alpha_grad", [g], [alpha], [sigma], [OFFSET], [1], SEED, [alpha])
+    expected = (g.double() * z.double()).sum().item() * 1.5
+    assert expected > 1e5 and np.isfinite(grad.item())
+    assert abs(grad.item() - expected) <= 1e-5 * expected
+

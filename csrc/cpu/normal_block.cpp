@@ -9,32 +9,21 @@
 // 64-bit lane multiplies, hence the intrinsics; the rest is portable C++.
 // Compiled with -ffp-contract=off (setup.py), and all steps are exact IEEE
 // operations, so every variant returns the same bits. The environment variable
-// PNI_FAST_CPU_ISA=generic|avx2|avx512 forces a variant (for tests).
+// PNI_FAST_CPU_ISA=auto|generic|avx2|avx512 forces a variant (for tests); any other
+// value, or a variant this CPU lacks, makes every CPU op raise an error.
 #include "normal_block.h"
 
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
+#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
 #include "../philox.h"
+#include "isa.h"
 #include "vecmath.h"
-
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && !defined(PNI_FAST_GENERIC_ONLY)
-#define PNI_X86_DISPATCH 1
-#include <immintrin.h>
-#define PNI_TARGET_AVX2 __attribute__((target("avx2,fma,bmi,bmi2,popcnt,f16c")))
-#define PNI_TARGET_AVX512 __attribute__((target("avx2,fma,bmi,bmi2,popcnt,f16c,avx512f,avx512dq,avx512vl,avx512bw")))
-#else
-#define PNI_X86_DISPATCH 0
-#endif
-
-#if defined(__GNUC__) || defined(__clang__)
-#define PNI_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define PNI_ALWAYS_INLINE inline
-#endif
 
 namespace pni_fast {
 namespace cpu {
@@ -254,34 +243,47 @@ struct Variant {
   ToHalfFn to_half = &float_to_half_generic;
 };
 
+constexpr const char* kIsaChoices = "'auto', 'generic', 'avx2' or 'avx512' (or unset)";
+
+// PNI_FAST_CPU_ISA: unset, "" or "auto" picks the widest variant the CPU supports; a
+// named variant is used as asked, and is an error where this CPU or build lacks it.
 Variant choose_variant() {
-  const char* forced = std::getenv("PNI_FAST_CPU_ISA");
+  const char* env = std::getenv("PNI_FAST_CPU_ISA");
+  const std::string forced = env == nullptr ? "" : env;
+  TORCH_CHECK(forced.empty() || forced == "auto" || forced == "generic" || forced == "avx2" || forced == "avx512",
+              "PNI_FAST_CPU_ISA must be ", kIsaChoices, ", got '", forced, "'");
+  const Variant generic{&normal_block_generic, "generic", &half_to_float_generic, &float_to_half_generic};
+  if (forced == "generic") {
+    return generic;
+  }
 #if PNI_X86_DISPATCH
   __builtin_cpu_init();
-  const bool has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("f16c");
   const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                         __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("f16c");
-  if (forced != nullptr && std::strcmp(forced, "generic") == 0) {
-    return {&normal_block_generic, "generic", &half_to_float_generic, &float_to_half_generic};
-  }
-  if (forced != nullptr && std::strcmp(forced, "avx2") == 0 && has_avx2) {
-    return {&normal_block_avx2, "avx2", &half_to_float_f16c, &float_to_half_f16c};
+  const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
+  const Variant avx2{&normal_block_avx2, "avx2", &half_to_float_f16c, &float_to_half_f16c};
+  const Variant avx512{&normal_block_avx512, "avx512", &half_to_float_f16c, &float_to_half_f16c};
+  TORCH_CHECK(forced != "avx512" || has_avx512,
+              "PNI_FAST_CPU_ISA=avx512, but this CPU lacks AVX-512 F/DQ/VL/BW (or AVX2/FMA/BMI2/F16C)");
+  TORCH_CHECK(forced != "avx2" || has_avx2, "PNI_FAST_CPU_ISA=avx2, but this CPU lacks AVX2/FMA/BMI2/F16C");
+  if (forced == "avx2") {
+    return avx2;
   }
   if (has_avx512) {
-    return {&normal_block_avx512, "avx512", &half_to_float_f16c, &float_to_half_f16c};
+    return avx512;
   }
   if (has_avx2) {
-    return {&normal_block_avx2, "avx2", &half_to_float_f16c, &float_to_half_f16c};
+    return avx2;
   }
 #else
-  (void)forced;
+  TORCH_CHECK(forced != "avx2" && forced != "avx512", "PNI_FAST_CPU_ISA=", forced,
+              ": this build of pni_fast has no x86 SIMD variants (only 'generic')");
 #endif
-  return {&normal_block_generic, "generic", &half_to_float_generic, &float_to_half_generic};
+  return generic;
 }
 
+// Chosen on first use; a bad PNI_FAST_CPU_ISA throws here (again on every later call).
 const Variant& variant() {
   static const Variant v = choose_variant();
   return v;

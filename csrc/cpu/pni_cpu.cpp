@@ -1,4 +1,8 @@
-// CPU kernels of the pni_fast ops (schemas in csrc/ops.cpp).
+// CPU kernels of perturb, perturb_alpha_grad and their list versions (schemas
+// in csrc/ops.cpp; the RNG ops are in rng_cpu.cpp, sigma in sigma_cpu.cpp).
+// alpha is converted to the math dtype first (float32, float64 for float64
+// tensors), so a float32 alpha with float16/bfloat16 tensors needs no other code;
+// the alpha gradient is accumulated in that dtype and returned in alpha's.
 //
 // Forward: blocks of 256 elements; each block draws its 256 normals with
 // normal_block() (vectorized Philox + Box-Muller) into an L1 buffer and
@@ -18,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -25,6 +30,7 @@
 #include "../checks.h"
 #include "../philox.h"
 #include "normal_block.h"
+#include "rng_state.h"
 
 namespace pni_fast {
 namespace cpu {
@@ -53,9 +59,9 @@ T read_scalar(const Tensor& t) {
 // forward
 // ---------------------------------------------------------------------------
 
-// out[t] = v[t] + (alpha[b(e0 + t)] * s) * z[t] for t < len.
+// out[t] = v[t] + (alpha[b(e0 + t)] * s) * z[t] for t < len (alpha already in opmath_t).
 template <typename scalar_t, typename opmath_t>
-void apply_block(const scalar_t* PNI_RESTRICT v, const scalar_t* PNI_RESTRICT alpha, opmath_t s,
+void apply_block(const scalar_t* PNI_RESTRICT v, const opmath_t* PNI_RESTRICT alpha, opmath_t s,
                  const float* PNI_RESTRICT z, scalar_t* PNI_RESTRICT out, int64_t e0, int64_t len, int64_t na,
                  int64_t inner) {
   if (na == 1) {
@@ -73,7 +79,7 @@ void apply_block(const scalar_t* PNI_RESTRICT v, const scalar_t* PNI_RESTRICT al
     if (inner == 1) {
       // consecutive elements use consecutive alpha entries up to the wrap
       const int64_t run = std::min(len - t, na - k);
-      const scalar_t* PNI_RESTRICT a = alpha + k;
+      const opmath_t* PNI_RESTRICT a = alpha + k;
       for (int64_t u = 0; u < run; ++u) {
         const opmath_t c = static_cast<opmath_t>(a[u]) * s;
         out[t + u] = static_cast<scalar_t>(static_cast<opmath_t>(v[t + u]) + c * static_cast<opmath_t>(z[t + u]));
@@ -92,12 +98,11 @@ void apply_block(const scalar_t* PNI_RESTRICT v, const scalar_t* PNI_RESTRICT al
 
 // float16: blocks converted with F16C (when present) to fp32 and back; same
 // values as the generic path (fp32 math, round-to-nearest-even result).
-void perturb_half(const Tensor& v, const Tensor& alpha, const Tensor& sigma, uint64_t seed, uint64_t offset,
+void perturb_half(const Tensor& v, const Tensor& alpha_f, const Tensor& sigma, uint64_t seed, uint64_t offset,
                   int64_t inner_eff, Tensor& out) {
-  const Tensor alpha_f = alpha.to(at::kFloat).contiguous();  // exact
   const float s = read_scalar<float>(sigma);
   const int64_t n = v.numel();
-  const int64_t na = alpha.numel();
+  const int64_t na = alpha_f.numel();
   const int64_t nblocks = (n + kBlockElems - 1) / kBlockElems;
   const uint16_t* vp = reinterpret_cast<const uint16_t*>(v.const_data_ptr<at::Half>());
   uint16_t* op = reinterpret_cast<uint16_t*>(out.mutable_data_ptr<at::Half>());
@@ -117,20 +122,20 @@ void perturb_half(const Tensor& v, const Tensor& alpha, const Tensor& sigma, uin
   });
 }
 
-Tensor perturb_impl(const Tensor& v_in, const Tensor& alpha_in, const Tensor& sigma, int64_t seed, int64_t offset,
-                    int64_t inner) {
+// Forward of checked arguments; (seed, offset) already include rng_state.
+Tensor perturb_impl(const Tensor& v_in, const Tensor& alpha_in, const Tensor& sigma, uint64_t useed,
+                    uint64_t uoffset, int64_t inner) {
   const Tensor v = v_in.contiguous();
-  const Tensor alpha = alpha_in.contiguous();
   Tensor out = at::empty(v.sizes(), v.options().memory_format(at::MemoryFormat::Contiguous));
   const int64_t n = v.numel();
   if (n == 0) {
     return out;
   }
+  // alpha in the math dtype (float32, float64 for float64): exact for every accepted alpha dtype
+  const Tensor alpha = alpha_in.to(opmath_dtype(v.scalar_type())).contiguous();
   const int64_t na = alpha.numel();
   const int64_t inner_eff = na == 1 ? n : inner;
   const int64_t nblocks = (n + kBlockElems - 1) / kBlockElems;
-  const uint64_t useed = static_cast<uint64_t>(seed);
-  const uint64_t uoffset = static_cast<uint64_t>(offset);
   if (v.scalar_type() == at::kHalf) {
     perturb_half(v, alpha, sigma, useed, uoffset, inner_eff, out);
     return out;
@@ -139,7 +144,7 @@ Tensor perturb_impl(const Tensor& v_in, const Tensor& alpha_in, const Tensor& si
     using opmath_t = at::opmath_type<scalar_t>;
     const opmath_t s = read_scalar<opmath_t>(sigma);
     const scalar_t* vp = v.const_data_ptr<scalar_t>();
-    const scalar_t* ap = alpha.const_data_ptr<scalar_t>();
+    const opmath_t* ap = alpha.const_data_ptr<opmath_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, nblocks, kGrainBlocks, [&](int64_t b0, int64_t b1) {
       alignas(64) float z[kBlockElems];
@@ -150,75 +155,6 @@ Tensor perturb_impl(const Tensor& v_in, const Tensor& alpha_in, const Tensor& si
         apply_block<scalar_t, opmath_t>(vp + e0, ap, s, z, op + e0, e0, len, na, inner_eff);
       }
     });
-  });
-  return out;
-}
-
-// ---------------------------------------------------------------------------
-// noise and raw RNG
-// ---------------------------------------------------------------------------
-
-Tensor noise_cpu(const Tensor& like, int64_t seed, int64_t offset) {
-  check_seed_offset(seed, offset);
-  check_offset_fits(offset, like.numel());
-  Tensor out = at::empty(like.sizes(), like.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous));
-  const int64_t n = out.numel();
-  if (n == 0) {
-    return out;
-  }
-  float* op = out.mutable_data_ptr<float>();
-  const int64_t nblocks = (n + kBlockElems - 1) / kBlockElems;
-  at::parallel_for(0, nblocks, kGrainBlocks, [&](int64_t b0, int64_t b1) {
-    alignas(64) float z[kBlockElems];
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t e0 = b * kBlockElems;
-      const int64_t len = std::min<int64_t>(kBlockElems, n - e0);
-      const uint64_t ctr = static_cast<uint64_t>(offset) + static_cast<uint64_t>(b) * kBlockQuads;
-      if (len == kBlockElems) {
-        normal_block(static_cast<uint64_t>(seed), ctr, op + e0);
-      } else {
-        normal_block(static_cast<uint64_t>(seed), ctr, z);
-        std::memcpy(op + e0, z, sizeof(float) * static_cast<size_t>(len));
-      }
-    }
-  });
-  return out;
-}
-
-Tensor rng_words_cpu(const Tensor& like, int64_t seed, int64_t offset) {
-  check_seed_offset(seed, offset);
-  check_offset_fits(offset, like.numel());
-  const int64_t nq = num_quads(like.numel());
-  Tensor out = at::empty({4 * nq}, like.options().dtype(at::kInt));
-  int32_t* op = out.mutable_data_ptr<int32_t>();
-  at::parallel_for(0, nq, 4096, [&](int64_t q0, int64_t q1) {
-    for (int64_t q = q0; q < q1; ++q) {
-      const PhiloxQuad w = philox4x32_10(static_cast<uint64_t>(offset) + static_cast<uint64_t>(q),
-                                         static_cast<uint64_t>(seed));
-      for (int k = 0; k < 4; ++k) {
-        int32_t bits;
-        std::memcpy(&bits, &w.w[k], sizeof(bits));
-        op[4 * q + k] = bits;
-      }
-    }
-  });
-  return out;
-}
-
-Tensor rng_uniform_cpu(const Tensor& like, int64_t seed, int64_t offset) {
-  check_seed_offset(seed, offset);
-  check_offset_fits(offset, like.numel());
-  const int64_t nq = num_quads(like.numel());
-  Tensor out = at::empty({4 * nq}, like.options().dtype(at::kFloat));
-  float* op = out.mutable_data_ptr<float>();
-  at::parallel_for(0, nq, 4096, [&](int64_t q0, int64_t q1) {
-    for (int64_t q = q0; q < q1; ++q) {
-      const PhiloxQuad w = philox4x32_10(static_cast<uint64_t>(offset) + static_cast<uint64_t>(q),
-                                         static_cast<uint64_t>(seed));
-      for (int k = 0; k < 4; ++k) {
-        op[4 * q + k] = uniform_from_word(w.w[k]);
-      }
-    }
   });
   return out;
 }
@@ -395,18 +331,17 @@ void alpha_grad_columns(const scalar_t* g, int64_t n, int64_t na, int64_t inner,
   });
 }
 
-Tensor alpha_grad_impl(const Tensor& grad_in, const Tensor& alpha, const Tensor& sigma, int64_t seed, int64_t offset,
-                       int64_t inner) {
+// Alpha gradient of checked arguments; (seed, offset) already include rng_state.
+Tensor alpha_grad_impl(const Tensor& grad_in, const Tensor& alpha, const Tensor& sigma, uint64_t useed,
+                       uint64_t uoffset, int64_t inner) {
   const Tensor grad = grad_in.contiguous();
   const int64_t n = grad.numel();
   const int64_t na = alpha.numel();
   if (n == 0) {
     return at::zeros(alpha.sizes(), alpha.options().memory_format(at::MemoryFormat::Contiguous));
   }
-  const uint64_t useed = static_cast<uint64_t>(seed);
-  const uint64_t uoffset = static_cast<uint64_t>(offset);
   // sums of grad * z per alpha entry, in fp32 (fp64 for float64)
-  const at::ScalarType acc_type = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType acc_type = opmath_dtype(grad.scalar_type());
   Tensor acc = at::zeros({na}, grad.options().dtype(acc_type));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "pni_fast_alpha_grad_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -420,173 +355,79 @@ Tensor alpha_grad_impl(const Tensor& grad_in, const Tensor& alpha, const Tensor&
       alpha_grad_columns<scalar_t, acc_t>(gp, n, na, inner, useed, uoffset, gsum);
     }
   });
-  // times sigma (in the accumulation dtype), then alpha's dtype and shape
+  // times sigma (in the accumulation dtype), then alpha's dtype (float32 alpha: no rounding
+  // to 16 bits, so no overflow) and shape
   acc.mul_(sigma.to(acc_type));
   return acc.to(alpha.scalar_type()).reshape(alpha.sizes());
-}
-
-// ---------------------------------------------------------------------------
-// sigma: unbiased std of all elements (two passes, deterministic)
-// ---------------------------------------------------------------------------
-
-// Sum of f(x) over a block of at most kBlockElems elements with 16 fp32 (or
-// fp64) lanes; the caller adds block sums in fp64 in a fixed order.
-template <typename scalar_t, typename lane_t, typename F>
-double block_sum(const scalar_t* PNI_RESTRICT x, int64_t len, F f) {
-  lane_t lane[16] = {};
-  int64_t t = 0;
-  for (; t + 16 <= len; t += 16) {
-    for (int l = 0; l < 16; ++l) {
-      lane[l] += f(static_cast<lane_t>(x[t + l]));
-    }
-  }
-  for (int l = 0; t < len; ++t, ++l) {
-    lane[l] += f(static_cast<lane_t>(x[t]));
-  }
-  double s = 0.0;
-  for (int l = 0; l < 16; ++l) {
-    s += static_cast<double>(lane[l]);
-  }
-  return s;
-}
-
-// Sum over the tensor of f(x): items of kItemElems in parallel, item sums
-// added in item order (same bits for any thread count).
-template <typename scalar_t, typename lane_t, typename F>
-double deterministic_sum(const scalar_t* x, int64_t n, F f) {
-  const int64_t nitems = (n + kItemElems - 1) / kItemElems;
-  std::vector<double> part(static_cast<size_t>(nitems), 0.0);
-  at::parallel_for(0, nitems, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t lo = i * kItemElems;
-      const int64_t hi = std::min(n, lo + kItemElems);
-      double s = 0.0;
-      for (int64_t b = lo; b < hi; b += kBlockElems) {
-        const int64_t len = std::min<int64_t>(kBlockElems, hi - b);
-        if constexpr (std::is_same_v<scalar_t, at::Half>) {
-          alignas(64) float buf[kBlockElems];
-          half_to_float(reinterpret_cast<const uint16_t*>(x + b), buf, len);
-          s += block_sum<float, lane_t>(buf, len, f);
-        } else {
-          s += block_sum<scalar_t, lane_t>(x + b, len, f);
-        }
-      }
-      part[static_cast<size_t>(i)] = s;
-    }
-  });
-  double total = 0.0;
-  for (double s : part) {
-    total += s;
-  }
-  return total;
-}
-
-Tensor sigma_cpu(const Tensor& v_in) {
-  TORCH_CHECK(is_supported_float(v_in.scalar_type()),
-              "v must be float32, float64, float16 or bfloat16, got ", v_in.scalar_type());
-  const Tensor v = v_in.contiguous();
-  const int64_t n = v.numel();
-  const bool is_double = v.scalar_type() == at::kDouble;
-  Tensor out = at::empty({}, v.options().dtype(is_double ? at::kDouble : at::kFloat));
-  double result = 0.0;
-  if (n >= 2) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "pni_fast_sigma_cpu", [&] {
-      using lane_t = at::opmath_type<scalar_t>;
-      const scalar_t* x = v.const_data_ptr<scalar_t>();
-      const double mean = deterministic_sum<scalar_t, lane_t>(x, n, [](lane_t a) { return a; }) / n;
-      const lane_t m = static_cast<lane_t>(mean);
-      const double ss = deterministic_sum<scalar_t, lane_t>(x, n, [m](lane_t a) {
-        const lane_t d = a - m;
-        return d * d;
-      });
-      // the fp32 shift m differs from the exact mean by dm: remove n * dm^2
-      const double dm = mean - static_cast<double>(m);
-      result = std::sqrt(std::max(0.0, ss - static_cast<double>(n) * dm * dm) / static_cast<double>(n - 1));
-      if (std::isnan(ss)) {
-        result = ss;
-      }
-    });
-  }
-  if (is_double) {
-    out.fill_(result);
-  } else {
-    out.fill_(static_cast<float>(result));
-  }
-  return out;
-}
-
-Tensor sigma_meta(const Tensor& v) {
-  return at::empty({}, v.options().dtype(v.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
 }
 
 // ---------------------------------------------------------------------------
 // op entry points
 // ---------------------------------------------------------------------------
 
-Tensor perturb_cpu(const Tensor& v, const Tensor& alpha, const Tensor& sigma, int64_t seed, int64_t offset,
-                   int64_t inner) {
-  check_perturb_args(v, alpha, sigma, seed, offset, inner, "v");
-  return perturb_impl(v, alpha, sigma, seed, offset, inner);
+using Impl = Tensor (*)(const Tensor&, const Tensor&, const Tensor&, uint64_t, uint64_t, int64_t);
+
+// perturb / perturb_alpha_grad: checks, rng_state, then `impl`.
+Tensor single_op(Impl impl, const char* op, const char* vname, const Tensor& v, const Tensor& alpha,
+                 const Tensor& sigma, int64_t seed, int64_t offset, int64_t inner,
+                 const std::optional<Tensor>& rng_state) {
+  check_perturb_args(v, alpha, sigma, seed, offset, inner, vname);
+  const RngBase r = rng_base(rng_state, seed, op);
+  return impl(v, alpha, sigma, r.seed, first_counter(r, offset, v.numel()), inner);
 }
 
-Tensor perturb_alpha_grad_cpu(const Tensor& grad, const Tensor& alpha, const Tensor& sigma, int64_t seed,
-                              int64_t offset, int64_t inner) {
-  check_perturb_args(grad, alpha, sigma, seed, offset, inner, "grad");
-  return alpha_grad_impl(grad, alpha, sigma, seed, offset, inner);
-}
-
-std::vector<Tensor> perturb_multi_cpu(at::TensorList vs, at::TensorList alphas, at::TensorList sigmas, int64_t seed,
-                                      at::IntArrayRef offsets, at::IntArrayRef inners) {
-  check_multi_lengths("perturb_multi", "vs", vs.size(), alphas.size(), sigmas.size(), offsets.size(), inners.size());
+// perturb_multi / perturb_alpha_grad_multi: every tensor checked before any work.
+std::vector<Tensor> multi_op(Impl impl, const char* op, const char* list, const char* vname, at::TensorList vs,
+                             at::TensorList alphas, at::TensorList sigmas, int64_t seed, at::IntArrayRef offsets,
+                             at::IntArrayRef inners, const std::optional<Tensor>& rng_state) {
+  check_multi_lengths(op, list, vs.size(), alphas.size(), sigmas.size(), offsets.size(), inners.size());
+  const RngBase r = rng_base(rng_state, seed, op);
+  std::vector<uint64_t> ctr(vs.size());
   for (size_t i = 0; i < vs.size(); ++i) {
-    check_perturb_args(vs[i], alphas[i], sigmas[i], seed, offsets[i], inners[i], "v", list_prefix("vs", i));
+    const std::string prefix = list_prefix(list, i);
+    check_perturb_args(vs[i], alphas[i], sigmas[i], seed, offsets[i], inners[i], vname, prefix);
+    ctr[i] = first_counter(r, offsets[i], vs[i].numel(), prefix);
   }
   std::vector<Tensor> outs;
   outs.reserve(vs.size());
   for (size_t i = 0; i < vs.size(); ++i) {
-    outs.push_back(perturb_impl(vs[i], alphas[i], sigmas[i], seed, offsets[i], inners[i]));
+    outs.push_back(impl(vs[i], alphas[i], sigmas[i], r.seed, ctr[i], inners[i]));
   }
   return outs;
 }
 
+Tensor perturb_cpu(const Tensor& v, const Tensor& alpha, const Tensor& sigma, int64_t seed, int64_t offset,
+                   int64_t inner, const std::optional<Tensor>& rng_state) {
+  return single_op(&perturb_impl, "perturb", "v", v, alpha, sigma, seed, offset, inner, rng_state);
+}
+
+Tensor perturb_alpha_grad_cpu(const Tensor& grad, const Tensor& alpha, const Tensor& sigma, int64_t seed,
+                              int64_t offset, int64_t inner, const std::optional<Tensor>& rng_state) {
+  return single_op(&alpha_grad_impl, "perturb_alpha_grad", "grad", grad, alpha, sigma, seed, offset, inner,
+                   rng_state);
+}
+
+std::vector<Tensor> perturb_multi_cpu(at::TensorList vs, at::TensorList alphas, at::TensorList sigmas, int64_t seed,
+                                      at::IntArrayRef offsets, at::IntArrayRef inners,
+                                      const std::optional<Tensor>& rng_state) {
+  return multi_op(&perturb_impl, "perturb_multi", "vs", "v", vs, alphas, sigmas, seed, offsets, inners, rng_state);
+}
+
 std::vector<Tensor> perturb_alpha_grad_multi_cpu(at::TensorList grads, at::TensorList alphas, at::TensorList sigmas,
-                                                 int64_t seed, at::IntArrayRef offsets, at::IntArrayRef inners) {
-  check_multi_lengths("perturb_alpha_grad_multi", "grads", grads.size(), alphas.size(), sigmas.size(),
-                      offsets.size(), inners.size());
-  for (size_t i = 0; i < grads.size(); ++i) {
-    check_perturb_args(grads[i], alphas[i], sigmas[i], seed, offsets[i], inners[i], "grad",
-                       list_prefix("grads", i));
-  }
-  std::vector<Tensor> outs;
-  outs.reserve(grads.size());
-  for (size_t i = 0; i < grads.size(); ++i) {
-    outs.push_back(alpha_grad_impl(grads[i], alphas[i], sigmas[i], seed, offsets[i], inners[i]));
-  }
-  return outs;
+                                                 int64_t seed, at::IntArrayRef offsets, at::IntArrayRef inners,
+                                                 const std::optional<Tensor>& rng_state) {
+  return multi_op(&alpha_grad_impl, "perturb_alpha_grad_multi", "grads", "grad", grads, alphas, sigmas, seed, offsets,
+                  inners, rng_state);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pni_fast, CPU, m) {
-  m.impl("noise", &noise_cpu);
-  m.impl("rng_words", &rng_words_cpu);
-  m.impl("rng_uniform", &rng_uniform_cpu);
   m.impl("perturb", &perturb_cpu);
   m.impl("perturb_alpha_grad", &perturb_alpha_grad_cpu);
   m.impl("perturb_multi", &perturb_multi_cpu);
   m.impl("perturb_alpha_grad_multi", &perturb_alpha_grad_multi_cpu);
-  m.impl("sigma", &sigma_cpu);
 }
-
-// Which SIMD variant the CPU kernels run ("avx512", "avx2" or "generic"), for
-// `python -m pni_fast info` and bug reports. Not a tensor op: no dispatch key.
-std::string cpu_isa() { return normal_block_isa(); }
-
-TORCH_LIBRARY_FRAGMENT(pni_fast, m) { m.def("cpu_isa() -> str", &cpu_isa); }
-
-// Shape function of sigma for torch.compile / FakeTensor (the other ops get
-// theirs from Python, pni_fast/functional.py).
-TORCH_LIBRARY_IMPL(pni_fast, Meta, m) { m.impl("sigma", &sigma_meta); }
 
 }  // namespace cpu
 }  // namespace pni_fast

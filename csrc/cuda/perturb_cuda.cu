@@ -13,6 +13,12 @@
 //   sums, then a fixed warp butterfly); stage 2 sums the partials of each alpha
 //   index in a fixed order and scales by sigma.
 // * sigma and alpha stay on the device (no host sync); the current stream is used.
+//   alpha is converted to the math dtype (float32, float64 for float64) before the
+//   launch and the alpha gradient is computed in it, then returned in alpha's dtype
+//   (a float32 alpha with float16/bfloat16 tensors never rounds to 16 bits).
+// * rng_state (optional int64 [2] on the device): every kernel reads (seed, counter
+//   base) from it at run time (RngKey), never the host: CUDA graph replays then draw
+//   the counters the Python layer advanced in-stream.
 // * The list ops pass up to kMaxPack tensor descriptors by value as one
 //   __grid_constant__ kernel parameter (no host-to-device copy, safe under CUDA
 //   graph capture) and process every tensor of a dtype in one launch (chunks of
@@ -33,6 +39,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
+#include <string>
 #include <vector>
 
 #include "../checks.h"
@@ -56,11 +64,13 @@ __device__ __forceinline__ A warp_sum(A v) {
 
 // One unit = one tile of kThreads quads; grid-stride over all tiles of the pack.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) perturb_kernel(const __grid_constant__ Pack pack, uint64_t seed) {
+__global__ void __launch_bounds__(kThreads)
+    perturb_kernel(const __grid_constant__ Pack pack, uint64_t seed, const int64_t* __restrict__ state) {
+  const RngKey rk = make_rng_key(seed, state);
   const int64_t total = pack.start[pack.count];
   for (int64_t unit = blockIdx.x; unit < total; unit += gridDim.x) {
     const int t = find_desc(pack, unit);
-    perturb_unit_thread<T>(pack.d[t], unit - pack.start[t], threadIdx.x, seed);
+    perturb_unit_thread<T>(pack.d[t], unit - pack.start[t], threadIdx.x, rk);
   }
 }
 
@@ -71,7 +81,9 @@ __global__ void __launch_bounds__(kThreads) perturb_kernel(const __grid_constant
 // Stage 1: one unit = one warp (see perturb_impl.cuh for the three modes).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    alpha_grad_partials_kernel(const __grid_constant__ Pack pack, uint64_t seed, acc_t<T>* __restrict__ part) {
+    alpha_grad_partials_kernel(const __grid_constant__ Pack pack, uint64_t seed, const int64_t* __restrict__ state,
+                               acc_t<T>* __restrict__ part) {
+  const RngKey rk = make_rng_key(seed, state);
   const int lane = threadIdx.x % kWarpSize;
   const int64_t total = pack.start[pack.count];
   const int64_t step = static_cast<int64_t>(gridDim.x) * kWarps;
@@ -81,10 +93,10 @@ __global__ void __launch_bounds__(kThreads)
     const Desc& d = pack.d[t];
     const int64_t u = unit - pack.start[t];
     if (d.mode == kWarpMode) {  // warp-uniform branch: every lane reaches the shuffles
-      const acc_t<T> sum = warp_sum(stage1_lane_value<T>(d, u, lane, seed));
+      const acc_t<T> sum = warp_sum(stage1_lane_value<T>(d, u, lane, rk));
       if (lane == 0) part[d.part_base + u] = sum;
     } else {
-      stage1_lane_alone<T>(d, u, lane, seed, part);
+      stage1_lane_alone<T>(d, u, lane, rk, part);
     }
   }
 }
@@ -107,14 +119,16 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---------------------------------------------------------------------------
 // Raw RNG kernels (noise, words, uniforms): one thread per quad, grid-stride.
+// Quad q uses counter base + offset + q, (seed, base) from make_rng_key.
 // ---------------------------------------------------------------------------
 
-__global__ void __launch_bounds__(kThreads)
-    noise_kernel(float* __restrict__ out, int64_t n, uint64_t seed, uint64_t offset) {
+__global__ void __launch_bounds__(kThreads) noise_kernel(float* __restrict__ out, int64_t n, uint64_t seed,
+                                                         uint64_t offset, const int64_t* __restrict__ state) {
+  const RngKey rk = make_rng_key(seed, state);
   const int64_t nq = (n + 3) / 4;
   for (int64_t q = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; q < nq;
        q += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const NormalQuad z = normal4(offset + static_cast<uint64_t>(q), seed);
+    const NormalQuad z = normal4(rk.base + offset + static_cast<uint64_t>(q), rk.seed);
     const int64_t base = 4 * q;
     if (base + 4 <= n) {
       *reinterpret_cast<float4*>(out + base) = make_float4(z.z[0], z.z[1], z.z[2], z.z[3]);
@@ -124,21 +138,23 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-__global__ void __launch_bounds__(kThreads)
-    rng_words_kernel(int32_t* __restrict__ out, int64_t nq, uint64_t seed, uint64_t offset) {
+__global__ void __launch_bounds__(kThreads) rng_words_kernel(int32_t* __restrict__ out, int64_t nq, uint64_t seed,
+                                                             uint64_t offset, const int64_t* __restrict__ state) {
+  const RngKey rk = make_rng_key(seed, state);
   for (int64_t q = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; q < nq;
        q += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const PhiloxQuad w = philox4x32_10(offset + static_cast<uint64_t>(q), seed);
+    const PhiloxQuad w = philox4x32_10(rk.base + offset + static_cast<uint64_t>(q), rk.seed);
     reinterpret_cast<int4*>(out)[q] = make_int4(static_cast<int32_t>(w.w[0]), static_cast<int32_t>(w.w[1]),
                                                 static_cast<int32_t>(w.w[2]), static_cast<int32_t>(w.w[3]));
   }
 }
 
-__global__ void __launch_bounds__(kThreads)
-    rng_uniform_kernel(float* __restrict__ out, int64_t nq, uint64_t seed, uint64_t offset) {
+__global__ void __launch_bounds__(kThreads) rng_uniform_kernel(float* __restrict__ out, int64_t nq, uint64_t seed,
+                                                               uint64_t offset, const int64_t* __restrict__ state) {
+  const RngKey rk = make_rng_key(seed, state);
   for (int64_t q = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; q < nq;
        q += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const PhiloxQuad w = philox4x32_10(offset + static_cast<uint64_t>(q), seed);
+    const PhiloxQuad w = philox4x32_10(rk.base + offset + static_cast<uint64_t>(q), rk.seed);
     reinterpret_cast<float4*>(out)[q] = make_float4(uniform_from_word(w.w[0]), uniform_from_word(w.w[1]),
                                                     uniform_from_word(w.w[2]), uniform_from_word(w.w[3]));
   }
@@ -163,8 +179,9 @@ void check_cuda(const at::Tensor& t, const std::string& what) {
   TORCH_CHECK(t.is_cuda(), what, " must be a CUDA tensor, got device ", t.device());
 }
 
-int32_t desc_flags(const at::Tensor& in, const void* out, const at::Tensor& sigma) {
-  return make_flags(sigma.scalar_type() == at::kFloat, in.data_ptr(), out, in.element_size());
+// Device pointer of the (checked) rng_state, or nullptr: the kernels read it, the host never does.
+const int64_t* state_ptr(const std::optional<at::Tensor>& rng_state) {
+  return rng_state.has_value() ? rng_state->const_data_ptr<int64_t>() : nullptr;
 }
 
 // Indices of the non-empty tensors grouped by dtype, each group split into packs of kMaxPack.
@@ -190,7 +207,8 @@ std::vector<std::vector<size_t>> make_groups(const std::vector<at::Tensor>& ts) 
   return packs;
 }
 
-// One tensor's entry of a launch table (input, output, alpha, sigma, contract inner and offset).
+// One tensor's entry of a launch table (input, output, alpha in the math dtype, sigma, contract
+// inner and offset).
 Desc make_tensor_desc(const at::Tensor& in, const at::Tensor& out, const at::Tensor& alpha, const at::Tensor& sigma,
                       int64_t inner, int64_t offset) {
   Desc d{};
@@ -202,14 +220,15 @@ Desc make_tensor_desc(const at::Tensor& in, const at::Tensor& out, const at::Ten
   d.n_alpha = alpha.numel();
   d.inner = inner;
   d.offset = offset;
-  d.flags = desc_flags(in, d.out, sigma);
+  d.flags = make_flags(sigma.scalar_type() == at::kFloat, d.in, in.element_size(), d.out, out.element_size());
   return d;
 }
 
-// Forward of already checked, contiguous tensors.
+// Forward of already checked, contiguous tensors; alphas in the math dtype.
 void perturb_launch(const std::vector<at::Tensor>& vs, const std::vector<at::Tensor>& alphas,
-                    const std::vector<at::Tensor>& sigmas, int64_t seed, const std::vector<int64_t>& offsets,
-                    const std::vector<int64_t>& inners, const std::vector<at::Tensor>& outs) {
+                    const std::vector<at::Tensor>& sigmas, int64_t seed, const int64_t* state,
+                    const std::vector<int64_t>& offsets, const std::vector<int64_t>& inners,
+                    const std::vector<at::Tensor>& outs) {
   for (const auto& idx : make_groups(vs)) {
     Pack pack{};
     pack.count = static_cast<int32_t>(idx.size());
@@ -226,16 +245,17 @@ void perturb_launch(const std::vector<at::Tensor>& vs, const std::vector<at::Ten
     const auto stream = c10::cuda::getCurrentCUDAStream(first.device().index());
     const unsigned int grid = grid_size(units, first.device().index());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "perturb_cuda", [&] {
-      perturb_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(pack, static_cast<uint64_t>(seed));
+      perturb_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(pack, static_cast<uint64_t>(seed), state);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
 }
 
-// Alpha gradient of already checked, contiguous grads; outs[i] has alphas[i]'s shape.
+// Alpha gradient of already checked, contiguous grads into outs[i] (alphas[i]'s shape, math dtype).
 void alpha_grad_launch(const std::vector<at::Tensor>& grads, const std::vector<at::Tensor>& alphas,
-                       const std::vector<at::Tensor>& sigmas, int64_t seed, const std::vector<int64_t>& offsets,
-                       const std::vector<int64_t>& inners, const std::vector<at::Tensor>& outs) {
+                       const std::vector<at::Tensor>& sigmas, int64_t seed, const int64_t* state,
+                       const std::vector<int64_t>& offsets, const std::vector<int64_t>& inners,
+                       const std::vector<at::Tensor>& outs) {
   for (const auto& idx : make_groups(grads)) {
     const at::Tensor& first = grads[idx[0]];
     Pack stage1{};
@@ -250,17 +270,15 @@ void alpha_grad_launch(const std::vector<at::Tensor>& grads, const std::vector<a
     const GradPlan total = plan_alpha_grad_pack(stage1, stage2);
     const int64_t units1 = total.units1, total2 = total.units2, parts = total.parts;
 
-    const bool f64 = first.scalar_type() == at::kDouble;
     const at::Tensor part =
-        at::empty({std::max<int64_t>(parts, 1)}, first.options().dtype(f64 ? at::kDouble : at::kFloat));
+        at::empty({std::max<int64_t>(parts, 1)}, first.options().dtype(opmath_dtype(first.scalar_type())));
     const auto device = first.device().index();
     const auto stream = c10::cuda::getCurrentCUDAStream(device);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "perturb_alpha_grad_cuda", [&] {
       using A = acc_t<scalar_t>;
       A* part_ptr = part.data_ptr<A>();
-      alpha_grad_partials_kernel<scalar_t>
-          <<<grid_size(cdiv64(units1, kWarps), device), kThreads, 0, stream>>>(stage1, static_cast<uint64_t>(seed),
-                                                                            part_ptr);
+      alpha_grad_partials_kernel<scalar_t><<<grid_size(cdiv64(units1, kWarps), device), kThreads, 0, stream>>>(
+          stage1, static_cast<uint64_t>(seed), state, part_ptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (total2 > 0) {
         alpha_grad_reduce_kernel<scalar_t>
@@ -275,12 +293,14 @@ void alpha_grad_launch(const std::vector<at::Tensor>& grads, const std::vector<a
 // Op implementations (CUDA dispatch key)
 // ---------------------------------------------------------------------------
 
-// Shared body of the raw RNG ops: kernel(out, count, seed, offset), one thread per quad of `like`.
-// like_shaped: out has like's shape and count = like.numel() (noise); else out holds the 4 values
-// of every quad and count = quads (words, uniforms).
+// Shared body of the raw RNG ops: kernel(out, count, seed, offset, state), one thread per quad of
+// `like`. like_shaped: out has like's shape and count = like.numel() (noise); else out holds the
+// 4 values of every quad and count = quads (words, uniforms).
 template <typename T>
-at::Tensor rng_op(void (*kernel)(T*, int64_t, uint64_t, uint64_t), const at::Tensor& like, int64_t seed,
-                  int64_t offset, bool like_shaped) {
+at::Tensor rng_op(void (*kernel)(T*, int64_t, uint64_t, uint64_t, const int64_t*), const char* op,
+                  const at::Tensor& like, int64_t seed, int64_t offset, const std::optional<at::Tensor>& rng_state,
+                  bool like_shaped) {
+  check_rng_state(rng_state, like.device(), op);
   check_cuda(like, "like");
   check_seed_offset(seed, offset);
   check_offset_fits(offset, like.numel());
@@ -292,95 +312,107 @@ at::Tensor rng_op(void (*kernel)(T*, int64_t, uint64_t, uint64_t), const at::Ten
   const auto device = like.device().index();
   const auto stream = c10::cuda::getCurrentCUDAStream(device);
   kernel<<<grid_size(cdiv64(nq, kThreads), device), kThreads, 0, stream>>>(
-      out.data_ptr<T>(), like_shaped ? like.numel() : nq, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
+      out.data_ptr<T>(), like_shaped ? like.numel() : nq, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset),
+      state_ptr(rng_state));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 
-at::Tensor noise_cuda(const at::Tensor& like, int64_t seed, int64_t offset) {
-  return rng_op(noise_kernel, like, seed, offset, /*like_shaped=*/true);
+at::Tensor noise_cuda(const at::Tensor& like, int64_t seed, int64_t offset,
+                      const std::optional<at::Tensor>& rng_state) {
+  return rng_op(noise_kernel, "noise", like, seed, offset, rng_state, /*like_shaped=*/true);
 }
 
-at::Tensor rng_words_cuda(const at::Tensor& like, int64_t seed, int64_t offset) {
-  return rng_op(rng_words_kernel, like, seed, offset, /*like_shaped=*/false);
+at::Tensor rng_words_cuda(const at::Tensor& like, int64_t seed, int64_t offset,
+                          const std::optional<at::Tensor>& rng_state) {
+  return rng_op(rng_words_kernel, "rng_words", like, seed, offset, rng_state, /*like_shaped=*/false);
 }
 
-at::Tensor rng_uniform_cuda(const at::Tensor& like, int64_t seed, int64_t offset) {
-  return rng_op(rng_uniform_kernel, like, seed, offset, /*like_shaped=*/false);
+at::Tensor rng_uniform_cuda(const at::Tensor& like, int64_t seed, int64_t offset,
+                            const std::optional<at::Tensor>& rng_state) {
+  return rng_op(rng_uniform_kernel, "rng_uniform", like, seed, offset, rng_state, /*like_shaped=*/false);
 }
 
-// Checks one (v, alpha, sigma) triple of a single or list op; `prefix` names the list element.
-void check_one(const at::Tensor& v, const at::Tensor& alpha, const at::Tensor& sigma, int64_t seed, int64_t offset,
-               int64_t inner, const char* vname, const std::string& prefix) {
-  check_cuda(v, prefix + vname);
-  check_perturb_args(v, alpha, sigma, seed, offset, inner, vname, prefix);
-}
-
-at::Tensor perturb_cuda(const at::Tensor& v, const at::Tensor& alpha, const at::Tensor& sigma, int64_t seed,
-                        int64_t offset, int64_t inner) {
-  check_one(v, alpha, sigma, seed, offset, inner, "v", "");
-  c10::cuda::CUDAGuard guard(v.device());
-  const at::Tensor vc = v.contiguous();
-  at::Tensor out = at::empty_like(vc, at::MemoryFormat::Contiguous);
-  if (vc.numel() == 0) return out;
-  perturb_launch({vc}, {alpha.contiguous()}, {sigma}, seed, {offset}, {inner}, {out});
-  return out;
-}
-
-at::Tensor perturb_alpha_grad_cuda(const at::Tensor& grad, const at::Tensor& alpha, const at::Tensor& sigma,
-                                   int64_t seed, int64_t offset, int64_t inner) {
-  check_one(grad, alpha, sigma, seed, offset, inner, "grad", "");
-  c10::cuda::CUDAGuard guard(grad.device());
-  if (grad.numel() == 0) return at::zeros_like(alpha, at::MemoryFormat::Contiguous);
-  at::Tensor out = at::empty_like(alpha, at::MemoryFormat::Contiguous);
-  alpha_grad_launch({grad.contiguous()}, {alpha}, {sigma}, seed, {offset}, {inner}, {out});
-  return out;
-}
-
-// `list` names the list argument ("vs", "grads"), `elem` one of its tensors ("v", "grad").
-void check_multi(const char* op, const char* list, const char* elem, at::TensorList vs, at::TensorList alphas,
-                 at::TensorList sigmas, int64_t seed, at::IntArrayRef offsets, at::IntArrayRef inners) {
+// Checks all arguments of a single or list op (a single op is a list of one with list == "").
+// `elem` names one tensor ("v", "grad").
+void check_args(const char* op, const char* list, const char* elem, at::TensorList vs, at::TensorList alphas,
+                at::TensorList sigmas, int64_t seed, at::IntArrayRef offsets, at::IntArrayRef inners,
+                const std::optional<at::Tensor>& rng_state) {
   check_multi_lengths(op, list, vs.size(), alphas.size(), sigmas.size(), offsets.size(), inners.size());
+  if (vs.empty()) return;
+  check_rng_state(rng_state, vs[0].device(), op);
   for (size_t i = 0; i < vs.size(); ++i) {
-    const std::string prefix = list_prefix(list, i);
-    check_one(vs[i], alphas[i], sigmas[i], seed, offsets[i], inners[i], elem, prefix);
+    const std::string prefix = *list ? list_prefix(list, i) : std::string();
+    check_cuda(vs[i], prefix + elem);
+    check_perturb_args(vs[i], alphas[i], sigmas[i], seed, offsets[i], inners[i], elem, prefix);
     TORCH_CHECK(vs[i].device() == vs[0].device(), op, ": all ", list, " must be on one device, got ",
                 vs[0].device(), " and ", vs[i].device(), " (", prefix, ")");
   }
 }
 
-std::vector<at::Tensor> perturb_multi_cuda(at::TensorList vs, at::TensorList alphas, at::TensorList sigmas,
-                                           int64_t seed, at::IntArrayRef offsets, at::IntArrayRef inners) {
-  check_multi("perturb_multi", "vs", "v", vs, alphas, sigmas, seed, offsets, inners);
+std::vector<at::Tensor> perturb_list(const char* op, const char* list, at::TensorList vs, at::TensorList alphas,
+                                     at::TensorList sigmas, int64_t seed, at::IntArrayRef offsets,
+                                     at::IntArrayRef inners, const std::optional<at::Tensor>& rng_state) {
+  check_args(op, list, "v", vs, alphas, sigmas, seed, offsets, inners, rng_state);
   std::vector<at::Tensor> vc, ac, sc, outs;
   for (size_t i = 0; i < vs.size(); ++i) {
     vc.push_back(vs[i].contiguous());
-    ac.push_back(alphas[i].contiguous());
+    ac.push_back(alphas[i].to(opmath_dtype(vs[i].scalar_type())).contiguous());
     sc.push_back(sigmas[i]);
     outs.push_back(at::empty_like(vc.back(), at::MemoryFormat::Contiguous));
   }
   if (vs.empty()) return outs;
   c10::cuda::CUDAGuard guard(vs[0].device());
-  perturb_launch(vc, ac, sc, seed, offsets.vec(), inners.vec(), outs);
+  perturb_launch(vc, ac, sc, seed, state_ptr(rng_state), offsets.vec(), inners.vec(), outs);
   return outs;
 }
 
-std::vector<at::Tensor> perturb_alpha_grad_multi_cuda(at::TensorList grads, at::TensorList alphas,
-                                                      at::TensorList sigmas, int64_t seed, at::IntArrayRef offsets,
-                                                      at::IntArrayRef inners) {
-  check_multi("perturb_alpha_grad_multi", "grads", "grad", grads, alphas, sigmas, seed, offsets, inners);
-  std::vector<at::Tensor> gc, ac, sc, outs;
+std::vector<at::Tensor> alpha_grad_list(const char* op, const char* list, at::TensorList grads, at::TensorList alphas,
+                                        at::TensorList sigmas, int64_t seed, at::IntArrayRef offsets,
+                                        at::IntArrayRef inners, const std::optional<at::Tensor>& rng_state) {
+  check_args(op, list, "grad", grads, alphas, sigmas, seed, offsets, inners, rng_state);
+  std::vector<at::Tensor> gc, ac, sc, acc;
   for (size_t i = 0; i < grads.size(); ++i) {
     gc.push_back(grads[i].contiguous());
     ac.push_back(alphas[i]);
     sc.push_back(sigmas[i]);
-    outs.push_back(grads[i].numel() == 0 ? at::zeros_like(alphas[i], at::MemoryFormat::Contiguous)
-                                         : at::empty_like(alphas[i], at::MemoryFormat::Contiguous));
+    const auto options = alphas[i].options().dtype(opmath_dtype(grads[i].scalar_type()));
+    acc.push_back(grads[i].numel() == 0 ? at::zeros(alphas[i].sizes(), options) : at::empty(alphas[i].sizes(), options));
   }
-  if (grads.empty()) return outs;
-  c10::cuda::CUDAGuard guard(grads[0].device());
-  alpha_grad_launch(gc, ac, sc, seed, offsets.vec(), inners.vec(), outs);
+  if (!grads.empty()) {
+    c10::cuda::CUDAGuard guard(grads[0].device());
+    alpha_grad_launch(gc, ac, sc, seed, state_ptr(rng_state), offsets.vec(), inners.vec(), acc);
+  }
+  std::vector<at::Tensor> outs;
+  for (size_t i = 0; i < grads.size(); ++i) {
+    outs.push_back(acc[i].to(alphas[i].scalar_type()));  // the one rounding to alpha's dtype
+  }
   return outs;
+}
+
+at::Tensor perturb_cuda(const at::Tensor& v, const at::Tensor& alpha, const at::Tensor& sigma, int64_t seed,
+                        int64_t offset, int64_t inner, const std::optional<at::Tensor>& rng_state) {
+  return perturb_list("perturb", "", {v}, {alpha}, {sigma}, seed, {offset}, {inner}, rng_state)[0];
+}
+
+at::Tensor perturb_alpha_grad_cuda(const at::Tensor& grad, const at::Tensor& alpha, const at::Tensor& sigma,
+                                   int64_t seed, int64_t offset, int64_t inner,
+                                   const std::optional<at::Tensor>& rng_state) {
+  return alpha_grad_list("perturb_alpha_grad", "", {grad}, {alpha}, {sigma}, seed, {offset}, {inner}, rng_state)[0];
+}
+
+std::vector<at::Tensor> perturb_multi_cuda(at::TensorList vs, at::TensorList alphas, at::TensorList sigmas,
+                                           int64_t seed, at::IntArrayRef offsets, at::IntArrayRef inners,
+                                           const std::optional<at::Tensor>& rng_state) {
+  return perturb_list("perturb_multi", "vs", vs, alphas, sigmas, seed, offsets, inners, rng_state);
+}
+
+std::vector<at::Tensor> perturb_alpha_grad_multi_cuda(at::TensorList grads, at::TensorList alphas,
+                                                      at::TensorList sigmas, int64_t seed, at::IntArrayRef offsets,
+                                                      at::IntArrayRef inners,
+                                                      const std::optional<at::Tensor>& rng_state) {
+  return alpha_grad_list("perturb_alpha_grad_multi", "grads", grads, alphas, sigmas, seed, offsets, inners,
+                         rng_state);
 }
 
 }  // namespace

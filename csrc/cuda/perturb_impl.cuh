@@ -50,16 +50,18 @@ enum DescFlags : int32_t {
   kVecOut = 4,      // `out` is aligned to 4 elements: vector stores
 };
 
-// One tensor of a launch.
+// One tensor of a launch. alpha and the alpha gradient are in the math dtype acc_t<T>
+// (float32, float64 for float64 tensors): the host converts alpha (any accepted dtype)
+// before the launch and the gradient to alpha's dtype after it.
 struct Desc {
-  const void* in;     // v (forward) or grad (alpha gradient)
-  void* out;          // perturbed output (forward) or alpha gradient
-  const void* alpha;  // v's dtype, n_alpha elements
-  const void* sigma;  // 0-d, float32 or v's dtype
+  const void* in;     // v (forward) or grad (alpha gradient), dtype T
+  void* out;          // perturbed output (forward, T) or alpha gradient (acc_t<T>)
+  const void* alpha;  // acc_t<T>, n_alpha elements
+  const void* sigma;  // 0-d, float32 or T
   int64_t n;
   int64_t n_alpha;
   int64_t inner;      // alpha gradient: effective inner (layerwise: n)
-  int64_t offset;     // first Philox counter
+  int64_t offset;     // first Philox counter (before the launch's counter base)
   int64_t segs;       // alpha gradient: number of segments
   int64_t chunks;     // alpha gradient: partials per segment
   int64_t part_base;  // alpha gradient: first partial of this tensor
@@ -93,6 +95,25 @@ struct alignas(4 * sizeof(T)) Vec4 {
   T v[4];
 };
 
+// The Philox key and the counter base of one launch: (seed, 0), or the two values of
+// the op's rng_state read from device memory by every thread (no host sync, so a CUDA
+// graph replay sees the state as the stream left it). Element i of a tensor uses
+// counter base + d.offset + i / 4.
+struct RngKey {
+  uint64_t seed;
+  uint64_t base;
+};
+
+PNI_HD RngKey make_rng_key(uint64_t seed, const int64_t* state) {
+  if (state == nullptr) return RngKey{seed, 0};
+  return RngKey{static_cast<uint64_t>(state[0]), static_cast<uint64_t>(state[1])};
+}
+
+// The four normals of quad q of tensor d.
+PNI_HD NormalQuad quad_normals(const RngKey& r, const Desc& d, int64_t q) {
+  return normal4(r.base + static_cast<uint64_t>(d.offset) + static_cast<uint64_t>(q), r.seed);
+}
+
 PNI_HD int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 PNI_HD int64_t cdiv64(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -114,24 +135,24 @@ PNI_HD acc_t<T> load_sigma(const Desc& d) {
 // ---------------------------------------------------------------------------
 
 template <typename T>
-PNI_HD void perturb_quad(const Desc& d, int64_t q, uint64_t seed) {
+PNI_HD void perturb_quad(const Desc& d, int64_t q, const RngKey& rk) {
   using A = acc_t<T>;
   const T* v = static_cast<const T*>(d.in);
   T* out = static_cast<T*>(d.out);
-  const T* alpha = static_cast<const T*>(d.alpha);
+  const A* alpha = static_cast<const A*>(d.alpha);
   const int64_t base = 4 * q;
-  const NormalQuad z = normal4(static_cast<uint64_t>(d.offset) + static_cast<uint64_t>(q), seed);
+  const NormalQuad z = quad_normals(rk, d, q);
   const A s = load_sigma<T>(d);
   A as[4];
   if (d.n_alpha == 1) {
-    const A a = static_cast<A>(alpha[0]) * s;
+    const A a = alpha[0] * s;
     for (int j = 0; j < 4; ++j) as[j] = a;
   } else {
     // alpha index (i / inner) % n_alpha, one 64-bit division per quad
     int64_t k = (base / d.inner) % d.n_alpha;
     int64_t r = base % d.inner;
     for (int j = 0; j < 4; ++j) {
-      as[j] = static_cast<A>(alpha[k]) * s;
+      as[j] = alpha[k] * s;
       if (++r == d.inner) {
         r = 0;
         if (++k == d.n_alpha) k = 0;
@@ -153,9 +174,9 @@ PNI_HD void perturb_quad(const Desc& d, int64_t q, uint64_t seed) {
 
 // Thread `tid` of forward unit `u` of tensor d.
 template <typename T>
-PNI_HD void perturb_unit_thread(const Desc& d, int64_t u, int tid, uint64_t seed) {
+PNI_HD void perturb_unit_thread(const Desc& d, int64_t u, int tid, const RngKey& rk) {
   const int64_t q = u * kThreads + tid;
-  if (4 * q < d.n) perturb_quad<T>(d, q, seed);
+  if (4 * q < d.n) perturb_quad<T>(d, q, rk);
 }
 
 // ---------------------------------------------------------------------------
@@ -165,14 +186,14 @@ PNI_HD void perturb_unit_thread(const Desc& d, int64_t u, int tid, uint64_t seed
 // Sum of grad_i * z_i over elements [lo, hi) of one tensor, taking quads
 // lo/4 + first, + stride, ... (each lane sums its quads in order).
 template <typename T>
-PNI_HD acc_t<T> range_sum(const Desc& d, int64_t lo, int64_t hi, uint64_t seed, int first, int stride) {
+PNI_HD acc_t<T> range_sum(const Desc& d, int64_t lo, int64_t hi, const RngKey& rk, int first, int stride) {
   using A = acc_t<T>;
   const T* g = static_cast<const T*>(d.in);
   A acc = 0;
   if (hi <= lo) return acc;
   const int64_t q_last = (hi - 1) / 4;
   for (int64_t q = lo / 4 + first; q <= q_last; q += stride) {
-    const NormalQuad z = normal4(static_cast<uint64_t>(d.offset) + static_cast<uint64_t>(q), seed);
+    const NormalQuad z = quad_normals(rk, d, q);
     const int64_t base = 4 * q;
     if (base >= lo && base + 4 <= hi && (d.flags & kVecIn)) {
       const Vec4<T> x = *reinterpret_cast<const Vec4<T>*>(g + base);
@@ -187,39 +208,39 @@ PNI_HD acc_t<T> range_sum(const Desc& d, int64_t lo, int64_t hi, uint64_t seed, 
   return acc;
 }
 
-// Elementwise alpha: grad_alpha_i = grad_i * z_i * sigma for the 4 elements of quad q.
+// Elementwise alpha: grad_alpha_i = grad_i * z_i * sigma (in acc_t<T>) for the 4 elements of quad q.
 template <typename T>
-PNI_HD void direct_quad(const Desc& d, int64_t q, uint64_t seed) {
+PNI_HD void direct_quad(const Desc& d, int64_t q, const RngKey& rk) {
   using A = acc_t<T>;
   const T* g = static_cast<const T*>(d.in);
-  T* out = static_cast<T*>(d.out);
+  A* out = static_cast<A*>(d.out);
   const A s = load_sigma<T>(d);
   const int64_t base = 4 * q;
-  const NormalQuad z = normal4(static_cast<uint64_t>(d.offset) + static_cast<uint64_t>(q), seed);
+  const NormalQuad z = quad_normals(rk, d, q);
   const int64_t m = d.n - base;
   if (m >= 4 && (d.flags & kVecIn) && (d.flags & kVecOut)) {
     const Vec4<T> x = *reinterpret_cast<const Vec4<T>*>(g + base);
-    Vec4<T> y;
-    for (int j = 0; j < 4; ++j) y.v[j] = static_cast<T>(static_cast<A>(x.v[j]) * static_cast<A>(z.z[j]) * s);
-    *reinterpret_cast<Vec4<T>*>(out + base) = y;
+    Vec4<A> y;
+    for (int j = 0; j < 4; ++j) y.v[j] = static_cast<A>(x.v[j]) * static_cast<A>(z.z[j]) * s;
+    *reinterpret_cast<Vec4<A>*>(out + base) = y;
   } else {
     for (int j = 0; j < 4; ++j) {
-      if (j < m) out[base + j] = static_cast<T>(static_cast<A>(g[base + j]) * static_cast<A>(z.z[j]) * s);
+      if (j < m) out[base + j] = static_cast<A>(g[base + j]) * static_cast<A>(z.z[j]) * s;
     }
   }
 }
 
 // Stage 1, thread and direct modes: lane `lane` of unit u does all its work alone.
 template <typename T>
-PNI_HD void stage1_lane_alone(const Desc& d, int64_t u, int lane, uint64_t seed, acc_t<T>* part) {
+PNI_HD void stage1_lane_alone(const Desc& d, int64_t u, int lane, const RngKey& rk, acc_t<T>* part) {
   if (d.mode == kDirectMode) {
     const int64_t q = u * kWarpSize + lane;
-    if (4 * q < d.n) direct_quad<T>(d, q, seed);
+    if (4 * q < d.n) direct_quad<T>(d, q, rk);
   } else {
     const int64_t s = u * kWarpSize + lane;
     if (s < d.segs) {
       const int64_t lo = s * d.inner;
-      part[d.part_base + s] = range_sum<T>(d, lo, min64(lo + d.inner, d.n), seed, 0, 1);
+      part[d.part_base + s] = range_sum<T>(d, lo, min64(lo + d.inner, d.n), rk, 0, 1);
     }
   }
 }
@@ -227,13 +248,13 @@ PNI_HD void stage1_lane_alone(const Desc& d, int64_t u, int lane, uint64_t seed,
 // Stage 1, warp mode: lane `lane`'s share of unit u = (segment u / chunks, chunk u % chunks);
 // the warp's sum goes to part[part_base + u].
 template <typename T>
-PNI_HD acc_t<T> stage1_lane_value(const Desc& d, int64_t u, int lane, uint64_t seed) {
+PNI_HD acc_t<T> stage1_lane_value(const Desc& d, int64_t u, int lane, const RngKey& rk) {
   const int64_t s = u / d.chunks;
   const int64_t c = u - s * d.chunks;
   const int64_t seg_end = min64((s + 1) * d.inner, d.n);
   const int64_t lo = s * d.inner + c * kChunk;
   const int64_t hi = min64(lo + kChunk, seg_end);
-  return range_sum<T>(d, lo, hi, seed, lane, kWarpSize);
+  return range_sum<T>(d, lo, hi, rk, lane, kWarpSize);
 }
 
 // Stage 2: lane `lane`'s share of alpha index k (rows r and chunks c in a fixed order);
@@ -255,18 +276,19 @@ PNI_HD acc_t<T> stage2_lane_value(const Desc& d, int64_t k, int lane, const acc_
 
 template <typename T>
 PNI_HD void stage2_store(const Desc& d, int64_t k, acc_t<T> sum) {
-  static_cast<T*>(d.out)[k] = static_cast<T>(sum * load_sigma<T>(d));
+  static_cast<acc_t<T>*>(d.out)[k] = sum * load_sigma<T>(d);
 }
 
 // ---------------------------------------------------------------------------
 // Host-side planning (shared by the launcher and the host emulation)
 // ---------------------------------------------------------------------------
 
-// DescFlags of a tensor: sigma's dtype and whether `in` / `out` allow 4-element vector accesses.
-inline int32_t make_flags(bool sigma_is_float, const void* in, const void* out, size_t elem_size) {
+// DescFlags of a tensor: sigma's dtype and whether `in` / `out` (elements of in_elem /
+// out_elem bytes) allow 4-element vector accesses.
+inline int32_t make_flags(bool sigma_is_float, const void* in, size_t in_elem, const void* out, size_t out_elem) {
   int32_t f = sigma_is_float ? kSigmaFloat : 0;
-  if (reinterpret_cast<uintptr_t>(in) % (4 * elem_size) == 0) f |= kVecIn;
-  if (reinterpret_cast<uintptr_t>(out) % (4 * elem_size) == 0) f |= kVecOut;
+  if (reinterpret_cast<uintptr_t>(in) % (4 * in_elem) == 0) f |= kVecIn;
+  if (reinterpret_cast<uintptr_t>(out) % (4 * out_elem) == 0) f |= kVecOut;
   return f;
 }
 
