@@ -28,8 +28,9 @@
 # run on CPU (GPU tests skip with their reasons), the benchmarks in their tiniest mode, and the
 # sanitizer stage only checks that its test selection is not empty; `rest` is left to CI.
 #
-# Environment: PYTHON (default python3), PNI_GPU_CHECK_FAIL_STAGE=name[,name] simulates a failure
-# of those stages (for tests of this script), MAX_JOBS / TORCH_CUDA_ARCH_LIST are passed to the build.
+# Environment: PYTHON (default python3); PNI_GPU_CHECK_ONLY=name[,name] runs only those stages (the
+# others are listed as skipped); PNI_GPU_CHECK_FAIL_STAGE=name[,name] simulates a failure of those
+# stages (for tests of this script); MAX_JOBS / TORCH_CUDA_ARCH_LIST are passed to the build.
 set -uo pipefail
 
 usage() { echo "usage: bash scripts/gpu_check.sh OUTDIR [--cpu-only]" >&2; exit 2; }
@@ -258,7 +259,11 @@ run_stage() {  # name limit log
   STAGE=$name; export STAGE
   echo "[gpu_check] $name: start (limit ${limit} s) -> $log"
   : >"$OUT/$log"
-  if [[ ",${PNI_GPU_CHECK_FAIL_STAGE:-}," == *",$name,"* ]]; then
+  if [ -n "${PNI_GPU_CHECK_ONLY:-}" ] && [[ ",$PNI_GPU_CHECK_ONLY," != *",$name,"* ]]; then
+    echo "not run: PNI_GPU_CHECK_ONLY=$PNI_GPU_CHECK_ONLY" >>"$OUT/$log"
+    note "not selected (PNI_GPU_CHECK_ONLY)"
+    rc=77
+  elif [[ ",${PNI_GPU_CHECK_FAIL_STAGE:-}," == *",$name,"* ]]; then
     echo "simulated failure (PNI_GPU_CHECK_FAIL_STAGE=$PNI_GPU_CHECK_FAIL_STAGE)" >>"$OUT/$log"
     note "simulated failure"
     rc=1
