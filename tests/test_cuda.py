@@ -638,7 +638,8 @@ def test_autocast_grad_scaler(backend, dtype, monkeypatch):
     alphas = {n: p for n, p in model.named_parameters() if n.endswith(("alpha_w", "alpha_i"))}
     assert len(alphas) == 6 and all(p.dtype == torch.float32 for p in alphas.values())
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    # a moderate scale: the check is that PNI's gradients stay finite, not how far fp16 activations stretch
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10, enabled=dtype == torch.float16)
     x = torch.randn(4, 3, 8, 8, device=DEV)
     y = torch.randint(0, 10, (4,), device=DEV)
     for step in range(3):
@@ -1031,9 +1032,13 @@ def test_cuda_graph_module_seed_none(backend, monkeypatch):
         wn = pni_fast.noisy_weight(conv.weight.detach(), leaf, seed=eager_state)
         out = F.conv2d(x, wn, conv.bias.detach(), padding=1)
         out.backward(gout)
-        assert torch.equal(out_r, out), f"replay {k} differs from the eager call"
-        # cuDNN may pick another (deterministic) weight-gradient algorithm under capture
-        torch.testing.assert_close(grad_r, leaf.grad, rtol=1e-5, atol=1e-6 * float(leaf.grad.abs().max()))
+        # cuDNN may pick other (deterministic) algorithms under capture: fp32-rounding close, while other
+        # noise would move every output by ~alpha * sigma(w) relative (the bitwise check of the noise
+        # itself is test_cuda_graph_rng_state_fresh_per_replay)
+        torch.testing.assert_close(out_r, out, rtol=1e-5, atol=1e-5 * float(out.abs().max()),
+                                   msg=lambda m: f"replay {k} differs from the eager call: {m}")
+        torch.testing.assert_close(grad_r, leaf.grad, rtol=1e-5, atol=1e-5 * float(leaf.grad.abs().max()),
+                                   msg=lambda m: f"replay {k}: alpha grad differs from the eager one: {m}")
     _assert_all_differ([r[0] for r in replays], "outputs")
 
     both = pni_fast.NoisyConv2d(4, 8, 3, padding=1, pni="channelwise", noise="both").to(DEV)
