@@ -9,13 +9,13 @@
 # the later stages still run. Fixed limits sum to 450 s; the last stage only gets what is left
 # of that budget, so the whole run stays under ~7.5 minutes.
 #
-#   env         15  device, driver, torch/CUDA/Triton versions                  -> env.txt
-#   build      150  FORCE_CUDA=1 pip install --no-build-isolation --no-deps -e . -> build.log
+#   env         12  device, driver, torch/CUDA/Triton versions                  -> env.txt
+#   build      140  FORCE_CUDA=1 pip install --no-build-isolation --no-deps -e . -> build.log
 #                   then checks that the compiled library loads with its CUDA kernels
-#   tests      130  tests/test_cuda.py + tests/test_triton.py on the GPU (pytest-xdist, 6 workers)
+#   tests      148  tests/test_cuda.py + tests/test_triton.py on the GPU (pytest-xdist, 6 workers)
 #                                                                                -> tests.log
-#   bench       95  benchmarks/run_all.py: training step (batch 128, limit 30 s),
-#                   op sweep at 8M elements without torch.compile (limit 60 s)  -> bench.log, bench.tar.gz
+#   bench       90  benchmarks/run_all.py: training step (batch 128, limit 28 s),
+#                   op sweep at 8M elements without torch.compile (limit 55 s)  -> bench.log, bench.tar.gz
 #   sanitizer   60  compute-sanitizer memcheck + racecheck over a few CUDA tests -> sanitizer.log
 #   rest      left  the rest of tests/ (-m "not slow"), only with >= 20 s left   -> tests_rest.log
 #
@@ -184,8 +184,8 @@ stage_bench() {
     timeout -k 3 60 "$PYTHON" benchmarks/run_all.py --quick --threads 1 --no-plot --out "$dest" || rc=$?
   else
     note "short mode: training step batch 128; ops at 8388608 elements, no torch.compile"
-    timeout -k 3 30 "$PYTHON" benchmarks/run_all.py --skip-ops --out "$WORK/train" || rc=$?
-    timeout -k 3 60 "$PYTHON" benchmarks/run_all.py --skip-train --no-compile --sizes 8388608 --out "$dest" \
+    timeout -k 3 28 "$PYTHON" benchmarks/run_all.py --skip-ops --out "$WORK/train" || rc=$?
+    timeout -k 3 55 "$PYTHON" benchmarks/run_all.py --skip-train --no-compile --sizes 8388608 --out "$dest" \
       || rc=$?
     if [ -f "$WORK/train/train.json" ]; then  # one RESULTS.md with both sections, as run_all writes it
       cp "$WORK/train/train.json" "$WORK/train/train.md" "$dest/"
@@ -217,7 +217,7 @@ stage_sanitizer() {
   export PYTORCH_NO_CUDA_MEMORY_CACHING=1 PNI_FAST_NO_JIT=1  # every allocation visible to memcheck
   for tool in memcheck racecheck; do
     echo "=== compute-sanitizer --tool $tool"
-    timeout -k 3 28 "$san" --tool "$tool" --error-exitcode 86 "$PYTHON" -m pytest tests/test_cuda.py -q \
+    timeout -k 2 27 "$san" --tool "$tool" --error-exitcode 86 "$PYTHON" -m pytest tests/test_cuda.py -q \
       -p no:cacheprovider -rfE -k "$SAN_K" >"$WORK/san_$tool.log" 2>&1
     local r=$?
     cat "$WORK/san_$tool.log"
@@ -288,10 +288,10 @@ run_stage() {  # name limit log
   fi
 }
 
-run_stage env 15 env.txt
-run_stage build 150 build.log
-run_stage tests 130 tests.log
-run_stage bench 95 bench.log
+run_stage env 12 env.txt
+run_stage build 140 build.log
+run_stage tests 148 tests.log
+run_stage bench 90 bench.log
 run_stage sanitizer 60 sanitizer.log
 LEFT=$((BUDGET - (SECONDS - T_START)))
 if [ "$LEFT" -gt 120 ]; then LEFT=120; fi
