@@ -484,24 +484,19 @@ def test_second_device(backend):
         assert torch.equal(x, y)
 
 
-@real_gpu
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_more_than_2_31_elements(backend):
-    """A bf16 tensor of 2^31 + 2 elements: 64-bit indexing in the forward and the alpha gradient."""
-    noise, perturb, alpha_grad, _, _ = _ops(backend)
-    n = 2**31 + 2
-    free, _ = torch.cuda.mem_get_info()
-    need = 2 * 2 * n + 7 * 2**30  # v and out (bf16), the check's float64 chunks
-    if free < need:
-        pytest.skip(f"needs {need / 2**30:.0f} GiB of free GPU memory, {free / 2**30:.0f} GiB free")
-    v = torch.empty(n, dtype=torch.bfloat16, device=DEV).uniform_(-2, 2)
-    sigma = torch.tensor(0.5, device=DEV)
+def _check_big_tensor(noise, perturb, alpha_grad, n: int, chunk: int, device) -> None:
+    """perturb and alpha grad of a bf16 tensor of n elements, checked at sampled elements (oracle z)
+    and, for the gradient, against float64 sums of the backend's own z computed chunk by chunk."""
+    v = torch.empty(n, dtype=torch.bfloat16, device=device).uniform_(-2, 2)
+    sigma = torch.tensor(0.5, device=device)
+    mid = min(2**31, n // 2)  # around the int32 limit of a tensor beyond it
     rng = np.random.default_rng(0)
-    idx = np.unique(np.r_[0:1024, 2**31 - 1024:2**31 + 2, n - 1024:n, rng.integers(0, n, 1000)])
-    idx_dev = torch.from_numpy(idx).to(DEV)
+    idx = np.unique(np.r_[0:1024, mid - 1024:mid + 2, n - 1024:n, rng.integers(0, n, 1000)])
+    idx_dev = torch.from_numpy(idx).to(device)
     z_at = _oracle_z_at(SEED, OFFSET, idx)
+    assert chunk % 4 == 0  # each chunk's noise starts at counter OFFSET + start / 4
     for n_alpha, inner in [(1, 1), (2, n // 2)]:
-        alpha = torch.tensor([0.3, 0.7][:n_alpha], dtype=torch.bfloat16, device=DEV)
+        alpha = torch.tensor([0.3, 0.7][:n_alpha], dtype=torch.bfloat16, device=device)
         out = perturb(v, alpha, sigma, SEED, OFFSET, inner)
         a = _flat64(alpha)[torch.from_numpy((idx // inner) % n_alpha)]
         v_at = _flat64(v[idx_dev])
@@ -509,24 +504,46 @@ def test_more_than_2_31_elements(backend):
         assert_within(out[idx_dev], v_at + a * 0.5 * z_at, bound, f"out at sampled elements, {n_alpha} alpha")
         del out
         grad = alpha_grad(v, alpha, sigma, SEED, OFFSET, inner)  # the gradient g = v
-        exp = torch.zeros(n_alpha, dtype=torch.float64, device=DEV)
+        exp = torch.zeros(n_alpha, dtype=torch.float64, device=device)
         abs_gz = torch.zeros_like(exp)
-        chunk = 2**27  # a multiple of 4: each chunk's noise starts at counter OFFSET + start / 4
         for start in range(0, n, chunk):
             part = v[start:start + chunk]
             z = noise(part, SEED, OFFSET + start // 4)
             here = (idx >= start) & (idx < start + part.numel())
             if here.any():
-                local = torch.from_numpy(idx[here] - start).to(DEV)
+                local = torch.from_numpy(idx[here] - start).to(device)
                 assert (_flat64(z[local]) - z_at[torch.from_numpy(here)]).abs().max() <= Z_TOL, start
             gz = part.double() * z.double()
-            k = ((torch.arange(start, start + part.numel(), device=DEV) // inner) % n_alpha)
+            k = (torch.arange(start, start + part.numel(), device=device) // inner) % n_alpha
             exp.index_add_(0, k, gz)
             abs_gz.index_add_(0, k, gz.abs())
             del z, gz, k
         exp, abs_gz = exp.cpu() * 0.5, abs_gz.cpu() * 0.5
         bound = grad_bound(exp, abs_gz, abs_gz, torch.bfloat16, torch.bfloat16, 0.0)
         assert_within(grad, exp, bound, f"alpha grad, {n_alpha} alpha")
+
+
+@runs_on_cpu
+def test_big_tensor_check_on_cpu_backend():
+    """The check of test_more_than_2_31_elements, at 2^20 + 2 elements on the CPU backend."""
+    backend = "" if _ext.load() else "_torch"
+    names = (f"noise{backend}", f"perturb{backend}", f"perturb_alpha_grad{backend}")
+    if backend:
+        pni_fast.randn((1,), seed=0, device="cpu", backend="torch")  # registers the pure-PyTorch ops
+    _check_big_tensor(*[getattr(ops, name) for name in names], n=2**20 + 2, chunk=2**17, device="cpu")
+
+
+@real_gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_more_than_2_31_elements(backend):
+    """A bf16 tensor of 2^31 + 2 elements: 64-bit indexing in the forward and the alpha gradient."""
+    noise, perturb, alpha_grad, _, _ = _ops(backend)
+    n = 2**31 + 2
+    free, _ = torch.cuda.mem_get_info()
+    need = 2 * 2 * n + 7 * 2**30  # v and out (bf16), the check's float64 chunks of 2^27
+    if free < need:
+        pytest.skip(f"needs {need / 2**30:.0f} GiB of free GPU memory, {free / 2**30:.0f} GiB free")
+    _check_big_tensor(noise, perturb, alpha_grad, n, chunk=2**27, device=DEV)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
