@@ -3,6 +3,7 @@
 Every check reads the files as they are, so renaming a file, dropping a design.md section or
 bumping the version in one place only fails here instead of leaving stale docs behind.
 """
+
 from __future__ import annotations
 
 import ast
@@ -10,12 +11,16 @@ import importlib.metadata
 import os
 import re
 import subprocess
-import tomllib
 import warnings
 
 import pytest
 
 import pni_fast
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    tomllib = pytest.importorskip("tomli", reason="reading pyproject.toml on Python 3.10 needs tomli")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DESIGN = os.path.join(ROOT, "docs", "design.md")
@@ -37,8 +42,14 @@ def _pyproject() -> dict:
 def _repo_text_files() -> list[str]:
     """Tracked and untracked-but-not-ignored text files (git), else a walk that skips build outputs."""
     try:
-        out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                             text=True, check=True, timeout=60).stdout
+        out = subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        ).stdout
         files = [f for f in out.splitlines() if f]
     except (OSError, subprocess.SubprocessError):
         files = []
@@ -182,8 +193,9 @@ _LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 
 
 def _doc_files() -> list[str]:
-    return ["README.md"] + sorted(os.path.join("docs", n) for n in os.listdir(os.path.join(ROOT, "docs"))
-                                  if n.endswith(".md"))
+    return ["README.md"] + sorted(
+        os.path.join("docs", n) for n in os.listdir(os.path.join(ROOT, "docs")) if n.endswith(".md")
+    )
 
 
 def referenced_paths(doc: str, text: str) -> set[str]:
