@@ -1,22 +1,34 @@
 """Turn any model into a PNI model in place (``convert``) and back (``strip``).
 
-The swapped layers keep the *same* ``Parameter`` objects for ``weight`` and ``bias`` (no copy:
-an optimizer or another reference to them stays valid; only the new alphas need adding to an
-optimizer built before the conversion), plus device, dtype, training mode and forward/backward
-hooks. A module shared in several places is converted once and stays shared.
+Plain ``nn.Conv2d``/``nn.Linear`` layers are replaced by ``NoisyConv2d``/``NoisyLinear`` holding the
+*same* ``Parameter`` objects for ``weight`` and ``bias`` (no copy: an optimizer or another reference to
+them stays valid; only the new alphas need adding to an optimizer built before the conversion), plus
+device, dtype, training mode and forward/backward hooks. Every other layer of the conv/linear families
+(``Conv1d``, ``Conv3d``, ``ConvTranspose1d/2d/3d``, subclasses with their own ``forward``, parametrized
+or pruned layers) is converted in place and keeps its own ``forward`` (:mod:`pni_fast.wrap`): a
+layer's math never changes, only its weight gets noise. What cannot be converted is listed with the
+reason (``report=True`` / ``verbose=True``) and, when the layer would have been converted, warned
+about. A module shared in several places is converted once and stays shared.
 """
 from __future__ import annotations
 
 import re
 import warnings
-from typing import Any, Callable, Iterable, Union
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional, Union
 
+import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from .modules import NoiseInjection, NoisyConv2d, NoisyLinear, check_alpha_init, check_noise, check_pni
+from .modules import (NoiseInjection, NoisyConv2d, NoisyLinear, _PNIMixin, check_alpha_init, check_noise, check_pni,
+                      is_noisy_module)
+from .wrap import is_wrapped, unwrap_layer, wrap_layer
 
-__all__ = ["convert", "strip", "noisy_from", "plain_from"]
+__all__ = ["convert", "strip", "noisy_from", "plain_from", "ConvertReport", "SUPPORTED_LAYERS"]
+
+SUPPORTED_LAYERS: tuple[type, ...] = (nn.Linear, nn.modules.conv._ConvNd)
+"""Layer families ``convert`` handles: ``nn.Linear`` and every ``nn.Conv*d``/``nn.ConvTranspose*d``, with subclasses."""
 
 SkipSpec = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
 
@@ -40,7 +52,13 @@ def _copy_module_state(src: nn.Module, dst: nn.Module) -> None:
 
 def noisy_from(layer: nn.Module, pni: str = "layerwise", noise: str = "weight",
                alpha_init: float = 0.25) -> Union[NoisyConv2d, NoisyLinear]:
-    """A noisy twin of one ``nn.Conv2d``/``nn.Linear`` sharing its weight and bias Parameters."""
+    """A noisy twin of one ``nn.Conv2d``/``nn.Linear`` sharing its weight and bias Parameters.
+
+    Only those exact classes: a subclass may have its own forward that the twin would drop
+    (``convert`` converts subclasses in place instead)."""
+    if type(layer) not in (nn.Conv2d, nn.Linear) and isinstance(layer, (nn.Conv2d, nn.Linear)):
+        raise TypeError(f"layer must be exactly nn.Conv2d or nn.Linear, got the subclass {type(layer).__name__}: "
+                        "use pni_fast.convert, which keeps a subclass's own forward")
     if isinstance(layer, nn.Conv2d):
         new: Union[NoisyConv2d, NoisyLinear] = NoisyConv2d(
             layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
@@ -62,6 +80,9 @@ def noisy_from(layer: nn.Module, pni: str = "layerwise", noise: str = "weight",
 
 def plain_from(layer: nn.Module) -> nn.Module:
     """The plain twin of a PNI module (same Parameters; ``NoiseInjection`` becomes ``nn.Identity``)."""
+    if isinstance(layer, (NoisyConv2d, NoisyLinear)) and type(layer) not in (NoisyConv2d, NoisyLinear):
+        raise TypeError(f"layer must be a NoisyConv2d or NoisyLinear, got the subclass {type(layer).__name__} "
+                        "(a parametrized layer?): use pni_fast.strip, which converts such layers in place")
     if isinstance(layer, NoisyConv2d):
         new: nn.Module = nn.Conv2d(
             layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
@@ -102,27 +123,76 @@ def _skip_predicate(skip: SkipSpec) -> Callable[[str, nn.Module], bool]:
 
 
 def _check_layers(layers: Any) -> tuple[type, ...]:
+    if layers is None:
+        return SUPPORTED_LAYERS
     if isinstance(layers, type):
         layers = (layers,)
     layers = tuple(layers)
     if not layers:
-        raise ValueError("layers must name at least one layer type (nn.Conv2d and/or nn.Linear)")
+        raise ValueError("layers must name at least one layer type (e.g. nn.Conv2d and/or nn.Linear)")
     for t in layers:
-        if not isinstance(t, type) or not issubclass(t, (nn.Conv2d, nn.Linear)):
-            raise TypeError(f"layers may contain only nn.Conv2d, nn.Linear or their subclasses, got {t!r}")
+        if not isinstance(t, type) or not issubclass(t, SUPPORTED_LAYERS):
+            raise TypeError("layers may contain only nn.Linear, nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d or their "
+                            f"subclasses, got {t!r}")
     return layers
 
 
-def _matches(m: nn.Module, layers: tuple[type, ...]) -> bool:
-    if isinstance(m, (NoisyConv2d, NoisyLinear)) or not isinstance(m, layers):
-        return False
-    # A subclass may have its own forward that a noisy layer would drop: convert it only when its
-    # exact class is listed (e.g. MultiheadAttention's out_proj is a Linear subclass it never calls).
-    if parametrize.is_parametrized(m):
-        return True  # its class is a generated subclass; convert() warns and leaves it alone
-    if type(m) not in (nn.Conv2d, nn.Linear) and type(m) not in layers:
-        return False
-    return True
+@dataclass
+class ConvertReport:
+    """What ``convert(..., report=True)`` did. ``converted`` and ``skipped`` hold
+    ``(qualified name, class name, how or why)``; ``model`` is the converted model."""
+
+    model: nn.Module
+    converted: list[tuple[str, str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"pni_fast.convert: {len(self.converted)} layer(s) converted, {len(self.skipped)} left as they are"]
+        lines += [f"  converted {n or '<model>'} ({c}): {how}" for n, c, how in self.converted]
+        lines += [f"  skipped   {n or '<model>'} ({c}): {why}" for n, c, why in self.skipped]
+        return "\n".join(lines)
+
+
+_MHA_REASON = ("nn.MultiheadAttention reads in_proj_weight (a bare Parameter) and out_proj.weight directly in "
+               "F.multi_head_attention_forward, so no layer forward carries the noise; not supported")
+
+
+def _bare_weights(m: nn.Module) -> list[str]:
+    return [n for n, p in m._parameters.items() if p is not None and n.endswith("weight") and p.dim() >= 2]
+
+
+def _plan(name: str, m: nn.Module, parent: Optional[nn.Module], layers: tuple[type, ...],
+          user_skip: bool) -> Optional[tuple[str, str]]:
+    """("replace" | "wrap" | "skip" | "warn" | "lazy", detail) for one module, or None (not a layer to report)."""
+    if is_noisy_module(m):
+        return ("skip", "already a PNI layer") if isinstance(m, layers) else None
+    if isinstance(m, nn.MultiheadAttention):
+        linear_asked = any(issubclass(nn.modules.linear.NonDynamicallyQuantizableLinear, t) for t in layers)
+        return ("warn", _MHA_REASON) if linear_asked and not user_skip else None
+    if not isinstance(m, SUPPORTED_LAYERS):
+        bare = _bare_weights(m)
+        if bare and not isinstance(m, NoiseInjection):
+            return ("skip", f"unsupported layer type: no noise on {', '.join(bare)} (convert handles nn.Linear, "
+                            "nn.Conv*d, nn.ConvTranspose*d and subclasses)")
+        return None
+    if not isinstance(m, layers):
+        return None
+    if user_skip:
+        return ("skip", "skip= names it")
+    if "alpha_w" in m._parameters or "alpha_i" in m._parameters:
+        return ("skip", "already has a PNI alpha (alpha_w/alpha_i): a PNI layer from elsewhere")
+    if isinstance(parent, nn.MultiheadAttention):
+        return ("warn", f"its parent {type(parent).__name__} (an nn.MultiheadAttention) reads this layer's weight "
+                        "directly; the layer's own forward never runs, so noise there would have no effect")
+    if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
+        return ("lazy", "")
+    if not isinstance(getattr(m, "weight", None), torch.Tensor):
+        return ("warn", "has no weight tensor")
+    plain = (type(m) in (nn.Conv2d, nn.Linear) and isinstance(m._parameters.get("weight"), nn.Parameter)
+             and "weight" not in m.__dict__ and not parametrize.is_parametrized(m))
+    if plain:
+        return ("replace", f"replaced by {'NoisyConv2d' if isinstance(m, nn.Conv2d) else 'NoisyLinear'}")
+    return ("wrap", f"wrapped in place as Noisy{type(m).__name__} (its own forward, noisy weight)")
 
 
 def _swap(model: nn.Module, replace: dict[int, nn.Module]) -> nn.Module:
@@ -140,23 +210,31 @@ def convert(
     model: nn.Module,
     pni: str = "layerwise",
     noise: str = "weight",
-    layers: Any = (nn.Conv2d, nn.Linear),
+    layers: Any = None,
     skip: SkipSpec = None,
     alpha_init: float = 0.25,
-) -> nn.Module:
-    """Swap every matching layer of ``model`` for its PNI twin, in place; returns ``model``.
+    *,
+    report: bool = False,
+    verbose: bool = False,
+) -> Union[nn.Module, ConvertReport]:
+    """Give every matching layer of ``model`` PNI noise, in place; returns ``model``.
 
     Args:
         pni, noise, alpha_init: as for ``NoisyConv2d`` / ``NoisyLinear``.
-        layers: layer types to convert (``nn.Conv2d`` and/or ``nn.Linear``). Subclasses of those
-            are converted only when their exact class is listed.
+        layers: layer types to convert, with their subclasses (default: nn.Linear and every
+            nn.Conv*d / nn.ConvTranspose*d). Plain nn.Conv2d/nn.Linear become NoisyConv2d/NoisyLinear;
+            any other matching layer keeps its class and forward and gets a noisy weight
+            (:mod:`pni_fast.wrap`).
         skip: qualified module names (exact or dotted prefix) or a callable ``(name, module) -> bool``
             selecting layers to leave plain (e.g. ``skip="fc"``). A shared module is skipped when
             any of its names is.
-    Weights are not copied: the noisy layers hold the same ``Parameter`` objects. Already noisy
-    layers, lazy layers (not yet initialised) and parametrized layers are left alone (the latter
-    two with a warning). Warns when no layer matched. If ``model`` itself is a matching layer,
-    the new layer is returned.
+        report: return a :class:`ConvertReport` (converted layers; skipped ones with the reason)
+            instead of the model (the model is its ``.model``).
+        verbose: print that report.
+    Weights are not copied. An uninitialised lazy layer is refused (ValueError, nothing changed):
+    run one forward pass first. Layers that match but cannot carry noise (nn.MultiheadAttention's
+    projections) are skipped with a warning; already noisy layers are left alone. Warns when no
+    layer was converted. If ``model`` itself is a matching plain layer, the new layer is returned.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -166,42 +244,61 @@ def convert(
     layers = _check_layers(layers)
     skipped = _skip_predicate(skip)
 
-    candidates: dict[int, nn.Module] = {}
-    skip_ids: set[int] = set()
+    names: dict[int, list[str]] = {}
+    parents: dict[int, nn.Module] = {}
+    modules: dict[int, nn.Module] = {}
     for name, m in model.named_modules(remove_duplicate=False):
-        if not _matches(m, layers):
+        names.setdefault(id(m), []).append(name)
+        modules[id(m)] = m
+        for child in m._modules.values():
+            if child is not None:
+                parents.setdefault(id(child), m)
+    out = ConvertReport(model)
+    plans: list[tuple[nn.Module, str, str, str]] = []
+    lazy: list[str] = []
+    for key, m in modules.items():
+        name = names[key][0]
+        plan = _plan(name, m, parents.get(key), layers, any(skipped(n, m) for n in names[key]))
+        if plan is None:
             continue
-        if skipped(name, m):
-            skip_ids.add(id(m))
-            continue
-        candidates[id(m)] = m
+        if plan[0] == "lazy":
+            lazy.append(f"{name or '<model>'} ({type(m).__name__})")
+        plans.append((m, name, *plan))
+    if lazy:
+        raise ValueError(f"convert: uninitialised lazy layer(s) {', '.join(lazy)}: their weight shape is not known "
+                         "yet; run one forward pass first (they then become ordinary layers) and convert after that")
     replace: dict[int, nn.Module] = {}
-    warned = False
-    for key, m in candidates.items():
-        if key in skip_ids:
-            continue
-        if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
-            warnings.warn(f"convert: skipping an uninitialised lazy layer ({type(m).__name__}); "
-                          "run one forward pass before converting", stacklevel=2)
-            warned = True
-            continue
-        if parametrize.is_parametrized(m):
-            warnings.warn(f"convert: skipping a parametrized layer ({type(m).__name__}); remove the "
-                          "parametrization (or convert before adding it)", stacklevel=2)
-            warned = True
-            continue
-        replace[key] = noisy_from(m, pni=pni, noise=noise, alpha_init=alpha_init)
-    if not replace:
-        if not warned:
-            warnings.warn(f"convert: no layer of type {', '.join(t.__name__ for t in layers)} was converted in "
-                          f"{type(model).__name__} (none matched, all skipped, or already noisy)", stacklevel=2)
-        return model
-    return _swap(model, replace)
+    warned: list[str] = []
+    for m, name, action, detail in plans:
+        if action == "replace":
+            replace[id(m)] = noisy_from(m, pni=pni, noise=noise, alpha_init=alpha_init)
+        elif action == "wrap":
+            wrap_layer(m, pni, noise, alpha_init)
+        if action in ("replace", "wrap"):
+            out.converted.append((name, type(m).__name__ if action == "replace" else m._pni_base_class.__name__,
+                                  detail))
+        else:
+            out.skipped.append((name, type(m).__name__, detail))
+            if action == "warn":
+                warned.append(f"{name or '<model>'} ({type(m).__name__}): {detail}")
+    if warned:
+        warnings.warn("convert: left without noise: " + "; ".join(warned), stacklevel=2)
+    if not out.converted and not warned:
+        kinds = ("Linear, Conv*d, ConvTranspose*d" if layers == SUPPORTED_LAYERS
+                 else ", ".join(t.__name__ for t in layers))
+        warnings.warn(f"convert: no layer of type {kinds} was converted in "
+                      f"{type(model).__name__} (none matched, all skipped, or already noisy)", stacklevel=2)
+    out.model = _swap(model, replace) if replace else model
+    if verbose:
+        print(out)
+    return out if report else out.model
 
 
 def strip(model: nn.Module) -> nn.Module:
-    """Undo ``convert`` in place: PNI layers become plain ``nn.Conv2d``/``nn.Linear`` holding the same
-    weight/bias Parameters (alphas are dropped) and ``NoiseInjection`` becomes ``nn.Identity``.
+    """Undo ``convert`` in place: ``NoisyConv2d``/``NoisyLinear`` become plain ``nn.Conv2d``/``nn.Linear``
+    holding the same weight/bias Parameters, layers converted in place get their class back, alphas
+    are dropped and ``NoiseInjection`` becomes ``nn.Identity``. A parametrization added to a PNI layer
+    after ``convert`` stays on the plain layer.
 
     Returns ``model`` (or the plain layer when ``model`` itself is a PNI layer). Warns when
     ``model`` has no PNI module.
@@ -209,10 +306,21 @@ def strip(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     replace: dict[int, nn.Module] = {}
+    in_place: dict[int, nn.Module] = {}
     for m in model.modules():
-        if isinstance(m, (NoisyConv2d, NoisyLinear, NoiseInjection)) and id(m) not in replace:
+        if id(m) in replace or id(m) in in_place:
+            continue
+        if is_wrapped(m) or (isinstance(m, _PNIMixin) and type(m) not in (NoisyConv2d, NoisyLinear)):
+            in_place[id(m)] = m  # converted in place, or a parametrized NoisyConv2d/NoisyLinear
+        elif isinstance(m, (NoisyConv2d, NoisyLinear, NoiseInjection)):
             replace[id(m)] = plain_from(m)
-    if not replace:
+    for m in in_place.values():
+        if is_wrapped(m):
+            unwrap_layer(m)
+        else:
+            pni_base = NoisyConv2d if isinstance(m, NoisyConv2d) else NoisyLinear
+            unwrap_layer(m, pni_base, nn.Conv2d if pni_base is NoisyConv2d else nn.Linear)
+    if not replace and not in_place:
         warnings.warn(f"strip: {type(model).__name__} contains no PNI module; nothing to strip", stacklevel=2)
         return model
-    return _swap(model, replace)
+    return _swap(model, replace) if replace else model

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from pni_fast.control import no_noise
-from pni_fast.convert import convert, strip
+from pni_fast.convert import convert, noisy_from, strip
 from pni_fast.modules import NoiseInjection, NoisyConv2d, NoisyLinear, alpha_parameters
 from pni_fast.optim import param_groups
 
@@ -131,22 +131,23 @@ def test_hooks_attributes_and_subclasses_survive():
     model = nn.Sequential(nn.Linear(3, 3), nn.MultiheadAttention(4, 2))
     handle = model[0].register_forward_hook(lambda m, i, o: calls.append(type(m).__name__))
     out_proj = model[1].out_proj
-    convert(model)
+    with pytest.warns(UserWarning, match=r"left without noise: 1 \(MultiheadAttention\).*1.out_proj"):
+        convert(model)
     model[0](torch.randn(1, 3))
     assert calls == ["NoisyLinear"]
     handle.remove()  # the user's handle still works on the swapped layer
     model[0](torch.randn(1, 3))
     assert calls == ["NoisyLinear"]
-    assert model[1].out_proj is out_proj, "Linear subclasses with their own use are left alone by default"
+    assert model[1].out_proj is out_proj and type(out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
 
     class MyLinear(nn.Linear):
         pass
 
     model = nn.Sequential(MyLinear(2, 2))
-    with pytest.warns(UserWarning, match="no layer"):
-        convert(model)
-    convert(model, layers=(MyLinear,))
-    assert isinstance(model[0], NoisyLinear)
+    convert(model)  # subclasses are converted in place and keep their class
+    assert isinstance(model[0], MyLinear) and model[0].alpha_w.shape == (1,)
+    with pytest.raises(TypeError, match="exactly nn.Conv2d or nn.Linear, got the subclass MyLinear"):
+        noisy_from(MyLinear(2, 2))
 
 
 def test_convert_keeps_device_dtype_and_is_idempotent():
@@ -173,18 +174,16 @@ def test_convert_bad_input_and_warnings():
         convert(nn.Linear(2, 2), noise="act")
     with pytest.raises(ValueError, match="alpha_init must be a finite number >= 0"):
         convert(nn.Linear(2, 2), alpha_init=-1)
-    with pytest.raises(TypeError, match="layers may contain only nn.Conv2d, nn.Linear"):
-        convert(nn.Linear(2, 2), layers=(nn.Conv1d,))
+    with pytest.raises(TypeError, match="layers may contain only nn.Linear, nn.Conv1d/2d/3d"):
+        convert(nn.Linear(2, 2), layers=(nn.BatchNorm2d,))
     with pytest.raises(TypeError, match="skip must be"):
         convert(nn.Linear(2, 2), skip=[3])
-    with pytest.warns(UserWarning, match="no layer of type Conv2d, Linear was converted"):
+    with pytest.warns(UserWarning, match=r"no layer of type Linear, Conv\*d, ConvTranspose\*d was converted"):
         convert(nn.Sequential(nn.ReLU()))
     with pytest.warns(UserWarning, match="nothing to strip"):
         strip(nn.Sequential(nn.ReLU()))
-    model = nn.Sequential(nn.Linear(2, 2))
-    torch.nn.utils.parametrizations.weight_norm(model[0])
-    with pytest.warns(UserWarning, match="parametrized"):
-        convert(model)
+    with pytest.warns(UserWarning, match="no layer of type Linear was converted"):
+        convert(nn.Sequential(nn.Conv2d(1, 1, 1)), layers=nn.Linear)
 
 
 def test_strip_noise_injection_and_deepcopy_of_converted():
