@@ -19,10 +19,10 @@ triton = pytest.importorskip("triton", reason="triton is not installed")
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA device and TRITON_INTERPRET is not 1", allow_module_level=True)
 
-import philox_oracle as oracle  # noqa: E402  (tests/ is on sys.path via conftest)
-
 import pni_fast.triton as pt  # noqa: E402  (registers torch.ops.pni_fast.*_triton)
 from pni_fast.reference import reference_noisy_weight  # noqa: E402
+
+import philox_oracle as oracle  # noqa: E402  (tests/ is on sys.path via conftest)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not pt.INTERPRETED:

@@ -7,7 +7,8 @@ conditions go to ``torch._check`` (a runtime assertion) instead.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 

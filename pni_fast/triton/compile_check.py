@@ -62,7 +62,8 @@ def _configs():
         n = sizes[aligned]["n"]
         o, st = _tensor("fp32", n, aligned), _tensor("i64", 2, True)
         out.append((f"noise seed={seed} aligned={aligned} state={has_state}", K._noise_kernel,
-                    (o, st if has_state else o, n, seed, offset), dict(BLOCK=_BLOCK, HAS_STATE=has_state, PRECISE=True)))
+                    (o, st if has_state else o, n, seed, offset),
+                    dict(BLOCK=_BLOCK, HAS_STATE=has_state, PRECISE=True)))
     for dt, adt in (("fp32", "fp32"), ("fp16", "fp32"), ("bf16", "bf16"), ("fp64", "fp64")):
         f64, acc = dt == "fp64", "fp64" if dt == "fp64" else "fp32"
         for aligned in (True, False) if dt != "bf16" else (True,):  # bf16 is laid out like fp16
