@@ -277,6 +277,10 @@ def convert(
         if action in ("replace", "wrap"):
             out.converted.append((name, type(m).__name__ if action == "replace" else m._pni_base_class.__name__,
                                   detail))
+            if isinstance(parents.get(id(m)), nn.TransformerEncoderLayer) and torch.backends.mha.get_fastpath_enabled():
+                warned.append(f"{name} is converted, but nn.TransformerEncoderLayer's inference fast path (eval "
+                              "mode without autograd) reads its weights directly and skips the noise; call "
+                              "torch.backends.mha.set_fastpath_enabled(False)")
         else:
             out.skipped.append((name, type(m).__name__, detail))
             if action == "warn":

@@ -233,6 +233,7 @@ class _PNIMixin:
         pending = self.__dict__.get("_pni_pending_weight")
         if pending is not None:  # drawn for the whole model by batch_weight_noise(); used once
             self.__dict__["_pni_pending_weight"] = None
+            _refuse_frozen_capture()
             return pending
         if self.noise_enabled and self.alpha_w is not None:
             weight = noisy_weight_call(weight, self.alpha_w)

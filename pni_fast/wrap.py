@@ -14,8 +14,10 @@ so a forward that reads ``self.weight`` twice would see two different noises. Th
 state_dict keys (``weight``, ``bias`` plus ``alpha_w``/``alpha_i``), draws once per forward, and the
 original forward runs unchanged: the layer's math stays its own. The swap is a property on the
 generated class that returns the noisy tensor while the forward runs and the stored weight
-otherwise (the parametrized weight for a parametrized layer); ``torch.fx``, ``torch.export`` and
-``torch.compile`` see ordinary attribute reads.
+otherwise (the parametrized weight for a parametrized layer); ``torch.export`` and ``torch.compile``
+see ordinary attribute reads. ``torch.fx`` treats the generated class as it would the original: a
+torch.nn layer stays a leaf (called, with fresh noise, when the GraphModule runs) and a user's class
+is traced through, its noise a leaf call (:func:`pni_fast.modules.noisy_weight_call`).
 
 ``strip`` restores the original class (also when a parametrization was added after ``convert``).
 Removing a parametrization that existed *before* ``convert`` needs ``strip`` first.
@@ -127,7 +129,16 @@ def _wrapped_class(base: type) -> type:
     cls = _CLASSES.get(base)
     if cls is None:
         prop = _weight_property(base)
-        ns = {"_pni_base_class": base, "weight": prop, "_pni_weight_ref": (prop,), "__module__": __name__,
+
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            return WrappedPNI.forward(self, *args, **kwargs)
+
+        forward.__wrapped__ = base.forward  # inspect.signature / torch.fx see the original arguments
+        forward.__doc__ = WrappedPNI.forward.__doc__
+        # __module__ of the original class: torch.fx keeps a torch.nn layer a leaf (called at run time, as the
+        # plain layer would be) and traces through a user's class (as it would the plain one)
+        ns = {"_pni_base_class": base, "weight": prop, "_pni_weight_ref": (prop,), "__module__": base.__module__,
+              "forward": forward,
               "__doc__": f"{base.__name__} with Parametric Noise Injection (made by pni_fast.convert)."}
         cls = type(f"Noisy{base.__name__}", (WrappedPNI, base), ns)
         _CLASSES[base] = cls

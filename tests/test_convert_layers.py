@@ -242,3 +242,23 @@ def test_pruned_layer_gets_noise_on_the_pruned_weight():
     torch.testing.assert_close(out, F.conv2d(x, w, conv.bias))
     strip(conv)
     assert type(conv) is nn.Conv2d and torch.equal(conv(x), before)
+
+
+def test_transformer_encoder_fast_path_is_warned_about():
+    """nn.TransformerEncoderLayer's inference fast path reads linear1/linear2 weights directly (noise skipped):
+    convert says so; with the fast path off the converted linears draw noise."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+    with pytest.warns(UserWarning, match=r"linear1 is converted, but .*set_fastpath_enabled\(False\)"):
+        convert(layer)
+    assert isinstance(layer.linear1, NoisyLinear) and isinstance(layer.linear2, NoisyLinear)
+    layer.eval()
+    x = torch.randn(2, 3, 8)
+    with torch.no_grad():
+        assert torch.equal(layer(x), layer(x)), "the fast path really skips the noise (what the warning says)"
+        enabled = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            assert not torch.equal(layer(x), layer(x))
+        finally:
+            torch.backends.mha.set_fastpath_enabled(enabled)

@@ -73,7 +73,8 @@ def test_fx_symbolic_trace_calls_the_noise_at_run_time():
     model = _model()
     gm = torch.fx.symbolic_trace(model)
     calls = [n.target.__name__ for n in gm.graph.nodes if n.op == "call_function" and callable(n.target)]
-    assert calls.count("noisy_weight_call") == 3 and calls.count("noisy_input_call") == 4
+    assert calls.count("noisy_weight_call") == 2 and calls.count("noisy_input_call") == 3
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["1", "3", "4", "5", "6"]
     torch.manual_seed(5)
     out = gm(X)
     torch.manual_seed(5)
@@ -85,6 +86,28 @@ def test_fx_symbolic_trace_calls_the_noise_at_run_time():
         quiet = torch.fx.symbolic_trace(model)
         assert not any(n.op == "call_function" and "noisy" in str(n.target) for n in quiet.graph.nodes)
         torch.testing.assert_close(quiet(X), model(X))
+
+
+class TwiceConv1d(nn.Conv1d):
+    def forward(self, x):
+        return super().forward(x) * 2.0
+
+
+def test_fx_layers_converted_in_place_stay_leaves_or_are_traced_like_the_plain_layer():
+    """A converted torch.nn layer (ConvTranspose1d, whose forward FX cannot trace) stays a leaf module called at
+    run time, like the plain layer; a user's subclass is traced through, its noise a leaf call."""
+    torch.manual_seed(0)
+    model = convert(nn.Sequential(nn.ConvTranspose1d(2, 3, 3), TwiceConv1d(3, 2, 3)), noise="both")
+    gm = torch.fx.symbolic_trace(model)
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["0"]
+    calls = [n.target.__name__ for n in gm.graph.nodes if n.op == "call_function" and callable(n.target)]
+    assert calls.count("noisy_weight_call") == 1 and calls.count("noisy_input_call") == 1
+    x = torch.randn(2, 2, 6)
+    torch.manual_seed(4)
+    out = gm(x)
+    torch.manual_seed(4)
+    torch.testing.assert_close(out, model(x))
+    assert not torch.equal(gm(x), out)
 
 
 def test_fx_custom_tracer_like_feature_extractors():
