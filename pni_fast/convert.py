@@ -23,7 +23,7 @@ from torch.nn.utils import parametrize
 
 from .modules import (NoiseInjection, NoisyConv2d, NoisyLinear, _PNIMixin, check_alpha_init, check_noise, check_pni,
                       is_noisy_module)
-from .wrap import is_wrapped, unwrap_layer, wrap_layer
+from .wrap import is_wrapped, plain_class, unwrap_layer, wrap_layer
 
 __all__ = ["convert", "strip", "noisy_from", "plain_from", "ConvertReport", "SUPPORTED_LAYERS"]
 
@@ -318,12 +318,9 @@ def strip(model: nn.Module) -> nn.Module:
             in_place[id(m)] = m  # converted in place, or a parametrized NoisyConv2d/NoisyLinear
         elif isinstance(m, (NoisyConv2d, NoisyLinear, NoiseInjection)):
             replace[id(m)] = plain_from(m)
-    for m in in_place.values():
-        if is_wrapped(m):
-            unwrap_layer(m)
-        else:
-            pni_base = NoisyConv2d if isinstance(m, NoisyConv2d) else NoisyLinear
-            unwrap_layer(m, pni_base, nn.Conv2d if pni_base is NoisyConv2d else nn.Linear)
+    classes = {key: plain_class(m) for key, m in in_place.items()}  # every check before any change
+    for key, m in in_place.items():
+        unwrap_layer(m, classes[key])
     if not replace and not in_place:
         warnings.warn(f"strip: {type(model).__name__} contains no PNI module; nothing to strip", stacklevel=2)
         return model

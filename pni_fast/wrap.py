@@ -31,7 +31,7 @@ from torch.nn.utils import parametrize
 
 from .modules import _PNIMixin
 
-__all__ = ["WrappedPNI", "wrap_layer", "unwrap_layer", "is_wrapped"]
+__all__ = ["WrappedPNI", "wrap_layer", "unwrap_layer", "plain_class", "is_wrapped"]
 
 _OVERRIDE = "_pni_weight_now"  # instance attribute holding the noisy weight during a forward
 _NOISE_ATTRS = ("pni", "noise", "alpha_init", "noise_enabled", _OVERRIDE, "_pni_pending_weight")
@@ -83,7 +83,7 @@ class WrappedPNI(_PNIMixin):
         base = type(self)._pni_base_class
         if _CLASSES.get(base) is not type(self):
             return super().__reduce_ex__(protocol)
-        return (_rebuild, (base,), self.__dict__.copy())
+        return (_rebuild, (base,), self.__getstate__())  # a parametrized base refuses here, with its message
 
 
 def _rebuild(base: type) -> nn.Module:
@@ -116,11 +116,13 @@ def _weight_property(base: type) -> property:
         else:  # a plain tensor attribute (torch.nn.utils.prune sets one before each forward)
             self.__dict__["weight"] = value
 
-    def fdel(self):
+    def fdel(self):  # reached when nn.Module.__delattr__ found no parameter "weight" (prune.remove)
         if inherited is not None and hasattr(inherited, "__delete__"):
             inherited.__delete__(self)
+        elif "weight" in self.__dict__:
+            del self.__dict__["weight"]
         else:
-            nn.Module.__delattr__(self, "weight")
+            raise AttributeError(f"{type(self).__name__} has no attribute 'weight'")
 
     return property(fget, fset, fdel, doc="The layer's weight (noisy while its forward runs).")
 
@@ -174,18 +176,27 @@ def _plain_class(module: nn.Module, pni_base: type, plain_base: type) -> type:
                     "parametrization); call pni_fast.strip before subclassing or re-classing the layer")
 
 
-def unwrap_layer(module: nn.Module, pni_base: type | None = None, plain_base: type | None = None) -> nn.Module:
-    """Undo :func:`wrap_layer` (or turn a parametrized ``NoisyConv2d``/``NoisyLinear`` into a parametrized
-    ``nn.Conv2d``/``nn.Linear``) in place: same object, same Parameters, alphas and flags removed."""
-    if pni_base is None:
+def plain_class(module: nn.Module) -> type:
+    """The class ``module`` gets back from :func:`unwrap_layer` (TypeError when it cannot be restored)."""
+    if is_wrapped(module):
         pni_base = next(c for c in type(module).__mro__ if c.__dict__.get("_pni_base_class") is not None
                         and _CLASSES.get(c.__dict__["_pni_base_class"]) is c)
-        plain_base = pni_base._pni_base_class
-    new_cls = _plain_class(module, pni_base, plain_base)
+        return _plain_class(module, pni_base, pni_base._pni_base_class)
+    from .modules import NoisyConv2d, NoisyLinear
+
+    for pni_base, plain_base in ((NoisyConv2d, nn.Conv2d), (NoisyLinear, nn.Linear)):
+        if isinstance(module, pni_base):
+            return _plain_class(module, pni_base, plain_base)
+    raise TypeError(f"not a PNI layer: {type(module).__name__}")
+
+
+def unwrap_layer(module: nn.Module, new_cls: type | None = None) -> nn.Module:
+    """Undo :func:`wrap_layer` (or turn a parametrized ``NoisyConv2d``/``NoisyLinear`` into a parametrized
+    ``nn.Conv2d``/``nn.Linear``) in place: same object, same Parameters, alphas and flags removed."""
+    new_cls = plain_class(module) if new_cls is None else new_cls
     for name in ("alpha_w", "alpha_i"):
         module._parameters.pop(name, None)
     for name in _NOISE_ATTRS:
         module.__dict__.pop(name, None)
     module.__class__ = new_cls
     return module
-

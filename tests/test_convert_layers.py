@@ -242,6 +242,23 @@ def test_pruned_layer_gets_noise_on_the_pruned_weight():
     torch.testing.assert_close(out, F.conv2d(x, w, conv.bias))
     strip(conv)
     assert type(conv) is nn.Conv2d and torch.equal(conv(x), before)
+    convert(conv)
+    prune.remove(conv, "weight")  # makes the pruned weight permanent: a Parameter again, still noisy
+    assert isinstance(conv._parameters["weight"], nn.Parameter) and type(conv).__name__ == "NoisyConv2d"
+    with no_noise(conv):
+        assert torch.equal(conv(x), before)
+    assert not torch.equal(conv(x), before)
+
+
+def test_strip_refuses_a_layer_it_cannot_restore_before_changing_anything():
+    class Custom(NoisyLinear):
+        pass
+
+    model = convert(nn.Sequential(nn.Conv1d(2, 2, 1), nn.Linear(2, 2)))
+    model.append(Custom(2, 2))
+    with pytest.raises(TypeError, match="cannot restore Custom"):
+        strip(model)
+    assert type(model[0]).__name__ == "NoisyConv1d" and isinstance(model[1], NoisyLinear), "nothing stripped"
 
 
 def test_transformer_encoder_fast_path_is_warned_about():
