@@ -9,10 +9,10 @@
 # the later stages still run. Fixed limits sum to 450 s; the last stage only gets what is left
 # of that budget, so the whole run stays under ~7.5 minutes.
 #
-#   env         12  device, driver, torch/CUDA/Triton versions                  -> env.txt
+#   env         20  device, driver, torch/CUDA/Triton versions                  -> env.txt
 #   build      140  FORCE_CUDA=1 pip install --no-build-isolation --no-deps -e . -> build.log
 #                   then checks that the compiled library loads with its CUDA kernels
-#   tests      148  tests/test_cuda.py + tests/test_triton.py on the GPU (pytest-xdist, 6 workers)
+#   tests      140  tests/test_cuda.py + tests/test_triton.py on the GPU (pytest-xdist, 6 workers)
 #                                                                                -> tests.log
 #   bench       90  benchmarks/run_all.py: training step (batch 128, limit 28 s),
 #                   op sweep at 8M elements without torch.compile (limit 55 s)  -> bench.log, bench.tar.gz
@@ -169,9 +169,10 @@ stage_tests() {
     PNI_FAST_NO_JIT=1 "$PYTHON" -m pytest tests/test_cuda.py $(pytest_opts)
     return
   fi
+  # the sm_90 ahead-of-time compile check needs no GPU and takes long: CI runs it
   # shellcheck disable=SC2046
   PNI_FAST_NO_JIT=1 "$PYTHON" -m pytest tests/test_cuda.py tests/test_triton.py $(pytest_opts) $(xdist_opts 6) \
-    --durations=20
+    --deselect tests/test_triton.py::test_kernels_compile_for_sm90_without_approx_math --durations=20
 }
 
 stage_bench() {
@@ -250,7 +251,7 @@ T_START=$SECONDS
 FAILED=()
 SUMMARY="$OUT/summary.txt"
 {
-  echo "# pni_fast scripts/gpu_check.sh $([ "$CPU_ONLY" = 1 ] && echo --cpu-only) ($(date -u +%Y-%m-%dT%H:%M:%SZ))"
+  echo "# pni_fast scripts/gpu_check.sh $([ "$CPU_ONLY" = 1 ] && echo --cpu-only || echo on the GPU) ($(date -u +%Y-%m-%dT%H:%M:%SZ))"
   printf '%-10s %-8s %4s %7s %6s  %-15s %s\n' stage status rc seconds limit log note
 } >"$SUMMARY"
 
@@ -288,9 +289,9 @@ run_stage() {  # name limit log
   fi
 }
 
-run_stage env 12 env.txt
+run_stage env 20 env.txt
 run_stage build 140 build.log
-run_stage tests 148 tests.log
+run_stage tests 140 tests.log
 run_stage bench 90 bench.log
 run_stage sanitizer 60 sanitizer.log
 LEFT=$((BUDGET - (SECONDS - T_START)))
