@@ -13,12 +13,16 @@ Environment switches:
   FORCE_CUDA=1          build the CUDA kernels (csrc/cuda/*.cu) even without a visible GPU
   FORCE_ONLY_CPU=1      build the CPU kernels only
   PNI_FAST_SKIP_BUILD=1 build nothing (pure-Python install; JIT or pure PyTorch at run time)
+  PNI_FAST_EXTRA_CXXFLAGS / PNI_FAST_EXTRA_LDFLAGS
+                        extra host compiler / linker flags, appended (e.g. the sanitizer build of
+                        scripts/sanitize.sh; never needed for a normal install)
 By default the CUDA kernels are built when torch sees a GPU and nvcc (CUDA_HOME) exists.
 """
 from __future__ import annotations
 
 import glob
 import os
+import shlex
 import shutil
 import sys
 
@@ -43,6 +47,11 @@ def cxx_flags() -> list[str]:
         return ["/O2", "/fp:precise", "/openmp"]
     flags = ["-O3", "-ffp-contract=off", "-fno-math-errno"]
     return flags + openmp_flags()
+
+
+def extra_flags(name: str) -> list[str]:
+    """Flags from the environment variable `name` (PNI_FAST_EXTRA_CXXFLAGS / _LDFLAGS), shell-split."""
+    return shlex.split(os.environ.get(name, ""))
 
 
 def openmp_flags() -> list[str]:
@@ -96,8 +105,8 @@ def _ext_modules_and_cmdclass():
             name="pni_fast._C",
             sources=sources + cuda_sources,
             include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx_flags(), "nvcc": nvcc_flags()},
-            extra_link_args=openmp_flags(),
+            extra_compile_args={"cxx": cxx_flags() + extra_flags("PNI_FAST_EXTRA_CXXFLAGS"), "nvcc": nvcc_flags()},
+            extra_link_args=openmp_flags() + extra_flags("PNI_FAST_EXTRA_LDFLAGS"),
             define_macros=[("PNI_FAST_WITH_CUDA", "1")],
         )
     else:
@@ -105,8 +114,8 @@ def _ext_modules_and_cmdclass():
             name="pni_fast._C",
             sources=sources,
             include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx_flags()},
-            extra_link_args=openmp_flags(),
+            extra_compile_args={"cxx": cxx_flags() + extra_flags("PNI_FAST_EXTRA_CXXFLAGS")},
+            extra_link_args=openmp_flags() + extra_flags("PNI_FAST_EXTRA_LDFLAGS"),
         )
     print(f"pni_fast: building pni_fast._C ({'CPU + CUDA' if want_cuda else 'CPU'}) against torch "
           f"{torch.__version__}", file=sys.stderr)
