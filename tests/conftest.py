@@ -1,4 +1,4 @@
-"""Shared test setup: the Triton interpreter on CPU-only machines, markers, dtype lists."""
+"""Shared test setup: the Triton interpreter on CPU-only machines, dtype lists (markers: pyproject.toml)."""
 import os
 import sys
 
@@ -23,7 +23,3 @@ TOLERANCE = {"float32": 1e-5, "float64": 1e-5, "float16": 2e-3, "bfloat16": 2e-2
 
 requires_cuda = pytest.mark.skipif(not _HAS_CUDA, reason="no CUDA device on this machine")
 
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped with a reason when none is present)")
-    config.addinivalue_line("markers", "slow: takes more than a few seconds")
