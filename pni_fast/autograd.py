@@ -316,13 +316,15 @@ def _multi_grad_backward(ctx, ggs):
     return (list(d_grads), [None] * n, [None] * n, None, None, None, None)[: ctx.n_in]
 
 
-def register_op_autograd(be: Backend) -> None:
-    """Attach autograd to backend ``be``'s ops (a C++ op that brings its own Autograd kernel keeps it)."""
-    cpp = be.name in ("cpu", "cuda")
+_autograd_ops: set[str] = set()
 
+
+def register_op_autograd(be: Backend) -> None:
+    """Attach autograd to backend ``be``'s ops (each op once)."""
     def reg(op: Optional[str], setup, backward) -> None:
-        if op is None or (cpp and torch._C._dispatch_has_kernel_for_dispatch_key(f"pni_fast::{op}", "Autograd")):
+        if op is None or op in _autograd_ops:  # the C++ ops are shared by the cpu and cuda backends
             return
+        _autograd_ops.add(op)
         torch.library.register_autograd(f"pni_fast::{op}", backward, setup_context=setup)
 
     reg(be.perturb, _single_setup(be.name), _perturb_backward)

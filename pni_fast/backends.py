@@ -1,10 +1,13 @@
-"""Which kernel runs a PNI op: automatic choice, user override, and an honest status report.
+"""Which kernel runs a PNI op: a registry of backends, automatic choice, user override, honest status.
 
-Backends: ``"cpu"`` (C++ CPU kernel), ``"cuda"`` (C++ CUDA kernel), ``"triton"`` and
-``"torch"`` (pure PyTorch, the fallback that works everywhere). The automatic choice is
-the fastest one available for the tensor's device; ``backend=`` or the environment
-variable ``PNI_FAST_BACKEND`` overrides it, and an override that cannot run on that
-device is an error rather than a silent substitution.
+Every implementation of the op contract (docs/ops.md) is one :class:`Backend` entry in
+:data:`REGISTRY`: its op names, the devices it serves, its priority for the automatic choice,
+and a check that says why it cannot run. Dispatch, :func:`available_backends`, :func:`info`,
+the functional layer and the tests all derive from it, so adding a backend is one
+:func:`register_backend` call (plus its kernels). ``backend=`` or the environment variable
+``PNI_FAST_BACKEND`` overrides the automatic choice; an override that cannot run on that
+device is an error rather than a silent substitution. The ``"torch"`` backend (pure PyTorch)
+runs everywhere and is the fallback, announced once per device type.
 """
 from __future__ import annotations
 
@@ -12,111 +15,166 @@ import importlib.util
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from . import _ext
 
-__all__ = ["BACKENDS", "ENV_VAR", "Backend", "REGISTRY", "available_backends", "resolve_backend", "info"]
+__all__ = [
+    "BACKENDS",
+    "ENV_VAR",
+    "Backend",
+    "REGISTRY",
+    "register_backend",
+    "available_backends",
+    "resolve_backend",
+    "info",
+]
+
+ENV_VAR = "PNI_FAST_BACKEND"
 
 
 @dataclass(frozen=True)
 class Backend:
-    """One implementation of the op contract (docs/ops.md): the names of its ``torch.ops.pni_fast`` ops.
+    """One implementation of the op contract.
 
-    ``perturb_multi`` / ``alpha_grad_multi`` are None where the backend has no list op (the functional
-    layer then loops over the single op).
+    Attributes:
+        name: what users pass as ``backend=``.
+        device_types: device types whose tensors it takes.
+        priority: higher wins the automatic choice; 0 = never chosen automatically (only on request
+            or as the fallback).
+        unavailable: ``device_type -> None`` when it can run there, else the reason it cannot.
+        noise, perturb, alpha_grad: names of its ``torch.ops.pni_fast`` ops.
+        perturb_multi, alpha_grad_multi: its list ops, or None (the functional layer then loops).
+        module: a module whose import registers the ops (None: registered at import of pni_fast or by
+            the compiled library).
+        cpp: the ops are schemas of the compiled library (fake kernels come from Python).
     """
 
     name: str
+    device_types: tuple[str, ...]
+    priority: int
+    unavailable: Callable[[str], Optional[str]]
     noise: str
     perturb: str
     alpha_grad: str
     perturb_multi: Optional[str] = None
     alpha_grad_multi: Optional[str] = None
+    module: Optional[str] = None
+    cpp: bool = False
+
+    def why_unavailable(self, device_type: str) -> Optional[str]:
+        """None when this backend can run on ``device_type`` tensors, else the reason it cannot."""
+        if device_type not in self.device_types:
+            return f"backend {self.name!r} runs on {'/'.join(self.device_types)} tensors, got a {device_type} tensor"
+        return self.unavailable(device_type)
 
 
-_CPP = dict(noise="noise", perturb="perturb", alpha_grad="perturb_alpha_grad", perturb_multi="perturb_multi",
-            alpha_grad_multi="perturb_alpha_grad_multi")
-REGISTRY: dict[str, Backend] = {
-    "cpu": Backend("cpu", **_CPP),
-    "cuda": Backend("cuda", **_CPP),
-    "triton": Backend(
+REGISTRY: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> Backend:
+    """Add (or replace) a backend; dispatch and ``info()`` pick it up from here."""
+    REGISTRY[backend.name] = backend
+    return backend
+
+
+# ---------------------------------------------------------------------------
+# The built-in backends
+# ---------------------------------------------------------------------------
+
+
+def _cpp_unavailable(device_type: str) -> Optional[str]:
+    if not _ext.load():
+        return f"the C++ extension is not loaded ({_ext.status_message()})"
+    if device_type == "cuda" and not _ext.has_cuda():
+        return "the C++ extension was built without CUDA kernels"
+    return None
+
+
+def _triton_unavailable(device_type: str) -> Optional[str]:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if device_type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return "triton runs on CPU tensors only under TRITON_INTERPRET=1"
+    return None
+
+
+_CPP_OPS = dict(
+    noise="noise",
+    perturb="perturb",
+    alpha_grad="perturb_alpha_grad",
+    perturb_multi="perturb_multi",
+    alpha_grad_multi="perturb_alpha_grad_multi",
+    cpp=True,
+)
+register_backend(Backend("cpu", ("cpu",), 30, _cpp_unavailable, **_CPP_OPS))
+register_backend(Backend("cuda", ("cuda",), 30, _cpp_unavailable, **_CPP_OPS))
+register_backend(
+    Backend(
         "triton",
+        ("cuda", "cpu"),
+        # automatic on CUDA when the CUDA kernels are missing; on CPU (interpreter) only on request
+        20,
+        _triton_unavailable,
         noise="noise_triton",
         perturb="perturb_triton",
         alpha_grad="perturb_alpha_grad_triton",
         perturb_multi="perturb_multi_triton",
         alpha_grad_multi="perturb_alpha_grad_multi_triton",
-    ),
-    "torch": Backend("torch", noise="noise_torch", perturb="perturb_torch", alpha_grad="perturb_alpha_grad_torch"),
-}
+        module="pni_fast.triton",
+    )
+)
+register_backend(
+    Backend(
+        "torch",
+        ("cpu", "cuda", "mps", "xpu", "meta"),
+        0,
+        lambda device_type: None,
+        noise="noise_torch",
+        perturb="perturb_torch",
+        alpha_grad="perturb_alpha_grad_torch",
+        module="pni_fast.ops_torch",
+    )
+)
+FALLBACK = "torch"
 BACKENDS = tuple(REGISTRY)
-ENV_VAR = "PNI_FAST_BACKEND"
+
+
+def _automatic(device_type: str) -> list[Backend]:
+    """Backends the automatic choice may take for ``device_type``, best first (the interpreter never)."""
+    cands = [b for b in REGISTRY.values() if b.priority > 0 and device_type in b.device_types]
+    if device_type == "cpu":
+        cands = [b for b in cands if b.name != "triton"]  # the interpreter is a test tool, not a fast path
+    return sorted(cands, key=lambda b: -b.priority)
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Backends that can run on tensors of ``device``, best first."""
+    device_type = torch.device(device).type
+    order = sorted(REGISTRY.values(), key=lambda b: -b.priority)
+    return [b.name for b in order if b.why_unavailable(device_type) is None]
+
 
 _warned_fallback: set[str] = set()
 
 
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def _triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _why_unavailable(name: str, device_type: str) -> Optional[str]:
-    """None when backend ``name`` can run on ``device_type`` tensors, else the reason it cannot."""
-    if name == "torch":
-        return None
-    if name == "cpu":
-        if device_type != "cpu":
-            return f"backend 'cpu' runs on CPU tensors, got a {device_type} tensor"
-        if not _ext.load():
-            return f"the C++ extension is not loaded ({_ext.status_message()})"
-        return None
-    if name == "cuda":
-        if device_type != "cuda":
-            return f"backend 'cuda' runs on CUDA tensors, got a {device_type} tensor"
-        if not _ext.load():
-            return f"the C++ extension is not loaded ({_ext.status_message()})"
-        if not _ext.has_cuda():
-            return "the C++ extension was built without CUDA kernels"
-        return None
-    if name == "triton":
-        if not _triton_installed():
-            return "triton is not installed"
-        if device_type == "cpu" and not _triton_interpreting():
-            return "triton runs on CPU tensors only under TRITON_INTERPRET=1"
-        if device_type not in ("cpu", "cuda"):
-            return f"triton does not run on {device_type} tensors"
-        return None
-    raise AssertionError(name)
-
-
-def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """Backends that can run on tensors of ``device``, fastest first."""
-    device_type = torch.device(device).type
-    order = ("cuda", "triton", "torch") if device_type == "cuda" else ("cpu", "triton", "torch")
-    return [b for b in order if _why_unavailable(b, device_type) is None]
-
-
 def _auto(device_type: str, warn: bool = True) -> str:
-    preferred = ("cuda", "triton") if device_type == "cuda" else ("cpu",)
-    for name in preferred:
-        if _why_unavailable(name, device_type) is None:
-            return name
+    preferred = _automatic(device_type)
+    for b in preferred:
+        if b.why_unavailable(device_type) is None:
+            return b.name
     if warn and device_type not in _warned_fallback:
         _warned_fallback.add(device_type)
-        reasons = "; ".join(f"{n}: {_why_unavailable(n, device_type)}" for n in preferred)
+        reasons = "; ".join(f"{b.name}: {b.why_unavailable(device_type)}" for b in preferred) or "none registered"
         warnings.warn(
             f"pni_fast: no fused kernel for {device_type} tensors ({reasons}); "
             "using the pure-PyTorch backend (same noise, slower)",
             RuntimeWarning,
             stacklevel=3,
         )
-    return "torch"
+    return FALLBACK
 
 
 def resolve_backend(name: Optional[str], device: torch.device | str) -> str:
@@ -131,9 +189,9 @@ def resolve_backend(name: Optional[str], device: torch.device | str) -> str:
     device_type = torch.device(device).type
     if name is None or name == "auto":
         return _auto(device_type)
-    if not isinstance(name, str) or name not in BACKENDS:
-        raise ValueError(f"{source} must be one of {', '.join(map(repr, BACKENDS))} or None, got {name!r}")
-    reason = _why_unavailable(name, device_type)
+    if not isinstance(name, str) or name not in REGISTRY:
+        raise ValueError(f"{source} must be one of {', '.join(map(repr, REGISTRY))} or None, got {name!r}")
+    reason = REGISTRY[name].why_unavailable(device_type)
     if reason is not None:
         raise RuntimeError(f"{source}={name!r} cannot run here: {reason}")
     return name
@@ -147,11 +205,11 @@ def info() -> str:
     ]
     device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dt in device_types:
-        for name in BACKENDS:
-            reason = _why_unavailable(name, dt)
-            if name in ("cpu", "cuda") and name != dt:
+        for b in REGISTRY.values():
+            if dt not in b.device_types or (b.cpp and b.name != dt):
                 continue
-            lines.append(f"  {dt:4s} {name:6s} {'available' if reason is None else 'unavailable: ' + reason}")
+            reason = b.why_unavailable(dt)
+            lines.append(f"  {dt:4s} {b.name:6s} {'available' if reason is None else 'unavailable: ' + reason}")
         lines.append(f"  {dt:4s} automatic choice -> {_auto(dt, warn=False)}")
     if os.environ.get(ENV_VAR):
         lines.append(f"  {ENV_VAR}={os.environ[ENV_VAR]}")

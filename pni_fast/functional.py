@@ -15,6 +15,7 @@ its own random stream, so compiled noise is fresh per call but not bit-equal to 
 """
 from __future__ import annotations
 
+import importlib
 import math
 import operator
 from typing import Optional, Sequence, Union
@@ -79,16 +80,17 @@ def _register_cpp_fakes() -> None:
 
 
 def _ensure_registered(backend: str) -> None:
-    """Attach fake kernels (C++ ops) and autograd to a backend's ops, once."""
-    group = "cpp" if backend in ("cpu", "cuda") else backend
-    if group in _registered:
+    """Import a backend's op module, attach fake kernels (C++ ops) and autograd, once per backend."""
+    if backend in _registered:
         return
-    if group == "cpp":
+    be = REGISTRY[backend]
+    if be.module is not None:
+        importlib.import_module(be.module)
+    if be.cpp and "cpp" not in _registered:
         _register_cpp_fakes()
-    elif group == "triton":
-        from . import triton as _triton_ops  # noqa: F401  (registers the triton_ops)
-    register_op_autograd(REGISTRY[backend])
-    _registered.add(group)
+        _registered.add("cpp")
+    register_op_autograd(be)
+    _registered.add(backend)
 
 
 _ensure_registered("torch")
