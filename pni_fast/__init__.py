@@ -11,7 +11,7 @@ from .rng import default_rng_state, draw_seed, make_rng_state
 from .modules import NoiseInjection, NoisyConv2d, NoisyLinear
 from .batching import batch_weight_noise
 from .control import no_noise, noise_enabled, set_noise
-from .convert import convert, strip
+from .convert import ConvertReport, convert, strip
 from .optim import param_groups
 from . import models
 from . import attacks, data, evaluate, train
@@ -38,6 +38,7 @@ __all__ = [
     "NoiseInjection",
     "batch_weight_noise",
     "convert",
+    "ConvertReport",
     "strip",
     "set_noise",
     "noise_enabled",

@@ -11,7 +11,7 @@ from typing import Any
 import torch.nn as nn
 
 from . import functional as _fn
-from .modules import NoisyConv2d, NoisyLinear
+from .modules import NoisyConv2d, NoisyLinear, _refuse_frozen_capture
 
 __all__ = ["batch_weight_noise"]
 
@@ -31,6 +31,7 @@ class _WeightNoiseBatch:
         layers = [m for m in self.layers if m.noise_enabled and m.alpha_w is not None]
         if not layers:
             return
+        _refuse_frozen_capture()
         noisy = _fn.noisy_weights([m.weight for m in layers], [m.alpha_w for m in layers])
         for m, w in zip(layers, noisy):
             m.__dict__["_pni_pending_weight"] = w

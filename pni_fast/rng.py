@@ -118,6 +118,10 @@ def rng_args(seed, offset, device: torch.device, quads: int) -> RngArgs:
     offset = _as_int("offset", offset)
     if offset + quads >= SEED_LIMIT:
         raise ValueError(f"offset + ceil(numel / 4) must be < 2**63, got offset={offset} with {quads} counters")
+    if seed is None and torch.compiler.is_exporting():
+        # an exported program must draw on every call: a state made by a tensor op inside the graph
+        drawn = torch.randint(0, SEED_LIMIT - 1, (1,), dtype=torch.int64, device=device)
+        seed = torch.cat([drawn, torch.zeros(1, dtype=torch.int64, device=device)])
     if seed is None and device.type == "cuda" and not torch.compiler.is_compiling():
         if torch.cuda.is_current_stream_capturing():
             seed = default_rng_state(device)

@@ -168,3 +168,27 @@ def test_onnx_export_refuses_noise_clearly(dynamo, tmp_path):
         torch.onnx.export(model, (X,), str(tmp_path / "m.onnx"), dynamo=dynamo)
     with no_noise(model):
         torch.onnx.export(model, (X,), str(tmp_path / "m.onnx"), dynamo=dynamo)
+
+
+def test_public_functions_and_batched_models_export_with_fresh_noise():
+    """seed=None under torch.export draws inside the program (also for noisy_weights / batch_weight_noise)."""
+
+    class F(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(6, 4))
+            self.a = torch.nn.Parameter(torch.tensor([0.3]))
+
+        def forward(self, x):
+            return x @ pni_fast.noisy_weights([self.w], [self.a])[0].t()
+
+    x = torch.randn(2, 4)
+    import pni_fast
+
+    for model in (F(), pni_fast.models.resnet20(pni="layerwise")):
+        if not isinstance(model, F):
+            pni_fast.batch_weight_noise(model)
+            x = torch.rand(1, 3, 32, 32)
+        ep = torch.export.export(model.eval(), (x,))
+        a, b = ep.module()(x), ep.module()(x)
+        assert a.shape == b.shape and not torch.equal(a, b)
