@@ -24,8 +24,9 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Optional
 
 os.environ.setdefault("KINETO_LOG_LEVEL", "99")  # silence the memory profiler's start/stop lines
 # compile in-process: inductor's pool of compile workers would otherwise start in the background and
@@ -95,8 +96,9 @@ def _to_fresh_weight(model: nn.Module) -> nn.Module:
     return model
 
 
-def _to_reference(model: nn.Module) -> nn.Module:
-    """Swap every nn.Conv2d / nn.Linear for the reference PNI layer holding the same parameters."""
+def _to_reference(model: nn.Module, pni: str = "layerwise") -> nn.Module:
+    """Swap every nn.Conv2d / nn.Linear for the reference PNI layer (alpha mode ``pni``) holding the same
+    parameters."""
     from pni_fast.reference import ReferenceNoisyConv2d, ReferenceNoisyLinear
 
     for parent in list(model.modules()):
@@ -106,12 +108,12 @@ def _to_reference(model: nn.Module) -> nn.Module:
                     child.in_channels, child.out_channels, child.kernel_size, stride=child.stride,
                     padding=child.padding, dilation=child.dilation, groups=child.groups,
                     bias=child.bias is not None, padding_mode=child.padding_mode,
-                    device=child.weight.device, dtype=child.weight.dtype,
+                    device=child.weight.device, dtype=child.weight.dtype, pni=pni,
                 )
             elif type(child) is nn.Linear:
                 new = ReferenceNoisyLinear(
                     child.in_features, child.out_features, bias=child.bias is not None,
-                    device=child.weight.device, dtype=child.weight.dtype,
+                    device=child.weight.device, dtype=child.weight.dtype, pni=pni,
                 )
             else:
                 continue

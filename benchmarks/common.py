@@ -22,8 +22,9 @@ import os
 import platform
 import re
 import subprocess
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
@@ -297,7 +298,10 @@ def base_parser(description: str, quick_help: str) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help=quick_help)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU; recorded)")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results/<device>)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default benchmarks/results/<device>; with --quick "
+                        "benchmarks/results/quick/<device>, git-ignored, so a quick run never overwrites the committed "
+                        "results)")
     return p
 
 
@@ -308,7 +312,14 @@ def setup_run(args: argparse.Namespace) -> tuple[torch.device, Path]:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     device = parse_device(args.device)
-    return device, args.out or REPO_ROOT / "benchmarks" / "results" / device_slug(device)
+    return device, args.out or default_out(device, quick=bool(getattr(args, "quick", False)))
+
+
+def default_out(device: torch.device, *, quick: bool) -> Path:
+    """``benchmarks/results/<device>`` (the committed results the README cites), or
+    ``benchmarks/results/quick/<device>`` for ``--quick`` runs (git-ignored: see benchmarks/.gitignore)."""
+    results = REPO_ROOT / "benchmarks" / "results"
+    return (results / "quick" if quick else results) / device_slug(device)
 
 
 def parse_device(name: Optional[str]) -> torch.device:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import bench_ops, common  # noqa: E402
+from benchmarks import bench_fixed_cost, bench_model, bench_ops, common, import_time, loops, run_all  # noqa: E402
 
 OPS_KEYS = {
     "device", "device_slug", "torch", "cuda", "triton", "date_utc", "threads", "load_avg_1",
@@ -44,8 +46,13 @@ def quick_run(tmp_path_factory) -> Path:
 
 
 def test_quick_writes_every_file(quick_run: Path) -> None:
-    for name in ("ops.json", "ops.md", "train.json", "train.md", "RESULTS.md", "ops_time.png", "ops_gbs.png"):
+    for name in ("ops.json", "ops.md", "train.json", "train.md", "RESULTS.md", "ops_time.png", "ops_gbs.png",
+                 "fixed_cost.json", "fixed_cost.md", "model_step.json", "model_step.md", "import_time.json",
+                 "import_time.md"):
         assert (quick_run / name).stat().st_size > 0, name
+    results = (quick_run / "RESULTS.md").read_text()
+    for title in ("Per-call fixed cost", "Whole-model step", "Import time", "SASS per element", "Time per part"):
+        assert title in results, title
 
 
 def test_ops_json_records_are_complete(quick_run: Path) -> None:
@@ -145,3 +152,176 @@ def test_default_grid_covers_every_pass_for_layerwise_fp32() -> None:
     assert 8388608 in gpu  # the size the GPU targets are stated at
     full = bench_ops.default_cases(full=True)
     assert len(full) == (len(bench_ops.DEFAULT_SIZES) + 3) * 2 * 3 * 3
+
+
+# ---------------------------------------------------------------------------------------------
+# fixed cost, whole-model step, import time, SASS hook, part selection
+# ---------------------------------------------------------------------------------------------
+
+
+def _median_ratio(num: list[float], den: list[float]) -> float:
+    r = sorted(a / b for a, b in zip(num, den))
+    return (r[(len(r) - 1) // 2] + r[len(r) // 2]) / 2
+
+
+def test_fixed_cost_compares_side_by_side(quick_run: Path) -> None:
+    data = json.loads((quick_run / "fixed_cost.json").read_text())
+    meta, records = data["meta"], data["records"]
+    assert meta["sizes"] == list(bench_fixed_cost.QUICK_SIZES) and meta["threads"] == 1
+    comp = [r for r in records if r["kind"] == "compare"]
+    assert {(r["numel"], r["mode"]) for r in comp} == {(432, m) for m in bench_fixed_cost.MODES}
+    for r in comp:
+        assert r["status"] == "ok", r
+        assert r["shape"] == [16, 3, 3, 3]
+        # the ratio is reference / pni_fast per round, median of rounds (>= 1: pni_fast faster)
+        assert math.isclose(r["ratio"], _median_ratio(r["reference_rounds_us"], r["pni_fast_rounds_us"]))
+        assert math.isclose(r["cpu_ratio"], _median_ratio(r["reference_rounds_cpu_us"], r["pni_fast_rounds_cpu_us"]))
+        assert r["ratio_min"] <= r["ratio"] <= r["ratio_max"]
+        assert len(r["pni_fast_rounds_us"]) == len(r["reference_rounds_us"]) == meta["rounds"]
+        assert r["pni_fast_us"] > 0 and r["reference_us"] > 0
+
+
+def test_fixed_cost_breakdown_is_complete_and_consistent(quick_run: Path) -> None:
+    records = json.loads((quick_run / "fixed_cost.json").read_text())["records"]
+    rows = {(r["group"], r["piece"]): r for r in records if r["kind"] == "breakdown"}
+    assert all(r["status"] == "ok" for r in rows.values()), [r.get("reason") for r in rows.values()]
+    assert set(rows) == {(g, p) for g, p, _ in bench_fixed_cost.PIECES}
+    fwd = "pni_fast forward"
+    for stat in ("median_us", "cpu_median_us"):
+        m = {k: v[stat] for k, v in rows.items()}
+        pieces = ("argument checks", "backend resolve", "sigma", "finite check", "seed draw", "op", "autograd")
+        assert math.isclose(m[(fwd, "rest")], m[(fwd, "total")] - sum(m[(fwd, p)] for p in pieces), abs_tol=1e-6)
+        bwd = "pni_fast backward"
+        assert math.isclose(m[(bwd, "rest")], m[(bwd, "total")] - m[(bwd, "alpha_grad op")], abs_tol=1e-6)
+        ref = "reference forward"
+        assert math.isclose(m[(ref, "rest")], m[(ref, "total")] - m[(ref, "std().item()")] - m[(ref, "noise")]
+                            - m[(ref, "combine")], abs_tol=1e-6)
+    for (g, p), r in rows.items():
+        if not r.get("derived"):  # measured rows: positive times, ordered quantiles
+            assert 0 < r["min_us"] <= r["median_us"] and r["cpu_median_us"] >= 0, (g, p, r)
+    md = (quick_run / "fixed_cost.md").read_text()
+    assert ">= 1.0x means pni_fast is faster" in md and "Where the time goes" in md
+
+
+def test_model_step_lists_every_model_and_ratio(quick_run: Path) -> None:
+    data = json.loads((quick_run / "model_step.json").read_text())
+    records = data["records"]
+    assert {(r["scenario"], r["model"]) for r in records} == {
+        (s, m) for s in bench_model.QUICK_SCENARIOS for m in bench_model.MODELS}
+    for r in records:
+        assert r["status"] == "ok", r
+        plain = next(p for p in records if p["scenario"] == r["scenario"] and p["model"] == "plain")
+        ref = next(p for p in records if p["scenario"] == r["scenario"] and p["model"] == "reference")
+        assert math.isclose(r["ratio_to_plain"], _median_ratio(r["rounds_ms"], plain["rounds_ms"]))
+        assert math.isclose(r["ratio_vs_reference"], _median_ratio(ref["rounds_ms"], r["rounds_ms"]))
+        assert r["threads"] == bench_model.QUICK_SCENARIOS[r["scenario"]]["threads"]
+    assert all(r["ratio_to_plain"] == 1.0 for r in records if r["model"] == "plain")
+    assert "x plain" in (quick_run / "model_step.md").read_text()
+
+
+def test_model_variants_inject_noise() -> None:
+    x = torch.rand(2, 3, 32, 32)
+    outs = {}
+    for name in bench_model.MODELS:
+        model, handle = bench_model.build_model(name, torch.device("cpu"))
+        with torch.no_grad():
+            outs[name] = (model(x), model(x))
+        if handle is not None:
+            handle.remove()
+    for name, (a, b) in outs.items():
+        noisy = name not in ("plain", "plain-fresh-weight")
+        assert (not torch.equal(a, b)) == noisy, name  # noisy models draw fresh noise per forward
+    assert torch.allclose(outs["plain"][0], outs["plain-fresh-weight"][0], atol=1e-5)  # same weights
+
+
+def test_import_time_record(quick_run: Path) -> None:
+    records = json.loads((quick_run / "import_time.json").read_text())["records"]
+    s = next(r for r in records if r["kind"] == "summary")
+    reps = [r for r in records if r["kind"] == "repeat"]
+    assert len(reps) == 1 and s["torch_median_s"] > 0 and s["pni_fast_median_s"] > 0
+    assert s["pni_fast_file"].startswith(str(ROOT))  # the checkout, not some other install
+    assert s["imported_by_pni_fast"]["torch._dynamo"] == any(
+        r["after"]["torch._dynamo"] and not r["before"]["torch._dynamo"] for r in reps)
+    assert "`torch._dynamo` imported by `import pni_fast`" in (quick_run / "import_time.md").read_text()
+
+
+def test_parse_importtime_keeps_what_comes_after_torch() -> None:
+    text = "\n".join([
+        "import time: self [us] | cumulative | imported package",
+        "import time:       100 |        100 |   numpy",
+        "import time:      5000 |       9000 | torch",
+        "import time:       300 |        300 |     pni_fast.rng",
+        "import time:       700 |       1000 |   pni_fast.functional",
+        "import time:      2000 |       4000 | pni_fast",
+    ])
+    rows = import_time.parse_importtime(text)
+    assert [r["module"] for r in rows] == ["pni_fast", "pni_fast.functional", "pni_fast.rng"]
+    assert [r["depth"] for r in rows] == [0, 1, 2] and rows[0]["self_us"] == 2000
+
+
+def test_sass_section(tmp_path, monkeypatch) -> None:
+    from benchmarks import sass_hook
+
+    monkeypatch.setattr(sass_hook, "SCRIPT", tmp_path / "sass_report.py")
+    monkeypatch.setattr(sass_hook.common, "REPO_ROOT", tmp_path)
+    res = sass_hook.run(tmp_path / "out", log=lambda s: None)
+    assert res["status"] == "skipped" and "does not exist" in res["reason"]
+    (tmp_path / "sass_report.py").write_text(
+        "import sys\nassert sys.argv[1] == '--out'\nprint('note')\nprint('| kernel | SASS/elem |')\n"
+        "print('|---|---|')\nprint('| perturb | 12.5 |')\n")
+    res = sass_hook.run(tmp_path / "out", log=lambda s: None)
+    assert res["status"] == "ok" and "| perturb | 12.5 |" in res["markdown"] and "note" not in res["markdown"]
+    assert "| perturb | 12.5 |" in (tmp_path / "out" / "sass.md").read_text()
+    (tmp_path / "sass_report.py").write_text("import sys\nsys.exit('no cuobjdump')\n")
+    res = sass_hook.run(tmp_path / "out2", log=lambda s: None)
+    assert res["status"] == "error" and "no cuobjdump" in res["reason"]
+
+
+def test_quick_default_folder_is_separate_and_ignored() -> None:
+    cpu = torch.device("cpu")
+    quick, full = common.default_out(cpu, quick=True), common.default_out(cpu, quick=False)
+    assert quick != full and quick.parent == ROOT / "benchmarks" / "results" / "quick"
+    args = run_all._parser().parse_args(["--quick"])
+    assert common.setup_run(args)[1] == quick
+    proc = subprocess.run(["git", "check-ignore", "-q", str(quick / "fixed_cost.json")], cwd=ROOT)
+    if proc.returncode == 128:
+        pytest.skip("not a git checkout")
+    assert proc.returncode == 0, "benchmarks/results/quick/ must be git-ignored"
+
+
+def test_part_selection_and_gpu_check_options() -> None:
+    assert run_all.select_parts() == list(run_all.PARTS)
+    assert run_all.select_parts(skip_ops=True) == ["train", "model-step"]
+    assert run_all.select_parts(skip_train=True) == ["ops", "fixed-cost", "import", "sass"]
+    assert run_all.select_parts(only="import,fixed-cost") == ["fixed-cost", "import"]
+    assert run_all.select_parts(skip="sass,ops") == ["fixed-cost", "import", "train", "model-step"]
+    with pytest.raises(ValueError, match="subset"):
+        run_all.select_parts(only="opz")
+    # every run_all.py command line in scripts/gpu_check.sh parses
+    script = (ROOT / "scripts" / "gpu_check.sh").read_text()
+    calls = re.findall(r'"\$PYTHON" benchmarks/run_all\.py ([^|\n]*)', script)
+    assert len(calls) >= 3, calls
+    for call in calls:
+        argv = shlex.split(call.replace("\\", ""))
+        argv = [a if not a.startswith("$") else "/tmp/x" for a in argv]  # shell variables: OUT folders
+        args = run_all._parser().parse_args(argv)
+        run_all.select_parts(skip_ops=args.skip_ops, skip_train=args.skip_train, skip=args.skip, only=args.only)
+
+
+def test_interleaved_rotates_order_and_ratio() -> None:
+    calls: list[str] = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    wall, cpu, ns = loops.interleaved(fns, rounds=3, target_s=0.0)
+    assert all(len(v) == 3 for v in wall.values()) and all(n >= 1 for n in ns.values())
+    assert all(t >= 0 for v in cpu.values() for t in v)
+    timed = calls[-sum(ns.values()) * 3:]
+    i = 0
+    for r in range(3):
+        order = ["a", "b", "c"][r:] + ["a", "b", "c"][:r]
+        firsts_round = []
+        for name in order:
+            firsts_round.append(timed[i])
+            i += ns[name]
+        assert firsts_round == order
+    s = loops.ratio_summary([2.0, 4.0, 3.0], [1.0, 1.0, 2.0])
+    assert s == {"median": 2.0, "min": 1.5, "max": 4.0}
