@@ -33,6 +33,9 @@ import torch
 import torch.nn.functional as F
 
 import philox_oracle as oracle
+from tolerances import SIGMA_REL, UNIT, Z_TOL, Bounds, assert_within, expected_out, grad_terms
+from tolerances import alpha_index as _index
+from tolerances import flat64 as _flat64
 
 import pni_fast
 from pni_fast import _ext
@@ -47,14 +50,9 @@ ops = torch.ops.pni_fast
 SEED = 0x0DDB_A11_5EED  # > 2^32
 OFFSET = 2**32 - 100  # counters cross the 32-bit boundary of c0/c1
 
-Z_TOL = 2e-6  # design.md section 3: |z - oracle| <= 2e-6 on every backend
-# unit roundoff of each dtype: half an ulp, relative
-UNIT = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
-# absolute rounding floor near zero (subnormal spacing)
-TINY = {torch.float64: 1e-300, torch.float32: 1e-38, torch.float16: 2.0**-24, torch.bfloat16: 1e-38}
-# relative error of a blocked/tree sum, against sigma * sum |g z|: a few hundred roundings deep
-SUM_REL = {torch.float64: 1e-12, torch.float32: 3e-5}
-SIGMA_REL = {torch.float64: 1e-12, torch.float32: 1e-5}  # a device std against the float64 std
+_BOUNDS = Bounds(bf16_truncates=DRY_RUN)  # the Triton interpreter converts to bf16 by truncation
+out_bound, grad_bound, check_perturb, check_grad = (
+    _BOUNDS.out_bound, _BOUNDS.grad_bound, _BOUNDS.check_perturb, _BOUNDS.check_grad)
 
 
 def runs_on_cpu(fn):
@@ -136,10 +134,6 @@ def _api(backend: str) -> str:
     return "cpu" if backend == "cuda" and not ON_GPU else backend
 
 
-def _math(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 # ---------------------------------------------------------------------------
 # Expected values and the bounds a correct kernel stays within (float64, on the CPU)
 # ---------------------------------------------------------------------------
@@ -155,93 +149,6 @@ def _oracle_z_at(seed: int, offset: int, idx) -> torch.Tensor:
     words = oracle.philox4x32_10(np.uint64(offset) + (idx // 4).astype(np.uint64), seed)
     z = oracle.normal_from_words(words.reshape(-1)).reshape(-1, 4)
     return torch.from_numpy(z[np.arange(idx.size), idx % 4].astype(np.float64))
-
-
-def _index(numel, n_alpha, inner) -> torch.Tensor:
-    return (torch.arange(numel) // inner) % n_alpha
-
-
-def _flat64(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().double().reshape(-1).cpu()
-
-
-def _unit_out(dtype: torch.dtype) -> float:
-    """Relative error of the final rounding to ``dtype``."""
-    if DRY_RUN and dtype == torch.bfloat16:
-        return 2 * UNIT[dtype]  # the Triton interpreter converts to bf16 by truncation (GPUs round to nearest)
-    return UNIT[dtype]
-
-
-def out_bound(v, a, sigma, z, dtype, z_tol, sigma_rel=0.0):
-    """Largest ``|out - (v + a*sigma*z)|`` of a correct kernel, element-wise (all float64 CPU tensors).
-
-    ``a`` is alpha per element; ``z`` the noise the expectation uses, within ``z_tol`` of the
-    kernel's; ``sigma_rel`` the relative error of the kernel's sigma. The math runs in
-    ``_math(dtype)`` (a few roundings) and the result is rounded once to ``dtype``.
-    """
-    scale = (a * sigma).abs()
-    noise = scale * z.abs()
-    expected = v + a * sigma * z
-    u_out = _unit_out(dtype) if dtype in (torch.float16, torch.bfloat16) else 0.0
-    return (scale * z_tol + noise * sigma_rel + 4 * UNIT[_math(dtype)] * (v.abs() + noise)
-            + 1.01 * u_out * expected.abs() + TINY[dtype])
-
-
-def expected_out(v, alpha, sigma, inner, z):
-    """(expected, per-element alpha) for perturb in float64."""
-    n = v.numel()
-    a = _flat64(alpha)[_index(n, alpha.numel(), inner)]
-    return _flat64(v) + a * float(sigma) * z, a
-
-
-def grad_terms(g, alpha, sigma, inner, z):
-    """(sigma * sum g z, sigma * sum |g z|, sigma * sum |g|) per alpha index, float64."""
-    n, k = g.numel(), alpha.numel()
-    idx = _index(n, k, inner)
-    g64 = _flat64(g)
-    sums = [torch.zeros(k, dtype=torch.float64).index_add_(0, idx, t) * float(sigma)
-            for t in (g64 * z, (g64 * z).abs(), g64.abs())]
-    return tuple(sums)
-
-
-def grad_bound(expected, abs_gz, abs_g, acc_dtype, out_dtype, z_tol, sigma_rel=0.0):
-    """Largest ``|grad - expected|`` of a correct alpha-gradient kernel (see grad_terms)."""
-    return (z_tol * abs_g + SUM_REL[_math(acc_dtype)] * abs_gz + (sigma_rel + 1.01 * _unit_out(out_dtype))
-            * expected.abs() + TINY[out_dtype])
-
-
-def assert_within(got, expected, bound, what: str) -> None:
-    """Element-wise ``|got - expected| <= bound`` with a readable report of the worst element."""
-    got = _flat64(got)
-    expected, bound = expected.reshape(-1), bound.reshape(-1)
-    assert got.shape == expected.shape, f"{what}: {got.shape} elements, expected {expected.shape}"
-    err = (got - expected).abs()
-    bad = ~(err <= bound)  # NaN counts as bad
-    if bad.any():
-        i = int(torch.argmax(torch.where(bad, err / bound, torch.zeros_like(err))))
-        if not math.isfinite(err[i]):
-            i = int(torch.nonzero(bad)[0])
-        raise AssertionError(
-            f"{what}: {int(bad.sum())} of {got.numel()} elements out of bounds; worst at {i}: got {got[i]:.9g}, "
-            f"expected {expected[i]:.9g}, |diff| {err[i]:.3g} > bound {bound[i]:.3g}"
-        )
-
-
-def check_perturb(out, v, alpha, sigma, inner, z_oracle, z_own=None, sigma_rel=0.0, what="out"):
-    """out against the oracle's z (within Z_TOL) and, if given, the backend's own z (rounding only)."""
-    for z, tol, name in ((z_oracle, Z_TOL, "oracle z"), (z_own, 0.0, "own z")):
-        if z is not None:
-            exp, a = expected_out(v, alpha, sigma, inner, z)
-            bound = out_bound(_flat64(v), a, float(sigma), z, out.dtype, tol, sigma_rel)
-            assert_within(out, exp, bound, f"{what} vs {name}")
-
-
-def check_grad(grad, g, alpha, sigma, inner, z_oracle, z_own=None, sigma_rel=0.0, what="alpha grad"):
-    for z, tol, name in ((z_oracle, Z_TOL, "oracle z"), (z_own, 0.0, "own z")):
-        if z is not None:
-            exp, abs_gz, abs_g = grad_terms(g, alpha, sigma, inner, z)
-            bound = grad_bound(exp, abs_gz, abs_g, g.dtype, grad.dtype, tol, sigma_rel)
-            assert_within(grad, exp, bound, f"{what} vs {name}")
 
 
 def _inputs(shape, n_alpha, dtype, alpha_dtype=None, seed=0):
