@@ -521,6 +521,16 @@ def test_sigma_does_not_overflow_or_underflow():
     big = torch.tensor([1.7e308, -1.7e308, 0.0, 0.0], dtype=torch.float64)  # (x - mean)^2 overflows
     exp = 1.7e308 * math.sqrt(2 / 3)  # mean 0, deviations +-1.7e308 and 0: sqrt(2 * 1.7e308^2 / 3)
     assert math.isfinite(exp) and abs(ops.sigma(big).item() - exp) <= 1e-14 * exp
+    # the same with flush-to-zero / denormals-are-zero on (another test or the user may set it)
+    if torch.set_flush_denormal(True):
+        try:
+            assert abs(ops.sigma(big).item() - exp) <= 1e-14 * exp
+        finally:
+            torch.set_flush_denormal(False)
+    tiny = torch.tensor([3e-310, 1e-310, 2e-310, 5e-310], dtype=torch.float64)  # subnormal inputs
+    assert tiny.std().item() == 0.0  # unscaled float64: every square underflows
+    exp = (tiny * 2.0**1022).std().item() / 2.0**1022
+    assert exp > 1e-310 and abs(ops.sigma(tiny).item() - exp) <= 1e-12 * exp
     assert torch.isnan(ops.sigma(torch.tensor([1.0, float("inf"), 2.0], dtype=torch.float64)))
     assert ops.sigma(torch.zeros(10, dtype=torch.float64)).item() == 0.0
 

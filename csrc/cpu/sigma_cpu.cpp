@@ -6,8 +6,8 @@
 //     (mean = sum(x) / n, then sum((x - mean)^2) / (n - 1), sqrt), rounded once to
 //     float32. In float64 neither pass can overflow or lose a square to underflow for
 //     finite inputs of these dtypes, so every finite tensor gets a finite answer.
-//   * float64: the same two passes on x * 2^-k, where 2^k <= max|x| < 2^(k+1), and the
-//     result times 2^k. Scaling by a power of two is exact, so this equals the plain
+//   * float64: the same two passes on x * 2^-k, where 2^k <= max|x| < 2^(k+1) (k clamped
+//     to [-1022, 1022] so 2^-k is a normal number), and the result times 2^k. Scaling by a power of two is exact, so this equals the plain
 //     two-pass float64 std whenever that one neither overflows nor underflows, and
 //     stays correct for values beyond 1e154 (whose squares overflow) or below 1e-154.
 //   * fewer than 2 elements: 0; a NaN or an infinity anywhere: NaN (like torch.std).
@@ -170,7 +170,10 @@ double float64_std(const double* x, int64_t n) {
     // all zeros (or NaN-only, which the sums turn into NaN); an infinity: NaN like torch.std
     return std::isinf(amax) ? std::numeric_limits<double>::quiet_NaN() : two_pass_std(x, n, 1.0);
   }
-  const int k = std::ilogb(amax);  // 2^k <= amax < 2^(k+1)
+  // 2^k <= amax < 2^(k+1); k is clamped so that the scale 2^-k is a normal number (a
+  // subnormal scale would read as 0 with flush-to-zero / denormals-are-zero on), which
+  // leaves |x * 2^-k| < 4 at the top and moves subnormal inputs up by 2^1022
+  const int k = std::min(1022, std::max(-1022, std::ilogb(amax)));
   return std::ldexp(two_pass_std(x, n, std::ldexp(1.0, -k)), k);
 }
 
