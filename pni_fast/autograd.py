@@ -274,10 +274,16 @@ def _alpha_grad_backward(ctx, gg):
     return (d_grad, None, None, None, None, None, None)[: ctx.n_in]
 
 
+def _n_passed(inputs) -> int:
+    """How many arguments the dispatcher passed: it drops a trailing ``rng_state`` equal to its default (None),
+    and the list ops' generated autograd checks the backward's return against that structure."""
+    return len(inputs) - 1 if len(inputs) == 7 and inputs[6] is None else len(inputs)
+
+
 def _multi_setup(backend: str):
     def setup_context(ctx, inputs, output):
         vs, alphas, sigmas, seed, offsets, inners, *rest = inputs
-        ctx.n_in = len(inputs)
+        ctx.n_in = _n_passed(inputs)
         ctx.save_for_backward(rest[0] if rest else None, *alphas, *sigmas)
         ctx.rng = (len(vs), seed, list(offsets), list(inners), backend)
         ctx.meta = [(v.shape, v.dtype, v.device) for v in vs]
@@ -299,7 +305,7 @@ def _multi_backward(ctx, grads):
 def _multi_grad_setup(backend: str):
     def setup_context(ctx, inputs, output):
         grads, alphas, sigmas, seed, offsets, inners, *rest = inputs
-        ctx.n_in = len(inputs)
+        ctx.n_in = _n_passed(inputs)
         ctx.save_for_backward(rest[0] if rest else None, *sigmas)
         ctx.rng = (len(grads), seed, list(offsets), list(inners), backend)
         ctx.meta = [(g.shape, g.dtype, g.device) for g in grads]

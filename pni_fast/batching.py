@@ -6,14 +6,14 @@ read once by the layer's forward); a forward hook clears what a forward did not 
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch.nn as nn
 
 from . import functional as _fn
 from .modules import NoisyConv2d, NoisyLinear, _refuse_frozen_capture
 
-__all__ = ["batch_weight_noise"]
+__all__ = ["batch_weight_noise", "installed_batch", "remove_batching"]
 
 
 class _WeightNoiseBatch:
@@ -53,21 +53,48 @@ class _WeightNoiseBatch:
         self.remove()
 
 
-def batch_weight_noise(model: nn.Module) -> _WeightNoiseBatch:
+def installed_batch(model: nn.Module) -> Optional[_WeightNoiseBatch]:
+    """The batching handle whose hooks sit on ``model``, if any."""
+    for hook in model._forward_pre_hooks.values():
+        owner = getattr(hook, "__self__", None)
+        if isinstance(owner, _WeightNoiseBatch):
+            return owner
+    return None
+
+
+def remove_batching(model: nn.Module) -> bool:
+    """Remove whole-model batching from ``model`` and its submodules (used by ``strip``); True if any was there."""
+    found = False
+    for m in model.modules():
+        handle = installed_batch(m)
+        while handle is not None:
+            handle.remove()
+            found = True
+            handle = installed_batch(m)
+    return found
+
+
+def batch_weight_noise(model: nn.Module, *, warn: bool = True) -> _WeightNoiseBatch:
     """Draw the weight noise of every PNI layer of ``model`` in one multi-tensor op per forward.
 
-    With many small layers (a CIFAR ResNet has 20) one launch replaces one per layer where the
-    backend has a multi-tensor kernel (CUDA, Triton, C++ CPU); the result equals per-layer calls
-    under one seed with consecutive counter ranges. Each forward of ``model`` then draws one seed
-    instead of one per layer (so the noise differs from the unbatched model for the same
-    ``torch.manual_seed``). A layer called twice in one forward draws fresh noise for its second
-    call. The PNI layers are collected now: call this after ``convert`` (and ``remove()`` it before ``strip``). Returns a handle with
-    ``remove()`` (also a context manager). Input noise stays per layer.
+    ``convert`` (and ``pni_fast.models``) install this by default (``convert(..., batch_noise=False)``
+    turns it off). Per forward: one seed, one sigma per layer, one multi-tensor perturb call; per
+    backward: one multi-tensor alpha-gradient call, whatever the number of layers. The result equals
+    per-layer calls under that seed with consecutive counter ranges (layer ``k`` starts where layer
+    ``k-1`` ended, in ``model.modules()`` order). So the noise differs from the unbatched model for the
+    same ``torch.manual_seed`` (one seed per forward instead of one per layer). A layer called twice in
+    one forward draws fresh per-layer noise for its second call; layers switched off with ``no_noise``
+    are left out; input noise stays per layer. The PNI layers are collected now (call after ``convert``);
+    calling it again on the same model returns the installed handle. Returns a handle with ``remove()``
+    (also a context manager).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    existing = installed_batch(model)
+    if existing is not None:
+        return existing
     batch = _WeightNoiseBatch(model)
-    if not batch.layers:
+    if warn and not batch.layers:
         import warnings
 
         warnings.warn(f"batch_weight_noise: {type(model).__name__} has no NoisyConv2d/NoisyLinear layer",

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
+from .batching import batch_weight_noise, remove_batching
 from .modules import (NoiseInjection, NoisyConv2d, NoisyLinear, _PNIMixin, check_alpha_init, check_noise, check_pni,
                       is_noisy_module)
 from .wrap import is_wrapped, plain_class, unwrap_layer, wrap_layer
@@ -216,6 +217,7 @@ def convert(
     *,
     report: bool = False,
     verbose: bool = False,
+    batch_noise: bool = True,
 ) -> Union[nn.Module, ConvertReport]:
     """Give every matching layer of ``model`` PNI noise, in place; returns ``model``.
 
@@ -231,6 +233,9 @@ def convert(
         report: return a :class:`ConvertReport` (converted layers; skipped ones with the reason)
             instead of the model (the model is its ``.model``).
         verbose: print that report.
+        batch_noise: draw the whole model's weight noise in one multi-tensor call per forward (and one
+            alpha-gradient call per backward) with :func:`pni_fast.batch_weight_noise`, installed on the
+            returned model (default). False keeps one call per layer; ``strip`` removes it either way.
     Weights are not copied. An uninitialised lazy layer is refused (ValueError, nothing changed):
     run one forward pass first. Layers that match but cannot carry noise (nn.MultiheadAttention's
     projections) are skipped with a warning; already noisy layers are left alone. Warns when no
@@ -293,6 +298,8 @@ def convert(
         warnings.warn(f"convert: no layer of type {kinds} was converted in "
                       f"{type(model).__name__} (none matched, all skipped, or already noisy)", stacklevel=2)
     out.model = _swap(model, replace) if replace else model
+    if batch_noise:
+        batch_weight_noise(out.model, warn=False)
     if verbose:
         print(out)
     return out if report else out.model
@@ -309,6 +316,7 @@ def strip(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    remove_batching(model)
     replace: dict[int, nn.Module] = {}
     in_place: dict[int, nn.Module] = {}
     for m in model.modules():

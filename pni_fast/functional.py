@@ -324,9 +324,12 @@ def noisy_weights(
     if multi is None:
         outs = [apply(PerturbFn, w, a, s, rng.seed, o, i, rng.state, chosen)
                 for w, a, s, o, i in zip(weights, alphas, sigmas, offsets, inners)]
+    elif torch.compiler.is_compiling():  # dynamo traces the op's registered autograd, not the flattened Function
+        outs = list(call(multi, [w.contiguous() for w in weights], [a.contiguous() for a in alphas], sigmas, rng.seed,
+                         offsets, inners, state=rng.state))
     else:
         outs = list(apply(PerturbMultiFn, len(weights), rng.seed, offsets, inners, rng.state, chosen, *weights,
-                                         *alphas, *sigmas))
+                          *alphas, *sigmas))
     rng.advance()
     return outs
 

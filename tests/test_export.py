@@ -18,13 +18,15 @@ from pni_fast.rng import SEED_LIMIT
 warnings.filterwarnings("ignore", message="pni_fast: no fused kernel")
 
 
-def _model():
+def _model(batch_noise: bool = False):
+    """A small converted model; per-layer draws (``batch_noise=False``) so an FX GraphModule, which does not
+    carry the model's batching hooks, draws exactly what eager does."""
     torch.manual_seed(0)
     model = nn.Sequential(
         NoisyConv2d(3, 4, 3, pni="channelwise", noise="both"), nn.ReLU(), NoiseInjection(4, pni="channelwise"),
         nn.Flatten(), nn.Unflatten(1, (4, 36)), nn.Conv1d(4, 2, 3), nn.Flatten(), nn.Linear(68, 5),
     )
-    convert(model, noise="both")  # Conv1d converted in place (its own forward), Linear -> NoisyLinear
+    convert(model, noise="both", batch_noise=batch_noise)  # Conv1d converted in place, Linear -> NoisyLinear
     return model.eval()
 
 

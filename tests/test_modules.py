@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import pni_fast
 import pni_fast.functional as fn
 from pni_fast.control import no_noise, noise_enabled, set_noise
 from pni_fast.modules import NoiseInjection, NoisyConv2d, NoisyLinear, alpha_parameters
@@ -374,3 +375,33 @@ def test_batch_weight_noise_equals_per_layer_calls_with_offsets(backend, monkeyp
     assert not torch.allclose(model(x), out), "after remove() each layer draws its own seed again"
     with pytest.warns(UserWarning, match="no NoisyConv2d/NoisyLinear"):
         batch_weight_noise(nn.Linear(2, 2)).remove()
+
+
+def test_converted_model_draws_all_weight_noise_in_one_call_per_forward_and_backward():
+    """convert() batches by default: one multi-tensor perturb per forward, one alpha-grad call per backward,
+    no per-layer perturb; batch_noise=False keeps one call per layer; strip removes the hooks."""
+    from torch.profiler import profile
+
+    from pni_fast.batching import installed_batch
+    from pni_fast.models import resnet20
+
+    def counts(model):
+        x = torch.rand(1, 3, 32, 32)
+        with profile() as prof:
+            model(x).sum().backward()
+        names = [e.key for e in prof.key_averages()]
+        return {k: sum(e.count for e in prof.key_averages() if e.key == k) for k in set(names) if "pni_fast::" in k}
+
+    if "cpu" not in pni_fast.available_backends("cpu"):
+        pytest.skip("the C++ CPU backend (list ops) is not available")
+    batched = counts(resnet20(pni="channelwise"))
+    assert batched.get("pni_fast::perturb_multi") == 1 and batched.get("pni_fast::perturb_alpha_grad_multi") == 1
+    assert "pni_fast::perturb" not in batched and "pni_fast::perturb_alpha_grad" not in batched
+    model = resnet20()
+    pni_fast.convert(model, pni="channelwise", batch_noise=False)
+    assert installed_batch(model) is None
+    per_layer = counts(model)
+    assert per_layer.get("pni_fast::perturb") == 20 and "pni_fast::perturb_multi" not in per_layer
+    m2 = resnet20(pni="layerwise")
+    pni_fast.strip(m2)
+    assert installed_batch(m2) is None
