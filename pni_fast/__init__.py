@@ -7,7 +7,7 @@ storing it. Importing never fails: without a compiled extension the pure-PyTorch
 """
 from .backends import available_backends, info
 from .functional import inject_noise, noisy_weight, noisy_weights, randn, weight_sigma
-from .rng import default_rng_state, draw_seed, make_rng_state
+from .rng import default_rng_state, draw_seed, make_rng_state, manual_seed, own_generator
 from .modules import NoiseInjection, NoisyConv2d, NoisyLinear
 from .batching import batch_weight_noise
 from .control import no_noise, noise_enabled, set_noise
@@ -31,6 +31,8 @@ __all__ = [
     "randn",
     "draw_seed",
     "make_rng_state",
+    "manual_seed",
+    "own_generator",
     "default_rng_state",
     "weight_sigma",
     "NoisyConv2d",

@@ -15,22 +15,58 @@ Two sources, both obeying the counter contract of docs/design.md section 3:
 """
 from __future__ import annotations
 
+import contextlib
 import operator
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["SEED_LIMIT", "draw_seed", "make_rng_state", "default_rng_state", "is_rng_state", "RngArgs", "rng_args"]
+__all__ = ["SEED_LIMIT", "draw_seed", "manual_seed", "own_generator", "make_rng_state", "default_rng_state", "is_rng_state", "RngArgs", "rng_args"]
 
 SEED_LIMIT = 2**63
 _default_states: dict[torch.device, Tensor] = {}
+_own_generator: Optional[torch.Generator] = None
 
 
 def draw_seed() -> int:
-    """A seed in [0, 2**63) from PyTorch's default CPU generator (advances it; no GPU sync)."""
+    """A seed in [0, 2**63) from PyTorch's default CPU generator, or from PNI's own generator after
+    :func:`manual_seed` (advances it; no GPU sync)."""
+    if _own_generator is not None:
+        return int(torch.randint(0, SEED_LIMIT - 1, (), dtype=torch.int64, generator=_own_generator).item())
     return int(torch.randint(0, SEED_LIMIT - 1, (), dtype=torch.int64).item())
+
+
+def manual_seed(seed: Optional[int]) -> None:
+    """Give PNI's host-drawn seeds their own generator, seeded with ``seed``; ``None`` goes back to torch's.
+
+    By default (``seed=None`` calls) the seeds come from PyTorch's default CPU generator, so
+    ``torch.manual_seed`` makes a whole run reproducible. Code that reseeds torch's generator in the middle
+    of an evaluation (torchattacks' APGD calls ``torch.manual_seed`` on every batch) would then replay the
+    same noise on every batch; with its own generator PNI's noise stream keeps going.
+    """
+    global _own_generator
+    if seed is None:
+        _own_generator = None
+        return
+    gen = torch.Generator()
+    gen.manual_seed(_as_int("seed", seed))
+    _own_generator = gen
+
+
+@contextlib.contextmanager
+def own_generator(seed: Optional[int] = None) -> Iterator[None]:
+    """Within the block PNI draws from its own generator (seeded with ``seed``, else with a draw from the
+    current source), then the previous source is restored: an evaluation that reseeds torch cannot freeze
+    PNI's noise."""
+    global _own_generator
+    previous = _own_generator
+    manual_seed(draw_seed() if seed is None else seed)
+    try:
+        yield
+    finally:
+        _own_generator = previous
 
 
 def _as_int(name: str, value, limit: int = SEED_LIMIT) -> int:

@@ -94,3 +94,33 @@ def test_modules_draw_fresh_noise_with_seed_none_and_follow_manual_seed():
     o1, o2 = layer(x), layer(x)
     torch.manual_seed(1)
     assert torch.equal(layer(x), o1) and not torch.equal(o1, o2)
+
+
+def test_pni_manual_seed_survives_torch_reseeding():
+    """An attack that calls torch.manual_seed per batch must not freeze PNI's noise once PNI has its own generator."""
+    layer = pni_fast.NoisyLinear(4, 3)
+    x = torch.randn(2, 4)
+    torch.manual_seed(0)
+    a = layer(x)
+    torch.manual_seed(0)
+    assert torch.equal(layer(x), a), "default: PNI follows torch's generator"
+    try:
+        pni_fast.manual_seed(7)
+        torch.manual_seed(0)
+        b = layer(x)
+        torch.manual_seed(0)
+        c = layer(x)
+        assert not torch.equal(b, c), "own generator: torch.manual_seed does not replay PNI's noise"
+        pni_fast.manual_seed(7)
+        assert torch.equal(layer(x), b), "pni_fast.manual_seed makes PNI's stream reproducible"
+    finally:
+        pni_fast.manual_seed(None)
+    with pni_fast.own_generator(3):
+        torch.manual_seed(0)
+        d = layer(x)
+        torch.manual_seed(0)
+        assert not torch.equal(layer(x), d)
+    torch.manual_seed(0)
+    assert torch.equal(layer(x), a), "the previous source is restored after the block"
+    with pytest.raises(ValueError, match="seed"):
+        pni_fast.manual_seed(-3)
