@@ -162,8 +162,13 @@ def _piece_fns(w: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> tuple[dict[
 
 def _breakdown(fns: dict[tuple[str, str], Callable], blocks: int, target_s: float,
                sync: Callable[[], None]) -> dict[tuple[str, str], dict[str, Any]]:
-    """Time each piece, then derive autograd / rest / backward rows (medians in us, wall and CPU)."""
-    out = {key: loops.per_call(fn, blocks=blocks, target_s=target_s, sync=sync) for key, fn in fns.items()}
+    """Time the pieces interleaved (one block each per round, ``blocks`` rounds, so a load drift hits all
+    alike), then derive autograd / rest / backward rows (medians in us, wall and CPU)."""
+    wall, cpu, ns = loops.interleaved(fns, rounds=blocks, target_s=target_s, sync=sync)
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for key in fns:
+        out[key] = loops.summarize(wall[key], ns[key], scale=1e6, unit="us")
+        out[key].update(cpu_median_us=statistics.median(cpu[key]) * 1e6, cpu_min_us=min(cpu[key]) * 1e6)
     fwd, ref, bwd = "pni_fast forward", "reference forward", "pni_fast backward"
     parts = ["argument checks", "backend resolve", "sigma", "finite check", "seed draw", "autograd+op"]
     formulas: dict[tuple[str, str], Callable[[Callable[[str, str], float]], float]] = {
@@ -288,8 +293,8 @@ def markdown(meta: dict[str, Any], records: list[dict[str, Any]], command: str) 
                                      ("pni_fast_cpu_us", "pni_fast CPU us"), ("reference_cpu_us", "reference CPU us"),
                                      ("cpu_ratio", "CPU-time ratio (x)"), ("cpu_spread", "CPU ratio min-max")]),
         "",
-        f"### Where the time goes: CPU time, us per call (median of {meta['breakdown_blocks']} tight-loop blocks; "
-        f"backend {backend})",
+        f"### Where the time goes: CPU time, us per call (median of {meta['breakdown_blocks']} tight-loop blocks, "
+        f"pieces interleaved; backend {backend})",
         "",
         "Each piece is timed alone with the arguments the public function passes it. `autograd` = "
         "`autograd.apply(PerturbFn, ...)` minus the raw op; `rest` = total minus the pieces (for the "

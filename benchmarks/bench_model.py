@@ -44,8 +44,8 @@ MODELS = ("plain", "plain-fresh-weight", "reference", "pni_fast", "pni_fast-batc
 PNI = "channelwise"
 # name -> (batch, threads, pgd steps (None: plain forward+backward), rounds, block seconds)
 SCENARIOS: dict[str, dict[str, Any]] = {
-    "fwd_bwd": dict(batch=1, threads=1, pgd_steps=None, rounds=9, target_s=0.1),
-    "pgd_train": dict(batch=16, threads=2, pgd_steps=7, rounds=7, target_s=0.2),
+    "fwd_bwd": dict(batch=1, threads=1, pgd_steps=None, rounds=15, target_s=0.1),
+    "pgd_train": dict(batch=16, threads=2, pgd_steps=7, rounds=9, target_s=0.2),
 }
 # --quick proves the code path only: one round, and 1 thread (two OpenMP threads on a loaded 2-core
 # machine can take ten times longer, which a smoke test does not need)
@@ -158,7 +158,8 @@ def run(
 
 
 COLUMNS = [
-    ("scenario", "scenario"), ("model", "model"), ("median_ms", "ms / step"), ("ratio_to_plain", "x plain"),
+    ("scenario", "scenario"), ("model", "model"), ("median_ms", "ms / step"), ("min_ms", "min ms"),
+    ("ratio_to_plain", "x plain"),
     ("plain_spread", "x plain min-max"), ("ratio_vs_reference", "speed-up vs reference"),
     ("cpu_median_ms", "CPU ms / step"), ("cpu_ratio_to_plain", "CPU x plain"),
     ("cpu_ratio_vs_reference", "CPU speed-up vs reference"), ("note", "note"),
@@ -191,8 +192,9 @@ def markdown(meta: dict[str, Any], records: list[dict[str, Any]], command: str) 
         f"Noise on the weights of all 20 conv/linear layers, {meta['pni']} alpha. Models interleaved in rounds (order "
         "rotated each round): **x plain = time / plain's time in the same round** (> 1: slower than plain), "
         "**speed-up vs reference = reference time / this time** (>= 1: faster than the original PNI layers); "
-        "medians over rounds. CPU = `time.process_time` of the process (all threads): it leaves out time spent "
-        "waiting for a core on a loaded machine.",
+        "medians over rounds; `min ms` is the least disturbed round. CPU = `time.process_time` of the process "
+        "(all threads): it leaves out time spent waiting for a core on a loaded machine, but counts OpenMP "
+        "threads spinning while they wait for a descheduled peer (2 threads on a loaded 2-core machine).",
         "",
         *scen_lines,
         "",
@@ -209,7 +211,9 @@ def write_outputs(out_dir: Path, meta: dict[str, Any], records: list[dict[str, A
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-rounds", type=int, default=None,
-                   help="rounds per whole-model scenario (default 9 fwd_bwd, 7 pgd_train; 1 with --quick)")
+                   help="rounds per whole-model scenario (default 15 fwd_bwd, 9 pgd_train; 1 with --quick)")
+    p.add_argument("--model-threads", type=int, default=None,
+                   help="thread count for every whole-model scenario (default: 1 for fwd_bwd, 2 for pgd_train)")
 
 
 def options(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -219,6 +223,11 @@ def options(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
             raise ValueError(f"--model-rounds must be >= 1, got {args.model_rounds}")
         for cfg in scenarios.values():
             cfg["rounds"] = args.model_rounds
+    if args.model_threads is not None:
+        if args.model_threads < 1:
+            raise ValueError(f"--model-threads must be >= 1, got {args.model_threads}")
+        for cfg in scenarios.values():
+            cfg["threads"] = args.model_threads
     return dict(scenarios=scenarios)
 
 

@@ -16,8 +16,10 @@ versions, date, threads and load) and ``<part>.md``; ``RESULTS.md`` holds every 
   train       PGD-7 training step, batch 128, per backend (bench_train.py)        train.json / train.md
   model-step  ResNet-20 plain vs PNI vs batched PNI vs reference, interleaved rounds (bench_model.py)
 
-``--skip-ops`` leaves out the op-level parts (ops, fixed-cost, import, sass), ``--skip-train`` the
-whole-model parts (train, model-step); ``--skip PART[,PART]`` / ``--only PART[,PART]`` pick single parts.
+``--skip-ops`` leaves out the op-level parts (ops, fixed-cost), ``--skip-train`` the whole-model parts
+(train, model-step); either also leaves out the package-level reports (import, sass: a minute of
+interpreters / nvcc), so the narrowed runs of scripts/gpu_check.sh stay within their time limits.
+``--skip PART[,PART]`` / ``--only PART[,PART]`` pick single parts.
 """
 from __future__ import annotations
 
@@ -41,10 +43,11 @@ if __package__ in (None, ""):
 
 from benchmarks import bench_fixed_cost, bench_model, bench_ops, bench_train, common, import_time  # noqa: E402
 
-__all__ = ["PARTS", "FAMILIES", "select_parts", "main"]
+__all__ = ["PARTS", "FAMILIES", "PACKAGE_LEVEL", "select_parts", "main"]
 
 PARTS = ("ops", "fixed-cost", "import", "sass", "train", "model-step")
-FAMILIES = {"ops": ("ops", "fixed-cost", "import", "sass"), "train": ("train", "model-step")}
+FAMILIES = {"ops": ("ops", "fixed-cost"), "train": ("train", "model-step")}
+PACKAGE_LEVEL = ("import", "sass")  # left out by --skip-ops and by --skip-train
 
 
 def _part_list(text: str) -> tuple[str, ...]:
@@ -63,15 +66,19 @@ def select_parts(*, skip_ops: bool = False, skip_train: bool = False, skip: str 
         dropped |= set(FAMILIES["ops"])
     if skip_train:
         dropped |= set(FAMILIES["train"])
+    if (skip_ops or skip_train) and not only:
+        dropped |= set(PACKAGE_LEVEL)
     return [p for p in PARTS if p in chosen and p not in dropped]
 
 
 def _parser():
     p = common.base_parser(__doc__.splitlines()[0], "tiny sizes, seconds: proves the scripts work")
     p.add_argument("--skip-ops", action="store_true",
-                   help="leave out the op-level parts: " + ", ".join(FAMILIES["ops"]))
+                   help="leave out the op-level parts (" + ", ".join(FAMILIES["ops"]) + ") and "
+                   + ", ".join(PACKAGE_LEVEL))
     p.add_argument("--skip-train", action="store_true",
-                   help="leave out the whole-model parts: " + ", ".join(FAMILIES["train"]))
+                   help="leave out the whole-model parts (" + ", ".join(FAMILIES["train"]) + ") and "
+                   + ", ".join(PACKAGE_LEVEL))
     p.add_argument("--skip", default="", metavar="PARTS",
                    help=f"comma-separated parts to leave out ({', '.join(PARTS)})")
     p.add_argument("--only", default="", metavar="PARTS", help="run only these comma-separated parts")

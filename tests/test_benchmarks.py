@@ -272,9 +272,14 @@ def test_sass_section(tmp_path, monkeypatch) -> None:
     res = sass_hook.run(tmp_path / "out", log=lambda s: None)
     assert res["status"] == "ok" and "| perturb | 12.5 |" in res["markdown"] and "note" not in res["markdown"]
     assert "| perturb | 12.5 |" in (tmp_path / "out" / "sass.md").read_text()
-    (tmp_path / "sass_report.py").write_text("import sys\nsys.exit('no cuobjdump')\n")
+    res = sass_hook.run(tmp_path / "out_quick", quick=True, log=lambda s: None)  # no --quick option: skipped
+    assert res["status"] == "skipped" and "--quick" in res["reason"] and not (tmp_path / "out_quick").exists()
+    (tmp_path / "sass_report.py").write_text("import sys\nsys.exit('cuobjdump failed')\n")
     res = sass_hook.run(tmp_path / "out2", log=lambda s: None)
-    assert res["status"] == "error" and "no cuobjdump" in res["reason"]
+    assert res["status"] == "error" and "cuobjdump failed" in res["reason"]
+    (tmp_path / "sass_report.py").write_text("import sys\nsys.exit('cuobjdump not found; nothing to report')\n")
+    res = sass_hook.run(tmp_path / "out3", log=lambda s: None)
+    assert res["status"] == "skipped" and "nothing to report" in res["reason"]
 
 
 def test_quick_default_folder_is_separate_and_ignored() -> None:
@@ -291,8 +296,10 @@ def test_quick_default_folder_is_separate_and_ignored() -> None:
 
 def test_part_selection_and_gpu_check_options() -> None:
     assert run_all.select_parts() == list(run_all.PARTS)
+    # gpu_check's narrowed runs: no import timing, no nvcc-compiling SASS report
     assert run_all.select_parts(skip_ops=True) == ["train", "model-step"]
-    assert run_all.select_parts(skip_train=True) == ["ops", "fixed-cost", "import", "sass"]
+    assert run_all.select_parts(skip_train=True) == ["ops", "fixed-cost"]
+    assert run_all.select_parts(skip_train=True, only="ops,sass") == ["ops", "sass"]
     assert run_all.select_parts(only="import,fixed-cost") == ["fixed-cost", "import"]
     assert run_all.select_parts(skip="sass,ops") == ["fixed-cost", "import", "train", "model-step"]
     with pytest.raises(ValueError, match="subset"):
