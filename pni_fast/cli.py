@@ -185,6 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     t.add_argument("--limit-train", type=_pos_int, default=None, help="use only the first N training images")
     t.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    t.add_argument("--rank-noise", choices=("same", "independent"), default=None,
+                   help="multi-process runs (torchrun --nproc_per_node N -m pni_fast train ...): 'same' (the default "
+                   "under torchrun) = every rank draws the same PNI noise per step, so the step is one noisy model's "
+                   "step over the global batch (equal to one process's); 'independent' = per-rank noise streams, N "
+                   "noise samples per step for the alpha gradient, results depend on N. --batch-size is the global "
+                   "batch. Given in a single process, that process uses the per-epoch noise streams of a "
+                   "multi-process run (a reference run); not given, it keeps its usual stream")
 
     e = sub.add_parser(
         "eval", formatter_class=fmt, help="attack a checkpoint: clean / FGSM / PGD / EOT-PGD / CW accuracy, mean +/- std",
@@ -382,8 +389,20 @@ def _load_data(dataset: str, data_dir: Optional[str], seed: int = 0):
 
 
 def run_train(args: argparse.Namespace) -> List[Dict[str, Any]]:
+    """``train``; under torchrun one process per rank (DDP: gloo on CPU, nccl on CUDA), rank 0 prints and writes."""
+    from . import distributed
+
+    device = distributed.init_from_env(args.device)
+    try:
+        return _run_train(args, device, distributed.context().is_main)
+    finally:
+        distributed.teardown()
+
+
+def _run_train(args: argparse.Namespace, device: torch.device, main_rank: bool) -> List[Dict[str, Any]]:
     from .train import TrainConfig, load_checkpoint, train
 
+    say = (lambda *a, **k: print(*a, **k)) if main_rank else (lambda *a, **k: None)
     dataset = args.dataset or ("cifar10" if (args.data_dir or args.model in RESNETS) else "digits")
     if args.model in RESNETS and dataset != "cifar10":
         raise ValueError(f"--model {args.model} is a CIFAR ResNet (3x32x32 inputs); use --dataset cifar10 --data-dir DIR")
@@ -392,8 +411,8 @@ def run_train(args: argparse.Namespace) -> List[Dict[str, Any]]:
     else:
         in_channels = 1
     if args.warmup_epochs >= args.epochs and not args.no_adv:
-        print(f"note: --warmup-epochs {args.warmup_epochs} >= --epochs {args.epochs}: no adversarial epoch will run",
-              file=sys.stderr)
+        say(f"note: --warmup-epochs {args.warmup_epochs} >= --epochs {args.epochs}: no adversarial epoch will run",
+            file=sys.stderr)
     train_set, test_set = _load_data(dataset, args.data_dir, args.seed)
     if args.limit_train:
         train_set = train_set.subset(args.limit_train)
@@ -413,24 +432,26 @@ def run_train(args: argparse.Namespace) -> List[Dict[str, Any]]:
             raise ValueError(f"--resume checkpoint holds {old.get('arch')} pni={old.get('pni')}, "
                              f"but --model {spec['arch']} --pni {args.pni} was asked")
         if int(ckpt["epoch"]) >= args.epochs:
-            print(f"nothing to train: checkpoint {args.resume} already holds {int(ckpt['epoch'])} epochs "
-                  f"(--epochs {args.epochs}); pass a larger --epochs to continue it", file=sys.stderr)
+            say(f"nothing to train: checkpoint {args.resume} already holds {int(ckpt['epoch'])} epochs "
+                f"(--epochs {args.epochs}); pass a larger --epochs to continue it", file=sys.stderr)
             return list(ckpt.get("history", []))
         del ckpt
     torch.manual_seed(args.seed)
     model = build_model(spec)
     try:
-        hist = train(model, train_set, test_set, cfg, out_dir=args.out, resume=args.resume, device=args.device,
-                     progress=not args.no_progress, model_spec=spec, overwrite=args.overwrite)
+        hist = train(model, train_set, test_set, cfg, out_dir=args.out, resume=args.resume, device=device,
+                     progress=not args.no_progress, model_spec=spec, overwrite=args.overwrite,
+                     rank_noise=args.rank_noise)
     except KeyboardInterrupt:
-        print(_interrupted_message(args), file=sys.stderr, flush=True)
+        if main_rank:
+            print(_interrupted_message(args), file=sys.stderr, flush=True)
         raise SystemExit(130) from None
     if hist:
         last = hist[-1]
         adv = last["test_adv_acc"]
-        print(f"epoch {last['epoch']}: train loss {last['train_loss']:.4f}, test clean acc "
-              f"{100 * last['test_clean_acc']:.2f}%" + (f", test PGD-{cfg.eval_pgd_steps} acc {100 * adv:.2f}%" if adv is not None else ""))
-    print(f"checkpoint and logs in {args.out}")
+        say(f"epoch {last['epoch']}: train loss {last['train_loss']:.4f}, test clean acc "
+            f"{100 * last['test_clean_acc']:.2f}%" + (f", test PGD-{cfg.eval_pgd_steps} acc {100 * adv:.2f}%" if adv is not None else ""))
+    say(f"checkpoint and logs in {args.out}")
     return hist
 
 

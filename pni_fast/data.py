@@ -21,7 +21,7 @@ import importlib
 import os
 import pickle
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -38,6 +38,8 @@ __all__ = [
     "to_unit_float",
     "random_crop_flip",
     "iterate_batches",
+    "iterate_user_batches",
+    "check_batch_source",
 ]
 
 CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -271,12 +273,31 @@ def iterate_batches(
     generator: Optional[torch.Generator] = None,
     device: Union[str, torch.device, None] = None,
     drop_last: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (x float in [0,1], y int64) batches on ``device``; shuffling and augmentation use ``generator``."""
+    """Yield (x float in [0,1], y int64) batches on ``device``; shuffling and augmentation use ``generator``.
+
+    With ``world_size > 1`` (data-parallel training) ``batch_size`` is the global batch: the permutation is
+    cut to a multiple of ``world_size`` (at most ``world_size - 1`` examples left out per epoch, as
+    ``DistributedSampler(drop_last=True)``), and rank ``r`` gets elements ``r, r + world_size, ...`` of every
+    global batch (its shard of the permutation), augmented exactly as the global batch would be. Every rank
+    passes the same ``generator`` state, so the ranks' batches together are the one-process global batches.
+    """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
+    if batch_size % world_size:
+        raise ValueError(f"batch_size ({batch_size}) is the global batch and must be divisible by the number of "
+                         f"processes ({world_size})")
     n = len(split)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    if world_size > 1:
+        n -= n % world_size
+        order = order[:n]
     stop = n - (n % batch_size) if drop_last else n
     for start in range(0, stop, batch_size):
         idx = order[start : start + batch_size]
@@ -284,7 +305,54 @@ def iterate_batches(
         if augment:
             xb = random_crop_flip(xb, generator=generator)
         yb = split.y[idx]
+        if world_size > 1:
+            xb, yb = xb[rank::world_size].contiguous(), yb[rank::world_size]
         if device is not None:
             xb = xb.to(device, non_blocking=True)
             yb = yb.to(device, non_blocking=True)
         yield xb, yb
+
+
+def check_batch_source(data: Any, what: str) -> None:
+    """Refuse what cannot be a source of ``(x, y)`` batches, with the fix in the message."""
+    if isinstance(data, Split):
+        return
+    tensors = isinstance(data, (tuple, list)) and data and all(isinstance(v, torch.Tensor) for v in data)
+    if isinstance(data, torch.Tensor) or tensors:
+        raise TypeError(f"{what} looks like tensors, not batches: wrap an (x, y) pair as pni_fast.data.Split(x, y), "
+                        "or pass an iterable of (x, y) batches (a list, a torch.utils.data.DataLoader)")
+    if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
+        raise TypeError(f"{what} is a Dataset of single examples; wrap it in a torch.utils.data.DataLoader "
+                        "(batch_size=..., shuffle=True, or a DistributedSampler under torchrun)")
+    if not (hasattr(data, "__iter__") or hasattr(data, "__getitem__")):  # no iter(): it would start loader workers
+        raise TypeError(f"{what} must be a pni_fast.data.Split or an iterable of (x, y) batches (e.g. a "
+                        f"torch.utils.data.DataLoader), got {type(data).__name__}")
+
+
+def iterate_user_batches(
+    data: Iterable, what: str, device: Union[str, torch.device, None] = None
+) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """Yield the ``(x, y)`` batches of any iterable (a DataLoader, a list, a generator), checked and moved to
+    ``device``: ``x`` uint8 becomes float in [0, 1], floating ``x`` is kept as given; ``y`` integer class labels."""
+    for i, item in enumerate(data):
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            raise TypeError(f"{what} must yield (x, y) pairs; batch {i} is a {type(item).__name__}"
+                            + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else ""))
+        x, y = item
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            raise TypeError(f"{what}: batch {i} must be a pair of tensors, got "
+                            f"({type(x).__name__}, {type(y).__name__})")
+        if x.dtype != torch.uint8 and not x.is_floating_point():
+            raise TypeError(f"{what}: batch {i} x must be uint8 or floating point (images in [0, 1]), got {x.dtype}")
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise TypeError(f"{what}: batch {i} y must hold integer class labels, got {y.dtype}")
+        if x.dim() < 2 or y.shape != x.shape[:1]:
+            raise ValueError(f"{what}: batch {i} must be x [N, ...] with y [N], got x {list(x.shape)}, "
+                             f"y {list(y.shape)}")
+        if x.dtype == torch.uint8:
+            x = to_unit_float(x)
+        y = y.long()
+        if device is not None:
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+        yield x, y

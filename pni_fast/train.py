@@ -28,6 +28,7 @@ unless asked to (``overwrite=True``).
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import csv
 import dataclasses
@@ -40,13 +41,14 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed as _dist
 from .attacks import model_mode, pgd
 from .checkpoint import (
     CHECKPOINT_NAME,
@@ -56,8 +58,10 @@ from .checkpoint import (
     remove_orphan_temp_files,
     save_checkpoint,
 )
-from .data import Split, iterate_batches
+from .data import Split, check_batch_source, iterate_batches, iterate_user_batches
 from .optim import param_groups
+from .rng import manual_seed as _pni_manual_seed
+from .rng import own_generator
 
 __all__ = [
     "TrainConfig",
@@ -227,14 +231,30 @@ def _noise_ctx(model: nn.Module, on: bool):
         yield model
 
 
-def _evaluate_epoch(model: nn.Module, test: Split, config: TrainConfig, device: torch.device) -> Tuple[float, Optional[float]]:
+def _first(batches: Iterator[Tuple[torch.Tensor, torch.Tensor]], limit: Optional[int]):
+    """The batches of ``batches`` up to ``limit`` examples in all (the last one cut), then stop reading."""
+    left = limit
+    for x, y in batches:
+        if left is not None:
+            if left <= 0:
+                return
+            x, y = x[:left], y[:left]
+            left -= int(y.shape[0])
+        yield x, y
+
+
+def _evaluate_epoch(
+    model: nn.Module, test: Any, config: TrainConfig, device: torch.device
+) -> Tuple[float, Optional[float]]:
     """Clean and PGD accuracy (one noisy pass each) on the first eval_samples test images."""
-    sub = test.subset(config.eval_samples)
-    if len(sub) == 0:
-        return float("nan"), None
-    clean = adv = 0
+    if isinstance(test, Split):
+        batches = iterate_batches(test.subset(config.eval_samples), max(config.batch_size, 256), device=device)
+    else:
+        batches = _first(iterate_user_batches(test, "test_data", device), config.eval_samples)
+    clean = adv = n = 0
     with model_mode(model, "eval"):
-        for x, y in iterate_batches(sub, max(config.batch_size, 256), device=device):
+        for x, y in batches:
+            n += int(y.shape[0])
             with torch.no_grad():
                 clean += int((model(x).argmax(1) == y).sum())
             if config.adversarial:
@@ -242,8 +262,26 @@ def _evaluate_epoch(model: nn.Module, test: Split, config: TrainConfig, device: 
                          random_start=True, targets=config.adv_targets)
                 with torch.no_grad():
                     adv += int((model(xa).argmax(1) == y).sum())
-    n = len(sub)
+    if n == 0:
+        return float("nan"), None
     return clean / n, (adv / n if config.adversarial else None)
+
+
+def _set_epoch(data: Any, epoch: int) -> None:
+    """``set_epoch`` on a DataLoader's sampler / batch sampler (DistributedSampler reshuffles per epoch)."""
+    seen = set()
+    for s in (getattr(data, "sampler", None), getattr(getattr(data, "batch_sampler", None), "sampler", None),
+              getattr(data, "batch_sampler", None)):
+        if s is not None and id(s) not in seen and callable(getattr(s, "set_epoch", None)):
+            seen.add(id(s))
+            s.set_epoch(epoch)
+
+
+def _num_batches(data: Any) -> Optional[int]:
+    try:
+        return len(data)
+    except TypeError:
+        return None
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -277,8 +315,8 @@ def _prepare_out_dir(out_dir: str, resume: Optional[str], overwrite: bool, start
 
 def train(
     model: nn.Module,
-    train_data: Split,
-    test_data: Optional[Split] = None,
+    train_data: Union[Split, Iterable],
+    test_data: Union[Split, Iterable, None] = None,
     config: Optional[TrainConfig] = None,
     *,
     out_dir: Optional[Union[str, os.PathLike]] = None,
@@ -288,22 +326,40 @@ def train(
     model_spec: Optional[Dict[str, Any]] = None,
     on_epoch: Optional[Callable[[Dict[str, Any]], None]] = None,
     overwrite: bool = False,
+    rank_noise: Optional[str] = None,
+    distributed: Optional[bool] = None,
 ) -> List[Dict[str, Any]]:
     """Train ``model`` (plain or PNI) with clean warm-up then PGD adversarial training.
 
     Args:
-        train_data, test_data: `Split`s (float in [0,1] or uint8). ``test_data``
-            gives per-epoch clean/PGD accuracy; without it those are None.
+        train_data: the training batches, either
+            * a `Split` (in memory, float in [0,1] or uint8): shuffled per epoch with a generator seeded
+              from ``(config.seed, epoch)``, cut into ``config.batch_size`` batches, crop+flip when
+              ``config.augment``; or
+            * any re-iterable of ``(x, y)`` batches: a ``torch.utils.data.DataLoader`` (your own data,
+              transforms and augmentation), a list, ... It is iterated once per epoch; ``x`` is float
+              images in [0, 1] (uint8 is scaled), ``y`` integer labels. ``config.batch_size`` and
+              ``config.augment`` do not apply (augmentation belongs to the loader; ``augment=True`` is
+              refused). A sampler with ``set_epoch`` (``DistributedSampler``) gets it every epoch.
+              A one-shot iterator (generator) is accepted for a single epoch only.
+        test_data: a `Split` or an iterable of ``(x, y)`` batches; gives per-epoch clean/PGD accuracy
+            on its first ``config.eval_samples`` images (without it those are None).
         config: TrainConfig (the paper's recipe by default).
         out_dir: where checkpoint.pt, history.json and metrics.csv are written
             after every epoch (nothing is written when None).
         resume: a checkpoint file or folder to continue from.
         model_spec: JSON-able description stored in the checkpoint so
             ``python -m pni_fast eval`` can rebuild the model.
-        on_epoch: called with each epoch's record (after its checkpoint is written).
+        on_epoch: called with each epoch's record (after its checkpoint is written; on every rank).
         overwrite: allow ``out_dir`` to hold another run's files (they are
             deleted first); without it such a folder raises FileExistsError,
             unless ``resume`` is that folder's own checkpoint.
+        rank_noise: ``'same'`` or ``'independent'``: how PNI noise relates across data-parallel ranks
+            (see below and `pni_fast.distributed`). None: ``'same'`` in a process group; in a single
+            process the noise then comes from torch's generator as always. Given in a single process,
+            the per-epoch noise streams of a data-parallel run are used (a 1-process reference run).
+        distributed: None uses the initialized ``torch.distributed`` process group if there is one,
+            False ignores it, True requires it.
     Returns:
         The list of per-epoch records (loss, accuracies, lr, mean alpha per layer).
 
@@ -315,16 +371,45 @@ def train(
     config; a resumed run restores the generator states from the checkpoint.
     Resuming a checkpoint that already holds ``config.epochs`` epochs trains
     nothing: it warns and returns the checkpoint's history.
+
+    **Data parallel** (a process group is initialized, e.g. ``torchrun --nproc_per_node N``): the model
+    is wrapped in ``DistributedDataParallel`` (``find_unused_parameters=False``); ``config.batch_size``
+    is the global batch (it must be divisible by N): with a `Split` every rank takes its strided shard
+    of each global batch of the epoch's permutation, so N ranks see exactly the batches of one process.
+    With a DataLoader give each rank its shard (``DistributedSampler``, per-rank batch size) and the same
+    number of batches. Metrics are summed over ranks; test evaluation, logs and checkpoints are rank 0's
+    (the checkpoint holds the unwrapped model); all ranks load ``resume``. PGD runs on the unwrapped
+    model (no gradient sync, no DDP bookkeeping for the input-gradient passes). BatchNorm uses each
+    rank's batch statistics, as in any DDP run. PyTorch's and PNI's generators are reseeded every epoch
+    from ``(config.seed, epoch, rank)`` -- PNI's from ``(config.seed, epoch)`` only under
+    ``rank_noise='same'`` (the default: every rank draws the same noise, so the step is one noisy
+    model's step over the global batch, equal to one process's up to the rounding of DDP's average;
+    ``'independent'`` gives each rank its own noise, N noise samples per step for the alpha gradient,
+    at the price of a result that depends on N). A `no_noise` forward through a DDP model leaves the
+    alphas without a gradient, which DDP reports at the next step; run such forwards through
+    ``ddp.module`` or build DDP with ``find_unused_parameters=True``.
     """
     config = config if config is not None else TrainConfig()
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
-    if not isinstance(train_data, Split):
-        raise TypeError(f"train_data must be a pni_fast.data.Split, got {type(train_data).__name__}")
-    if test_data is not None and not isinstance(test_data, Split):
-        raise TypeError(f"test_data must be a pni_fast.data.Split or None, got {type(test_data).__name__}")
+    check_batch_source(train_data, "train_data")
+    if test_data is not None:
+        check_batch_source(test_data, "test_data")
+    ctx = _dist.context(distributed)
+    streams = ctx.active or rank_noise is not None
+    if streams:
+        rank_noise = _dist.check_rank_noise(_dist.DEFAULT_RANK_NOISE if rank_noise is None else rank_noise)
+    in_memory = isinstance(train_data, Split)
+    if not in_memory and config.augment:
+        raise ValueError("config.augment (crop+flip) applies to Split data; with a DataLoader or another iterable, "
+                         "augment in its dataset/transforms and pass augment=False")
+    if in_memory and config.batch_size % ctx.world_size:
+        raise ValueError(f"batch_size ({config.batch_size}) is the global batch and must be divisible by the "
+                         f"number of processes ({ctx.world_size})")
     started = time.time()
     dev = resolve_device(device)
+    if ctx.active and dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
     model.to(dev)
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config)
@@ -334,14 +419,21 @@ def train(
         resume = os.fspath(resume)
     if out_dir is not None:
         out_dir = os.fspath(out_dir)
-        _prepare_out_dir(out_dir, resume, overwrite, started)
+        _dist.rank0_call(ctx, lambda: _prepare_out_dir(out_dir, resume, overwrite, started))
+    run_info = {"rank_noise": rank_noise, "world_size": ctx.world_size} if streams else None
+
+    def warn(msg: str) -> None:
+        if ctx.is_main:
+            warnings.warn(msg, stacklevel=3)
 
     if resume is not None:
         ckpt = load_checkpoint(resume, map_location=dev)
         old = ckpt.get("config", {})
         diff = {k: (old.get(k), v) for k, v in config.to_dict().items() if k != "epochs" and k in old and _norm(old.get(k)) != _norm(v)}
+        if ckpt.get("streams") != run_info:
+            diff["noise streams"] = (ckpt.get("streams"), run_info)
         if diff:
-            warnings.warn(f"resuming with settings that differ from the checkpoint's (old, new): {diff}", stacklevel=2)
+            warn(f"resuming with settings that differ from the checkpoint's (old, new): {diff}")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -358,88 +450,122 @@ def train(
         if model_spec is None:
             model_spec = ckpt.get("model_spec")
         if out_dir is not None:
-            _write_logs(out_dir, history)  # logs of a crashed run may be ahead of its checkpoint
+            # logs of a crashed run may be ahead of its checkpoint
+            _dist.rank0_call(ctx, lambda: _write_logs(out_dir, history))
         if start_epoch >= config.epochs:
-            warnings.warn(f"checkpoint {resume!r} already holds {start_epoch} epochs (epochs={config.epochs}): "
-                          "nothing to train", stacklevel=2)
+            warn(f"checkpoint {resume!r} already holds {start_epoch} epochs (epochs={config.epochs}): nothing to train")
     else:
         torch.manual_seed(config.seed)
+    if isinstance(train_data, collections.abc.Iterator) and config.epochs - start_epoch > 1:
+        raise ValueError(f"train_data is a one-shot iterator (e.g. a generator) but {config.epochs - start_epoch} "
+                         "epochs are to run: pass a re-iterable (a list, a DataLoader)")
+    if ctx.active and ctx.world_size > 1 and isinstance(train_data, torch.utils.data.DataLoader) and not isinstance(
+            train_data.sampler, torch.utils.data.distributed.DistributedSampler):
+        warn("train_data is a DataLoader without a DistributedSampler: every rank trains on the same batches")
 
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm is a dependency
         tqdm = None
     # bars redraw in place on a terminal; in a log file (CI, nohup) they would bury the results
-    progress = progress and sys.stderr.isatty()
+    progress = progress and sys.stderr.isatty() and ctx.is_main
+    fwd: nn.Module = model  # what the training forwards call; PGD always attacks the unwrapped model
+    if ctx.active:
+        fwd = nn.parallel.DistributedDataParallel(
+            model, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=False)
 
-    for epoch in range(start_epoch, config.epochs):
-        t0 = time.perf_counter()
-        adv_on = config.adversarial and epoch >= config.warmup_epochs
-        gen = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
-        lr = optimizer.param_groups[0]["lr"]
-        model.train()
-        n_seen = loss_sum = 0.0
-        clean_ok = adv_ok = 0
-        batches = iterate_batches(train_data, config.batch_size, shuffle=True, augment=config.augment,
-                                  generator=gen, device=dev)
-        n_batches = math.ceil(len(train_data) / config.batch_size)
-        bar = tqdm(batches, total=n_batches, desc=f"epoch {epoch + 1}/{config.epochs}{' adv' if adv_on else ''}",
-                   leave=False, disable=not progress, dynamic_ncols=True) if tqdm is not None else batches
-        for x, y in bar:
-            if adv_on:
-                with _noise_ctx(model, config.adv_noise):
-                    x_adv = pgd(model, x, y, eps=config.adv_eps, alpha=config.adv_alpha, steps=config.adv_steps,
-                                random_start=config.adv_random_start, targets=config.adv_targets)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            if adv_on:
-                logits_adv = model(x_adv)
-                loss = config.clean_weight * loss + config.adv_weight * F.cross_entropy(logits_adv, y)
-                adv_ok += int((logits_adv.argmax(1) == y).sum())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            b = int(y.shape[0])
-            n_seen += b
-            loss_sum += float(loss.detach()) * b
-            clean_ok += int((logits.argmax(1) == y).sum())
-            if tqdm is not None and progress:
-                bar.set_postfix(loss=f"{loss_sum / n_seen:.3f}", acc=f"{clean_ok / n_seen:.3f}")
-        scheduler.step()
-        test_clean, test_adv = (None, None)
-        if test_data is not None:
-            test_clean, test_adv = _evaluate_epoch(model, test_data, config, dev)
-        record = {
-            "epoch": epoch + 1,
-            "lr": lr,
-            "adversarial": adv_on,
-            "train_loss": loss_sum / max(n_seen, 1),
-            "train_clean_acc": clean_ok / max(n_seen, 1),
-            "train_adv_acc": adv_ok / n_seen if adv_on and n_seen else None,
-            "test_clean_acc": test_clean,
-            "test_adv_acc": test_adv,
-            "alpha": alpha_means(model),
-            "time_s": time.perf_counter() - t0,
-        }
-        record["alpha_mean"] = float(np.mean(list(record["alpha"].values()))) if record["alpha"] else None
-        history.append(record)
-        if out_dir is not None:
-            save_checkpoint(
-                os.path.join(out_dir, CHECKPOINT_NAME),
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
+    with contextlib.ExitStack() as stack:
+        if streams:
+            stack.enter_context(own_generator(0))  # PNI's previous generator is restored on the way out
+        for epoch in range(start_epoch, config.epochs):
+            t0 = time.perf_counter()
+            if streams:
+                torch.manual_seed(_dist.derived_seed(config.seed, "torch", epoch, ctx.rank))
+                _pni_manual_seed(_dist.derived_seed(config.seed, "pni", epoch,
+                                                    ctx.rank if rank_noise == "independent" else "all"))
+            adv_on = config.adversarial and epoch >= config.warmup_epochs
+            lr = optimizer.param_groups[0]["lr"]
+            model.train()
+            n_seen = loss_sum = 0.0
+            clean_ok = adv_ok = 0
+            if in_memory:
+                gen = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+                batches = iterate_batches(train_data, config.batch_size, shuffle=True, augment=config.augment,
+                                          generator=gen, device=dev, rank=ctx.rank, world_size=ctx.world_size)
+                n_batches = math.ceil((len(train_data) - len(train_data) % ctx.world_size) / config.batch_size)
+            else:
+                _set_epoch(train_data, epoch)
+                batches = iterate_user_batches(train_data, "train_data", dev)
+                n_batches = _num_batches(train_data)
+            bar = tqdm(batches, total=n_batches, desc=f"epoch {epoch + 1}/{config.epochs}{' adv' if adv_on else ''}",
+                       leave=False, disable=not progress, dynamic_ncols=True) if tqdm is not None else batches
+            for x, y in bar:
+                if adv_on:
+                    with _noise_ctx(model, config.adv_noise):
+                        x_adv = pgd(model, x, y, eps=config.adv_eps, alpha=config.adv_alpha, steps=config.adv_steps,
+                                    random_start=config.adv_random_start, targets=config.adv_targets)
+                logits = fwd(x)
+                loss = F.cross_entropy(logits, y)
+                if adv_on:
+                    logits_adv = fwd(x_adv)
+                    loss = config.clean_weight * loss + config.adv_weight * F.cross_entropy(logits_adv, y)
+                    adv_ok += int((logits_adv.argmax(1) == y).sum())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                b = int(y.shape[0])
+                n_seen += b
+                loss_sum += float(loss.detach()) * b
+                clean_ok += int((logits.argmax(1) == y).sum())
+                if tqdm is not None and progress:
+                    bar.set_postfix(loss=f"{loss_sum / n_seen:.3f}", acc=f"{clean_ok / n_seen:.3f}")
+            if ctx.active:
+                loss_sum, n_seen, clean_ok, adv_ok = _dist.all_sum(ctx, [loss_sum, n_seen, clean_ok, adv_ok])
+                _dist.broadcast_buffers(model)  # BatchNorm statistics: rank 0's, as DDP uses at each forward
+            if not in_memory and n_seen == 0:
+                raise ValueError(f"train_data yielded no batches in epoch {epoch + 1}")
+            scheduler.step()
+
+            def finish(epoch=epoch, t0=t0, adv_on=adv_on, lr=lr, n_seen=n_seen, loss_sum=loss_sum,
+                       clean_ok=clean_ok, adv_ok=adv_ok) -> Dict[str, Any]:
+                test_clean, test_adv = (None, None)
+                if test_data is not None:
+                    test_clean, test_adv = _evaluate_epoch(model, test_data, config, dev)
+                record = {
                     "epoch": epoch + 1,
-                    "history": history,
-                    "rng": _rng_state(),
-                    "config": config.to_dict(),
-                    "model_spec": model_spec,
-                },
-            )
-            _write_logs(out_dir, history)  # after the checkpoint: the logs never run ahead of it
-        if on_epoch is not None:
-            on_epoch(record)
+                    "lr": lr,
+                    "adversarial": adv_on,
+                    "train_loss": loss_sum / max(n_seen, 1),
+                    "train_clean_acc": clean_ok / max(n_seen, 1),
+                    "train_adv_acc": adv_ok / n_seen if adv_on and n_seen else None,
+                    "test_clean_acc": test_clean,
+                    "test_adv_acc": test_adv,
+                    "alpha": alpha_means(model),
+                    "time_s": time.perf_counter() - t0,
+                }
+                record["alpha_mean"] = float(np.mean(list(record["alpha"].values()))) if record["alpha"] else None
+                if out_dir is not None:
+                    state = {
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "epoch": epoch + 1,
+                        "history": history + [record],
+                        "rng": _rng_state(),
+                        "config": config.to_dict(),
+                        "model_spec": model_spec,
+                    }
+                    if run_info is not None:
+                        state["streams"] = run_info
+                    save_checkpoint(os.path.join(out_dir, CHECKPOINT_NAME), state)
+                    _write_logs(out_dir, history + [record])  # after the checkpoint: the logs never run ahead of it
+                return record
+
+            # rank 0 evaluates and writes; the others wait for its record (an error there stops every rank)
+            record = _dist.rank0_call(ctx, finish)
+            history.append(record)
+            if on_epoch is not None:
+                on_epoch(record)
     return history
 
 

@@ -173,3 +173,86 @@ def test_resume_with_more_epochs_stretches_the_schedule(digits, tmp_path):
                  resume=tmp_path, progress=False)
     # 2-epoch schedule decayed at epoch 1 (and 2); the 4-epoch one decays at epochs 2 and 3
     assert [h["lr"] for h in hist] == pytest.approx([0.05, 0.005, 0.005, 0.0005])
+
+
+class _SplitAsIterable:
+    """Re-iterable (x, y) batches that reproduce train()'s own Split batching, one epoch per iter()."""
+
+    def __init__(self, split, cfg):
+        self.split, self.cfg, self.epoch = split, cfg, 0
+
+    def __iter__(self):
+        from pni_fast.data import iterate_batches
+
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch)
+        self.epoch += 1
+        return iterate_batches(self.split, self.cfg.batch_size, shuffle=True, generator=gen)
+
+
+def test_iterable_batches_train_exactly_like_the_split(digits):
+    """The iterable path runs the same steps: the same batches give bit-identical weights and records."""
+    tr, te = digits
+    cfg = _cfg(epochs=2)
+    a = _pni_model()
+    ha = train(a, tr, te, cfg, progress=False)
+    b = _pni_model()
+    hb = train(b, _SplitAsIterable(tr, cfg), te, cfg, progress=False)
+    assert _strip_time(ha) == _strip_time(hb)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+
+
+def test_dataloader_with_own_augmentation(digits):
+    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data.distributed import DistributedSampler
+
+    tr, te = digits
+    uint8 = (tr.x * 255).round().to(torch.uint8)  # uint8 batches are scaled to [0, 1]
+    flips = []
+
+    def collate(items):
+        x = torch.stack([i[0] for i in items])
+        y = torch.stack([i[1] for i in items])
+        flips.append(1)
+        return x.flip(3), y  # the user's augmentation
+
+    ds = TensorDataset(uint8, tr.y)
+    sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=0)
+    loader = DataLoader(ds, batch_size=64, sampler=sampler, collate_fn=collate)
+    torch.manual_seed(0)
+    model = DigitsCNN(1, 10, 4)
+    hist = train(model, loader, DataLoader(TensorDataset(te.x, te.y), batch_size=7), _cfg(epochs=3, adversarial=False),
+                 progress=False)
+    assert len(hist) == 3 and hist[-1]["train_loss"] < hist[0]["train_loss"]
+    assert sampler.epoch == 2  # set_epoch(epoch) before every epoch
+    assert len(flips) == 3 * 3
+    # the test loader is evaluated on its first eval_samples images, like a Split (deterministic plain model)
+    from pni_fast.train import _evaluate_epoch
+
+    cfg = _cfg(adversarial=False, eval_samples=20)
+    ref = _evaluate_epoch(model, te, cfg, torch.device("cpu"))
+    got = _evaluate_epoch(model, DataLoader(TensorDataset(te.x, te.y), batch_size=7), cfg, torch.device("cpu"))
+    assert got == ref and ref[0] * 20 % 1 == 0
+
+
+def test_iterable_errors(digits):
+    tr, _ = digits
+    batches = [(tr.x[:32], tr.y[:32]), (tr.x[32:64], tr.y[32:64])]
+    with pytest.raises(ValueError, match="augment"):
+        train(DigitsCNN(1, 10, 4), batches, None, _cfg(augment=True), progress=False)
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        train(DigitsCNN(1, 10, 4), iter(batches), None, _cfg(epochs=2), progress=False)
+    hist = train(DigitsCNN(1, 10, 4), iter(batches), None, _cfg(epochs=1, adversarial=False), progress=False)
+    assert len(hist) == 1  # a generator is fine for one epoch
+    with pytest.raises(TypeError, match="pairs"):
+        train(DigitsCNN(1, 10, 4), [(tr.x[:4], tr.y[:4], None)], None, _cfg(epochs=1), progress=False)
+    with pytest.raises(TypeError, match="integer class labels"):
+        train(DigitsCNN(1, 10, 4), [(tr.x[:4], tr.y[:4].float())], None, _cfg(epochs=1), progress=False)
+    with pytest.raises(ValueError, match="y \\[N\\]"):
+        train(DigitsCNN(1, 10, 4), [(tr.x[:4], tr.y[:3])], None, _cfg(epochs=1), progress=False)
+    with pytest.raises(TypeError, match="DataLoader"):
+        train(DigitsCNN(1, 10, 4), torch.utils.data.TensorDataset(tr.x, tr.y), None, _cfg(), progress=False)
+    with pytest.raises(TypeError, match="test_data"):
+        train(DigitsCNN(1, 10, 4), batches, 5, _cfg(), progress=False)
+    with pytest.raises(ValueError, match="no batches"):
+        train(DigitsCNN(1, 10, 4), [], None, _cfg(epochs=1), progress=False)
