@@ -5,18 +5,24 @@ is a sample, not a measurement. `evaluate` repeats each evaluation R times
 (fresh noise each time) and reports mean +/- std, with every attack setting
 recorded next to the number (design.md section 7).
 
-What the std measures: the attack's own randomness (PGD's random start) uses a
-fixed-seed generator that is the same in every repeat, so the spread comes from
-the model's noise alone; a deterministic model gets std exactly 0.
+What the std measures: the attack's own randomness (PGD's random start, the
+random starts and searches of AutoAttack-rand and Square) is seeded with the
+spec's fixed seed in every repeat, so the spread comes from the model's noise
+alone; a deterministic model gets std exactly 0.
+
+Randomized defenses are judged with AutoAttack's ``rand`` version (APGD-CE +
+APGD-DLR with EOT) and the gradient-free Square attack, next to PGD and
+EOT-PGD; both run through torchattacks, an optional dependency.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -26,7 +32,7 @@ from .data import Split, to_unit_float
 
 __all__ = ["AttackSpec", "EvalResult", "evaluate", "format_results", "accuracy"]
 
-_KINDS = ("clean", "fgsm", "pgd", "eot-pgd", "cw")
+_KINDS = ("clean", "fgsm", "pgd", "eot-pgd", "cw", "autoattack-rand", "square")
 
 
 def _fmt_eps(v: float) -> str:
@@ -39,9 +45,13 @@ def _fmt_eps(v: float) -> str:
 
 @dataclass(frozen=True)
 class AttackSpec:
-    """One attack with all of its settings; ``kind`` in clean, fgsm, pgd, eot-pgd, cw.
+    """One attack with all of its settings; ``kind`` in clean, fgsm, pgd, eot-pgd, cw, autoattack-rand, square.
 
-    ``seed`` seeds the generator of the random start (same in every repeat).
+    ``seed`` seeds the attack's own randomness, the same in every repeat (PGD: the generator of the
+    random start; autoattack-rand and square: torchattacks' seed). autoattack-rand uses ``steps``,
+    ``restarts`` and ``eot_samples`` (>= 2; AutoAttack uses 100 steps x 20 samples); square uses
+    ``n_queries``, ``p_init`` and ``restarts``. Both need ``pip install torchattacks`` and image batches
+    [N, C, H, W].
     """
 
     kind: str = "pgd"
@@ -58,6 +68,8 @@ class AttackSpec:
     cw_lr: float = 0.01
     cw_steps: int = 100
     cw_search_steps: int = 5
+    n_queries: int = 5000
+    p_init: float = 0.8
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -65,6 +77,14 @@ class AttackSpec:
             raise ValueError(f"kind must be one of {_KINDS}, got {self.kind!r}")
         if self.kind == "eot-pgd" and self.eot_samples < 2:
             raise ValueError(f"eot-pgd needs eot_samples >= 2, got {self.eot_samples}")
+        if self.kind == "autoattack-rand" and self.eot_samples < 2:
+            raise ValueError(
+                f"autoattack-rand needs eot_samples >= 2 (AutoAttack's rand version uses 20), got {self.eot_samples}"
+            )
+        if isinstance(self.n_queries, bool) or not isinstance(self.n_queries, int) or self.n_queries < 1:
+            raise ValueError(f"n_queries must be an int >= 1, got {self.n_queries!r}")
+        if not 0 < self.p_init <= 1:
+            raise ValueError(f"p_init must be in (0, 1], got {self.p_init!r}")
         if self.targets not in ("labels", "predictions"):
             raise ValueError(f"targets must be 'labels' or 'predictions', got {self.targets!r}")
         if self.norm not in ("linf", "l2"):
@@ -79,6 +99,10 @@ class AttackSpec:
             return "FGSM"
         if self.kind == "cw":
             return "CW-L2"
+        if self.kind == "autoattack-rand":
+            return f"AA-rand-{self.steps}x{self.eot_samples}"
+        if self.kind == "square":
+            return f"Square-{self.n_queries}"
         base = f"PGD-{self.steps}"
         return f"EOT-{base}x{self.eot_samples}" if self.kind == "eot-pgd" else base
 
@@ -96,6 +120,18 @@ class AttackSpec:
         if self.kind == "fgsm":
             return f"FGSM: {norm} eps={eps}, targets={self.targets}" + (
                 f", EOT samples={self.eot_samples}" if self.eot_samples > 1 else ""
+            )
+        if self.kind == "autoattack-rand":
+            return (
+                f"{self.name}: AutoAttack rand version (APGD-CE, then APGD-DLR on the rest; torchattacks): {norm} "
+                f"eps={eps}, steps={self.steps}, restarts={self.restarts}, EOT samples={self.eot_samples}, "
+                f"seed={self.seed}, targets={self.targets}"
+            )
+        if self.kind == "square":
+            return (
+                f"{self.name}: Square (gradient-free, margin loss; torchattacks): {norm} eps={eps}, "
+                f"queries={self.n_queries}, p_init={self.p_init:g}, restarts={self.restarts}, seed={self.seed}, "
+                f"targets={self.targets}"
             )
         step = _fmt_eps(self.alpha) if self.norm == "linf" else f"{self.alpha:g}"
         return (
@@ -117,6 +153,16 @@ class AttackSpec:
                 model, x, y, c=self.cw_c, kappa=self.cw_kappa, steps=self.cw_steps, lr=self.cw_lr,
                 search_steps=self.cw_search_steps, targets=self.targets,
             )
+        if self.kind == "autoattack-rand":
+            return _attacks.autoattack_rand(
+                model, x, y, eps=self.eps, norm=self.norm, steps=self.steps, eot_samples=self.eot_samples,
+                restarts=self.restarts, seed=self.seed, targets=self.targets,
+            )
+        if self.kind == "square":
+            return _attacks.square_attack(
+                model, x, y, eps=self.eps, norm=self.norm, n_queries=self.n_queries, p_init=self.p_init,
+                restarts=self.restarts, seed=self.seed, targets=self.targets,
+            )
         return _attacks.pgd(
             model, x, y, eps=self.eps, alpha=self.alpha, steps=self.steps, norm=self.norm,
             random_start=self.random_start, restarts=self.restarts, targets=self.targets,
@@ -129,9 +175,9 @@ class EvalResult:
     """Accuracy of one attack over R noisy evaluations, with the attack's settings."""
 
     attack: str
-    settings: Dict[str, object]
+    settings: dict[str, object]
     description: str
-    accuracies: List[float]
+    accuracies: list[float]
     n_examples: int
     mean: float = field(init=False)
     std: float = field(init=False)
@@ -140,7 +186,7 @@ class EvalResult:
         self.mean = float(statistics.fmean(self.accuracies)) if self.accuracies else math.nan
         self.std = float(statistics.pstdev(self.accuracies)) if len(self.accuracies) > 1 else 0.0
 
-    def as_dict(self) -> Dict[str, object]:
+    def as_dict(self) -> dict[str, object]:
         return asdict(self)
 
     def __str__(self) -> str:
@@ -153,38 +199,59 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((model(x).argmax(1) == y).float().mean().item())
 
 
-def _batches(
-    data: Union[Split, Tuple[torch.Tensor, torch.Tensor], Iterable], batch_size: int, device: torch.device
-) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+Data = Union[Split, tuple[torch.Tensor, torch.Tensor], Iterable]
+
+
+def _in_memory(data: Data) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """(x, y) for a `Split` or a pair of tensors, else None (an iterable of batches)."""
     if isinstance(data, Split):
-        data = (data.x, data.y)
+        return data.x, data.y
     if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        x, y = data
-        out = []
+        return data
+    return None
+
+
+def _batches(data: Data, batch_size: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One pass over ``data``: batches moved to ``device`` one at a time (nothing is held)."""
+    pair = _in_memory(data)
+    if pair is not None:
+        x, y = pair
         for s in range(0, x.shape[0], batch_size):
-            out.append((to_unit_float(x[s : s + batch_size]).to(device), y[s : s + batch_size].to(device)))
-        return out
-    return [(to_unit_float(xb).to(device), yb.to(device)) for xb, yb in data]
+            yield to_unit_float(x[s : s + batch_size]).to(device), y[s : s + batch_size].to(device)
+        return
+    for i, batch in enumerate(data):
+        try:
+            xb, yb = batch
+        except (TypeError, ValueError):
+            raise TypeError(f"data must yield (x, y) batches, got {type(batch).__name__} as batch {i}") from None
+        if not isinstance(xb, torch.Tensor) or not isinstance(yb, torch.Tensor):
+            raise TypeError(
+                f"data must yield (x, y) batches of tensors, got ({type(xb).__name__}, {type(yb).__name__}) "
+                f"as batch {i}"
+            )
+        yield to_unit_float(xb).to(device), yb.to(device)
 
 
 def evaluate(
     model: nn.Module,
-    data: Union[Split, Tuple[torch.Tensor, torch.Tensor], Iterable],
+    data: Data,
     attacks: Sequence[AttackSpec] = (AttackSpec("clean"), AttackSpec("pgd")),
     *,
     repeats: int = 5,
     batch_size: int = 256,
     device: Union[str, torch.device, None] = None,
-) -> List[EvalResult]:
+) -> list[EvalResult]:
     """Accuracy of ``model`` on ``data`` under each attack, repeated ``repeats`` times.
 
     The model runs in eval mode (PNI noise stays on unless switched off by the
     caller), attacks included, and every submodule's mode is restored afterwards. In each repeat every batch is
     attacked afresh and the adversarial batch is classified by one more noisy
-    forward pass.
+    forward pass. Batches are streamed: one is on the device at a time.
 
     Args:
-        data: a `Split`, an (x, y) pair of tensors, or an iterable of (x, y) batches.
+        data: a `Split` or an (x, y) pair of tensors (cut into ``batch_size`` batches), or a re-iterable of
+            (x, y) batches such as a list or a ``DataLoader`` (its own batching is kept). It is read once per
+            attack and repeat, so a one-shot iterator (a generator) is refused.
         attacks: AttackSpec list; ``AttackSpec("clean")`` for clean accuracy.
         repeats: R, the number of noisy evaluations behind mean +/- std.
     """
@@ -195,33 +262,56 @@ def evaluate(
     for a in attacks:
         if not isinstance(a, AttackSpec):
             raise TypeError(f"attacks must hold AttackSpec objects, got {type(a).__name__}")
+    pair = _in_memory(data)
+    if pair is None:
+        try:
+            it = iter(data)
+        except TypeError:
+            raise TypeError(
+                "data must be a Split, an (x, y) pair of tensors or an iterable of (x, y) batches, "
+                f"got {type(data).__name__}"
+            ) from None
+        if it is data:
+            raise TypeError(
+                f"data is a one-shot iterator ({type(data).__name__}); evaluate reads it once per attack and repeat: "
+                "pass a list of batches, a DataLoader or another re-iterable"
+            )
+    elif pair[0].shape[0] == 0:
+        raise ValueError("data holds no examples")
     if device is None:
         p = next(model.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")
     device = torch.device(device)
-    batches = _batches(data, batch_size, device)
-    n = sum(int(b[1].shape[0]) for b in batches)
-    if n == 0:
-        raise ValueError("data holds no examples")
 
     results = []
+    n: Optional[int] = None
     with _attacks.model_mode(model, "eval"):
         for spec in attacks:
             accs = []
             for _ in range(repeats):
                 gen = torch.Generator(device="cpu").manual_seed(spec.seed)
-                correct = 0
-                for xb, yb in batches:
+                correct = seen = 0
+                for xb, yb in _batches(data, batch_size, device):
                     xa = spec.run(model, xb, yb, gen)
                     with torch.no_grad():
                         correct += int((model(xa).argmax(1) == yb).sum().item())
+                    seen += int(yb.shape[0])
+                if n is None:
+                    if seen == 0:
+                        raise ValueError("data holds no examples")
+                    n = seen
+                elif seen != n:
+                    raise ValueError(
+                        f"data gave {n} examples on one pass and {seen} on another; evaluate needs the same "
+                        "examples on every pass (a DataLoader with drop_last or a changing sampler?)"
+                    )
                 accs.append(correct / n)
             settings = asdict(spec)
             results.append(EvalResult(spec.name, settings, spec.describe(), accs, n))
     return results
 
 
-def format_results(rows: Dict[str, List[EvalResult]], repeats: Optional[int] = None) -> str:
+def format_results(rows: dict[str, list[EvalResult]], repeats: Optional[int] = None) -> str:
     """A plain-text table: one row per model, one column per attack, cells 'mean +/- std' in %."""
     if not rows:
         return "(no results)"
@@ -241,8 +331,8 @@ def format_results(rows: Dict[str, List[EvalResult]], repeats: Optional[int] = N
         lines.append(f"accuracy in % on {first[0].n_examples} test images, mean +/- std over R={r} noisy evaluations")
     else:
         per = ", ".join(f"{k}: R={v}" for k, v in rs.items())
-        lines.append(f"accuracy in % on {first[0].n_examples} test images, mean +/- std over R noisy evaluations ({per}; "
-                     "a model without noise gives the same answer every time, so R=1 and std 0 for it)")
+        lines.append(f"accuracy in % on {first[0].n_examples} test images, mean +/- std over R noisy evaluations "
+                     f"({per}; a model without noise gives the same answer every time, so R=1 and std 0 for it)")
     for res in first:
         lines.append(f"  {res.description}")
     return "\n".join(lines)
