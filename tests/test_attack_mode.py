@@ -7,7 +7,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pni_fast.attacks import attack_mode, carlini_wagner_l2, eot_pgd, fgsm, model_mode, pgd
+from pni_fast.attacks import (
+    attack_mode,
+    autoattack_rand,
+    carlini_wagner_l2,
+    eot_pgd,
+    fgsm,
+    model_mode,
+    pgd,
+    square_attack,
+)
 from pni_fast.evaluate import AttackSpec, evaluate
 
 
@@ -48,6 +57,16 @@ def _buffers(m: nn.Module) -> dict:
     return {k: v.clone() for k, v in m.named_buffers()}
 
 
+def _ta(fn):
+    """An attack that runs through torchattacks: skipped where it is not installed."""
+
+    def run(m, x, y, **kw):
+        pytest.importorskip("torchattacks", reason="torchattacks not installed (pip install --no-deps torchattacks)")
+        return fn(m, x, y, **kw)
+
+    return run
+
+
 ATTACKS = {
     "fgsm": lambda m, x, y, **kw: fgsm(m, x, y, eps=0.1, **kw),
     "pgd": lambda m, x, y, **kw: pgd(m, x, y, eps=0.1, alpha=0.03, steps=3,
@@ -59,7 +78,10 @@ ATTACKS = {
     "pgd-predictions": lambda m, x, y, **kw: pgd(m, x, None, targets="predictions", eps=0.1, alpha=0.03, steps=2,
                                                  generator=torch.Generator().manual_seed(5), **kw),
     "cw": lambda m, x, y, **kw: carlini_wagner_l2(m, x, y, steps=3, search_steps=2, lr=0.05, **kw),
+    "autoattack-rand": _ta(lambda m, x, y, **kw: autoattack_rand(m, x, y, eps=0.1, steps=2, eot_samples=2, **kw)),
+    "square": _ta(lambda m, x, y, **kw: square_attack(m, x, y, eps=0.1, n_queries=5, **kw)),
 }
+TORCHATTACKS = ("autoattack-rand", "square")
 
 
 @pytest.mark.parametrize("name", list(ATTACKS))
@@ -171,3 +193,26 @@ def test_mode_argument_errors():
             fn(mode="test")
         with pytest.raises(ValueError, match="mode must be one of"):
             fn(mode=None)
+
+
+@pytest.mark.parametrize("name", TORCHATTACKS)
+def test_torchattacks_follow_our_mode_not_their_own(name):
+    """torchattacks switches the whole model to eval itself and back to train() after; our `mode` governs instead."""
+    x, y = _data()
+    for mode in ("current", "train"):
+        model = _model().train() if mode == "current" else _model().eval()
+        was = [m.training for m in model.modules()]
+        before = _buffers(model)
+        ATTACKS[name](model, x, y, mode=mode)
+        assert model.modes and all(model.modes), f"{mode}: torchattacks ran eval-mode forwards"
+        assert [m.training for m in model.modules()] == was
+        for k, v in model.named_buffers():
+            assert torch.equal(v, before[k]), f"{mode}: attack changed buffer {k}"
+    model = _model().train()
+    model.bn.eval()  # a frozen BatchNorm in a training model: torchattacks' model.train() would unfreeze it
+    ATTACKS[name](model, x, y, mode="current")
+    assert model.modes and not any(model.modes)
+    assert [m.training for m in model.modules()] == [True, True, False, True]
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+    with pytest.raises(ValueError, match="mode must be one of"):
+        ATTACKS[name](model, x, y, mode="test")
