@@ -251,7 +251,9 @@ def evaluate(
     Args:
         data: a `Split` or an (x, y) pair of tensors (cut into ``batch_size`` batches), or a re-iterable of
             (x, y) batches such as a list or a ``DataLoader`` (its own batching is kept). It is read once per
-            attack and repeat, so a one-shot iterator (a generator) is refused.
+            attack and repeat, so a one-shot iterator (a generator) is refused. A DataLoader draws a seed from
+            torch's default generator on every pass unless it is given ``generator=``; that shifts the noise
+            stream (not the validity) relative to the same batches held in memory.
         attacks: AttackSpec list; ``AttackSpec("clean")`` for clean accuracy.
         repeats: R, the number of noisy evaluations behind mean +/- std.
     """
