@@ -24,6 +24,11 @@ rewritten from the checkpoint's history on resume, so they never run ahead of
 it. Leftover ``*.tmp<pid>`` files of an interrupted writer are removed when a
 run starts, and a run refuses to write into a folder that holds another run
 unless asked to (``overwrite=True``).
+
+The training data is an in-memory `Split` or any iterable of ``(x, y)`` batches
+(a ``DataLoader`` with your own data and augmentation). Inside a
+``torch.distributed`` process group (``torchrun``) the model is trained with
+``DistributedDataParallel``; see `train` and `pni_fast.distributed`.
 """
 
 from __future__ import annotations
@@ -408,8 +413,9 @@ def train(
                          f"number of processes ({ctx.world_size})")
     started = time.time()
     dev = resolve_device(device)
-    if ctx.active and dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
+    if ctx.active and dev.type == "cuda":
+        dev = torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)
+        torch.cuda.set_device(dev)  # nccl's collectives (rank 0's record, metric sums) run on this GPU
     model.to(dev)
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config)

@@ -7,6 +7,7 @@ runs of the same global batches.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -93,6 +94,7 @@ def _worker(rank: int, world: int, port: int, tmp: str, queue) -> None:
         out["resumed_hist"] = train(model, tr, te, cfg, out_dir=part, resume=snap, progress=False)
         out["resumed"] = _params(model)
         out["files"] = sorted(os.listdir(full)) if os.path.isdir(full) else None
+        out["no_noise"] = _no_noise_steps(tr)
     except Exception:
         out["error"] = traceback.format_exc()
     finally:
@@ -101,6 +103,33 @@ def _worker(rank: int, world: int, port: int, tmp: str, queue) -> None:
     # tensors go through a file: a queue would share them with a process that is about to exit
     torch.save(out, os.path.join(tmp, f"rank{rank}.pt"))
     queue.put(rank)
+
+
+def _no_noise_steps(tr) -> dict:
+    """A user's DDP loop with a ``no_noise`` step: the alphas get no gradient in that step."""
+    import torch.nn.functional as F
+
+    from pni_fast import no_noise
+
+    x, y = tr.x[:8], tr.y[:8]
+    res = {}
+    for unused in (False, True):
+        model = _no_bn_pni_model()
+        ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=unused)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        try:
+            for step in range(2):
+                with no_noise(model) if step == 0 else contextlib.nullcontext():
+                    loss = F.cross_entropy(ddp(x), y)
+                opt.zero_grad()
+                loss.backward()
+                if step == 0:
+                    res["alpha_grads"] = [p.grad for n, p in model.named_parameters() if "alpha" in n]
+                opt.step()
+            res[unused] = _params(model)
+        except RuntimeError as e:
+            res[unused] = str(e)
+    return res
 
 
 def _free_port() -> int:
@@ -222,3 +251,35 @@ def test_rank_noise_is_checked():
 
 def test_spawned_run_is_fast_enough(two_ranks):
     assert two_ranks["seconds"] < 120, two_ranks["seconds"]
+
+
+@pytest.mark.slow  # ~20 s: two fresh interpreters under torchrun
+def test_torchrun_cli_two_processes(tmp_path):
+    """``torchrun --nproc_per_node 2 -m pni_fast train`` on the digits: one summary line (rank 0), rank 0's files."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    if not os.path.isfile(torchrun):
+        pytest.skip(f"torchrun not found next to {sys.executable}")
+    out = tmp_path / "run"
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "pni_fast", "train", "--epochs", "1",
+           "--warmup-epochs", "0", "--limit-train", "64", "--batch-size", "32", "--eval-samples", "16",
+           "--pgd-steps", "1", "--pni", "layerwise", "--device", "cpu", "--rank-noise", "independent",
+           "--out", str(out), "--no-progress"]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("checkpoint and logs in") == 1, proc.stdout
+    assert sorted(os.listdir(out)) == sorted(["checkpoint.pt", "history.json", "metrics.csv"])
+    ck = load_checkpoint(out)
+    assert ck["streams"] == {"rank_noise": "independent", "world_size": 2}
+    assert ck["epoch"] == 1 and ck["history"][0]["adversarial"]
+    assert json.loads((out / "history.json").read_text())[0]["epoch"] == 1
+
+
+def test_no_noise_step_in_a_users_ddp_loop(two_ranks):
+    """Without unused-parameter detection DDP stops at the step after a no_noise forward and names the remedy;
+    with find_unused_parameters=True (what train()'s docstring advises, or attacking ddp.module) it trains."""
+    for r in (0, 1):
+        err = two_ranks[r]["no_noise"][False]
+        assert isinstance(err, str) and "find_unused_parameters=True" in err, err
+        assert two_ranks[r]["no_noise"]["alpha_grads"] and all(g is None for g in two_ranks[r]["no_noise"]["alpha_grads"])
+    _assert_same_params(two_ranks[0]["no_noise"][True], two_ranks[1]["no_noise"][True])
