@@ -64,6 +64,10 @@ TORCH_LIBRARY(pni_fast, m) {
   // Unbiased std of all of v's elements as a 0-d tensor (float32; float64 for float64
   // input); 0 when v has fewer than 2 elements. Deterministic two-pass std in float64
   // (rounded once to float32 for float32/float16/bfloat16 inputs). The "sigma" of PNI;
-  // CPU (and Meta) kernels only so far.
+  // CPU, CUDA and Meta kernels (CUDA: same definition, another summation order).
   m.def("sigma(Tensor v) -> Tensor", tags);
+  // float32 [len(vs)] (float64 for float64 inputs): element t is bit-for-bit sigma(vs[t]), all
+  // tensors in one call. vs: at least one tensor, one dtype, one device; any strides. CPU,
+  // CUDA and Meta kernels.
+  m.def("sigma_multi(Tensor[] vs) -> Tensor", tags);
 }

@@ -15,6 +15,11 @@
 // (16 float64 lanes per 256-element block, lanes and blocks added in a fixed order)
 // and the item sums are added in item order, so the bits do not depend on the number
 // of threads.
+//
+// sigma_multi(vs): the same values for a list of tensors (one dtype) in one call: the
+// items of all tensors share one parallel loop per pass, and each tensor's item sums are
+// combined exactly as for the tensor alone, so element t is bit-for-bit sigma(vs[t]).
+// (sigma itself is sigma_multi of one tensor.)
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -99,124 +104,218 @@ auto pick_block_sum() -> double (*)(const T*, int64_t, double, double) {
   return &block_sum_generic<kSquares, T>;
 }
 
-// Sum over the tensor of f(x) (see block_sum) in float64, same bits for any thread count.
+// One work item: elements [lo, hi) of tensor t (items never straddle two tensors; their
+// boundaries depend only on the tensors' sizes).
+struct Item {
+  int64_t t, lo, hi;
+};
+
+// Sum of f(x) (see block_sum) over elements [lo, hi) of x: kSumBlock blocks added in order.
 // float16 / bfloat16 blocks are converted to float32 first (exact).
-template <bool kSquares, typename scalar_t>
-double deterministic_sum(const scalar_t* x, int64_t n, double scale, double mean) {
+template <bool kSquares, typename scalar_t, typename SumFn>
+double item_sum(const scalar_t* x, int64_t lo, int64_t hi, double scale, double mean, SumFn sum_fn) {
+  double s = 0.0;
+  for (int64_t b = lo; b < hi; b += kSumBlock) {
+    const int64_t len = std::min<int64_t>(kSumBlock, hi - b);
+    if constexpr (std::is_same_v<scalar_t, at::Half>) {
+      alignas(64) float buf[kSumBlock];  // F16C conversion of the block
+      half_to_float(reinterpret_cast<const uint16_t*>(x + b), buf, len);
+      s += sum_fn(buf, len, scale, mean);
+    } else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      alignas(64) float buf[kSumBlock];
+      for (int64_t t = 0; t < len; ++t) {
+        buf[t] = static_cast<float>(x[b + t]);
+      }
+      s += sum_fn(buf, len, scale, mean);
+    } else {
+      s += sum_fn(x + b, len, scale, mean);
+    }
+  }
+  return s;
+}
+
+// max |x| over [lo, hi), ignoring NaN (the sums turn a NaN into a NaN result).
+double item_abs_max(const double* x, int64_t lo, int64_t hi) {
+  double m = 0.0;
+  for (int64_t t = lo; t < hi; ++t) {
+    const double a = std::abs(x[t]);
+    m = a > m ? a : m;
+  }
+  return m;
+}
+
+// part[i] = f(items[i]) for every item, in parallel; the values do not depend on the thread count.
+template <typename F>
+void for_each_item(const std::vector<Item>& items, int64_t total_elems, std::vector<double>& part, const F& f) {
+  // small workloads stay on the calling thread (an OpenMP region costs more than the sums)
+  const int64_t grain = total_elems < kItemElems ? static_cast<int64_t>(items.size()) : 1;
+  at::parallel_for(0, static_cast<int64_t>(items.size()), std::max<int64_t>(grain, 1), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      part[static_cast<size_t>(i)] = f(items[static_cast<size_t>(i)]);
+    }
+  });
+}
+
+// The sigma definition (top of the file) of every tensor xs[t] (ns[t] elements, contiguous),
+// as a float64 value before the final rounding, into res[t]. All tensors' items run in one
+// parallel loop per pass; each tensor's item results are combined in item order, exactly as
+// for a tensor alone, so sigma_multi gives the bits of sigma on every tensor.
+template <typename scalar_t>
+void sigmas_of(const std::vector<const scalar_t*>& xs, const std::vector<int64_t>& ns, std::vector<double>& res) {
   using in_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const auto sum_fn = pick_block_sum<kSquares, in_t>();
-  const int64_t nitems = (n + kItemElems - 1) / kItemElems;
-  std::vector<double> part(static_cast<size_t>(nitems), 0.0);
-  at::parallel_for(0, nitems, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t lo = i * kItemElems;
-      const int64_t hi = std::min(n, lo + kItemElems);
-      double s = 0.0;
-      for (int64_t b = lo; b < hi; b += kSumBlock) {
-        const int64_t len = std::min<int64_t>(kSumBlock, hi - b);
-        if constexpr (std::is_same_v<scalar_t, at::Half>) {
-          alignas(64) float buf[kSumBlock];  // F16C conversion of the block
-          half_to_float(reinterpret_cast<const uint16_t*>(x + b), buf, len);
-          s += sum_fn(buf, len, scale, mean);
-        } else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-          alignas(64) float buf[kSumBlock];
-          for (int64_t t = 0; t < len; ++t) {
-            buf[t] = static_cast<float>(x[b + t]);
-          }
-          s += sum_fn(buf, len, scale, mean);
-        } else {
-          s += sum_fn(x + b, len, scale, mean);
-        }
+  constexpr bool kScaled = std::is_same_v<scalar_t, double>;
+  const size_t count = xs.size();
+  res.assign(count, 0.0);
+  std::vector<Item> items;
+  std::vector<size_t> first(count + 1, 0);  // items of tensor t: first[t] .. first[t + 1]
+  int64_t total = 0;
+  for (size_t t = 0; t < count; ++t) {
+    first[t] = items.size();
+    if (ns[t] >= 2) {  // fewer than 2 elements: sigma 0
+      for (int64_t lo = 0; lo < ns[t]; lo += kItemElems) {
+        items.push_back({static_cast<int64_t>(t), lo, std::min(ns[t], lo + kItemElems)});
       }
-      part[static_cast<size_t>(i)] = s;
+      total += ns[t];
     }
-  });
-  double total = 0.0;
-  for (double s : part) {
-    total += s;
   }
-  return total;
-}
-
-// max |x| of a float64 tensor, ignoring NaN (the sums turn a NaN into a NaN result).
-double abs_max(const double* x, int64_t n) {
-  const int64_t nitems = (n + kItemElems - 1) / kItemElems;
-  std::vector<double> part(static_cast<size_t>(nitems), 0.0);
-  at::parallel_for(0, nitems, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t hi = std::min(n, (i + 1) * kItemElems);
-      double m = 0.0;
-      for (int64_t t = i * kItemElems; t < hi; ++t) {
-        const double a = std::abs(x[t]);
-        m = a > m ? a : m;
+  first[count] = items.size();
+  if (items.empty()) {
+    return;
+  }
+  std::vector<double> part(items.size(), 0.0), scale(count, 1.0), mean(count, 0.0);
+  std::vector<int> k(count, 0);
+  std::vector<char> skip(count, 0);  // an infinity (float64): NaN without the sums
+  // per tensor: the sum of its item results in item order, starting from 0.0
+  auto combine = [&](size_t t) {
+    double s = 0.0;
+    for (size_t i = first[t]; i < first[t + 1]; ++i) {
+      s += part[i];
+    }
+    return s;
+  };
+  if constexpr (kScaled) {
+    for_each_item(items, total, part, [&](const Item& it) { return item_abs_max(xs[it.t], it.lo, it.hi); });
+    for (size_t t = 0; t < count; ++t) {
+      double amax = 0.0;
+      for (size_t i = first[t]; i < first[t + 1]; ++i) {
+        amax = std::max(amax, part[i]);
       }
-      part[static_cast<size_t>(i)] = m;
+      if (std::isinf(amax)) {
+        skip[t] = 1;
+      } else if (amax > 0.0) {
+        // 2^k <= amax < 2^(k+1); k is clamped so that the scale 2^-k is a normal number (a
+        // subnormal scale would read as 0 with flush-to-zero / denormals-are-zero on), which
+        // leaves |x * 2^-k| < 4 at the top and moves subnormal inputs up by 2^1022
+        k[t] = std::min(1022, std::max(-1022, std::ilogb(amax)));
+        scale[t] = std::ldexp(1.0, -k[t]);
+      }  // all zeros (or NaN-only, which the sums turn into NaN): unscaled
     }
-  });
-  return *std::max_element(part.begin(), part.end());
-}
-
-// Two-pass unbiased std of x * scale (scale a power of two), in float64.
-template <typename scalar_t>
-double two_pass_std(const scalar_t* x, int64_t n, double scale) {
-  const double mean = deterministic_sum<false>(x, n, scale, 0.0) / static_cast<double>(n);
-  const double ss = deterministic_sum<true>(x, n, scale, mean);
-  return std::sqrt(ss / static_cast<double>(n - 1));
-}
-
-double float64_std(const double* x, int64_t n) {
-  const double amax = abs_max(x, n);
-  if (!(amax > 0.0) || std::isinf(amax)) {
-    // all zeros (or NaN-only, which the sums turn into NaN); an infinity: NaN like torch.std
-    return std::isinf(amax) ? std::numeric_limits<double>::quiet_NaN() : two_pass_std(x, n, 1.0);
   }
-  // 2^k <= amax < 2^(k+1); k is clamped so that the scale 2^-k is a normal number (a
-  // subnormal scale would read as 0 with flush-to-zero / denormals-are-zero on), which
-  // leaves |x * 2^-k| < 4 at the top and moves subnormal inputs up by 2^1022
-  const int k = std::min(1022, std::max(-1022, std::ilogb(amax)));
-  return std::ldexp(two_pass_std(x, n, std::ldexp(1.0, -k)), k);
+  const auto sum_fn = pick_block_sum<false, in_t>();
+  for_each_item(items, total, part, [&](const Item& it) {
+    return skip[it.t] ? 0.0 : item_sum<false>(xs[it.t], it.lo, it.hi, scale[it.t], 0.0, sum_fn);
+  });
+  for (size_t t = 0; t < count; ++t) {
+    mean[t] = ns[t] >= 2 ? combine(t) / static_cast<double>(ns[t]) : 0.0;
+  }
+  const auto sq_fn = pick_block_sum<true, in_t>();
+  for_each_item(items, total, part, [&](const Item& it) {
+    return skip[it.t] ? 0.0 : item_sum<true>(xs[it.t], it.lo, it.hi, scale[it.t], mean[it.t], sq_fn);
+  });
+  for (size_t t = 0; t < count; ++t) {
+    if (ns[t] < 2) {
+      continue;
+    }
+    if (skip[t]) {
+      res[t] = std::numeric_limits<double>::quiet_NaN();  // an infinity: NaN like torch.std
+      continue;
+    }
+    const double sd = std::sqrt(combine(t) / static_cast<double>(ns[t] - 1));
+    res[t] = kScaled ? std::ldexp(sd, k[t]) : sd;
+  }
 }
 
-// float32 / float16 / bfloat16: float64 two-pass needs no scaling (see the top of the file)
-template <typename scalar_t>
-double unbiased_std(const scalar_t* x, int64_t n) {
-  return two_pass_std(x, n, 1.0);
+// Checks shared by the CPU and Meta kernels of sigma_multi: one dtype (a supported float).
+void check_multi(at::TensorList vs) {
+  TORCH_CHECK(!vs.empty(), "sigma_multi: vs must hold at least one tensor");
+  for (size_t i = 0; i < vs.size(); ++i) {
+    TORCH_CHECK(is_supported_float(vs[i].scalar_type()), "sigma_multi: vs[", i,
+                "] must be float32, float64, float16 or bfloat16, got ", vs[i].scalar_type());
+    TORCH_CHECK(vs[i].scalar_type() == vs[0].scalar_type(), "sigma_multi: all of vs must share one dtype, got vs[0] ",
+                vs[0].scalar_type(), " and vs[", i, "] ", vs[i].scalar_type());
+    TORCH_CHECK(vs[i].device() == vs[0].device(), "sigma_multi: all of vs must be on one device, got vs[0] on ",
+                vs[0].device(), " and vs[", i, "] on ", vs[i].device());
+  }
 }
 
-double unbiased_std(const double* x, int64_t n) { return float64_std(x, n); }
+// res (float64 values) into a float32 tensor (one rounding each), or float64 for float64 inputs.
+Tensor sigma_values(at::TensorList vs, const std::vector<Tensor>& contig) {
+  const at::ScalarType st = vs[0].scalar_type();
+  std::vector<double> res;
+  std::vector<int64_t> ns;
+  for (const Tensor& c : contig) {
+    ns.push_back(c.numel());
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "pni_fast_sigma_cpu", [&] {
+    std::vector<const scalar_t*> xs;
+    for (const Tensor& c : contig) {
+      xs.push_back(c.numel() >= 2 ? c.const_data_ptr<scalar_t>() : nullptr);
+    }
+    sigmas_of<scalar_t>(xs, ns, res);
+  });
+  const int64_t count = static_cast<int64_t>(res.size());
+  if (st == at::kDouble) {
+    Tensor out = at::empty({count}, vs[0].options().dtype(at::kDouble));
+    std::copy(res.begin(), res.end(), out.data_ptr<double>());
+    return out;
+  }
+  Tensor out = at::empty({count}, vs[0].options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  for (int64_t t = 0; t < count; ++t) {
+    o[t] = static_cast<float>(res[static_cast<size_t>(t)]);  // the one rounding to float32
+  }
+  return out;
+}
 
 Tensor sigma_cpu(const Tensor& v_in) {
   TORCH_CHECK(is_supported_float(v_in.scalar_type()),
               "v must be float32, float64, float16 or bfloat16, got ", v_in.scalar_type());
-  const Tensor v = v_in.contiguous();
-  const int64_t n = v.numel();
-  const bool is_double = v.scalar_type() == at::kDouble;
-  Tensor out = at::empty({}, v.options().dtype(is_double ? at::kDouble : at::kFloat));
-  double result = 0.0;
-  if (n >= 2) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "pni_fast_sigma_cpu", [&] {
-      result = unbiased_std(v.const_data_ptr<scalar_t>(), n);
-    });
+  return sigma_values({v_in}, {v_in.contiguous()}).reshape({});
+}
+
+Tensor sigma_multi_cpu(at::TensorList vs) {
+  check_multi(vs);
+  std::vector<Tensor> contig;
+  for (size_t i = 0; i < vs.size(); ++i) {
+    TORCH_CHECK(vs[i].device().is_cpu(), "sigma_multi: vs[", i, "] must be a CPU tensor, got ", vs[i].device());
+    contig.push_back(vs[i].contiguous());
   }
-  if (is_double) {
-    out.fill_(result);
-  } else {
-    out.fill_(static_cast<float>(result));  // the one rounding to float32
-  }
-  return out;
+  return sigma_values(vs, contig);
 }
 
 Tensor sigma_meta(const Tensor& v) {
   return at::empty({}, v.options().dtype(v.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
 }
 
+Tensor sigma_multi_meta(at::TensorList vs) {
+  check_multi(vs);
+  return at::empty({static_cast<int64_t>(vs.size())},
+                   vs[0].options().dtype(vs[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pni_fast, CPU, m) { m.impl("sigma", &sigma_cpu); }
+TORCH_LIBRARY_IMPL(pni_fast, CPU, m) {
+  m.impl("sigma", &sigma_cpu);
+  m.impl("sigma_multi", &sigma_multi_cpu);
+}
 
-// Shape function of sigma for torch.compile / FakeTensor (the other ops get
-// theirs from Python, pni_fast/functional.py).
-TORCH_LIBRARY_IMPL(pni_fast, Meta, m) { m.impl("sigma", &sigma_meta); }
+// Shape functions of sigma and sigma_multi for torch.compile / FakeTensor (the other ops
+// get theirs from Python, pni_fast/functional.py).
+TORCH_LIBRARY_IMPL(pni_fast, Meta, m) {
+  m.impl("sigma", &sigma_meta);
+  m.impl("sigma_multi", &sigma_multi_meta);
+}
 
 }  // namespace cpu
 }  // namespace pni_fast
