@@ -51,14 +51,24 @@ struct NormalQuad {
 
 // One Philox round on (c0..c3) with key (k0, k1). The 32x32->64 product is
 // computed as a uint64 multiply so host and device give the same bits.
+// The same bits either way; on the device __umulhi + a 32-bit multiply become one IMAD.WIDE.U32
+// (the uint64 product costs an extra add of a zero high word per multiply).
+PNI_HD void mul_hilo(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
+#if defined(__CUDA_ARCH__)
+  hi = __umulhi(a, b);
+  lo = a * b;
+#else
+  const uint64_t p = static_cast<uint64_t>(a) * static_cast<uint64_t>(b);
+  hi = static_cast<uint32_t>(p >> 32);
+  lo = static_cast<uint32_t>(p);
+#endif
+}
+
 PNI_HD void philox_round(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3,
                          uint32_t k0, uint32_t k1) {
-  const uint64_t p0 = static_cast<uint64_t>(kPhiloxM0) * static_cast<uint64_t>(c0);
-  const uint64_t p1 = static_cast<uint64_t>(kPhiloxM1) * static_cast<uint64_t>(c2);
-  const uint32_t hi0 = static_cast<uint32_t>(p0 >> 32);
-  const uint32_t lo0 = static_cast<uint32_t>(p0);
-  const uint32_t hi1 = static_cast<uint32_t>(p1 >> 32);
-  const uint32_t lo1 = static_cast<uint32_t>(p1);
+  uint32_t hi0, lo0, hi1, lo1;
+  mul_hilo(kPhiloxM0, c0, hi0, lo0);
+  mul_hilo(kPhiloxM1, c2, hi1, lo1);
   const uint32_t n0 = hi1 ^ c1 ^ k0;
   const uint32_t n2 = hi0 ^ c3 ^ k1;
   c0 = n0;
@@ -106,8 +116,17 @@ PNI_HD void box_muller(float u1, float u2, float& za, float& zb) {
   u1 = u1 > kMinUniform ? u1 : kMinUniform;
   const float r = sqrtf(-2.0f * logf(u1));
   const float t = kTwoPi * u2;
+#if defined(__CUDA_ARCH__)
+  // One range reduction for both: CUDA's accurate sincosf runs the reduction of sinf/cosf once
+  // and both of their polynomials, so the bits are those of sinf(t) and cosf(t).
+  float s, c;
+  sincosf(t, &s, &c);
+  za = r * c;
+  zb = r * s;
+#else
   za = r * cosf(t);
   zb = r * sinf(t);
+#endif
 }
 
 // Four normals (elements 4j..4j+3) from one Philox quad.

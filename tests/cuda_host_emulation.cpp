@@ -6,8 +6,11 @@
 // kernels' work mapping: packs of up to kMaxPack tensors, every unit of a pack,
 // every thread/lane of a unit, and the warp butterfly of __shfl_xor_sync
 // reproduced exactly (new_l = v_l + v_(l xor o) for o = 16, 8, 4, 2, 1; lane 0
-// keeps the result). Grid-stride order does not matter: units write disjoint
-// outputs. So the index math, modes, chunking and the two-stage reduction are
+// keeps the result), and stage 2's block reduction (a butterfly per warp, then thread 0 adds
+// the warp sums in warp order). Grid-stride order does not matter: units write disjoint
+// outputs. The launcher's choices (32- or 64-bit index, forward kernel kind, stage-2 block or
+// warp) are made by the same functions (fits_int32, forward_kind, plan_alpha_grad); the index
+// type can be forced for tests (emu_set_index_bits). So the index math, modes, chunking and the two-stage reduction are
 // checked against the numpy oracle here, and only the CUDA-specific parts
 // (launch, shuffles, vector instructions) are left to the GPU run.
 #include <cstdint>
@@ -82,6 +85,34 @@ std::vector<std::vector<int>> packs_of(const Args& a) {
   return packs;
 }
 
+// Index type of the emulated kernels: 0 = as the launcher chooses (fits_int32), 32 or 64 forced.
+int g_index_bits = 0;
+
+bool use_int32(const Pack& p) { return g_index_bits == 0 ? fits_int32(p) : g_index_bits == 32; }
+
+// Every thread of every unit of one forward launch, with the launcher's kernel choice.
+template <typename T, typename I>
+void perturb_pack(const Pack& pack, const RngKey& rk) {
+  const int kind = forward_kind(pack);
+  if (kind == kFwdList) {
+    for (int64_t unit = 0; unit < pack.start[pack.count]; ++unit) {
+      const int t = find_desc(pack, unit);
+      for (int tid = 0; tid < kThreads; ++tid) perturb_unit_thread<T, I>(pack.d[t], unit - pack.start[t], tid, rk);
+    }
+    return;
+  }
+  // one tensor: the grid-stride loop over quads; every quad once, order irrelevant (disjoint writes)
+  const Fwd<T, I> f = fwd_prepare<T, I>(pack.d[0], rk);
+  const I nq = static_cast<I>((static_cast<int64_t>(f.n) + 3) >> 2);
+  for (I q = 0; q < nq; ++q) {
+    if (kind == kFwdLayerwise) {
+      fwd_quad<kFwdLayerwise, T, I>(f, q, rk.seed);
+    } else {
+      fwd_quad<kFwdChannelwise, T, I>(f, q, rk.seed);
+    }
+  }
+}
+
 template <typename T>
 void perturb(const Args& a, const RngKey& rk) {
   for (const auto& idx : packs_of(a)) {
@@ -94,9 +125,60 @@ void perturb(const Args& a, const RngKey& rk) {
       units += forward_units(pack.d[j]);
     }
     pack.start[idx.size()] = units;
-    for (int64_t unit = 0; unit < units; ++unit) {
-      const int t = find_desc(pack, unit);
-      for (int tid = 0; tid < kThreads; ++tid) perturb_unit_thread<T>(pack.d[t], unit - pack.start[t], tid, rk);
+    for (size_t j = 0; j < idx.size(); ++j) plan_forward(pack.d[j]);
+    if (use_int32(pack)) {
+      perturb_pack<T, int32_t>(pack, rk);
+    } else {
+      perturb_pack<T, int64_t>(pack, rk);
+    }
+  }
+}
+
+// Stage 1 of one pack: every lane of every warp unit.
+template <typename T, typename I>
+void stage1_pack(const Pack& stage1, int64_t units1, const RngKey& rk, std::vector<acc_t<T>>& part) {
+  using A = acc_t<T>;
+  for (int64_t unit = 0; unit < units1; ++unit) {
+    const int t = find_desc(stage1, unit);
+    const Desc& d = stage1.d[t];
+    const int64_t u = unit - stage1.start[t];
+    if (d.mode == kWarpMode) {
+      A v[kWarpSize];
+      for (int lane = 0; lane < kWarpSize; ++lane) v[lane] = stage1_lane_value<T, I>(d, u, lane, rk);
+      part[d.part_base + u] = warp_sum_emulated(v);
+    } else {
+      for (int lane = 0; lane < kWarpSize; ++lane) stage1_lane_alone<T, I>(d, u, lane, rk, part.data());
+    }
+  }
+}
+
+// Stage 2 of one pack: block units; a block per alpha index (thread sums, a butterfly per warp,
+// thread 0 adds the warp sums in order) or a warp per alpha index.
+template <typename T>
+void stage2_pack(const Pack& stage2, int64_t total2, const std::vector<acc_t<T>>& part) {
+  using A = acc_t<T>;
+  for (int64_t unit = 0; unit < total2; ++unit) {
+    const int t = find_desc(stage2, unit);
+    const Desc& d = stage2.d[t];
+    const int64_t u = unit - stage2.start[t];
+    if (d.flags & kStage2Block) {
+      A warp_sums[kWarps];
+      for (int w = 0; w < kWarps; ++w) {
+        A v[kWarpSize];
+        for (int lane = 0; lane < kWarpSize; ++lane) {
+          v[lane] = stage2_thread_value<T>(d, u, w * kWarpSize + lane, kThreads, part.data());
+        }
+        warp_sums[w] = warp_sum_emulated(v);
+      }
+      stage2_store<T>(d, u, block_combine(warp_sums));
+    } else {
+      for (int w = 0; w < kWarps; ++w) {
+        const int64_t k = stage2_index(d, u, w);
+        if (k < 0) continue;
+        A v[kWarpSize];
+        for (int lane = 0; lane < kWarpSize; ++lane) v[lane] = stage2_thread_value<T>(d, k, lane, kWarpSize, part.data());
+        stage2_store<T>(d, k, warp_sum_emulated(v));
+      }
     }
   }
 }
@@ -110,28 +192,14 @@ void alpha_grad(const Args& a, const RngKey& rk) {
     for (size_t j = 0; j < idx.size(); ++j) stage1.d[j] = make_desc(a, idx[j]);  // d.inner = the op's inner
     Pack stage2{};
     const GradPlan total = plan_alpha_grad_pack(stage1, stage2);
-    const int64_t units1 = total.units1, total2 = total.units2, parts = total.parts;
     // NaN-filled: a partial that stage 2 reads but stage 1 never wrote shows up in the result.
-    std::vector<A> part(parts > 0 ? parts : 1, static_cast<A>(0.0 / 0.0));
-    for (int64_t unit = 0; unit < units1; ++unit) {
-      const int t = find_desc(stage1, unit);
-      const Desc& d = stage1.d[t];
-      const int64_t u = unit - stage1.start[t];
-      if (d.mode == kWarpMode) {
-        A v[kWarpSize];
-        for (int lane = 0; lane < kWarpSize; ++lane) v[lane] = stage1_lane_value<T>(d, u, lane, rk);
-        part[d.part_base + u] = warp_sum_emulated(v);
-      } else {
-        for (int lane = 0; lane < kWarpSize; ++lane) stage1_lane_alone<T>(d, u, lane, rk, part.data());
-      }
+    std::vector<A> part(total.parts > 0 ? total.parts : 1, static_cast<A>(0.0 / 0.0));
+    if (use_int32(stage1)) {
+      stage1_pack<T, int32_t>(stage1, total.units1, rk, part);
+    } else {
+      stage1_pack<T, int64_t>(stage1, total.units1, rk, part);
     }
-    for (int64_t unit = 0; unit < total2; ++unit) {
-      const int t = find_desc(stage2, unit);
-      const int64_t k = unit - stage2.start[t];
-      A v[kWarpSize];
-      for (int lane = 0; lane < kWarpSize; ++lane) v[lane] = stage2_lane_value<T>(stage2.d[t], k, lane, part.data());
-      stage2_store<T>(stage2.d[t], k, warp_sum_emulated(v));
-    }
+    stage2_pack<T>(stage2, total.units2, part);
   }
 }
 
@@ -179,5 +247,28 @@ int emu_alpha_grad(int dtype, int count, const void* const* grad, void* const* o
 }
 
 int emu_max_pack() { return kMaxPack; }
+
+// 0: the launcher's choice of index type; 32 / 64: force it (64 always valid, 32 only below 2^31).
+void emu_set_index_bits(int bits) { g_index_bits = bits; }
+
+// FastDiv<int32_t / int64_t> (bits 32 / 64) of x[i] by d, as the kernels divide, into out.
+void emu_fastdiv(int bits, uint64_t d, int count, const int64_t* x, int64_t* out) {
+  uint64_t magic = 0;
+  int shift = 0;
+  fastdiv_magic(d, magic, shift);
+  for (int i = 0; i < count; ++i) {
+    out[i] = bits == 32 ? FastDiv<int32_t>(magic, shift).div(static_cast<int32_t>(x[i]))
+                        : FastDiv<int64_t>(magic, shift).div(x[i]);
+  }
+}
+
+// Stage-2 planning of one tensor (n, n_alpha, inner): 1 when a block sums each alpha index.
+int emu_stage2_block(int64_t n, int64_t n_alpha, int64_t inner) {
+  Desc d{};
+  d.n = n;
+  d.n_alpha = n_alpha;
+  plan_alpha_grad(d, inner, 0);
+  return (d.flags & kStage2Block) ? 1 : 0;
+}
 
 }  // extern "C"

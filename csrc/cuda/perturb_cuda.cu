@@ -6,12 +6,15 @@
 //   output i%4), so no noise tensor is ever stored.
 // * perturb: out = v + alpha[(i/inner) % n_alpha] * sigma * z_i in one pass,
 //   vector loads/stores of 4 elements (float4 / 2x double2 / 4x16 bit) when
-//   aligned, grid-stride over tiles of kThreads quads.
+//   aligned; one tensor: a grid-stride loop over quads, with a kernel per alpha rule
+//   (one value, or channelwise with magic-number division instead of a 64-bit divide)
+//   and 32-bit indices below 2^31 elements; a list: grid-stride over tiles of kThreads quads.
 // * perturb_alpha_grad: deterministic two-stage reduction, no float atomics.
 //   Stage 1 writes one partial per (segment, chunk) - a segment is a run of
 //   `inner` elements sharing one alpha index - in a fixed order (lane-sequential
 //   sums, then a fixed warp butterfly); stage 2 sums the partials of each alpha
-//   index in a fixed order and scales by sigma.
+//   index in a fixed order (a block per index when it has many partials, else a
+//   warp) and scales by sigma.
 // * sigma and alpha stay on the device (no host sync); the current stream is used.
 //   alpha is converted to the math dtype (float32, float64 for float64) before the
 //   launch and the alpha gradient is computed in it, then returned in alpha's dtype
@@ -25,7 +28,7 @@
 //   kMaxPack). Single-tensor ops are packs of one, so a list op gives the same
 //   bits as the single op on every tensor.
 //
-// Only accurate logf/cosf/sinf (never --use_fast_math): z must agree with the
+// Only accurate logf/sincosf (never --use_fast_math): z must agree with the
 // CPU and Triton backends within 2e-6. This file includes c10/cuda headers only
 // (no ATen/cuda/CUDAContext.h) so it compile-checks on machines without a GPU
 // (design.md section 9).
@@ -62,15 +65,27 @@ __device__ __forceinline__ A warp_sum(A v) {
   return v;
 }
 
-// One unit = one tile of kThreads quads; grid-stride over all tiles of the pack.
-template <typename T>
+// Forward. One tensor (kFwdLayerwise / kFwdChannelwise): a grid-stride loop over its quads with
+// everything per tensor hoisted (fwd_prepare). A list (kFwdList): one unit = one tile of
+// kThreads quads of one tensor; grid-stride over all tiles of the pack. I: int32_t when every
+// tensor has fewer than kMaxInt32Elems elements (chosen at launch), else int64_t.
+template <typename T, typename I, int kKind>
 __global__ void __launch_bounds__(kThreads)
     perturb_kernel(const __grid_constant__ Pack pack, uint64_t seed, const int64_t* __restrict__ state) {
   const RngKey rk = make_rng_key(seed, state);
-  const int64_t total = pack.start[pack.count];
-  for (int64_t unit = blockIdx.x; unit < total; unit += gridDim.x) {
-    const int t = find_desc(pack, unit);
-    perturb_unit_thread<T>(pack.d[t], unit - pack.start[t], threadIdx.x, rk);
+  if constexpr (kKind == kFwdList) {
+    const int64_t total = pack.start[pack.count];
+    for (int64_t unit = blockIdx.x; unit < total; unit += gridDim.x) {
+      const int t = find_desc(pack, unit);
+      perturb_unit_thread<T, I>(pack.d[t], unit - pack.start[t], threadIdx.x, rk);
+    }
+  } else {
+    const Fwd<T, I> f = fwd_prepare<T, I>(pack.d[0], rk);
+    const I nq = static_cast<I>((static_cast<int64_t>(f.n) + 3) >> 2);
+    const I stride = static_cast<I>(gridDim.x) * kThreads;
+    for (I q = static_cast<I>(blockIdx.x) * kThreads + static_cast<I>(threadIdx.x); q < nq; q += stride) {
+      fwd_quad<kKind, T, I>(f, q, rk.seed);
+    }
   }
 }
 
@@ -79,7 +94,7 @@ __global__ void __launch_bounds__(kThreads)
 // ---------------------------------------------------------------------------
 
 // Stage 1: one unit = one warp (see perturb_impl.cuh for the three modes).
-template <typename T>
+template <typename T, typename I>
 __global__ void __launch_bounds__(kThreads)
     alpha_grad_partials_kernel(const __grid_constant__ Pack pack, uint64_t seed, const int64_t* __restrict__ state,
                                acc_t<T>* __restrict__ part) {
@@ -93,27 +108,41 @@ __global__ void __launch_bounds__(kThreads)
     const Desc& d = pack.d[t];
     const int64_t u = unit - pack.start[t];
     if (d.mode == kWarpMode) {  // warp-uniform branch: every lane reaches the shuffles
-      const acc_t<T> sum = warp_sum(stage1_lane_value<T>(d, u, lane, rk));
+      const acc_t<T> sum = warp_sum(stage1_lane_value<T, I>(d, u, lane, rk));
       if (lane == 0) part[d.part_base + u] = sum;
     } else {
-      stage1_lane_alone<T>(d, u, lane, rk, part);
+      stage1_lane_alone<T, I>(d, u, lane, rk, part);
     }
   }
 }
 
-// Stage 2: one warp per alpha index, fixed-order sums of the stage-1 partials.
+// Stage 2: one unit = one block, fixed-order sums of the stage-1 partials: a whole block per
+// alpha index with many partials, else one warp per alpha index (stage2_index).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     alpha_grad_reduce_kernel(const __grid_constant__ Pack pack, const acc_t<T>* __restrict__ part) {
+  using A = acc_t<T>;
+  __shared__ A warp_sums[kWarps];
   const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
   const int64_t total = pack.start[pack.count];
-  const int64_t step = static_cast<int64_t>(gridDim.x) * kWarps;
-  for (int64_t unit = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / kWarpSize; unit < total;
-       unit += step) {
+  for (int64_t unit = blockIdx.x; unit < total; unit += gridDim.x) {  // block-uniform loop
     const int t = find_desc(pack, unit);
-    const int64_t k = unit - pack.start[t];
-    const acc_t<T> sum = warp_sum(stage2_lane_value<T>(pack.d[t], k, lane, part));
-    if (lane == 0) stage2_store<T>(pack.d[t], k, sum);
+    const Desc& d = pack.d[t];
+    const int64_t u = unit - pack.start[t];
+    if (d.flags & kStage2Block) {  // block-uniform branch: every thread reaches the barriers
+      const A v = warp_sum(stage2_thread_value<T>(d, u, threadIdx.x, kThreads, part));
+      if (lane == 0) warp_sums[warp] = v;
+      __syncthreads();
+      if (threadIdx.x == 0) stage2_store<T>(d, u, block_combine(warp_sums));
+      __syncthreads();
+    } else {
+      const int64_t k = stage2_index(d, u, warp);
+      if (k >= 0) {  // warp-uniform
+        const A v = warp_sum(stage2_thread_value<T>(d, k, lane, kWarpSize, part));
+        if (lane == 0) stage2_store<T>(d, k, v);
+      }
+    }
   }
 }
 
@@ -241,12 +270,26 @@ void perturb_launch(const std::vector<at::Tensor>& vs, const std::vector<at::Ten
       units += forward_units(d);
     }
     pack.start[idx.size()] = units;
+    for (size_t j = 0; j < idx.size(); ++j) plan_forward(pack.d[j]);
     const at::Tensor& first = vs[idx[0]];
     const auto stream = c10::cuda::getCurrentCUDAStream(first.device().index());
     const unsigned int grid = grid_size(units, first.device().index());
+    const int kind = forward_kind(pack);
+    const bool i32 = fits_int32(pack);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "perturb_cuda", [&] {
-      perturb_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(pack, static_cast<uint64_t>(seed), state);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      auto launch = [&](auto kernel) {
+        kernel<<<grid, kThreads, 0, stream>>>(pack, static_cast<uint64_t>(seed), state);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (i32) {
+        if (kind == kFwdLayerwise) launch(perturb_kernel<scalar_t, int32_t, kFwdLayerwise>);
+        else if (kind == kFwdChannelwise) launch(perturb_kernel<scalar_t, int32_t, kFwdChannelwise>);
+        else launch(perturb_kernel<scalar_t, int32_t, kFwdList>);
+      } else {
+        if (kind == kFwdLayerwise) launch(perturb_kernel<scalar_t, int64_t, kFwdLayerwise>);
+        else if (kind == kFwdChannelwise) launch(perturb_kernel<scalar_t, int64_t, kFwdChannelwise>);
+        else launch(perturb_kernel<scalar_t, int64_t, kFwdList>);
+      }
     });
   }
 }
@@ -277,12 +320,13 @@ void alpha_grad_launch(const std::vector<at::Tensor>& grads, const std::vector<a
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "perturb_alpha_grad_cuda", [&] {
       using A = acc_t<scalar_t>;
       A* part_ptr = part.data_ptr<A>();
-      alpha_grad_partials_kernel<scalar_t><<<grid_size(cdiv64(units1, kWarps), device), kThreads, 0, stream>>>(
+      auto stage1_kernel = fits_int32(stage1) ? alpha_grad_partials_kernel<scalar_t, int32_t>
+                                              : alpha_grad_partials_kernel<scalar_t, int64_t>;
+      stage1_kernel<<<grid_size(cdiv64(units1, kWarps), device), kThreads, 0, stream>>>(
           stage1, static_cast<uint64_t>(seed), state, part_ptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (total2 > 0) {
-        alpha_grad_reduce_kernel<scalar_t>
-            <<<grid_size(cdiv64(total2, kWarps), device), kThreads, 0, stream>>>(stage2, part_ptr);
+        alpha_grad_reduce_kernel<scalar_t><<<grid_size(total2, device), kThreads, 0, stream>>>(stage2, part_ptr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     });
