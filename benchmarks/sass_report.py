@@ -404,7 +404,7 @@ def demangle(names: list[str]) -> dict[str, str]:
 
 
 def short_name(demangled: str) -> str:
-    """'pni_fast::(anonymous namespace)::perturb_kernel<float, int, false>(...)' -> 'perturb_kernel<float, int, false>'."""
+    """'void pni_fast::(anonymous namespace)::perturb_kernel<float, int, 0>(...)' -> 'perturb_kernel<float, int, 0>'."""
     s = re.sub(r"pni_fast::|\(anonymous namespace\)::|cuda_impl::|c10::", "", demangled)
     depth, end = 0, len(s)
     for i, ch in enumerate(s):

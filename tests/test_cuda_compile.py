@@ -22,10 +22,11 @@ import sysconfig
 from pathlib import Path
 
 import numpy as np
-import philox_oracle as oracle
 import pytest
 import torch
 import torch.utils.cpp_extension as cpp_extension
+
+import philox_oracle as oracle
 
 ROOT = Path(__file__).resolve().parent.parent
 CU_FILES = sorted(glob.glob(str(ROOT / "csrc" / "cuda" / "*.cu")))
