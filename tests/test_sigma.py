@@ -338,19 +338,20 @@ def test_resnet20_one_call_not_slower_than_twenty(capsys):
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        def median_us(fn):
+        def times_us(fn):
             times = []
             for _ in range(30):
                 t0 = time.perf_counter()
                 for _ in range(10):
                     fn()
                 times.append((time.perf_counter() - t0) / 10 * 1e6)
-            return statistics.median(times)
+            return times
 
-        multi = median_us(lambda: ops.sigma_multi(ws))
-        single = median_us(lambda: [ops.sigma(w) for w in ws])
+        multi = times_us(lambda: ops.sigma_multi(ws))
+        single = times_us(lambda: [ops.sigma(w) for w in ws])
     finally:
         torch.set_num_threads(before)
     with capsys.disabled():
-        print(f"\nResNet-20 sigmas, 1 thread: sigma_multi {multi:.1f} us, 20 x sigma {single:.1f} us")
-    assert multi < 1.5 * single  # loose: a timing on a shared machine
+        print(f"\nResNet-20 sigmas, 1 thread, median: sigma_multi {statistics.median(multi):.1f} us, "
+              f"20 x sigma {statistics.median(single):.1f} us")
+    assert min(multi) < 1.5 * min(single)  # loose, and on the fastest round: a shared machine is noisy
