@@ -72,6 +72,7 @@ EXPECTED_OPS = (
     "perturb_multi",
     "perturb_alpha_grad_multi",
     "sigma",
+    "sigma_multi",
 )
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "make_rng_state",
     "default_rng_state",
     "weight_sigma",
+    "weight_sigmas",
     "SEED_LIMIT",
 ]
 
@@ -201,6 +202,30 @@ def weight_sigma(t: Tensor) -> Tensor:
     return _sigma_torch(t)
 
 
+def weight_sigmas(ts: Sequence[Tensor]) -> list[Tensor]:
+    """:func:`weight_sigma` of many tensors, bit-identical per tensor; on CPU one ``sigma_multi`` call per dtype
+    (one pass over all of them) instead of a call per tensor."""
+    ts = [t.detach() for t in ts]
+    if not ts or ts[0].device.type != "cpu" or under_vmap() or not _cpp_sigma_multi_available():
+        return [weight_sigma(t) for t in ts]
+    out: list[Optional[Tensor]] = [None] * len(ts)
+    groups: dict[torch.dtype, list[int]] = {}
+    for k, t in enumerate(ts):
+        if t.dtype == torch.float64 or t.numel() < 2:
+            out[k] = weight_sigma(t)
+        else:
+            groups.setdefault(t.dtype, []).append(k)
+    for idx in groups.values():
+        for k, s in zip(idx, torch.ops.pni_fast.sigma_multi([ts[k] for k in idx]).unbind(0)):
+            out[k] = s
+    return out  # type: ignore[return-value]
+
+
+@_trace_constant
+def _cpp_sigma_multi_available() -> bool:
+    return _ext.load() and _ext.has_op("sigma_multi", "cpu")
+
+
 @_trace_constant
 def _cpp_sigma_available() -> bool:
     """The compiled library (loaded now if it can be) has pni_fast::sigma: a trace-time constant."""
@@ -305,7 +330,7 @@ def noisy_weights(
         raise ValueError(f"weights and alphas must have the same length, got {len(weights)} and {len(alphas)}")
     if not weights:
         return []
-    offsets, inners, sigmas = [], [], []
+    offsets, inners = [], []
     counter = 0
     device = weights[0].device if isinstance(weights[0], Tensor) else None
     for k, (w, a) in enumerate(zip(weights, alphas)):
@@ -316,7 +341,7 @@ def noisy_weights(
         inners.append(_weight_inner(w, a))
         offsets.append(counter)
         counter += _quads(w.numel())
-        sigmas.append(weight_sigma(w))
+    sigmas = weight_sigmas(weights)
     rng = rng_args(seed, 0, device, counter)
     _check_finite(torch.stack(sigmas), "weights", alphas)
     chosen = _backend_for(backend, device.type)

@@ -129,3 +129,13 @@ def test_seed_types():
     with pytest.raises(TypeError, match="shape"):
         pni_fast.randn((2.7,), seed=1)
     assert pni_fast.randn((np.int64(3),), seed=1).shape == (3,)
+
+
+def test_weight_sigmas_equal_weight_sigma_bitwise():
+    torch.manual_seed(3)
+    ts = [torch.randn(n).to(d) for n, d in [(0, torch.float32), (1, torch.float32), (5, torch.float32), (432, torch.float32),
+                                           (100, torch.bfloat16), (33, torch.float16), (77, torch.float64),
+                                           (20000, torch.float32)]]
+    got = PF.weight_sigmas(ts)
+    for t, s in zip(ts, got):
+        assert torch.equal(s, PF.weight_sigma(t)), t.dtype

@@ -397,6 +397,7 @@ def test_converted_model_draws_all_weight_noise_in_one_call_per_forward_and_back
     batched = counts(resnet20(pni="channelwise"))
     assert batched.get("pni_fast::perturb_multi") == 1 and batched.get("pni_fast::perturb_alpha_grad_multi") == 1
     assert "pni_fast::perturb" not in batched and "pni_fast::perturb_alpha_grad" not in batched
+    assert batched.get("pni_fast::sigma_multi") == 1 and "pni_fast::sigma" not in batched  # one sigma pass
     model = resnet20()
     pni_fast.convert(model, pni="channelwise", batch_noise=False)
     assert installed_batch(model) is None
