@@ -12,7 +12,7 @@
 #   env         20  device, driver, torch/CUDA/Triton versions                  -> env.txt
 #   build      140  FORCE_CUDA=1 pip install --no-build-isolation --no-deps -e . -> build.log
 #                   then checks that the compiled library loads with its CUDA kernels
-#   tests      140  tests/test_cuda.py + tests/test_triton.py on the GPU (pytest-xdist, 6 workers)
+#   tests      140  tests/test_cuda.py + tests/test_sigma.py + tests/test_triton.py on the GPU (pytest-xdist, 6 workers)
 #                                                                                -> tests.log
 #   bench       90  benchmarks/run_all.py: training step (batch 128, limit 28 s),
 #                   op sweep at 8M elements without torch.compile (limit 55 s)  -> bench.log, bench.tar.gz
@@ -171,7 +171,7 @@ stage_tests() {
   fi
   # the sm_90 ahead-of-time compile check needs no GPU and takes long: CI runs it
   # shellcheck disable=SC2046
-  PNI_FAST_NO_JIT=1 "$PYTHON" -m pytest tests/test_cuda.py tests/test_triton.py $(pytest_opts) $(xdist_opts 6) \
+  PNI_FAST_NO_JIT=1 "$PYTHON" -m pytest tests/test_cuda.py tests/test_sigma.py tests/test_triton.py $(pytest_opts) $(xdist_opts 6) \
     --deselect tests/test_triton.py::test_kernels_compile_for_sm90_without_approx_math --durations=20
 }
 
@@ -238,7 +238,7 @@ stage_rest() {
     return 77
   fi
   # shellcheck disable=SC2046
-  "$PYTHON" -m pytest tests -m "not slow" --ignore=tests/test_cuda.py --ignore=tests/test_triton.py \
+  "$PYTHON" -m pytest tests -m "not slow" --ignore=tests/test_cuda.py --ignore=tests/test_sigma.py --ignore=tests/test_triton.py \
     --ignore=tests/test_gpu_check.py $(pytest_opts) $(xdist_opts 12)
 }
 export -f stage_env stage_build stage_tests stage_bench stage_sanitizer stage_rest find_sanitizer verify_extension
