@@ -188,7 +188,7 @@ class PerturbMultiFn(torch.autograd.Function):
         n, seed, offsets, inners, backend = ctx.rng
         state, *rest = ctx.saved_tensors
         alphas, sigmas = rest[:n], rest[n:]
-        grads = [torch.zeros(s, dtype=d, device=dev) if g is None else g for g, (s, d, dev) in zip(grads, ctx.meta)]
+        grads = _filled(grads, ctx.meta)
         needs_v = ctx.needs_input_grad[6 : 6 + n]
         grad_alphas = [None] * n
         if any(ctx.needs_input_grad[6 + n : 6 + 2 * n]):
@@ -227,8 +227,7 @@ class AlphaGradMultiFn(torch.autograd.Function):
         state, *sigmas = ctx.saved_tensors
         d_grads = [None] * n
         if any(ctx.needs_input_grad[6 : 6 + n]):
-            ggs = [torch.zeros(s, dtype=d, device=dev) if g is None else g for g, (s, d, dev) in
-                   zip(ggs, ctx.alpha_meta)]
+            ggs = _filled(ggs, ctx.alpha_meta)
             zeros = [torch.zeros(s, dtype=d, device=dev) for s, d, dev in ctx.meta]
             d_grads = list(apply(PerturbMultiFn, n, seed, offsets, inners, state, backend, *zeros, *ggs, *sigmas))
         return (None,) * 6 + tuple(d_grads) + (None,) * (2 * n)
@@ -280,37 +279,32 @@ def _n_passed(inputs) -> int:
     return len(inputs) - 1 if len(inputs) == 7 and inputs[6] is None else len(inputs)
 
 
-def _multi_setup(backend: str):
+def _multi_setup(backend: str, keep_alphas: bool):
+    """setup_context of perturb_multi (keeps alphas for their gradient) and of perturb_alpha_grad_multi."""
+
     def setup_context(ctx, inputs, output):
-        vs, alphas, sigmas, seed, offsets, inners, *rest = inputs
+        tensors, alphas, sigmas, seed, offsets, inners, *rest = inputs
         ctx.n_in = _n_passed(inputs)
-        ctx.save_for_backward(rest[0] if rest else None, *alphas, *sigmas)
-        ctx.rng = (len(vs), seed, list(offsets), list(inners), backend)
-        ctx.meta = [(v.shape, v.dtype, v.device) for v in vs]
+        ctx.save_for_backward(rest[0] if rest else None, *(alphas if keep_alphas else ()), *sigmas)
+        ctx.rng = (len(tensors), seed, list(offsets), list(inners), backend)
+        ctx.meta = [(t.shape, t.dtype, t.device) for t in tensors]
 
     return setup_context
+
+
+def _filled(grads, meta) -> list[Tensor]:
+    """Gradients with None replaced by zeros of the recorded shape (the list ops take every tensor)."""
+    return [torch.zeros(s, dtype=d, device=dev) if g is None else g.contiguous() for g, (s, d, dev) in zip(grads, meta)]
 
 
 def _multi_backward(ctx, grads):
     n, seed, offsets, inners, backend = ctx.rng
     state, *rest = ctx.saved_tensors
     alphas, sigmas = rest[:n], rest[n:]
-    grads = [torch.zeros(s, dtype=d, device=dev) if g is None else g.contiguous() for g, (s, d, dev) in
-             zip(grads, ctx.meta)]
+    grads = _filled(grads, ctx.meta)
     grad_alphas = call(REGISTRY[backend].alpha_grad_multi, grads, list(alphas), list(sigmas), seed, offsets, inners,
                        state=state)
     return (grads, list(grad_alphas), [None] * n, None, None, None, None)[: ctx.n_in]
-
-
-def _multi_grad_setup(backend: str):
-    def setup_context(ctx, inputs, output):
-        grads, alphas, sigmas, seed, offsets, inners, *rest = inputs
-        ctx.n_in = _n_passed(inputs)
-        ctx.save_for_backward(rest[0] if rest else None, *sigmas)
-        ctx.rng = (len(grads), seed, list(offsets), list(inners), backend)
-        ctx.meta = [(g.shape, g.dtype, g.device) for g in grads]
-
-    return setup_context
 
 
 def _multi_grad_backward(ctx, ggs):
@@ -335,5 +329,5 @@ def register_op_autograd(be: Backend) -> None:
 
     reg(be.perturb, _single_setup(be.name), _perturb_backward)
     reg(be.alpha_grad, _alpha_grad_setup(be.name), _alpha_grad_backward)
-    reg(be.perturb_multi, _multi_setup(be.name), _multi_backward)
-    reg(be.alpha_grad_multi, _multi_grad_setup(be.name), _multi_grad_backward)
+    reg(be.perturb_multi, _multi_setup(be.name, keep_alphas=True), _multi_backward)
+    reg(be.alpha_grad_multi, _multi_setup(be.name, keep_alphas=False), _multi_grad_backward)
