@@ -256,3 +256,38 @@ def test_iterable_errors(digits):
         train(DigitsCNN(1, 10, 4), batches, 5, _cfg(), progress=False)
     with pytest.raises(ValueError, match="no batches"):
         train(DigitsCNN(1, 10, 4), [], None, _cfg(epochs=1), progress=False)
+
+
+def test_rank_noise_streams_resume_exactly_and_are_recorded(digits, tmp_path):
+    """With rank_noise (the streams of a data-parallel run, here in one process) PNI draws from its own
+    generator, reseeded per epoch: resuming is bit-exact, the checkpoint records the streams, and resuming
+    with other streams warns."""
+    import pni_fast
+
+    tr, te = digits
+    cfg = _cfg(epochs=2)
+    snap = tmp_path / "e1.pt"
+    full_dir = tmp_path / "full"
+
+    def keep_first(rec):
+        if rec["epoch"] == 1:
+            shutil.copy(full_dir / CHECKPOINT_NAME, snap)
+
+    a = _pni_model(0)
+    full = train(a, tr, te, cfg, out_dir=full_dir, progress=False, on_epoch=keep_first, rank_noise="same")
+    seeds = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        seeds.append(pni_fast.draw_seed())
+    assert seeds[0] == seeds[1]  # afterwards PNI draws from torch's generator again (its previous source)
+    assert load_checkpoint(full_dir)["streams"] == {"rank_noise": "same", "world_size": 1}
+    plain = train(_pni_model(0), tr, te, cfg, progress=False)
+    assert _strip_time(plain) != _strip_time(full)  # a different noise stream than the default one
+    torch.manual_seed(12345)
+    b = _pni_model(99)
+    resumed = train(b, tr, te, cfg, out_dir=tmp_path / "resumed", resume=snap, progress=False, rank_noise="same")
+    assert _strip_time(resumed) == _strip_time(full)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+    with pytest.warns(UserWarning, match="noise streams"):
+        train(_pni_model(0), tr, te, cfg, out_dir=tmp_path / "other", resume=snap, progress=False)
