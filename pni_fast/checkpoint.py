@@ -17,14 +17,18 @@ checksum) still load, with a warning.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
+import json
 import os
 import pickle
+import random
 import re
 import warnings
-from typing import Any, Dict, Iterable, List, Union
+from typing import Any, Dict, Iterable, List, Optional, Union
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -34,6 +38,11 @@ __all__ = [
     "atomic_write_bytes",
     "remove_orphan_temp_files",
     "CHECKPOINT_NAME",
+    "RUN_FILES",
+    "rng_state",
+    "set_rng_state",
+    "write_logs",
+    "prepare_out_dir",
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -200,3 +209,72 @@ def load_checkpoint(path: Union[str, os.PathLike], map_location: Union[str, torc
                       "its integrity cannot be verified", stacklevel=2)
     return ckpt
 
+
+# --- the files of a training run (used by pni_fast.train) ---
+
+RUN_FILES = (CHECKPOINT_NAME, "history.json", "metrics.csv")  # what a run writes into out_dir
+
+
+def rng_state() -> Dict[str, Any]:
+    st: Dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    np_state = np.random.get_state()
+    st["numpy"] = (np_state[0], torch.from_numpy(np_state[1].copy()), int(np_state[2]), int(np_state[3]), float(np_state[4]))
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: Dict[str, Any]) -> None:
+    torch.set_rng_state(st["torch"])
+    if "python" in st:
+        py = st["python"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+    if "numpy" in st:
+        name, keys, pos, has_gauss, cached = st["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def write_logs(out_dir: str, history: List[Dict[str, Any]]) -> None:
+    atomic_write_bytes(os.path.join(out_dir, "history.json"), json.dumps(history, indent=1).encode())
+    cols = [
+        "epoch", "lr", "adversarial", "train_loss", "train_clean_acc", "train_adv_acc",
+        "test_clean_acc", "test_adv_acc", "alpha_mean", "time_s",
+    ]
+    alpha_names = sorted({k for h in history for k in h.get("alpha", {})})
+    s = io.StringIO()
+    w = csv.writer(s)
+    w.writerow(cols + [f"alpha[{n}]" for n in alpha_names])
+    for h in history:
+        w.writerow([h.get(c, "") if h.get(c) is not None else "" for c in cols] + [h["alpha"].get(n, "") for n in alpha_names])
+    atomic_write_bytes(os.path.join(out_dir, "metrics.csv"), s.getvalue().encode())
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def prepare_out_dir(out_dir: str, resume: Optional[str], overwrite: bool, started: float) -> None:
+    """Make out_dir, drop orphan temp files, refuse to mix with another run unless overwrite."""
+    os.makedirs(out_dir, exist_ok=True)
+    remove_orphan_temp_files(out_dir, RUN_FILES, started)
+    existing = [n for n in RUN_FILES if os.path.exists(os.path.join(out_dir, n))]
+    if not existing:
+        return
+    ckpt = os.path.join(out_dir, CHECKPOINT_NAME)
+    resume_file = None
+    if resume is not None:
+        resume_file = os.path.join(resume, CHECKPOINT_NAME) if os.path.isdir(resume) else resume
+    if resume_file is not None and _same_file(resume_file, ckpt):
+        return  # continuing the run in place
+    if not overwrite:
+        raise FileExistsError(
+            f"output folder {out_dir!r} already holds a training run ({', '.join(existing)}); continue it with "
+            f"--resume {out_dir} (resume=...) or replace it with --overwrite (overwrite=True)"
+        )
+    for n in existing:
+        os.remove(os.path.join(out_dir, n))

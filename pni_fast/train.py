@@ -35,13 +35,9 @@ from __future__ import annotations
 
 import collections.abc
 import contextlib
-import csv
 import dataclasses
-import io
-import json
 import math
 import os
-import random
 import sys
 import time
 import warnings
@@ -57,12 +53,15 @@ from . import distributed as _dist
 from .attacks import model_mode, pgd
 from .checkpoint import (
     CHECKPOINT_NAME,
+    RUN_FILES,
     CheckpointError,
-    atomic_write_bytes,
     load_checkpoint,
-    remove_orphan_temp_files,
     save_checkpoint,
 )
+from .checkpoint import prepare_out_dir as _prepare_out_dir
+from .checkpoint import rng_state as _rng_state
+from .checkpoint import set_rng_state as _set_rng_state
+from .checkpoint import write_logs as _write_logs
 from .data import Split, check_batch_source, iterate_batches, iterate_user_batches
 from .optim import param_groups
 from .rng import manual_seed as _pni_manual_seed
@@ -82,7 +81,6 @@ __all__ = [
     "RUN_FILES",
 ]
 
-RUN_FILES = (CHECKPOINT_NAME, "history.json", "metrics.csv")  # what a run writes into out_dir
 
 
 @dataclass
@@ -184,42 +182,6 @@ def alpha_means(model: nn.Module) -> Dict[str, float]:
     }
 
 
-def _rng_state() -> Dict[str, Any]:
-    st: Dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    np_state = np.random.get_state()
-    st["numpy"] = (np_state[0], torch.from_numpy(np_state[1].copy()), int(np_state[2]), int(np_state[3]), float(np_state[4]))
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _set_rng_state(st: Dict[str, Any]) -> None:
-    torch.set_rng_state(st["torch"])
-    if "python" in st:
-        py = st["python"]
-        random.setstate((py[0], tuple(py[1]), py[2]))
-    if "numpy" in st:
-        name, keys, pos, has_gauss, cached = st["numpy"]
-        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def _write_logs(out_dir: str, history: List[Dict[str, Any]]) -> None:
-    atomic_write_bytes(os.path.join(out_dir, "history.json"), json.dumps(history, indent=1).encode())
-    cols = [
-        "epoch", "lr", "adversarial", "train_loss", "train_clean_acc", "train_adv_acc",
-        "test_clean_acc", "test_adv_acc", "alpha_mean", "time_s",
-    ]
-    alpha_names = sorted({k for h in history for k in h.get("alpha", {})})
-    s = io.StringIO()
-    w = csv.writer(s)
-    w.writerow(cols + [f"alpha[{n}]" for n in alpha_names])
-    for h in history:
-        w.writerow([h.get(c, "") if h.get(c) is not None else "" for c in cols] + [h["alpha"].get(n, "") for n in alpha_names])
-    atomic_write_bytes(os.path.join(out_dir, "metrics.csv"), s.getvalue().encode())
-
-
 @contextlib.contextmanager
 def _noise_ctx(model: nn.Module, on: bool):
     """Noise as is (on) or switched off for the block (config.adv_noise=False)."""
@@ -287,35 +249,6 @@ def _num_batches(data: Any) -> Optional[int]:
         return len(data)
     except TypeError:
         return None
-
-
-def _same_file(a: str, b: str) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def _prepare_out_dir(out_dir: str, resume: Optional[str], overwrite: bool, started: float) -> None:
-    """Make out_dir, drop orphan temp files, refuse to mix with another run unless overwrite."""
-    os.makedirs(out_dir, exist_ok=True)
-    remove_orphan_temp_files(out_dir, RUN_FILES, started)
-    existing = [n for n in RUN_FILES if os.path.exists(os.path.join(out_dir, n))]
-    if not existing:
-        return
-    ckpt = os.path.join(out_dir, CHECKPOINT_NAME)
-    resume_file = None
-    if resume is not None:
-        resume_file = os.path.join(resume, CHECKPOINT_NAME) if os.path.isdir(resume) else resume
-    if resume_file is not None and _same_file(resume_file, ckpt):
-        return  # continuing the run in place
-    if not overwrite:
-        raise FileExistsError(
-            f"output folder {out_dir!r} already holds a training run ({', '.join(existing)}); continue it with "
-            f"--resume {out_dir} (resume=...) or replace it with --overwrite (overwrite=True)"
-        )
-    for n in existing:
-        os.remove(os.path.join(out_dir, n))
 
 
 def train(

@@ -281,5 +281,6 @@ def test_no_noise_step_in_a_users_ddp_loop(two_ranks):
     for r in (0, 1):
         err = two_ranks[r]["no_noise"][False]
         assert isinstance(err, str) and "find_unused_parameters=True" in err, err
-        assert two_ranks[r]["no_noise"]["alpha_grads"] and all(g is None for g in two_ranks[r]["no_noise"]["alpha_grads"])
+        grads = two_ranks[r]["no_noise"]["alpha_grads"]
+        assert grads and all(g is None for g in grads)
     _assert_same_params(two_ranks[0]["no_noise"][True], two_ranks[1]["no_noise"][True])
