@@ -43,13 +43,16 @@ def _cfg(**kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
+def _no_bn_plain_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(64, 10))
+
+
 def _no_bn_pni_model() -> nn.Module:
     """PNI weight noise, no BatchNorm: a DDP step then equals one process's step over the global batch."""
     from pni_fast.convert import convert
 
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(64, 10))
-    return convert(net, pni="layerwise", noise="weight")
+    return convert(_no_bn_plain_model(), pni="layerwise", noise="weight")
 
 
 def _bn_pni_model() -> nn.Module:
@@ -75,6 +78,9 @@ def _worker(rank: int, world: int, port: int, tmp: str, queue) -> None:
             model = _no_bn_pni_model()
             train(model, tr, None, _cfg(epochs=1), rank_noise=mode, progress=False)
             out[mode] = _params(model)
+        model = _no_bn_plain_model()
+        train(model, tr, None, _cfg(epochs=1), progress=False)
+        out["plain"] = _params(model)
         # adversarial training with BatchNorm and noise-free PGD (no_noise on the unwrapped model inside a
         # DDP run), rank-0 evaluation and files; then resume from the epoch-1 checkpoint
         full, part = os.path.join(tmp, "full"), os.path.join(tmp, "resumed")
@@ -176,7 +182,7 @@ def _assert_same_params(a: dict, b: dict, exact: bool = True, **tol) -> None:
 
 
 def test_ranks_end_with_identical_parameters(two_ranks):
-    for key in ("same", "independent", "adv", "resumed"):
+    for key in ("same", "independent", "plain", "adv", "resumed"):
         _assert_same_params(two_ranks[0][key], two_ranks[1][key])
 
 
@@ -198,6 +204,17 @@ def test_same_noise_equals_one_process_over_the_global_batch(two_ranks):
     model = _no_bn_pni_model()
     train(model, tr, None, _cfg(epochs=1), rank_noise="independent", distributed=False, progress=False)
     assert any(not torch.allclose(model.state_dict()[k], ref[k], **TOL) for k in ref)
+
+
+def test_plain_model_equals_the_default_one_process_path(two_ranks):
+    """Without noise the streams play no part: 2 ranks == train()'s usual single-process run."""
+    tr, _ = _data()
+    model = _no_bn_plain_model()
+    train(model, tr, None, _cfg(epochs=1), progress=False)
+    ref = _params(model)
+    _assert_same_params(two_ranks[0]["plain"], ref, exact=False, **TOL)
+    moved = _params(_no_bn_plain_model())
+    assert any(not torch.allclose(moved[k], ref[k], **TOL) for k in ref)  # training moved the weights
 
 
 def test_sharding_covers_each_global_batch():
