@@ -10,6 +10,7 @@ setting, and saves a PNG (accuracy bars, alpha over epochs).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shlex
@@ -117,15 +118,35 @@ def _pos_float(s: str) -> float:
 # --------------------------------------------------------------------------- #
 # parser
 # --------------------------------------------------------------------------- #
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default once: not when the help already names it or the default is None/False
+    (a flag), and also for options written without a help line."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if not text or "default" in text or default in (None, False, argparse.SUPPRESS):
+            return text
+        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return (text + " " if text else "") + "(default: %(default)s)"
+        return text
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+            action = copy.copy(action)  # argparse prints nothing for help=None: show the default instead
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m pni_fast",
         description="Parametric Noise Injection (PNI) with fused kernels: demo, training, evaluation, backends, benchmarks.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _HelpFormatter
 
     d = sub.add_parser(
         "demo", formatter_class=fmt,
@@ -152,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser(
         "train", formatter_class=fmt, help="PGD adversarial training of a plain or PNI model (digits or CIFAR-10)",
-        description="Train with the PNI paper's recipe (SGD Nesterov 0.9, lr 0.1 x0.1 at 50%%/75%%, batch 128, "
+        description="Train with the PNI paper's recipe (SGD Nesterov 0.9, lr 0.1 x0.1 at 50%/75%, batch 128, "
         "weight decay 3e-4 except alphas, clean warm-up, then PGD-7 eps 8/255 step 2/255, loss 0.5 clean + "
         "0.5 adversarial). Writes checkpoint.pt, history.json and metrics.csv to --out after every epoch.",
     )
@@ -162,10 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data-dir", default=None, help="folder with CIFAR-10 python batches (data_batch_1..5, test_batch)")
     t.add_argument("--pni", choices=PNI_CHOICES, default="none", help="PNI alpha granularity; none = plain model")
     t.add_argument("--noise", choices=NOISE_CHOICES, default="weight", help="PNI on weights, layer inputs, or both")
-    t.add_argument("--epochs", type=_pos_int, default=160)
-    t.add_argument("--batch-size", type=_pos_int, default=128)
-    t.add_argument("--lr", type=_pos_float, default=0.1)
-    t.add_argument("--momentum", type=_fraction, default=0.9)
+    t.add_argument("--epochs", type=_pos_int, default=160, help="training epochs")
+    t.add_argument("--batch-size", type=_pos_int, default=128, help="global batch (all processes together)")
+    t.add_argument("--lr", type=_pos_float, default=0.1, help="initial learning rate (x0.1 at 50%% and 75%%)")
+    t.add_argument("--momentum", type=_fraction, default=0.9, help="SGD Nesterov momentum")
     t.add_argument("--weight-decay", type=_fraction, default=3e-4, help="weight decay (never applied to alphas)")
     t.add_argument("--warmup-epochs", type=_nonneg_int, default=5, help="clean epochs before adversarial training")
     t.add_argument("--no-adv", action="store_true", help="plain training (no PGD)")
@@ -175,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--targets", choices=("labels", "predictions"), default="labels", help="PGD targets")
     t.add_argument("--augment", choices=("auto", "yes", "no"), default="auto", help="crop+flip (auto: CIFAR only)")
     t.add_argument("--eval-samples", type=_nonneg_int, default=1000, help="test images checked after each epoch")
-    t.add_argument("--seed", type=_nonneg_int, default=0)
+    t.add_argument("--seed", type=_nonneg_int, default=0, help="random seed (data order, init, noise)")
     t.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     t.add_argument("--out", default="pni_run",
                    help="output folder; one that holds another run is refused unless --resume or --overwrite")
@@ -220,8 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("info", help="show which kernel backends are active and why",
                    description="Print pni_fast.backends.info(): compiled extension, CUDA, Triton, fallbacks.")
-    b = sub.add_parser("bench", help="run the benchmarks (benchmarks/run_all.py of a source checkout)",
-                       description="Run benchmarks/run_all.py from the repository checkout; extra arguments are passed on.")
+    b = sub.add_parser("bench", help="run the benchmarks (benchmarks/run_all.py of a source checkout)", add_help=False,
+                       description="Run benchmarks/run_all.py from the repository checkout; every argument, -h "
+                       "included, is passed on (so `bench --help` shows run_all.py's options).")
     b.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for benchmarks/run_all.py")
     return p
 

@@ -68,11 +68,18 @@ def test_train_eval_resume_in_process(tmp_path, capsys):
 
 @pytest.mark.parametrize("cmd", [[], ["demo"], ["train"], ["eval"], ["info"], ["bench"]])
 def test_help(cmd, capsys):
+    if cmd == ["bench"]:  # passed on to benchmarks/run_all.py, whose options it shows
+        assert main(["bench", "--help"]) == 0
+        out = capsys.readouterr().out
+        assert "usage: run_all.py" in out and "--quick" in out and "--threads" in out
+        return
     with pytest.raises(SystemExit) as e:
         main([*cmd, "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "usage:" in out
+    assert "%%" not in out and "(default: None)" not in out
+    assert out.count("(default:") <= out.count("--") and "default: 160" in out if cmd == ["train"] else True
     if cmd == ["train"]:
         for opt in ("--model", "--pni", "--noise", "--data-dir", "--epochs", "--out", "--resume", "--overwrite", "--eps"):
             assert opt in out
