@@ -457,6 +457,7 @@ def _run_train(args: argparse.Namespace, device: torch.device, main_rank: bool) 
             say(f"nothing to train: checkpoint {args.resume} already holds {int(ckpt['epoch'])} epochs "
                 f"(--epochs {args.epochs}); pass a larger --epochs to continue it", file=sys.stderr)
             return list(ckpt.get("history", []))
+        say(f"resuming {args.resume} after epoch {int(ckpt['epoch'])} of {args.epochs}")
         del ckpt
     torch.manual_seed(args.seed)
     model = build_model(spec)

@@ -51,7 +51,8 @@ def test_train_eval_resume_in_process(tmp_path, capsys):
     assert main(["train", "--epochs", "3", "--warmup-epochs", "1", *common, "--resume", str(out / "checkpoint.pt")]) == 0
     hist = json.loads((out / "history.json").read_text())
     assert [h["epoch"] for h in hist] == [1, 2, 3]
-    capsys.readouterr()
+    text = capsys.readouterr().out
+    assert "after epoch 2 of 3" in text and "epoch 3:" in text  # says where it resumes, one line per epoch
     js = tmp_path / "eval.json"
     assert main(["eval", "--checkpoint", str(out), "--limit", "32", "--pgd-steps", "2", "--eot-samples", "2",
                  "--repeats", "2", "--attacks", "clean,fgsm,pgd,eot-pgd", "--json", str(js)]) == 0
