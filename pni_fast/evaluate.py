@@ -229,6 +229,11 @@ def _batches(data: Data, batch_size: int, device: torch.device) -> Iterator[tupl
                 f"data must yield (x, y) batches of tensors, got ({type(xb).__name__}, {type(yb).__name__}) "
                 f"as batch {i}"
             )
+        if yb.is_floating_point() or yb.dim() != 1 or xb.dim() < 2 or yb.shape[0] != xb.shape[0]:
+            raise ValueError(
+                f"data batch {i}: expected x [N, ...] and integer labels y [N], got x {tuple(xb.shape)} and "
+                f"y {yb.dtype} {tuple(yb.shape)}"
+            )
         yield to_unit_float(xb).to(device), yb.to(device)
 
 
@@ -280,6 +285,8 @@ def evaluate(
             )
     elif pair[0].shape[0] == 0:
         raise ValueError("data holds no examples")
+    elif pair[1].shape != pair[0].shape[:1]:
+        raise ValueError(f"data: y must have shape [{pair[0].shape[0]}] to match x, got {tuple(pair[1].shape)}")
     if device is None:
         p = next(model.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")

@@ -306,6 +306,10 @@ def test_streaming_input_errors(digits):
         evaluate(model, ((x[s : s + 8], y[s : s + 8]) for s in range(0, 32, 8)), [AttackSpec("clean")])
     with pytest.raises(TypeError, match=r"\(x, y\) batches, got Tensor as batch 0"):
         evaluate(model, [x], [AttackSpec("clean")])
+    with pytest.raises(ValueError, match=r"data batch 0: expected x \[N, ...\] and integer labels"):
+        evaluate(model, [[x[:2], x[2:4]]], [AttackSpec("clean")])  # [x, y] mistaken for a list of batches
+    with pytest.raises(ValueError, match=r"y must have shape \[32\]"):
+        evaluate(model, (x, y[:5]), [AttackSpec("clean")])
     with pytest.raises(TypeError, match="data must be a Split"):
         evaluate(model, 3, [AttackSpec("clean")])
     with pytest.raises(ValueError, match="no examples"):
