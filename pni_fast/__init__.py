@@ -15,7 +15,7 @@ from .convert import ConvertReport, convert, strip
 from .optim import param_groups
 from . import models
 from . import attacks, data, evaluate, train
-from .attacks import carlini_wagner_l2, eot_pgd, fgsm, pgd
+from .attacks import autoattack_rand, carlini_wagner_l2, eot_pgd, fgsm, pgd, square_attack
 from .evaluate import AttackSpec
 from .train import TrainConfig
 
@@ -55,6 +55,8 @@ __all__ = [
     "pgd",
     "eot_pgd",
     "carlini_wagner_l2",
+    "autoattack_rand",
+    "square_attack",
     "AttackSpec",
     "TrainConfig",
 ]

@@ -222,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True, help="checkpoint.pt (or its folder)")
     e.add_argument("--data-dir", default=None, help="CIFAR-10 folder (needed for CIFAR checkpoints)")
     e.add_argument("--attacks", default="clean,pgd,eot-pgd",
-                   help="comma-separated from: clean, fgsm, pgd, eot-pgd, cw")
+                   help="comma-separated from: clean, fgsm, pgd, eot-pgd, cw, autoattack-rand, square (the last two "
+                   "need: pip install --no-deps torchattacks)")
     e.add_argument("--eps", type=_fraction, default=None, help="L-inf radius (default: the training eps)")
     e.add_argument("--step", type=_pos_float, default=None, help="PGD step (default: eps/4)")
     e.add_argument("--pgd-steps", type=_pos_int, default=20)
@@ -232,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cw-c", type=_pos_float, default=1.0, help="CW: initial constant c (binary-searched)")
     e.add_argument("--cw-kappa", type=_fraction, default=0.0, help="CW: confidence margin kappa")
     e.add_argument("--cw-steps", type=_pos_int, default=100, help="CW: Adam steps per binary-search step")
+    e.add_argument("--aa-steps", type=_pos_int, default=100, help="AutoAttack-rand: steps per APGD run")
+    e.add_argument("--aa-eot-samples", type=_pos_int, default=20,
+                   help="AutoAttack-rand: forward passes averaged per gradient (>= 2)")
+    e.add_argument("--square-queries", type=_pos_int, default=5000, help="Square: queries per example and restart")
+    e.add_argument("--square-p-init", type=_fraction, default=0.8, help="Square: initial fraction of pixels changed")
     e.add_argument("--repeats", type=_pos_int, default=5, help="R noisy evaluations")
     e.add_argument("--limit", type=_pos_int, default=None, help="evaluate only the first N test images")
     e.add_argument("--batch-size", type=_pos_int, default=256)
@@ -252,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
 # commands
 # --------------------------------------------------------------------------- #
 def _eval_specs(names: Sequence[str], eps: float, step: float, steps: int, restarts: int, eot: int, targets: str,
-                cw: Optional[Dict[str, Any]] = None) -> list:
+                cw: Optional[Dict[str, Any]] = None, aa: Optional[Dict[str, Any]] = None,
+                square: Optional[Dict[str, Any]] = None) -> list:
     from .evaluate import AttackSpec
 
     specs = []
@@ -268,8 +275,14 @@ def _eval_specs(names: Sequence[str], eps: float, step: float, steps: int, resta
                                     eot_samples=max(2, eot), targets=targets))
         elif n == "cw":
             specs.append(AttackSpec("cw", targets=targets, **(cw or {})))
+        elif n == "autoattack-rand":
+            aa_kw = {"steps": steps, "eot_samples": max(2, eot), **(aa or {})}
+            specs.append(AttackSpec("autoattack-rand", eps=eps, restarts=restarts, targets=targets, **aa_kw))
+        elif n == "square":
+            specs.append(AttackSpec("square", eps=eps, restarts=restarts, targets=targets, **(square or {})))
         else:
-            raise ValueError(f"--attacks: unknown attack {n!r}; choose from clean, fgsm, pgd, eot-pgd, cw")
+            raise ValueError(f"--attacks: unknown attack {n!r}; choose from clean, fgsm, pgd, eot-pgd, cw, "
+                             "autoattack-rand, square")
     return specs
 
 
@@ -540,7 +553,9 @@ def run_eval(args: argparse.Namespace) -> list:
     step = eps / 4 if args.step is None else args.step
     names = [n.strip() for n in args.attacks.split(",") if n.strip()]
     specs = _eval_specs(names, eps, step, args.pgd_steps, args.restarts, args.eot_samples, args.targets,
-                        cw={"cw_c": args.cw_c, "cw_kappa": args.cw_kappa, "cw_steps": args.cw_steps})
+                        cw={"cw_c": args.cw_c, "cw_kappa": args.cw_kappa, "cw_steps": args.cw_steps},
+                        aa={"steps": args.aa_steps, "eot_samples": max(2, args.aa_eot_samples)},
+                        square={"n_queries": args.square_queries, "p_init": args.square_p_init})
     if args.no_noise:
         from .control import set_noise
         from .modules import is_noisy_module

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -65,6 +66,11 @@ def test_train_eval_resume_in_process(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(out), "--limit", "32", "--attacks", "clean", "--repeats", "3",
                  "--no-noise", "--json", str(js)]) == 0
     assert json.loads(js.read_text())["results"][0]["std"] == 0.0
+    if importlib.util.find_spec("torchattacks") is not None:  # AutoAttack-rand and Square through torchattacks
+        assert main(["eval", "--checkpoint", str(out), "--limit", "16", "--attacks", "clean,autoattack-rand,square",
+                     "--aa-steps", "2", "--aa-eot-samples", "2", "--square-queries", "10", "--repeats", "2",
+                     "--json", str(js)]) == 0
+        assert [r["attack"] for r in json.loads(js.read_text())["results"]] == ["clean", "AA-rand-2x2", "Square-10"]
 
 
 @pytest.mark.parametrize("cmd", [[], ["demo"], ["train"], ["eval"], ["info"], ["bench"]])
