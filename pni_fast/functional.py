@@ -205,6 +205,9 @@ def weight_sigma(t: Tensor) -> Tensor:
 def weight_sigmas(ts: Sequence[Tensor]) -> list[Tensor]:
     """:func:`weight_sigma` of many tensors, bit-identical per tensor; on CPU one ``sigma_multi`` call per dtype
     (one pass over all of them) instead of a call per tensor."""
+    ts = list(ts)
+    for k, t in enumerate(ts):
+        _check_tensor(f"ts[{k}]", t)
     ts = [t.detach() for t in ts]
     if not ts or ts[0].device.type != "cpu" or under_vmap() or not _cpp_sigma_multi_available():
         return [weight_sigma(t) for t in ts]

@@ -139,3 +139,11 @@ def test_weight_sigmas_equal_weight_sigma_bitwise():
     got = PF.weight_sigmas(ts)
     for t, s in zip(ts, got):
         assert torch.equal(s, PF.weight_sigma(t)), t.dtype
+
+
+def test_weight_sigmas_bad_input():
+    with pytest.raises(TypeError, match=r"ts\[1\] must be a torch.Tensor"):
+        PF.weight_sigmas([torch.randn(3), [1.0, 2.0]])
+    with pytest.raises(TypeError, match=r"ts\[0\] must be float32"):
+        PF.weight_sigmas([torch.ones(3, dtype=torch.int64)])
+    assert PF.weight_sigmas([]) == []
