@@ -46,9 +46,17 @@ def _op(name: str):
     return getattr(torch.ops.pni_fast, name).default
 
 
-def call(name: str, *args, state: Optional[Tensor] = None):
-    """Call op ``name``; ``rng_state`` is passed only when given (keeps the short schema usable)."""
-    return _op(name)(*args) if state is None else _op(name)(*args, state)
+def call(name: str, *args, state: Optional[Tensor] = None, below_autograd: bool = True):
+    """Call op ``name``; ``rng_state`` is passed only when given (keeps the short schema usable).
+
+    The autograd functions below own the differentiation, so in eager mode the op is dispatched below
+    the Autograd key: its registered (Python) autograd kernel would only re-dispatch, at ~5 us a call."""
+    op = _op(name)
+    full = args if state is None else (*args, state)
+    if not below_autograd or torch.compiler.is_compiling():
+        return op(*full)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*full)
 
 
 # ---------------------------------------------------------------------------
@@ -303,7 +311,7 @@ def _multi_backward(ctx, grads):
     alphas, sigmas = rest[:n], rest[n:]
     grads = _filled(grads, ctx.meta)
     grad_alphas = call(REGISTRY[backend].alpha_grad_multi, grads, list(alphas), list(sigmas), seed, offsets, inners,
-                       state=state)
+                       state=state, below_autograd=False)  # recorded under create_graph: double backward
     return (grads, list(grad_alphas), [None] * n, None, None, None, None)[: ctx.n_in]
 
 
@@ -312,7 +320,7 @@ def _multi_grad_backward(ctx, ggs):
     state, *sigmas = ctx.saved_tensors
     zeros = [torch.zeros(s, dtype=d, device=dev) for s, d, dev in ctx.meta]
     d_grads = call(REGISTRY[backend].perturb_multi, zeros, [g.contiguous() for g in ggs], list(sigmas), seed,
-                   offsets, inners, state=state)
+                   offsets, inners, state=state, below_autograd=False)
     return (list(d_grads), [None] * n, [None] * n, None, None, None, None)[: ctx.n_in]
 
 
