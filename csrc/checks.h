@@ -110,4 +110,20 @@ inline std::string list_prefix(const char* vname, size_t i) {
   return std::string(vname) + "[" + std::to_string(i) + "]: ";
 }
 
+// sigma_multi's argument checks, shared by its CPU, Meta and CUDA kernels (one set of messages):
+// at least one tensor, one supported float dtype, one device (a CUDA one when `need_cuda`).
+inline void check_sigma_multi(at::TensorList vs, bool need_cuda) {
+  TORCH_CHECK(!vs.empty(), "sigma_multi: vs must hold at least one tensor");
+  for (size_t i = 0; i < vs.size(); ++i) {
+    TORCH_CHECK(is_supported_float(vs[i].scalar_type()), "sigma_multi: vs[", i,
+                "] must be float32, float64, float16 or bfloat16, got ", vs[i].scalar_type());
+    TORCH_CHECK(vs[i].scalar_type() == vs[0].scalar_type(), "sigma_multi: all of vs must share one dtype, got vs[0] ",
+                vs[0].scalar_type(), " and vs[", i, "] ", vs[i].scalar_type());
+    TORCH_CHECK(!need_cuda || vs[i].is_cuda(), "sigma_multi: vs[", i, "] must be a CUDA tensor, got ",
+                vs[i].device());
+    TORCH_CHECK(vs[i].device() == vs[0].device(), "sigma_multi: all of vs must be on one device, got vs[0] on ",
+                vs[0].device(), " and vs[", i, "] on ", vs[i].device());
+  }
+}
+
 }  // namespace pni_fast

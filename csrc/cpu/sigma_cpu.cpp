@@ -235,19 +235,6 @@ void sigmas_of(const std::vector<const scalar_t*>& xs, const std::vector<int64_t
   }
 }
 
-// Checks shared by the CPU and Meta kernels of sigma_multi: one dtype (a supported float).
-void check_multi(at::TensorList vs) {
-  TORCH_CHECK(!vs.empty(), "sigma_multi: vs must hold at least one tensor");
-  for (size_t i = 0; i < vs.size(); ++i) {
-    TORCH_CHECK(is_supported_float(vs[i].scalar_type()), "sigma_multi: vs[", i,
-                "] must be float32, float64, float16 or bfloat16, got ", vs[i].scalar_type());
-    TORCH_CHECK(vs[i].scalar_type() == vs[0].scalar_type(), "sigma_multi: all of vs must share one dtype, got vs[0] ",
-                vs[0].scalar_type(), " and vs[", i, "] ", vs[i].scalar_type());
-    TORCH_CHECK(vs[i].device() == vs[0].device(), "sigma_multi: all of vs must be on one device, got vs[0] on ",
-                vs[0].device(), " and vs[", i, "] on ", vs[i].device());
-  }
-}
-
 // res (float64 values) into a float32 tensor (one rounding each), or float64 for float64 inputs.
 Tensor sigma_values(at::TensorList vs, const std::vector<Tensor>& contig) {
   const at::ScalarType st = vs[0].scalar_type();
@@ -284,7 +271,7 @@ Tensor sigma_cpu(const Tensor& v_in) {
 }
 
 Tensor sigma_multi_cpu(at::TensorList vs) {
-  check_multi(vs);
+  check_sigma_multi(vs, /*need_cuda=*/false);
   std::vector<Tensor> contig;
   for (size_t i = 0; i < vs.size(); ++i) {
     TORCH_CHECK(vs[i].device().is_cpu(), "sigma_multi: vs[", i, "] must be a CPU tensor, got ", vs[i].device());
@@ -298,7 +285,7 @@ Tensor sigma_meta(const Tensor& v) {
 }
 
 Tensor sigma_multi_meta(at::TensorList vs) {
-  check_multi(vs);
+  check_sigma_multi(vs, /*need_cuda=*/false);
   return at::empty({static_cast<int64_t>(vs.size())},
                    vs[0].options().dtype(vs[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
 }

@@ -366,20 +366,6 @@ void launch_big(const std::vector<at::Tensor>& cs, const std::vector<int32_t>& i
   }
 }
 
-// The same checks (and messages) as the CPU kernel, plus: every tensor on one CUDA device.
-void check_multi(at::TensorList vs) {
-  TORCH_CHECK(!vs.empty(), "sigma_multi: vs must hold at least one tensor");
-  for (size_t i = 0; i < vs.size(); ++i) {
-    TORCH_CHECK(is_supported_float(vs[i].scalar_type()), "sigma_multi: vs[", i,
-                "] must be float32, float64, float16 or bfloat16, got ", vs[i].scalar_type());
-    TORCH_CHECK(vs[i].scalar_type() == vs[0].scalar_type(), "sigma_multi: all of vs must share one dtype, got vs[0] ",
-                vs[0].scalar_type(), " and vs[", i, "] ", vs[i].scalar_type());
-    TORCH_CHECK(vs[i].is_cuda(), "sigma_multi: vs[", i, "] must be a CUDA tensor, got ", vs[i].device());
-    TORCH_CHECK(vs[i].device() == vs[0].device(), "sigma_multi: all of vs must be on one device, got vs[0] on ",
-                vs[0].device(), " and vs[", i, "] on ", vs[i].device());
-  }
-}
-
 at::Tensor sigmas_cuda(at::TensorList vs) {
   c10::cuda::CUDAGuard guard(vs[0].device());
   const at::ScalarType st = vs[0].scalar_type();
@@ -408,7 +394,7 @@ at::Tensor sigma_cuda(const at::Tensor& v) {
 }
 
 at::Tensor sigma_multi_cuda(at::TensorList vs) {
-  check_multi(vs);
+  check_sigma_multi(vs, /*need_cuda=*/true);
   return sigmas_cuda(vs);
 }
 
