@@ -39,8 +39,11 @@ echo "sanitize.sh: building the CPU kernels with $SAN"
     "$PY" setup.py -q build_ext --build-lib "$WORK/pkg" --build-temp "$WORK/build" >"$WORK/build.log" 2>&1
 ) || { tail -n 60 "$WORK/build.log" >&2; echo "sanitize.sh: build FAILED" >&2; exit 1; }
 LIB=$(ls "$WORK"/pkg/pni_fast/_C*.so)
-nm -D "$LIB" | grep -q __asan_report_load || { echo "sanitize.sh: $LIB has no ASan instrumentation" >&2; exit 1; }
-nm -D "$LIB" | grep -q __ubsan_handle_ || { echo "sanitize.sh: $LIB has no UBSan instrumentation" >&2; exit 1; }
+# the symbol table goes to a file first: `nm | grep -q` under pipefail fails at random (grep exits at the
+# first match, nm then dies of SIGPIPE and the pipeline reports its 141)
+nm -D "$LIB" >"$WORK/symbols.txt"
+grep -q __asan_report_load "$WORK/symbols.txt" || { echo "sanitize.sh: $LIB has no ASan instrumentation" >&2; exit 1; }
+grep -q __ubsan_handle_ "$WORK/symbols.txt" || { echo "sanitize.sh: $LIB has no UBSan instrumentation" >&2; exit 1; }
 
 # --- 2. the Python package beside the sanitized library -------------------------------------
 (cd "$ROOT" && find pni_fast -name '*.py' -not -path '*/__pycache__/*' | while read -r f; do
