@@ -1,10 +1,11 @@
-// Schemas of the pni_fast ops (one definition; the CPU and CUDA files
-// register kernels for them). Every op is a pure function of its inputs: the
-// noise is fixed by (seed, offset), so autograd, opcheck and torch.compile
-// all see the same values. Autograd (torch.library.register_autograd, so
-// torch.func and double backward work) and the fake (meta) kernels are
-// registered from Python (pni_fast/functional.py), except sigma's fake
-// kernel (csrc/cpu/sigma_cpu.cpp). The contract: docs/ops.md.
+// Schemas of all pni_fast ops: every m.def is here; the files under csrc/cpu
+// and csrc/cuda register kernels for them, one file per op family. Every op is
+// a pure function of its inputs: the noise is fixed by (seed, offset), so
+// autograd, opcheck and torch.compile all see the same values. Autograd
+// (torch.library.register_autograd, so torch.func and double backward work)
+// and the fake (meta) kernels are registered from Python
+// (pni_fast/functional.py), except sigma's fake kernels
+// (csrc/cpu/sigma_cpu.cpp). The contract: docs/ops.md.
 //
 // rng_state (optional, every RNG op): int64 [2] = (seed, counter base) on the
 // op's device. When given, the op uses seed rng_state[0] and counter offset
@@ -70,4 +71,7 @@ TORCH_LIBRARY(pni_fast, m) {
   // tensors in one call. vs: at least one tensor, one dtype, one device; any strides. CPU,
   // CUDA and Meta kernels.
   m.def("sigma_multi(Tensor[] vs) -> Tensor", tags);
+  // The SIMD variant the CPU kernels run: "avx512", "avx2" or "generic" (csrc/cpu/isa_cpu.cpp).
+  // Not a tensor op: no tags, one kernel for every device.
+  m.def("cpu_isa() -> str");
 }

@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_sources_are_found_for_the_jit_build():
     src = _ext.source_dir()
     assert src is not None
-    for name in ("ops.cpp", "philox.h", "checks.h", os.path.join("cpu", "pni_cpu.cpp")):
+    for name in ("ops.cpp", "philox.h", "checks.h", os.path.join("cpu", "perturb_cpu.cpp")):
         assert os.path.isfile(os.path.join(src, name)), name
 
 

@@ -1,7 +1,7 @@
 // CPU kernels of the raw RNG ops (noise, rng_words, rng_uniform; schemas in
-// csrc/ops.cpp) and the cpu_isa() helper. Element i uses Philox counter
-// offset + i / 4 (design.md section 3); noise comes from the same vectorized
-// block generator as perturb (normal_block.h), words and uniforms from philox.h.
+// csrc/ops.cpp). Element i uses Philox counter offset + i / 4 (design.md
+// section 3); noise comes from the same vectorized block generator as perturb
+// (normal_block.h), words and uniforms from philox.h.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -98,12 +98,6 @@ TORCH_LIBRARY_IMPL(pni_fast, CPU, m) {
   m.impl("rng_words", &rng_words_cpu);
   m.impl("rng_uniform", &rng_uniform_cpu);
 }
-
-// Which SIMD variant the CPU kernels run ("avx512", "avx2" or "generic"), for
-// `python -m pni_fast info` and bug reports. Not a tensor op: no dispatch key.
-std::string cpu_isa() { return normal_block_isa(); }
-
-TORCH_LIBRARY_FRAGMENT(pni_fast, m) { m.def("cpu_isa() -> str", &cpu_isa); }
 
 }  // namespace cpu
 }  // namespace pni_fast
