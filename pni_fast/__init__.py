@@ -14,12 +14,43 @@ from .control import no_noise, noise_enabled, set_noise
 from .convert import ConvertReport, convert, strip
 from .optim import param_groups
 from . import models
-from . import attacks, data, evaluate, train
-from .attacks import autoattack_rand, carlini_wagner_l2, eot_pgd, fgsm, pgd, square_attack
-from .evaluate import AttackSpec
-from .train import TrainConfig
 
 __version__ = "0.1.0"
+
+# The robustness toolkit (pni_fast.robust) loads on first use of one of these names, so that
+# `import pni_fast` stays the core: the attacks, training and data code and their optional
+# dependencies are not imported until asked for.
+_ROBUST = {
+    "robust": None,
+    "attacks": "attacks",
+    "data": "data",
+    "evaluate": "evaluate",
+    "train": "train",
+    "fgsm": "fgsm",
+    "pgd": "pgd",
+    "eot_pgd": "eot_pgd",
+    "carlini_wagner_l2": "carlini_wagner_l2",
+    "autoattack_rand": "autoattack_rand",
+    "square_attack": "square_attack",
+    "AttackSpec": "AttackSpec",
+    "TrainConfig": "TrainConfig",
+}
+
+
+def __getattr__(name: str):
+    if name not in _ROBUST:
+        raise AttributeError(f"module 'pni_fast' has no attribute {name!r}")
+    import importlib
+
+    robust = importlib.import_module(".robust", __name__)
+    value = robust if _ROBUST[name] is None else getattr(robust, _ROBUST[name])
+    globals()[name] = value  # later look-ups skip __getattr__
+    return value
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(_ROBUST))
+
 
 __all__ = [
     "__version__",
@@ -47,6 +78,7 @@ __all__ = [
     "no_noise",
     "param_groups",
     "models",
+    "robust",
     "attacks",
     "data",
     "evaluate",

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pni_fast.attacks import (
+from pni_fast.robust.attacks import (
     attack_mode,
     autoattack_rand,
     carlini_wagner_l2,
@@ -17,7 +17,7 @@ from pni_fast.attacks import (
     pgd,
     square_attack,
 )
-from pni_fast.evaluate import AttackSpec, evaluate
+from pni_fast.robust.evaluate import AttackSpec, evaluate
 
 
 class NoisyBN(nn.Module):

@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-import pni_fast.train as train_mod
-from pni_fast.checkpoint import MAGIC, CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint
-from pni_fast.cli import DigitsCNN, main
-from pni_fast.data import load_digits
-from pni_fast.train import TrainConfig, train
+import pni_fast.robust.epoch as epoch_mod
+from pni_fast.models import DigitsCNN
+from pni_fast.robust.checkpoint import MAGIC, CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint
+from pni_fast.cli import main
+from pni_fast.robust.data import load_digits
+from pni_fast.robust.train import TrainConfig, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -192,7 +193,7 @@ def test_logs_are_written_after_the_checkpoint(digits, tmp_path, monkeypatch):
     def disk_full(*a, **k):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(train_mod, "save_checkpoint", disk_full)
+    monkeypatch.setattr(epoch_mod, "save_checkpoint", disk_full)
     with pytest.raises(OSError, match="No space"):
         train(DigitsCNN(1, 10, 4), tr, None, _cfg(adversarial=False), out_dir=tmp_path, progress=False)
     assert os.listdir(tmp_path) == [], "logs ran ahead of the checkpoint"
@@ -219,7 +220,7 @@ def test_resume_truncates_logs_that_ran_ahead(digits, tmp_path, monkeypatch):
     def interrupt(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_mod, "_evaluate_epoch", interrupt)
+    monkeypatch.setattr(epoch_mod, "_evaluate_epoch", interrupt)
     with pytest.raises(KeyboardInterrupt):
         train(DigitsCNN(1, 10, 4), tr, te, _cfg(epochs=2), out_dir=run, resume=run, progress=False)
     assert [h["epoch"] for h in json.loads((run / "history.json").read_text())] == [1]
@@ -275,7 +276,7 @@ def test_ctrl_c_names_the_checkpoint_and_the_exact_resume_command(tmp_path, caps
     assert main([*common, "--out", str(tmp_path / "ref")]) == 0
     ref = json.loads((tmp_path / "ref" / "history.json").read_text())
 
-    real = train_mod._evaluate_epoch
+    real = epoch_mod._evaluate_epoch
     calls = {"n": 0}
 
     def interrupt_in(epoch):
@@ -287,7 +288,7 @@ def test_ctrl_c_names_the_checkpoint_and_the_exact_resume_command(tmp_path, caps
         return ev
 
     out = tmp_path / "run dir"  # a space: the command must quote it
-    monkeypatch.setattr(train_mod, "_evaluate_epoch", interrupt_in(1))
+    monkeypatch.setattr(epoch_mod, "_evaluate_epoch", interrupt_in(1))
     with pytest.raises(SystemExit) as e:
         main([*common, "--out", str(out)])
     assert e.value.code == 130
@@ -295,7 +296,7 @@ def test_ctrl_c_names_the_checkpoint_and_the_exact_resume_command(tmp_path, caps
     assert err.count("\n") == 1 and "before a checkpoint was written" in err and "--resume" not in err
 
     calls["n"] = 0
-    monkeypatch.setattr(train_mod, "_evaluate_epoch", interrupt_in(2))
+    monkeypatch.setattr(epoch_mod, "_evaluate_epoch", interrupt_in(2))
     with pytest.raises(SystemExit) as e:
         main([*common, "--out", str(out), "--overwrite"])
     assert e.value.code == 130
@@ -304,7 +305,7 @@ def test_ctrl_c_names_the_checkpoint_and_the_exact_resume_command(tmp_path, caps
     assert err.count("\n") == 1 and f"last checkpoint {ckpt} (epoch 1 of 2)" in err, err
     cmd = shlex.split(err.split("resume with: ", 1)[1])
     assert cmd[1:3] == ["-m", "pni_fast"] and cmd[-2:] == ["--resume", ckpt] and "--overwrite" not in cmd
-    monkeypatch.setattr(train_mod, "_evaluate_epoch", real)
+    monkeypatch.setattr(epoch_mod, "_evaluate_epoch", real)
     assert main(cmd[3:]) == 0
     hist = json.loads((out / "history.json").read_text())
     strip = lambda hs: [{k: v for k, v in h.items() if k != "time_s"} for h in hs]  # noqa: E731

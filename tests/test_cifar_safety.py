@@ -9,7 +9,7 @@ import shlex
 import numpy as np
 import pytest
 
-from pni_fast.data import CIFAR10_TEST_FILE, CIFAR10_TRAIN_FILES, load_cifar10, safe_load_pickle
+from pni_fast.robust.data import CIFAR10_TEST_FILE, CIFAR10_TRAIN_FILES, load_cifar10, safe_load_pickle
 
 
 class _Touch:

@@ -38,6 +38,24 @@ def test_demo_quick_end_to_end(tmp_path):
     assert all(r_["std"] == 0.0 for r_ in plain), "a deterministic model must have std 0"
     assert res["history"]["PGD-AT + PNI-W (layerwise)"][-1]["alpha"], "alphas must be logged"
     assert (out / "pgdat_pniw" / "checkpoint.pt").is_file()
+    cols = [r_["attack"] for r_ in plain]
+    if importlib.util.find_spec("torchattacks") is not None:  # AutoAttack-rand and Square at --quick's sizes
+        assert cols == ["clean", "PGD-2", "EOT-PGD-2x2", "AA-rand-2x2", "Square-10"]
+        assert "APGD-CE, then APGD-DLR" in r.stdout and "queries=10" in r.stdout
+    else:
+        assert cols == ["clean", "PGD-2", "EOT-PGD-2x2"] and "torchattacks is not installed" in r.stderr
+
+
+def test_demo_without_torchattacks_columns(tmp_path, capsys):
+    """--no-torchattacks: the three gradient columns only, and no note about torchattacks."""
+    from pni_fast.robust.cli_demo import run_demo
+
+    args = build_parser().parse_args(["demo", "--quick", "--no-torchattacks", "--no-plot", "--no-progress",
+                                      "--out", str(tmp_path / "d")])
+    assert args.aa_steps == 10 and args.aa_eot_samples == 4 and args.square_queries == 500  # the demo's defaults
+    res = run_demo(args)
+    assert [r_["attack"] for r_ in res["models"]["plain"]] == ["clean", "PGD-2", "EOT-PGD-2x2"]
+    assert "torchattacks" not in capsys.readouterr().err
 
 
 def test_train_eval_resume_in_process(tmp_path, capsys):
@@ -101,6 +119,8 @@ def test_help(cmd, capsys):
         (["demo", "--epochs", "0"], "--epochs"),
         (["demo", "--eps", "abc"], "8/255"),
         (["demo", "--pni", "kernelwise"], "invalid choice"),
+        (["demo", "--aa-eot-samples", "1"], "an integer >= 2"),
+        (["demo", "--square-queries", "0"], "--square-queries"),
         (["train", "--model", "resnet99"], "invalid choice"),
         (["train", "--lr", "-1"], "--lr"),
         (["eval"], "--checkpoint"),

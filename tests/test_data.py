@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pni_fast.data import (
+from pni_fast.robust.data import (
     CIFAR10_TEST_FILE,
     CIFAR10_TRAIN_FILES,
     Split,

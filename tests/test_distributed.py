@@ -21,9 +21,9 @@ import pytest
 import torch
 from torch import nn
 
-from pni_fast.data import Split, iterate_batches, load_digits
+from pni_fast.robust.data import Split, iterate_batches, load_digits
 from pni_fast.distributed import derived_seed
-from pni_fast.train import CHECKPOINT_NAME, TrainConfig, load_checkpoint, train
+from pni_fast.robust.train import CHECKPOINT_NAME, TrainConfig, load_checkpoint, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
@@ -56,7 +56,7 @@ def _no_bn_pni_model() -> nn.Module:
 
 
 def _bn_pni_model() -> nn.Module:
-    from pni_fast.cli import DigitsCNN
+    from pni_fast.models import DigitsCNN
     from pni_fast.convert import convert
 
     torch.manual_seed(0)

@@ -12,8 +12,8 @@ from torch import nn
 
 import pni_fast
 from pni_fast import rng
-from pni_fast.attacks import autoattack_rand, square_attack
-from pni_fast.evaluate import AttackSpec, evaluate
+from pni_fast.robust.evaluate import AttackSpec, evaluate
+from pni_fast.robust.interop import autoattack_rand, square_attack
 
 HAVE_TA = importlib.util.find_spec("torchattacks") is not None
 needs_ta = pytest.mark.skipif(not HAVE_TA, reason="torchattacks not installed (pip install --no-deps torchattacks)")
@@ -258,7 +258,7 @@ def test_streamed_inputs_give_the_materialized_results(digits):
     # a DataLoader draws a seed from torch's generator on every pass unless it has its own generator
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=12,
                                          generator=torch.Generator().manual_seed(0))
-    split = pni_fast.data.Split(x, y)
+    split = pni_fast.robust.data.Split(x, y)
     for data in ((x, y), split, batches, loader):
         torch.manual_seed(3)
         got = [r.accuracies for r in evaluate(pni, data, SPECS, repeats=2, batch_size=12)]
@@ -286,7 +286,7 @@ def test_batches_are_streamed_not_held(digits, monkeypatch):
     assert all(events[i + 1][0] == "forward" for i in loads), "a batch was loaded before the previous was used"
 
     # in-memory inputs: each batch is converted right before it is attacked
-    from pni_fast import evaluate as ev
+    from pni_fast.robust import evaluate as ev
 
     converted: list = []
     real = ev.to_unit_float

@@ -262,3 +262,33 @@ def test_load_checkpoint_errors():
         load_pni_checkpoint("resnet20", 3)
     nb = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
     load_pni_checkpoint("resnet20", nb)  # very old checkpoints lack num_batches_tracked: fine
+
+
+# --------------------------------------------------------------------------- #
+# the demo's digits CNN and build_model (a model from a checkpoint's model_spec)
+# --------------------------------------------------------------------------- #
+def test_digits_cnn_shapes_and_width_check():
+    from pni_fast.models import DigitsCNN
+
+    model = DigitsCNN(1, 10, 4)
+    assert model(torch.rand(3, 1, 8, 8)).shape == (3, 10)
+    assert DigitsCNN(3, 7, 2)(torch.rand(2, 3, 32, 32)).shape == (2, 7)
+    with pytest.raises(ValueError, match="width must be >= 1"):
+        DigitsCNN(width=0)
+
+
+def test_build_model_rebuilds_every_arch_and_refuses_others():
+    import pni_fast.cli as cli
+    from pni_fast.models import DigitsCNN, build_model, resnet20
+
+    assert cli.DigitsCNN is DigitsCNN and cli.build_model is build_model  # the names the CLI exported stay
+    plain = build_model({"arch": "digits_cnn", "width": 4})
+    assert isinstance(plain, DigitsCNN) and not any(isinstance(m, (NoisyConv2d, NoisyLinear)) for m in plain.modules())
+    torch.manual_seed(0)
+    noisy = build_model({"arch": "digits_cnn", "width": 4, "pni": "channelwise", "in_channels": 3, "num_classes": 5})
+    assert sum(isinstance(m, (NoisyConv2d, NoisyLinear)) for m in noisy.modules()) == 4  # 3 convs + classifier
+    assert noisy(torch.rand(2, 3, 8, 8)).shape == (2, 5)
+    rn = build_model({"arch": "resnet20", "pni": "layerwise", "num_classes": 10})
+    assert sorted(rn.state_dict()) == sorted(resnet20(pni="layerwise").state_dict())
+    with pytest.raises(ValueError, match="model_spec arch must be one of"):
+        build_model({"arch": "vgg16"})

@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from pni_fast.cli import DigitsCNN
-from pni_fast.data import load_digits
-from pni_fast.train import (
+from pni_fast.models import DigitsCNN
+from pni_fast.robust.data import load_digits
+from pni_fast.robust.train import (
     CHECKPOINT_NAME,
     TrainConfig,
     load_checkpoint,
@@ -182,7 +182,7 @@ class _SplitAsIterable:
         self.split, self.cfg, self.epoch = split, cfg, 0
 
     def __iter__(self):
-        from pni_fast.data import iterate_batches
+        from pni_fast.robust.data import iterate_batches
 
         gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch)
         self.epoch += 1
@@ -227,7 +227,7 @@ def test_dataloader_with_own_augmentation(digits):
     assert sampler.epoch == 2  # set_epoch(epoch) before every epoch
     assert len(flips) == 3 * 3
     # the test loader is evaluated on its first eval_samples images, like a Split (deterministic plain model)
-    from pni_fast.train import _evaluate_epoch
+    from pni_fast.robust.epoch import _evaluate_epoch
 
     cfg = _cfg(adversarial=False, eval_samples=20)
     ref = _evaluate_epoch(model, te, cfg, torch.device("cpu"))
