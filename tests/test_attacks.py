@@ -376,6 +376,7 @@ def test_one_mode_helper_and_one_check_module():
     assert attacks.model_mode is modes.model_mode is evaluate.model_mode is epoch.model_mode
     assert attacks.attack_mode is modes.attack_mode
     # a wrong type is a TypeError that `except ValueError` (what TrainConfig and evaluate raised) also catches
+    assert issubclass(checks.WrongTypeError, TypeError) and issubclass(checks.WrongTypeError, ValueError)
     for bad in (2.0, True, "3"):
         with pytest.raises(TypeError, match="steps must be an int >= 1"):
             pgd(torch.nn.Linear(2, 2), torch.rand(1, 2), torch.zeros(1, dtype=torch.long), steps=bad)

@@ -2,7 +2,7 @@
 
 Attacks, `AttackSpec`, `evaluate`, `TrainConfig`, the batch iterators and the command line all
 validate through these functions, so a bad ``steps`` reads the same wherever it is passed. A value
-of the wrong type raises `ArgumentTypeError`, which is both a TypeError and a ValueError: callers
+of the wrong type raises `WrongTypeError`, which is both a TypeError and a ValueError: callers
 that caught either before still catch it.
 """
 
@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 __all__ = [
-    "ArgumentTypeError",
+    "WrongTypeError",
     "check_int",
     "check_real",
     "check_choice",
@@ -25,7 +25,7 @@ __all__ = [
 ]
 
 
-class ArgumentTypeError(TypeError, ValueError):
+class WrongTypeError(TypeError, ValueError):
     """An argument of the wrong type (a TypeError that ``except ValueError`` also catches)."""
 
 
@@ -33,7 +33,7 @@ def check_int(name: str, value: Any, minimum: int = 0, maximum: Optional[int] = 
     """``value`` as an int in ``[minimum, maximum]``; bools and floats are refused."""
     rng = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ArgumentTypeError(f"{name} must be an int {rng}, got {type(value).__name__} {value!r}")
+        raise WrongTypeError(f"{name} must be an int {rng}, got {type(value).__name__} {value!r}")
     if value < minimum or (maximum is not None and value > maximum):
         raise ValueError(f"{name} must be an int {rng}, got {value!r}")
     return value
@@ -45,7 +45,7 @@ def check_real(name: str, value: Any, *, positive: bool = False, maximum: Option
     if maximum is not None:
         rng = f"in {'(' if positive else '['}0, {maximum:g}]"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ArgumentTypeError(f"{name} must be a finite number {rng}, got {type(value).__name__} {value!r}")
+        raise WrongTypeError(f"{name} must be a finite number {rng}, got {type(value).__name__} {value!r}")
     v = float(value)
     if not math.isfinite(v) or v < 0 or (positive and v == 0) or (maximum is not None and v > maximum):
         raise ValueError(f"{name} must be a finite number {rng}, got {value!r}")
@@ -61,7 +61,7 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
 
 def check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
-        raise ArgumentTypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+        raise WrongTypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
     return value
 
 
