@@ -1,28 +1,29 @@
 """Build script for pni_fast's compiled kernels (pni_fast._C).
 
-Fast path (documented in the README, used by CI): torch is already installed, so build
-against it without pip's build isolation::
+``pip install .`` builds them against the torch already installed in the target environment:
+the in-tree build backend (build_backend/pni_fast_build.py, see pyproject.toml) makes that torch
+importable inside pip's isolated build environment, so no second torch is downloaded and the
+library matches the torch it runs with. ``pip install --no-build-isolation .`` does the same
+without the isolated environment. Sources and flags: pni_fast/_build_config.py (shared with the
+just-in-time build of pni_fast/_ext.py). Measurements and the details: docs/install.md.
 
-    pip install --no-build-isolation .        # or -e . for development
-
-With plain ``pip install .`` the isolated build environment usually has no torch; the
-package then installs as pure Python and compiles the same csrc/ sources just in time
-on first use (pni_fast/_ext.py), or runs on the pure-PyTorch backend.
+Without torch in the target environment the package installs as pure Python; the kernels are
+then compiled just in time on first use (pni_fast/_ext.py), or the pure-PyTorch backend runs.
 
 Environment switches:
-  FORCE_CUDA=1          build the CUDA kernels (csrc/cuda/*.cu) even without a visible GPU
-  FORCE_ONLY_CPU=1      build the CPU kernels only
-  PNI_FAST_SKIP_BUILD=1 build nothing (pure-Python install; JIT or pure PyTorch at run time)
+  FORCE_CUDA=1              build the CUDA kernels (csrc/cuda/*.cu) even without a visible GPU
+  FORCE_ONLY_CPU=1          build the CPU kernels only
+  PNI_FAST_SKIP_BUILD=1     build nothing (pure-Python install; JIT or pure PyTorch at run time)
+  PNI_FAST_REQUIRE_BUILD=1  a failed compile fails the install (default: warn and install without
+                            the kernels, which then compile just in time or fall back to PyTorch)
   PNI_FAST_EXTRA_CXXFLAGS / PNI_FAST_EXTRA_LDFLAGS
-                        extra host compiler / linker flags, appended (e.g. the sanitizer build of
-                        scripts/sanitize.sh; never needed for a normal install)
-By default the CUDA kernels are built when torch sees a GPU and nvcc (CUDA_HOME) exists.
+                            extra host compiler / linker flags, appended (e.g. the sanitizer build of
+                            scripts/sanitize.sh; never needed for a normal install)
 """
 from __future__ import annotations
 
-import glob
+import importlib.util
 import os
-import shlex
 import shutil
 import sys
 
@@ -32,95 +33,20 @@ from setuptools.command.build_py import build_py
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+def _load_build_config():
+    """pni_fast/_build_config.py by path: importing the package would import torch."""
+    path = os.path.join(ROOT, "pni_fast", "_build_config.py")
+    spec = importlib.util.spec_from_file_location("_pni_fast_build_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def cxx_flags() -> list[str]:
-    """Host compiler flags shared with the JIT build (pni_fast/_ext.py keeps a copy).
-
-    No -march/-ffast-math: the wheel must run on any x86-64/ARM CPU (csrc/cpu picks SIMD
-    at run time) and NaN/Inf in user tensors must propagate. -ffp-contract=off keeps
-    every SIMD variant of the noise bit-identical.
-    """
-    if sys.platform == "win32":
-        return ["/O2", "/fp:precise", "/openmp"]
-    flags = ["-O3", "-ffp-contract=off", "-fno-math-errno"]
-    return flags + openmp_flags()
+cfg = _load_build_config()
 
 
-def extra_flags(name: str) -> list[str]:
-    """Flags from the environment variable `name` (PNI_FAST_EXTRA_CXXFLAGS / _LDFLAGS), shell-split."""
-    return shlex.split(os.environ.get(name, ""))
-
-
-def openmp_flags() -> list[str]:
-    """at::parallel_for is an inline OpenMP loop in torch's headers: without -fopenmp it runs serially."""
-    if sys.platform == "darwin":  # Apple clang has no OpenMP by default: kernels run single-threaded
-        return []
-    return ["-fopenmp"]
-
-
-def nvcc_flags() -> list[str]:
-    # accurate libm (no --use_fast_math), see design.md section 3
-    return ["-O3"]
-
-
-def _ext_modules_and_cmdclass():
-    cmdclass = {"build_py": BuildPyWithSources}
-    if _flag("PNI_FAST_SKIP_BUILD"):
-        print("pni_fast: PNI_FAST_SKIP_BUILD=1, installing without compiled kernels", file=sys.stderr)
-        return [], cmdclass
-    try:
-        import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-    except ImportError:
-        print(
-            "pni_fast: torch is not importable in the build environment, installing without compiled "
-            "kernels (they are built on first use). Use `pip install --no-build-isolation .` to build now.",
-            file=sys.stderr,
-        )
-        return [], cmdclass
-
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
-    want_cuda = False
-    if _flag("FORCE_ONLY_CPU"):
-        want_cuda = False
-    elif _flag("FORCE_CUDA"):
-        want_cuda = True
-    else:
-        want_cuda = torch.cuda.is_available() and CUDA_HOME is not None
-    if want_cuda and torch.version.cuda is None:
-        print(f"pni_fast: torch {torch.__version__} has no CUDA support, building the CPU kernels only",
-              file=sys.stderr)
-        want_cuda = False
-    if want_cuda and not cuda_sources:
-        print("pni_fast: no CUDA sources under csrc/cuda, building the CPU kernels only", file=sys.stderr)
-        want_cuda = False
-
-    include_dirs = [os.path.join(ROOT, "csrc")]
-    if want_cuda:
-        ext = CUDAExtension(
-            name="pni_fast._C",
-            sources=sources + cuda_sources,
-            include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx_flags() + extra_flags("PNI_FAST_EXTRA_CXXFLAGS"), "nvcc": nvcc_flags()},
-            extra_link_args=openmp_flags() + extra_flags("PNI_FAST_EXTRA_LDFLAGS"),
-            define_macros=[("PNI_FAST_WITH_CUDA", "1")],
-        )
-    else:
-        ext = CppExtension(
-            name="pni_fast._C",
-            sources=sources,
-            include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx_flags() + extra_flags("PNI_FAST_EXTRA_CXXFLAGS")},
-            extra_link_args=openmp_flags() + extra_flags("PNI_FAST_EXTRA_LDFLAGS"),
-        )
-    print(f"pni_fast: building pni_fast._C ({'CPU + CUDA' if want_cuda else 'CPU'}) against torch "
-          f"{torch.__version__}", file=sys.stderr)
-    cmdclass["build_ext"] = BuildExtension.with_options(no_python_abi_suffix=False)
-    return [ext], cmdclass
+def _log(msg: str) -> None:
+    print(f"pni_fast: {msg}", file=sys.stderr)
 
 
 class BuildPyWithSources(build_py):
@@ -134,6 +60,74 @@ class BuildPyWithSources(build_py):
             if os.path.isdir(dst):
                 shutil.rmtree(dst)
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.o", "*.so", "__pycache__"))
+
+
+def _build_ext_class(base, torch_version: str, with_cuda: bool):
+    class BuildExtStamped(base):
+        """torch's BuildExtension, plus the build stamp beside the library and an optional-build policy."""
+
+        def run(self) -> None:
+            try:
+                super().run()
+            except Exception as exc:  # noqa: BLE001  (no compiler, compile error, ...)
+                if cfg.env_flag("PNI_FAST_REQUIRE_BUILD"):
+                    raise
+                _log(f"compiling the C++ kernels FAILED ({type(exc).__name__}: {exc}); installing without "
+                     "them: they compile just in time on first use, or the pure-PyTorch backend runs. "
+                     "Set PNI_FAST_REQUIRE_BUILD=1 to make this an error.")
+                self._drop_outputs()
+                return
+            for ext in self.extensions:
+                for lib_dir in self._lib_dirs(ext):
+                    cfg.write_stamp(lib_dir, torch_version, with_cuda)
+
+        def _lib_dirs(self, ext) -> set:
+            """Folders holding the built library: the build tree, and the source tree when in place."""
+            paths = {self.get_ext_fullpath(ext.name)}
+            if self.inplace:
+                self.inplace = False
+                paths.add(self.get_ext_fullpath(ext.name))
+                self.inplace = True
+            return {os.path.dirname(p) for p in paths if os.path.isfile(p)}
+
+        def _drop_outputs(self) -> None:
+            self.extensions = []
+            self.distribution.ext_modules = []
+
+    return BuildExtStamped
+
+
+def _ext_modules_and_cmdclass():
+    cmdclass = {"build_py": BuildPyWithSources}
+    if cfg.env_flag("PNI_FAST_SKIP_BUILD"):
+        _log("PNI_FAST_SKIP_BUILD=1, installing without compiled kernels")
+        return [], cmdclass
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        _log("torch is not installed in the target environment, installing without compiled kernels (they "
+             "are built on first use). Install torch first, then pni_fast, to build them now.")
+        return [], cmdclass
+
+    src = "csrc"  # relative paths: setuptools wants sources relative to setup.py
+    with_cuda, why = cfg.want_cuda(src, torch.cuda.is_available(), CUDA_HOME, torch.version.cuda)
+    kwargs = dict(
+        name="pni_fast._C",
+        include_dirs=[os.path.join(ROOT, d) for d in cfg.include_dirs(src)],
+        extra_link_args=cfg.ld_flags(),
+        define_macros=cfg.define_macros(with_cuda),
+    )
+    if with_cuda:
+        ext = CUDAExtension(sources=cfg.cpu_sources(src) + cfg.cuda_sources(src),
+                            extra_compile_args={"cxx": cfg.cxx_flags(), "nvcc": cfg.nvcc_flags()}, **kwargs)
+    else:
+        ext = CppExtension(sources=cfg.cpu_sources(src), extra_compile_args={"cxx": cfg.cxx_flags()}, **kwargs)
+    _log(f"building pni_fast._C ({'CPU + CUDA' if with_cuda else 'CPU'}: {why}) against torch "
+         f"{torch.__version__} from {os.path.dirname(torch.__file__)}")
+    base = BuildExtension.with_options(no_python_abi_suffix=False)
+    cmdclass["build_ext"] = _build_ext_class(base, torch.__version__, with_cuda)
+    return [ext], cmdclass
 
 
 ext_modules, cmdclass = _ext_modules_and_cmdclass()

@@ -2,24 +2,30 @@
 
 Two paths, like DeepSpeed's op builder (design.md section 11):
 
-1. ahead of time: ``pni_fast._C``, built by ``pip install --no-build-isolation .``;
-2. just in time: if ``_C`` is missing or fails to load (e.g. built against another torch),
-   compile the same ``csrc/`` sources with ``torch.utils.cpp_extension.load`` into torch's
-   extension cache, under a name keyed by the torch version, printing one message while
-   it builds. ``PNI_FAST_NO_JIT=1`` disables this step.
+1. ahead of time: ``pni_fast._C``, built by ``pip install .`` against the installed torch. Its
+   stamp (``_C_build.json``, written by setup.py) names that torch; a library built against
+   another torch is not loaded at all (a C++ extension's ABI changes between torch versions:
+   loading it could crash), and the message says so;
+2. just in time: if ``_C`` is missing, refused or fails to load, compile the same ``csrc/``
+   sources with ``torch.utils.cpp_extension.load`` into torch's extension cache, under a name
+   keyed by the torch version, printing one message while it builds. ``PNI_FAST_NO_JIT=1``
+   disables this step.
+
+Both builds take their sources and flags from ``pni_fast/_build_config.py``.
 
 Nothing here raises: if both paths fail, one warning says that the pure-PyTorch backend
 runs instead, and :func:`status_message` says why.
 """
 from __future__ import annotations
 
-import glob
 import os
 import re
 import sys
 import threading
 import warnings
 from typing import Optional
+
+from . import _build_config
 
 __all__ = ["load", "is_loaded", "available", "has_cuda", "has_op", "status_message", "source_dir"]
 
@@ -29,19 +35,7 @@ _op_cache: dict = {}
 
 
 def _flag(name: str) -> bool:
-    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _cxx_flags() -> list[str]:
-    # keep in sync with setup.py: portable (no -march, no -ffast-math), SIMD variants bit-identical
-    if sys.platform == "win32":
-        return ["/O2", "/fp:precise", "/openmp"]
-    return ["-O3", "-ffp-contract=off", "-fno-math-errno"] + _openmp_flags()
-
-
-def _openmp_flags() -> list[str]:
-    # at::parallel_for is an inline OpenMP loop in torch's headers: without -fopenmp it runs serially
-    return [] if sys.platform in ("darwin", "win32") else ["-fopenmp"]
+    return _build_config.env_flag(name)
 
 
 def source_dir() -> Optional[str]:
@@ -114,7 +108,31 @@ def _installed_library() -> Optional[str]:
     return None
 
 
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def _stamp_refusal(lib_dir: str, what: str) -> Optional[str]:
+    """Why the library `what` in `lib_dir` must not be loaded into the running torch (see _build_config)."""
+    import torch
+
+    if not any(n.startswith("_C.") and n.endswith((".so", ".pyd")) for n in _listdir(lib_dir)):
+        return None  # no library here (a stamp left by an earlier build says nothing)
+    why = _build_config.stamp_mismatch(lib_dir, torch.__version__)
+    if why is None:
+        return None
+    return (f"{what} not loaded: {why}; reinstall pni_fast for this torch "
+            "(`pip install --force-reinstall --no-deps .` from the source)")
+
+
 def _load_aot() -> tuple[bool, str]:
+    here = os.path.dirname(os.path.abspath(__file__))
+    refusal = _stamp_refusal(here, "pni_fast._C")
+    if refusal is not None:
+        return False, refusal
     try:
         from . import _C  # noqa: F401  (importing registers the ops)
     except Exception as exc:  # noqa: BLE001  (missing, ABI mismatch, ...)
@@ -122,6 +140,9 @@ def _load_aot() -> tuple[bool, str]:
         path = _installed_library()
         if path is None:
             return False, reason
+        refusal = _stamp_refusal(os.path.dirname(path), f"installed {path}")
+        if refusal is not None:
+            return False, f"{reason}; {refusal}"
         try:
             import torch
 
@@ -153,17 +174,12 @@ def _load_jit() -> tuple[bool, str]:
         import torch
         from torch.utils import cpp_extension
 
-        sources = [os.path.join(src, "ops.cpp")] + [p for p in [os.path.join(src, "autograd.cpp")] if os.path.isfile(p)]
-        sources += sorted(glob.glob(os.path.join(src, "cpu", "*.cpp")))
-        cuda_sources = sorted(glob.glob(os.path.join(src, "cuda", "*.cu")))
-        with_cuda = bool(
-            cuda_sources
-            and not _flag("FORCE_ONLY_CPU")
-            and torch.cuda.is_available()
-            and cpp_extension.CUDA_HOME is not None
-        )
+        with_cuda = _build_config.want_cuda(
+            src, torch.cuda.is_available(), cpp_extension.CUDA_HOME, torch.version.cuda
+        )[0]
+        sources = _build_config.cpu_sources(src)
         if with_cuda:
-            sources += cuda_sources + sorted(glob.glob(os.path.join(src, "cuda", "*.cpp")))
+            sources += _build_config.cuda_sources(src)
         name = _jit_name(with_cuda)
         print(
             f"pni_fast: compiling the C++ kernels ({'CPU + CUDA' if with_cuda else 'CPU'}) for torch "
@@ -174,10 +190,11 @@ def _load_jit() -> tuple[bool, str]:
         cpp_extension.load(
             name=name,
             sources=sources,
-            extra_cflags=_cxx_flags(),
-            extra_cuda_cflags=["-O3"],
-            extra_ldflags=_openmp_flags(),
-            extra_include_paths=[src],
+            extra_cflags=_build_config.cxx_flags()
+            + [f"-D{k}={v}" for k, v in _build_config.define_macros(with_cuda)],
+            extra_cuda_cflags=_build_config.nvcc_flags(),
+            extra_ldflags=_build_config.ld_flags(),
+            extra_include_paths=_build_config.include_dirs(src),
             with_cuda=with_cuda,
             is_python_module=False,
             verbose=_flag("PNI_FAST_VERBOSE_BUILD"),
