@@ -12,6 +12,7 @@ setup.py builds against exactly that torch. Packages of the build environment (s
 wheel, ninja) keep precedence. Without any torch, setup.py installs pure Python (the kernels
 then compile just in time on first use). Details and measurements: docs/install.md.
 """
+
 from __future__ import annotations
 
 import os
@@ -61,7 +62,12 @@ def find_torch(dirs: list[str]) -> Optional[tuple[str, str]]:
 
 
 def expose_target_torch(quiet: bool = False) -> Optional[str]:
-    """Make the target environment's torch importable here; returns where it is, None if there is none."""
+    """Make the target environment's torch importable here; returns where it is, None if there is none.
+
+    Also marks the compile optional for setup.py (PNI_FAST_BUILD_OPTIONAL): under pip a failed
+    compile (no compiler) installs without the kernels instead of failing the install.
+    """
+    os.environ.setdefault("PNI_FAST_BUILD_OPTIONAL", "1")
     try:
         import torch  # no isolation, or a torch the build environment already has
 

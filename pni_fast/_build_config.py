@@ -7,6 +7,7 @@ build stamp live here only, so the two builds cannot drift apart.
 
 Pure standard library; nothing here imports torch.
 """
+
 from __future__ import annotations
 
 import glob
@@ -103,7 +104,7 @@ def want_cuda(
 
 def stamp(torch_version: str, with_cuda: bool) -> dict:
     """What the library was built against (written to STAMP_NAME beside it)."""
-    return {"torch": torch_version, "cuda_kernels": bool(with_cuda), "python": "%d.%d" % sys.version_info[:2]}
+    return {"torch": torch_version, "cuda_kernels": bool(with_cuda), "python": "{}.{}".format(*sys.version_info[:2])}
 
 
 def write_stamp(lib_dir: str, torch_version: str, with_cuda: bool) -> str:
@@ -135,6 +136,8 @@ def stamp_mismatch(lib_dir: str, torch_version: str) -> Optional[str]:
         return None
     built = data.get("torch")
     if built != torch_version:
-        return (f"it was built against torch {built}, but torch {torch_version} is running "
-                "(a C++ extension must be rebuilt for each torch version)")
+        return (
+            f"it was built against torch {built}, but torch {torch_version} is running "
+            "(a C++ extension must be rebuilt for each torch version)"
+        )
     return None

@@ -16,6 +16,7 @@ Both builds take their sources and flags from ``pni_fast/_build_config.py``.
 Nothing here raises: if both paths fail, one warning says that the pure-PyTorch backend
 runs instead, and :func:`status_message` says why.
 """
+
 from __future__ import annotations
 
 import os
@@ -124,8 +125,10 @@ def _stamp_refusal(lib_dir: str, what: str) -> Optional[str]:
     why = _build_config.stamp_mismatch(lib_dir, torch.__version__)
     if why is None:
         return None
-    return (f"{what} not loaded: {why}; reinstall pni_fast for this torch "
-            "(`pip install --force-reinstall --no-deps .` from the source)")
+    return (
+        f"{what} not loaded: {why}; reinstall pni_fast for this torch "
+        "(`pip install --force-reinstall --no-deps .` from the source)"
+    )
 
 
 def _load_aot() -> tuple[bool, str]:
@@ -190,8 +193,7 @@ def _load_jit() -> tuple[bool, str]:
         cpp_extension.load(
             name=name,
             sources=sources,
-            extra_cflags=_build_config.cxx_flags()
-            + [f"-D{k}={v}" for k, v in _build_config.define_macros(with_cuda)],
+            extra_cflags=_build_config.cxx_flags() + [f"-D{k}={v}" for k, v in _build_config.define_macros(with_cuda)],
             extra_cuda_cflags=_build_config.nvcc_flags(),
             extra_ldflags=_build_config.ld_flags(),
             extra_include_paths=_build_config.include_dirs(src),
@@ -228,8 +230,9 @@ def load() -> bool:
         if ok:
             missing = _missing_ops()
             if missing:
-                msg += (f"; stale build without {', '.join(missing)}: rebuild with "
-                        "`pip install --no-build-isolation -e .`")
+                msg += (
+                    f"; stale build without {', '.join(missing)}: rebuild with `pip install --no-build-isolation -e .`"
+                )
                 warnings.warn(f"pni_fast: {msg}", RuntimeWarning, stacklevel=2)
         _state.update(loaded=ok, msg=msg)
         if not ok and not _state["warned"]:

@@ -1,4 +1,5 @@
 """Loading the compiled kernels: AOT module, JIT fallback switches, pure-PyTorch fallback."""
+
 from __future__ import annotations
 
 import glob
@@ -74,8 +75,9 @@ print("ok")
 def test_missing_extension_falls_back_with_one_warning():
     env = dict(os.environ, PNI_FAST_NO_JIT="1")
     env.pop("PNI_FAST_BACKEND", None)
-    res = subprocess.run([sys.executable, "-c", _NO_EXT_SCRIPT], env=env, capture_output=True, text=True,
-                         timeout=120, cwd=ROOT)
+    res = subprocess.run(
+        [sys.executable, "-c", _NO_EXT_SCRIPT], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert res.stdout.strip().endswith("ok")
 
@@ -106,8 +108,9 @@ def test_setup_py_takes_sources_and_flags_from_the_build_config_without_importin
     env = dict(os.environ, FORCE_ONLY_CPU="1")
     for name in ("PNI_FAST_SKIP_BUILD", "PNI_FAST_EXTRA_CXXFLAGS", "PNI_FAST_EXTRA_LDFLAGS"):
         env.pop(name, None)
-    res = subprocess.run([sys.executable, "-c", _SETUP_SCRIPT], env=env, capture_output=True, text=True,
-                         timeout=120, cwd=ROOT)
+    res = subprocess.run(
+        [sys.executable, "-c", _SETUP_SCRIPT], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
     by_path = _load_build_config_by_path()
@@ -214,8 +217,14 @@ def test_library_built_for_another_torch_is_not_imported(tmp_path):
     cfg.write_stamp(str(pkg), "1.0.0+other", with_cuda=False)
     env = dict(os.environ, PNI_FAST_NO_JIT="1")
     env.pop("PNI_FAST_BACKEND", None)
-    res = subprocess.run([sys.executable, "-c", _MISMATCH_SCRIPT, str(tmp_path)], env=env, capture_output=True,
-                         text=True, timeout=120, cwd=str(tmp_path))
+    res = subprocess.run(
+        [sys.executable, "-c", _MISMATCH_SCRIPT, str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=str(tmp_path),
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert "built against torch 1.0.0+other" in res.stdout and torch.__version__ in res.stdout
 
@@ -277,12 +286,20 @@ def test_isolated_pip_wheel_holds_the_library_built_against_this_torch(tmp_path)
     for name in ("PNI_FAST_SKIP_BUILD", "PIP_NO_BUILD_ISOLATION", "PNI_FAST_EXTRA_CXXFLAGS", "PNI_FAST_EXTRA_LDFLAGS"):
         env.pop(name, None)
     dist = tmp_path / "dist"
-    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), str(src)],
-                         env=env, capture_output=True, text=True, timeout=1800)
+    res = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), str(src)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     wheels = list(dist.glob("pni_fast-*.whl"))
     assert len(wheels) == 1 and "none-any" not in wheels[0].name, wheels
-    got = json.loads(subprocess.run([sys.executable, "-c", _WHEEL_CHECK, str(wheels[0])], capture_output=True,
-                                    text=True, check=True).stdout)
+    got = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", _WHEEL_CHECK, str(wheels[0])], capture_output=True, text=True, check=True
+        ).stdout
+    )
     assert len(got["libs"]) == 1
     assert got["stamp"]["torch"] == torch.__version__
