@@ -1,6 +1,11 @@
-// Argument checks shared by the CPU and CUDA implementations of the
-// pni_fast ops, so both reject bad input with the same message before any
-// kernel runs. Every message names the argument and what was expected.
+// Argument checks shared by the CPU, CUDA and Meta implementations of the pni_fast ops, so every
+// kernel rejects bad input with the same error before any work. The rules, their exceptions and
+// messages are defined once, in pni_fast/op_checks.py (RULES), which the Python backends call;
+// the messages reach C++ through check_messages.h, generated from RULES. The functions here
+// mirror op_checks.py's check_* functions one for one (same conditions, same order), and
+// tests/test_op_checks.py runs every bad input against every backend it can run here (the C++
+// CPU kernels, the pure-PyTorch and Triton-interpreter ops, the fake kernels): the CUDA kernels
+// call these same functions, so they raise the same errors.
 //
 // What is accepted (docs/ops.md, op contract v2):
 //   * v / grad / like: float32, float64, float16, bfloat16;
@@ -11,15 +16,19 @@
 //   * inner >= 1, or inner == 0 for a zero-size v (the Python layer passes max(inner, 1));
 //     with alpha.numel() > 1 and numel > 0: numel % (inner * alpha.numel()) == 0.
 //     A zero-size v is valid with any alpha (result: empty output, zero alpha gradient);
-//   * rng_state (optional): int64, shape [2], contiguous, on the op's device.
+//   * rng_state (optional): int64, shape [2], contiguous, on the op's device; on CPU its values
+//     are read on the host: seed in [0, 2^63), base >= 0, base + offset + ceil(numel / 4) < 2^63.
 #pragma once
 
+#include <cctype>
 #include <cstdint>
 #include <optional>
 #include <string>
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
+
+#include "check_messages.h"
 
 namespace pni_fast {
 
@@ -32,10 +41,36 @@ inline bool is_half_type(at::ScalarType t) { return t == at::kHalf || t == at::k
 // The dtype the kernels compute in for tensors of dtype t: float64 for float64, else float32.
 inline at::ScalarType opmath_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// `prefix` is "" for the single ops and e.g. "vs[2]: " for the list ops.
+// Python's name of a dtype ("torch.float32"), so C++ messages read like the Python backends'.
+inline std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kByte: return "torch.uint8";
+    case at::kChar: return "torch.int8";
+    case at::kShort: return "torch.int16";
+    case at::kInt: return "torch.int32";
+    case at::kLong: return "torch.int64";
+    case at::kBool: return "torch.bool";
+    case at::kComplexHalf: return "torch.complex32";
+    case at::kComplexFloat: return "torch.complex64";
+    case at::kComplexDouble: return "torch.complex128";
+    default: {  // UInt16 -> torch.uint16, Float8_e4m3fn -> torch.float8_e4m3fn, QInt8 -> torch.qint8
+      std::string name = c10::toString(t);
+      for (char& c : name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+      return "torch." + name;
+    }
+  }
+}
+
+// `prefix` is "" for the single ops and e.g. "vs[2]: " for the list ops; "<op>: " for the
+// checks that concern the whole call (lists, rng_state). Each function mirrors the one of the
+// same name in pni_fast/op_checks.py.
 inline void check_seed_offset(int64_t seed, int64_t offset, const std::string& prefix = "") {
-  TORCH_CHECK(seed >= 0, prefix, "seed must be in [0, 2^63), got ", seed);
-  TORCH_CHECK(offset >= 0, prefix, "offset must be >= 0 (a Philox counter offset), got ", offset);
+  PNI_CHECK_SEED(seed >= 0, prefix, seed);  // < 2^63: an int64 already
+  PNI_CHECK_OFFSET(offset >= 0, prefix, offset);
 }
 
 // Number of Philox counters (quads) a tensor of n elements consumes.
@@ -44,24 +79,34 @@ inline int64_t num_quads(int64_t n) { return (n + 3) / 4; }
 // The last counter a tensor of n elements uses, offset + ceil(n/4) - 1, must
 // stay below 2^63 (counters are int64 in the Python and Triton backends).
 inline void check_offset_fits(int64_t offset, int64_t n, const std::string& prefix = "") {
-  TORCH_CHECK(offset <= INT64_MAX - num_quads(n), prefix,
-              "offset + ceil(numel / 4) must be < 2^63, got offset=", offset, ", numel=", n);
+  PNI_CHECK_COUNTER_LIMIT(offset <= INT64_MAX - num_quads(n), prefix, offset, n);
 }
 
 // rng_state, when given: an int64 tensor of shape [2] (seed, counter base), contiguous, on
-// `device` (the op's device). `op` names the op in the message.
+// `device` (the op's device). `op` names the op in the message. A CPU state is read on the host
+// and its values range-checked here (the CPU kernels then add base + offset, see
+// check_state_counter); a CUDA state stays on the device (no host sync).
 inline void check_rng_state(const std::optional<at::Tensor>& rng_state, const at::Device& device, const char* op) {
   if (!rng_state.has_value()) {
     return;
   }
   const at::Tensor& s = *rng_state;
-  TORCH_CHECK(s.scalar_type() == at::kLong, op, ": rng_state must be an int64 tensor (seed, counter base), got ",
-              s.scalar_type());
-  TORCH_CHECK(s.dim() == 1 && s.size(0) == 2, op, ": rng_state must have shape [2] (seed, counter base), got ",
-              s.sizes());
-  TORCH_CHECK(s.is_contiguous(), op, ": rng_state must be contiguous");
-  TORCH_CHECK(s.device() == device, op, ": rng_state must be on the op's device (", device, "), got ",
-              s.device());
+  const std::string p = std::string(op) + ": ";
+  PNI_CHECK_RNG_STATE_DTYPE(s.scalar_type() == at::kLong, p, dtype_name(s.scalar_type()));
+  PNI_CHECK_RNG_STATE_SHAPE(s.dim() == 1 && s.size(0) == 2, p, s.sizes());
+  PNI_CHECK_RNG_STATE_CONTIGUOUS(s.is_contiguous(), p);
+  PNI_CHECK_RNG_STATE_DEVICE(s.device() == device, p, device, s.device());
+  if (s.device().is_cpu()) {
+    const int64_t* st = s.const_data_ptr<int64_t>();
+    PNI_CHECK_RNG_STATE_SEED(st[0] >= 0, p, st[0]);
+    PNI_CHECK_RNG_STATE_BASE(st[1] >= 0, p, st[1]);
+  }
+}
+
+// With a host-read rng_state (base >= 0): base + offset + ceil(n / 4) < 2^63.
+inline void check_state_counter(int64_t base, int64_t offset, int64_t n, const std::string& prefix = "") {
+  PNI_CHECK_STATE_OFFSET(offset <= INT64_MAX - base, prefix, base, offset);
+  PNI_CHECK_STATE_COUNTER_LIMIT(base + offset <= INT64_MAX - num_quads(n), prefix, base, offset, n);
 }
 
 // Checks for perturb / perturb_alpha_grad. `vname` is "v" or "grad".
@@ -69,41 +114,34 @@ inline void check_perturb_args(const at::Tensor& v, const at::Tensor& alpha, con
                                int64_t seed, int64_t offset, int64_t inner, const char* vname,
                                const std::string& prefix = "") {
   const at::ScalarType vt = v.scalar_type();
-  TORCH_CHECK(is_supported_float(vt), prefix, vname, " must be float32, float64, float16 or bfloat16, got ", vt);
-  TORCH_CHECK(alpha.scalar_type() == vt || (is_half_type(vt) && alpha.scalar_type() == at::kFloat), prefix,
-              "alpha must have the dtype of ", vname, " (", vt, ")", is_half_type(vt) ? " or float32" : "",
-              ", got ", alpha.scalar_type());
-  TORCH_CHECK(alpha.device() == v.device(), prefix, "alpha must be on ", vname, "'s device (",
-              v.device(), "), got ", alpha.device());
-  TORCH_CHECK(alpha.numel() >= 1 || v.numel() == 0, prefix, "alpha must have at least one element (unless ",
-              vname, " is zero-size), got shape ", alpha.sizes());
-  TORCH_CHECK(sigma.dim() == 0, prefix, "sigma must be a 0-d tensor, got shape ", sigma.sizes());
-  TORCH_CHECK(sigma.scalar_type() == at::kFloat || sigma.scalar_type() == vt, prefix,
-              "sigma must be float32 or ", vname, "'s dtype (", vt, "), got ", sigma.scalar_type());
-  TORCH_CHECK(sigma.device() == v.device(), prefix, "sigma must be on ", vname, "'s device (",
-              v.device(), "), got ", sigma.device());
-  check_seed_offset(seed, offset, prefix);
-  check_offset_fits(offset, v.numel(), prefix);
+  const at::ScalarType at_ = alpha.scalar_type();
+  PNI_CHECK_DTYPE(is_supported_float(vt), prefix, vname, dtype_name(vt));
+  PNI_CHECK_ALPHA_DTYPE(at_ == vt || (is_half_type(vt) && at_ == at::kFloat), prefix, dtype_name(vt), vname,
+                        is_half_type(vt) ? " or torch.float32" : "", dtype_name(at_));
+  PNI_CHECK_ALPHA_DEVICE(alpha.device() == v.device(), prefix, vname, v.device(), alpha.device());
   const int64_t n = v.numel();
-  TORCH_CHECK(inner >= 1 || (inner == 0 && n == 0), prefix,
-              "inner must be >= 1 (0 only for a zero-size ", vname, "), got ", inner);
   const int64_t na = alpha.numel();
+  PNI_CHECK_ALPHA_EMPTY(na >= 1 || n == 0, prefix, vname, alpha.sizes());
+  PNI_CHECK_SIGMA_SHAPE(sigma.dim() == 0, prefix, sigma.sizes());
+  PNI_CHECK_SIGMA_DTYPE(sigma.scalar_type() == at::kFloat || sigma.scalar_type() == vt, prefix, vname,
+                        dtype_name(vt), dtype_name(sigma.scalar_type()));
+  PNI_CHECK_SIGMA_DEVICE(sigma.device() == v.device(), prefix, vname, v.device(), sigma.device());
+  check_seed_offset(seed, offset, prefix);
+  check_offset_fits(offset, n, prefix);
+  PNI_CHECK_INNER(inner >= 1 || (inner == 0 && n == 0), prefix, vname, inner);
   if (na > 1 && n > 0) {
     // Element i uses alpha_flat[(i / inner) % na]: the tensor must be whole
     // repetitions of na runs of `inner` elements.
-    TORCH_CHECK(n % inner == 0 && (n / inner) % na == 0, prefix, "alpha with ", na,
-                " elements (shape ", alpha.sizes(), ") does not fit ", vname, " of shape ", v.sizes(),
-                " with inner=", inner, ": expected numel (", n, ") to be a multiple of inner * alpha.numel() (",
-                inner * na, ")");
+    PNI_CHECK_ALPHA_TILING(n % inner == 0 && (n / inner) % na == 0, prefix, na, alpha.sizes(), vname, v.sizes(),
+                           inner, n, inner * na);
   }
 }
 
-// Lengths of the list arguments of perturb_multi / perturb_alpha_grad_multi.
-inline void check_multi_lengths(const char* op, const char* vname, size_t nv, size_t na, size_t ns, size_t no,
+// Lengths of the list arguments of perturb_multi / perturb_alpha_grad_multi (`list`: "vs", "grads").
+inline void check_multi_lengths(const char* op, const char* list, size_t nv, size_t na, size_t ns, size_t no,
                                 size_t ni) {
-  TORCH_CHECK(na == nv && ns == nv && no == nv && ni == nv, op, ": ", vname,
-              ", alphas, sigmas, offsets and inners must have the same length, got ", nv, ", ", na, ", ", ns,
-              ", ", no, ", ", ni);
+  PNI_CHECK_LIST_LENGTHS(na == nv && ns == nv && no == nv && ni == nv, std::string(op) + ": ", list, nv, na, ns,
+                         no, ni);
 }
 
 inline std::string list_prefix(const char* vname, size_t i) {

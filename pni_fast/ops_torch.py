@@ -3,7 +3,8 @@
 Registered as custom ops (``torch.ops.pni_fast.*_torch``) with the same schemas as the C++
 ops (docs/ops.md), so dispatch, autograd and ``torch.compile`` treat every backend alike.
 It runs on any device, draws exactly the contract's noise and is the fallback when no
-compiled kernel is available.
+compiled kernel is available. Every op and fake kernel first runs the contract's argument checks
+(:mod:`pni_fast.op_checks`), so it fails like the C++ and Triton ops.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import op_checks
 from .philox_torch import alpha_view, randn_torch
 
 __all__ = ["opmath", "check_alpha_dtype"]
@@ -25,11 +27,11 @@ def opmath(dtype: torch.dtype) -> torch.dtype:
 
 
 def check_alpha_dtype(alpha: Tensor, dtype: torch.dtype, name: str) -> None:
-    """alpha has the tensor's dtype, or float32 with a float16/bfloat16 tensor (AMP keeps parameters fp32)."""
-    if alpha.dtype == dtype or (dtype in _HALF and alpha.dtype == torch.float32):
-        return
-    allowed = f"{dtype} or torch.float32" if dtype in _HALF else f"{dtype}"
-    raise TypeError(f"alpha must have dtype {allowed} (the dtype of {name}), got {alpha.dtype}")
+    """alpha has the tensor's dtype, or float32 with a float16/bfloat16 tensor (AMP keeps parameters fp32):
+    the op contract's ``alpha_dtype`` rule, for the public functions (``name``: "weight", "x", ...)."""
+    half = dtype in _HALF
+    op_checks.require(alpha.dtype == dtype or (half and alpha.dtype == torch.float32), "alpha_dtype", "",
+                       dtype=dtype, vname=name, or_float32=" or torch.float32" if half else "", alpha_dtype=alpha.dtype)
 
 
 def _seed_offset(numel: int, seed: int, offset: int, rng_state: Optional[Tensor]):
@@ -55,11 +57,13 @@ def _z(numel: int, seed: int, offset: int, rng_state: Optional[Tensor], device) 
 
 @torch.library.custom_op("pni_fast::noise_torch", mutates_args=())
 def noise_torch(like: Tensor, seed: int, offset: int, rng_state: Optional[Tensor] = None) -> Tensor:
+    op_checks.check_noise("noise_torch", like, seed, offset, rng_state)
     return _z(like.numel(), seed, offset, rng_state, like.device).reshape(like.shape)
 
 
 @noise_torch.register_fake
 def _(like, seed, offset, rng_state=None):
+    op_checks.check_noise("noise_torch", like, seed, offset, rng_state)
     return like.new_empty(like.shape, dtype=torch.float32)
 
 
@@ -67,6 +71,9 @@ def _(like, seed, offset, rng_state=None):
 def perturb_torch(
     v: Tensor, alpha: Tensor, sigma: Tensor, seed: int, offset: int, inner: int, rng_state: Optional[Tensor] = None
 ) -> Tensor:
+    op_checks.check_perturb("perturb_torch", "v", v, alpha, sigma, seed, offset, inner, rng_state)
+    if v.numel() == 0:  # any alpha fits a zero-size tensor
+        return torch.empty_like(v, memory_format=torch.contiguous_format)
     om = opmath(v.dtype)
     shape, a = alpha_view(alpha.to(om), v.numel(), inner)
     z = _z(v.numel(), seed, offset, rng_state, v.device).to(om).reshape(shape)
@@ -76,6 +83,7 @@ def perturb_torch(
 
 @perturb_torch.register_fake
 def _(v, alpha, sigma, seed, offset, inner, rng_state=None):
+    op_checks.check_perturb("perturb_torch", "v", v, alpha, sigma, seed, offset, inner, rng_state)
     return torch.empty_like(v, memory_format=torch.contiguous_format)
 
 
@@ -83,10 +91,11 @@ def _(v, alpha, sigma, seed, offset, inner, rng_state=None):
 def perturb_alpha_grad_torch(
     grad: Tensor, alpha: Tensor, sigma: Tensor, seed: int, offset: int, inner: int, rng_state: Optional[Tensor] = None
 ) -> Tensor:
+    op_checks.check_perturb("perturb_alpha_grad_torch", "grad", grad, alpha, sigma, seed, offset, inner, rng_state)
+    if grad.numel() == 0:
+        return torch.zeros_like(alpha, memory_format=torch.contiguous_format)
     om = opmath(grad.dtype)
     shape, _ = alpha_view(alpha, grad.numel(), inner)
-    if grad.numel() == 0:
-        return torch.zeros_like(alpha)
     z = _z(grad.numel(), seed, offset, rng_state, grad.device).to(om).reshape(shape)
     partial = (grad.to(om).reshape(shape) * z).sum(dim=(0, 2))
     return _fresh((partial * sigma.to(om)).reshape(alpha.shape).to(alpha.dtype))
@@ -94,4 +103,5 @@ def perturb_alpha_grad_torch(
 
 @perturb_alpha_grad_torch.register_fake
 def _(grad, alpha, sigma, seed, offset, inner, rng_state=None):
+    op_checks.check_perturb("perturb_alpha_grad_torch", "grad", grad, alpha, sigma, seed, offset, inner, rng_state)
     return torch.empty_like(alpha, memory_format=torch.contiguous_format)

@@ -48,7 +48,7 @@ import triton.language as tl
 from torch.library import custom_op, triton_op, wrap_triton
 
 from . import kernels as K
-from .checks import check_device, check_lists, check_offset, check_perturb, check_rng_state, check_seed, is_fake
+from .checks import check_multi, check_noise, check_single, is_fake
 
 __all__ = [
     "noise_triton",
@@ -183,15 +183,6 @@ def _state_args(rng_state: Optional[torch.Tensor], dummy: torch.Tensor) -> tuple
     return (dummy, False) if rng_state is None else (rng_state, True)
 
 
-def _check_key(op: str, seed, offsets: Sequence, numels: Sequence, rng_state, device) -> None:
-    """The seed/offset rules; with rng_state the seed argument is ignored and base + offset is checked."""
-    check_rng_state(op, rng_state, device, offsets, numels)
-    if rng_state is None:
-        check_seed(op, seed)
-    for offset, numel in zip(offsets, numels):
-        check_offset(op, offset, numel)
-
-
 # ---------------------------------------------------------------------------
 # Single-tensor ops
 # ---------------------------------------------------------------------------
@@ -201,11 +192,7 @@ def _check_key(op: str, seed, offsets: Sequence, numels: Sequence, rng_state, de
 def noise_triton(like: torch.Tensor, seed: int, offset: int,
                  rng_state: Optional[torch.Tensor] = None) -> torch.Tensor:
     """float32 z with ``like``'s shape: element i is output i % 4 of Philox counter offset + i // 4."""
-    op = "noise_triton"
-    if not isinstance(like, torch.Tensor):
-        raise TypeError(f"{op}: like must be a torch.Tensor, got {type(like).__name__}")
-    check_device(op, "like", like, INTERPRETED)
-    _check_key(op, seed, [offset], [like.numel()], rng_state, like.device)
+    check_noise("noise_triton", like, seed, offset, rng_state, INTERPRETED)
     out = torch.empty(like.shape, dtype=torch.float32, device=like.device)
     n = out.numel()
     if n == 0 or _shapes_only(like):
@@ -220,9 +207,7 @@ def noise_triton(like: torch.Tensor, seed: int, offset: int,
 def perturb_triton(v: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, seed: int, offset: int,
                    inner: int, rng_state: Optional[torch.Tensor] = None) -> torch.Tensor:
     """out = v + alpha[(i // inner) % alpha.numel()] * sigma * z_i in one pass (no stored noise)."""
-    op = "perturb_triton"
-    check_perturb(op, "v", v, alpha, sigma, inner, INTERPRETED)
-    _check_key(op, seed, [offset], [v.numel()], rng_state, v.device)
+    check_single("perturb_triton", "v", v, alpha, sigma, seed, offset, inner, rng_state, INTERPRETED)
     v = v.contiguous()
     alpha = alpha.contiguous()
     out = torch.empty(v.shape, dtype=v.dtype, device=v.device)
@@ -240,9 +225,7 @@ def perturb_triton(v: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, se
 def perturb_alpha_grad_triton(grad: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, seed: int,
                               offset: int, inner: int, rng_state: Optional[torch.Tensor] = None) -> torch.Tensor:
     """dL/dalpha[k] = sum over i with b(i) == k of grad_i * sigma * z_i, deterministic (two stages)."""
-    op = "perturb_alpha_grad_triton"
-    check_perturb(op, "grad", grad, alpha, sigma, inner, INTERPRETED)
-    _check_key(op, seed, [offset], [grad.numel()], rng_state, grad.device)
+    check_single("perturb_alpha_grad_triton", "grad", grad, alpha, sigma, seed, offset, inner, rng_state, INTERPRETED)
     grad = grad.contiguous()
     n, n_alpha = grad.numel(), alpha.numel()
     if n == 0:
@@ -282,23 +265,13 @@ def _groups(tensors: Sequence[torch.Tensor], alphas: Sequence[torch.Tensor],
     return groups
 
 
-def _check_multi(op: str, vname: str, vs, alphas, sigmas, seed, offsets, inners, rng_state) -> None:
-    check_lists(op, vname, vs, alphas, sigmas, offsets, inners)
-    for i, (v, a, s, inner) in enumerate(zip(vs, alphas, sigmas, inners)):
-        check_perturb(f"{op}: {vname}s[{i}]", vname, v, a, s, inner, INTERPRETED)
-    if vs:
-        _check_key(op, seed, offsets, [v.numel() for v in vs], rng_state, vs[0].device)
-    elif rng_state is not None:
-        check_rng_state(op, rng_state, rng_state.device, [], [])
-
-
 @custom_op("pni_fast::perturb_multi_triton", mutates_args=())
 def perturb_multi_triton(vs: list[torch.Tensor], alphas: list[torch.Tensor], sigmas: list[torch.Tensor],
                          seed: int, offsets: list[int], inners: list[int],
                          rng_state: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
     """perturb_triton for every tensor of a list in one kernel launch (per dtype group)."""
     op = "perturb_multi_triton"
-    _check_multi(op, "v", vs, alphas, sigmas, seed, offsets, inners, rng_state)
+    check_multi(op, "v", vs, alphas, sigmas, seed, offsets, inners, rng_state, INTERPRETED)
     vs = [v.contiguous() for v in vs]
     alphas = [a.contiguous() for a in alphas]
     outs = [torch.empty(v.shape, dtype=v.dtype, device=v.device) for v in vs]
@@ -325,6 +298,7 @@ def perturb_multi_triton(vs: list[torch.Tensor], alphas: list[torch.Tensor], sig
 
 @perturb_multi_triton.register_fake
 def _(vs, alphas, sigmas, seed, offsets, inners, rng_state=None):
+    check_multi("perturb_multi_triton", "v", vs, alphas, sigmas, seed, offsets, inners, rng_state, INTERPRETED)
     return [torch.empty(v.shape, dtype=v.dtype, device=v.device) for v in vs]
 
 
@@ -335,7 +309,7 @@ def perturb_alpha_grad_multi_triton(grads: list[torch.Tensor], alphas: list[torc
                                     ) -> list[torch.Tensor]:
     """perturb_alpha_grad_triton for every tensor of a list: two launches per dtype group."""
     op = "perturb_alpha_grad_multi_triton"
-    _check_multi(op, "grad", grads, alphas, sigmas, seed, offsets, inners, rng_state)
+    check_multi(op, "grad", grads, alphas, sigmas, seed, offsets, inners, rng_state, INTERPRETED)
     grads = [g.contiguous() for g in grads]
     outs = [
         torch.empty(a.shape, dtype=a.dtype, device=a.device) if g.numel() > 0
@@ -384,4 +358,6 @@ def perturb_alpha_grad_multi_triton(grads: list[torch.Tensor], alphas: list[torc
 
 @perturb_alpha_grad_multi_triton.register_fake
 def _(grads, alphas, sigmas, seed, offsets, inners, rng_state=None):
+    check_multi("perturb_alpha_grad_multi_triton", "grad", grads, alphas, sigmas, seed, offsets, inners, rng_state,
+                INTERPRETED)
     return [torch.empty(a.shape, dtype=a.dtype, device=a.device) for a in alphas]

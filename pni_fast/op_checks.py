@@ -1,0 +1,233 @@
+"""The op contract's argument checks (docs/ops.md): every rule, its exception and its message, once.
+
+:data:`RULES` is the single definition. The Python backends (``ops_torch``, ``triton``) and the
+fake kernels call the ``check_*`` functions below; the C++ kernels (CPU, CUDA, Meta) use the same
+messages through ``csrc/check_messages.h``, generated from :data:`RULES` by
+``scripts/gen_check_messages.py`` (``tests/test_op_checks.py`` fails when that file is stale, and
+runs every bad input against every backend comparing exception type and message).
+
+Messages carry a ``prefix``: ``""`` for a single op, ``"vs[2]: "`` for one tensor of a list op, or
+``"<op>: "`` for the checks that concern the whole call (lists, ``rng_state``). Values print as in
+Python: dtypes ``torch.float32``, shapes ``[2, 3]``, devices ``cpu``.
+
+A condition on a SymInt (a drawn seed, a dynamic size under ``torch.compile``) goes to
+``torch._check_with``, a runtime assertion, instead of guarding on its value.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Rule",
+    "RULES",
+    "message",
+    "require",
+    "check_seed_offset",
+    "check_offset_fits",
+    "check_rng_state",
+    "check_state_counter",
+    "check_perturb_args",
+    "check_multi_lengths",
+    "list_prefix",
+    "check_noise",
+    "check_perturb",
+    "check_perturb_multi",
+]
+
+LIMIT = 2**63  # seeds and Philox counters are int64 on every backend
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_HALF = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One check: ``error`` raised with ``prefix + template.format(**fields)``."""
+
+    name: str
+    error: type
+    template: str
+
+    @property
+    def fields(self) -> list[str]:
+        return re.findall(r"\{(\w+)\}", self.template)
+
+
+RULES: dict[str, Rule] = {r.name: r for r in (
+    # v / grad (vname) and its companions
+    Rule("dtype", TypeError, "{vname} must be float32, float64, float16 or bfloat16, got {dtype}"),
+    Rule("alpha_dtype", TypeError, "alpha must have dtype {dtype} (the dtype of {vname}){or_float32}, got {alpha_dtype}"),
+    Rule("alpha_device", ValueError, "alpha must be on {vname}'s device ({device}), got {alpha_device}"),
+    Rule("alpha_empty", ValueError, "alpha must have at least one element (unless {vname} is zero-size), got shape {alpha_shape}"),
+    Rule("sigma_shape", ValueError, "sigma must be a 0-d tensor, got shape {sigma_shape}"),
+    Rule("sigma_dtype", TypeError, "sigma must be float32 or {vname}'s dtype ({dtype}), got {sigma_dtype}"),
+    Rule("sigma_device", ValueError, "sigma must be on {vname}'s device ({device}), got {sigma_device}"),
+    # seed and Philox counters
+    Rule("seed", ValueError, "seed must be in [0, 2^63), got {seed}"),
+    Rule("offset", ValueError, "offset must be >= 0 (a Philox counter offset), got {offset}"),
+    Rule("counter_limit", ValueError, "offset + ceil(numel / 4) must be < 2^63, got offset={offset}, numel={numel}"),
+    # alpha's layout
+    Rule("inner", ValueError, "inner must be >= 1 (0 only for a zero-size {vname}), got {inner}"),
+    Rule("alpha_tiling", ValueError,
+         "alpha with {alpha_numel} elements (shape {alpha_shape}) does not fit {vname} of shape {shape} with "
+         "inner={inner}: expected numel ({numel}) to be a multiple of inner * alpha.numel() ({tile})"),
+    # list ops
+    Rule("list_lengths", ValueError,
+         "{lists}, alphas, sigmas, offsets and inners must have the same length, got {n_v}, {n_alpha}, {n_sigma}, "
+         "{n_offset}, {n_inner}"),
+    # rng_state: the tensor, then (CPU only: read on the host) its values
+    Rule("rng_state_dtype", TypeError, "rng_state must be an int64 tensor (seed, counter base), got {dtype}"),
+    Rule("rng_state_shape", ValueError, "rng_state must have shape [2] (seed, counter base), got {shape}"),
+    Rule("rng_state_contiguous", ValueError, "rng_state must be contiguous"),
+    Rule("rng_state_device", ValueError, "rng_state must be on the op's device ({device}), got {state_device}"),
+    Rule("rng_state_seed", ValueError, "rng_state[0] (the seed) must be in [0, 2^63), got {seed}"),
+    Rule("rng_state_base", ValueError, "rng_state[1] (the counter base) must be >= 0, got {base}"),
+    Rule("state_offset", ValueError, "rng_state[1] + offset must be < 2^63, got rng_state[1]={base}, offset={offset}"),
+    Rule("state_counter_limit", ValueError,
+         "rng_state[1] + offset + ceil(numel / 4) must be < 2^63, got rng_state[1]={base}, offset={offset}, "
+         "numel={numel}"),
+)}
+
+
+def message(rule: str, prefix: str = "", **fields) -> str:
+    """The full message of ``rule`` (what every backend raises)."""
+    return prefix + RULES[rule].template.format(**fields)
+
+
+def require(ok, rule: str, prefix: str, **fields) -> None:
+    """Raise ``RULES[rule].error`` unless ``ok`` (a bool, or a SymBool: then a runtime assertion)."""
+    if ok is True:
+        return
+    r = RULES[rule]
+    torch._check_with(r.error, ok, lambda: message(rule, prefix, **fields))
+
+
+def _is_fake(t: Tensor) -> bool:
+    return torch._subclasses.fake_tensor.is_fake(t)
+
+
+def _quads(n):
+    """Philox counters (4 values each) that n elements consume."""
+    return (n + 3) // 4
+
+
+# ---------------------------------------------------------------------------
+# The rules (the same functions, in the same order, as csrc/checks.h)
+# ---------------------------------------------------------------------------
+
+
+def check_seed_offset(seed, offset, prefix: str = "") -> None:
+    require(seed >= 0, "seed", prefix, seed=seed)
+    require(seed < LIMIT, "seed", prefix, seed=seed)  # C++: int64 already (the schema refuses larger)
+    require(offset >= 0, "offset", prefix, offset=offset)
+
+
+def check_offset_fits(offset, numel, prefix: str = "") -> None:
+    """The last counter, offset + ceil(numel / 4) - 1, stays below 2^63 - 1 (counters are int64)."""
+    require(offset + _quads(numel) < LIMIT, "counter_limit", prefix, offset=offset, numel=numel)
+
+
+def check_rng_state(op: str, rng_state: Optional[Tensor], device: torch.device) -> Optional[int]:
+    """rng_state: None, or int64 [2] (seed, counter base), contiguous, on the op's ``device``.
+
+    Returns the counter base when the values are read on the host (a real CPU tensor; then
+    they are range-checked), else None: on CUDA they stay on the device (no host sync) and
+    are the bits of a uint64 seed and counter, and a fake tensor has no values.
+    """
+    if rng_state is None:
+        return None
+    p = f"{op}: "
+    s = rng_state
+    require(s.dtype == torch.int64, "rng_state_dtype", p, dtype=s.dtype)
+    require(s.dim() == 1 and s.shape[0] == 2, "rng_state_shape", p, shape=list(s.shape))
+    require(s.is_contiguous(), "rng_state_contiguous", p)
+    require(s.device == torch.device(device), "rng_state_device", p, device=device, state_device=s.device)
+    if s.device.type != "cpu" or _is_fake(s):
+        return None
+    seed, base = (int(x) for x in s.tolist())
+    require(seed >= 0, "rng_state_seed", p, seed=seed)
+    require(base >= 0, "rng_state_base", p, base=base)
+    return base
+
+
+def check_state_counter(base: int, offset, numel, prefix: str = "") -> None:
+    """With rng_state read on the host: base + offset + ceil(numel / 4) < 2^63."""
+    require(offset < LIMIT - base, "state_offset", prefix, base=base, offset=offset)
+    require(base + offset + _quads(numel) < LIMIT, "state_counter_limit", prefix, base=base, offset=offset,
+             numel=numel)
+
+
+def check_perturb_args(v: Tensor, alpha: Tensor, sigma: Tensor, seed, offset, inner, vname: str,
+                       prefix: str = "") -> None:
+    """perturb / perturb_alpha_grad (``vname`` "v" or "grad"): dtypes, devices, seed, offset, alpha's layout."""
+    vt = v.dtype
+    require(vt in _FLOATS, "dtype", prefix, vname=vname, dtype=vt)
+    require(alpha.dtype == vt or (vt in _HALF and alpha.dtype == torch.float32), "alpha_dtype", prefix,
+             dtype=vt, vname=vname, or_float32=" or torch.float32" if vt in _HALF else "", alpha_dtype=alpha.dtype)
+    require(alpha.device == v.device, "alpha_device", prefix, vname=vname, device=v.device,
+             alpha_device=alpha.device)
+    n, na = v.numel(), alpha.numel()
+    require(na >= 1 or n == 0, "alpha_empty", prefix, vname=vname, alpha_shape=list(alpha.shape))
+    require(sigma.dim() == 0, "sigma_shape", prefix, sigma_shape=list(sigma.shape))
+    require(sigma.dtype in (torch.float32, vt), "sigma_dtype", prefix, vname=vname, dtype=vt,
+             sigma_dtype=sigma.dtype)
+    require(sigma.device == v.device, "sigma_device", prefix, vname=vname, device=v.device,
+             sigma_device=sigma.device)
+    check_seed_offset(seed, offset, prefix)
+    check_offset_fits(offset, n, prefix)
+    require(inner >= 1 or (inner == 0 and n == 0), "inner", prefix, vname=vname, inner=inner)
+    if na > 1 and n > 0:  # element i uses alpha_flat[(i // inner) % na]: whole repetitions of na runs of inner
+        require(n % (inner * na) == 0, "alpha_tiling", prefix, alpha_numel=na, alpha_shape=list(alpha.shape),
+                 vname=vname, shape=list(v.shape), inner=inner, numel=n, tile=inner * na)
+
+
+def check_multi_lengths(op: str, lists: str, nv: int, na: int, ns: int, no: int, ni: int) -> None:
+    require(na == nv and ns == nv and no == nv and ni == nv, "list_lengths", f"{op}: ", lists=lists, n_v=nv,
+             n_alpha=na, n_sigma=ns, n_offset=no, n_inner=ni)
+
+
+def list_prefix(lists: str, i: int) -> str:
+    return f"{lists}[{i}]: "
+
+
+# ---------------------------------------------------------------------------
+# Whole ops: what a Python kernel or fake kernel calls first
+# ---------------------------------------------------------------------------
+
+
+def check_noise(op: str, like: Tensor, seed, offset, rng_state: Optional[Tensor]) -> None:
+    """noise / rng_words / rng_uniform."""
+    check_seed_offset(seed, offset)
+    check_offset_fits(offset, like.numel())
+    base = check_rng_state(op, rng_state, like.device)
+    if base is not None:
+        check_state_counter(base, offset, like.numel())
+
+
+def check_perturb(op: str, vname: str, v: Tensor, alpha: Tensor, sigma: Tensor, seed, offset, inner,
+                  rng_state: Optional[Tensor]) -> None:
+    """perturb (``vname`` "v") / perturb_alpha_grad ("grad")."""
+    check_perturb_args(v, alpha, sigma, seed, offset, inner, vname)
+    base = check_rng_state(op, rng_state, v.device)
+    if base is not None:
+        check_state_counter(base, offset, v.numel())
+
+
+def check_perturb_multi(op: str, vname: str, vs: Sequence[Tensor], alphas: Sequence[Tensor],
+                        sigmas: Sequence[Tensor], seed, offsets: Sequence, inners: Sequence,
+                        rng_state: Optional[Tensor]) -> None:
+    """perturb_multi (``vname`` "v": lists ``vs``) / perturb_alpha_grad_multi ("grad": ``grads``)."""
+    lists = vname + "s"
+    check_multi_lengths(op, lists, len(vs), len(alphas), len(sigmas), len(offsets), len(inners))
+    device = vs[0].device if len(vs) else (rng_state.device if rng_state is not None else torch.device("cpu"))
+    base = check_rng_state(op, rng_state, device)
+    for i in range(len(vs)):
+        p = list_prefix(lists, i)
+        check_perturb_args(vs[i], alphas[i], sigmas[i], seed, offsets[i], inners[i], vname, p)
+        if base is not None:
+            check_state_counter(base, offsets[i], vs[i].numel(), p)
