@@ -14,9 +14,9 @@ Environment switches:
   FORCE_CUDA=1              build the CUDA kernels (csrc/cuda/*.cu) even without a visible GPU
   FORCE_ONLY_CPU=1          build the CPU kernels only
   PNI_FAST_SKIP_BUILD=1     build nothing (pure-Python install; JIT or pure PyTorch at run time)
-  PNI_FAST_REQUIRE_BUILD=1  a failed compile fails `pip install` too (default under pip: warn and
+  PNI_FAST_REQUIRE_BUILD=1  a failed compile fails `pip install .` too (default there: warn and
                             install without the kernels, which then compile just in time or fall
-                            back to PyTorch; a direct `python setup.py build_ext` always fails)
+                            back to PyTorch; `pip install -e .` and `setup.py build_ext` always fail)
   PNI_FAST_EXTRA_CXXFLAGS / PNI_FAST_EXTRA_LDFLAGS
                             extra host compiler / linker flags, appended (e.g. the sanitizer build of
                             scripts/sanitize.sh; never needed for a normal install)
@@ -72,8 +72,8 @@ def _build_ext_class(base, torch_version: str, with_cuda: bool):
             try:
                 super().run()
             except Exception as exc:  # noqa: BLE001  (no compiler, compile error, ...)
-                # optional only under pip (the in-tree backend sets PNI_FAST_BUILD_OPTIONAL=1); a direct
-                # `setup.py build_ext` (scripts/sanitize.sh) fails loudly
+                # optional only for `pip install .` (the backend's build_wheel sets PNI_FAST_BUILD_OPTIONAL=1);
+                # `pip install -e .` and a direct `setup.py build_ext` (scripts/sanitize.sh) fail loudly
                 if cfg.env_flag("PNI_FAST_REQUIRE_BUILD") or not cfg.env_flag("PNI_FAST_BUILD_OPTIONAL"):
                     raise
                 _log(

@@ -62,12 +62,7 @@ def find_torch(dirs: list[str]) -> Optional[tuple[str, str]]:
 
 
 def expose_target_torch(quiet: bool = False) -> Optional[str]:
-    """Make the target environment's torch importable here; returns where it is, None if there is none.
-
-    Also marks the compile optional for setup.py (PNI_FAST_BUILD_OPTIONAL): under pip a failed
-    compile (no compiler) installs without the kernels instead of failing the install.
-    """
-    os.environ.setdefault("PNI_FAST_BUILD_OPTIONAL", "1")
+    """Make the target environment's torch importable here; returns where it is, None if there is none."""
     try:
         import torch  # no isolation, or a torch the build environment already has
 
@@ -110,6 +105,9 @@ def prepare_metadata_for_build_editable(metadata_directory, config_settings=None
 
 
 def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+    # a user's install: a failed compile (no compiler) installs without the kernels (setup.py says
+    # why; they compile just in time later) instead of failing. Editable (developer) builds fail.
+    os.environ.setdefault("PNI_FAST_BUILD_OPTIONAL", "1")
     expose_target_torch()
     return _setuptools.build_wheel(wheel_directory, config_settings, metadata_directory)
 
