@@ -61,9 +61,11 @@ class Rule:
 RULES: dict[str, Rule] = {r.name: r for r in (
     # v / grad (vname) and its companions
     Rule("dtype", TypeError, "{vname} must be float32, float64, float16 or bfloat16, got {dtype}"),
-    Rule("alpha_dtype", TypeError, "alpha must have dtype {dtype} (the dtype of {vname}){or_float32}, got {alpha_dtype}"),
+    Rule("alpha_dtype", TypeError,
+         "alpha must have dtype {dtype} (the dtype of {vname}){or_float32}, got {alpha_dtype}"),
     Rule("alpha_device", ValueError, "alpha must be on {vname}'s device ({device}), got {alpha_device}"),
-    Rule("alpha_empty", ValueError, "alpha must have at least one element (unless {vname} is zero-size), got shape {alpha_shape}"),
+    Rule("alpha_empty", ValueError,
+         "alpha must have at least one element (unless {vname} is zero-size), got shape {alpha_shape}"),
     Rule("sigma_shape", ValueError, "sigma must be a 0-d tensor, got shape {sigma_shape}"),
     Rule("sigma_dtype", TypeError, "sigma must be float32 or {vname}'s dtype ({dtype}), got {sigma_dtype}"),
     Rule("sigma_device", ValueError, "sigma must be on {vname}'s device ({device}), got {sigma_device}"),

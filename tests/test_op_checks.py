@@ -23,7 +23,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import pni_fast  # noqa: F401  (registers the torch ops and their autograd)
-from pni_fast import _ext, op_checks
+from pni_fast import _ext
 from pni_fast.op_checks import RULES, message
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
