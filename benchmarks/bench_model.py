@@ -5,9 +5,13 @@ Models (same architecture, ``pni_fast.models.resnet20``, channelwise alpha where
   plain-fresh-weight  plain, each conv/linear fed ``weight.clone()`` (a fresh non-leaf weight every
                       forward like the noisy layers; see bench_train.py)
   reference           every conv/linear is the original PNI layer (``std().item()`` + stored noise)
-  pni_fast            ``resnet20(pni="channelwise")``: one ``noisy_weight`` call per layer
-  pni_fast-batched    the same with ``pni_fast.batch_weight_noise(model)``: one multi-tensor call per
-                      forward (and one alpha-gradient call per backward)
+  pni_fast            ``resnet20(pni="channelwise")`` as users get it: whole-model batching (one
+                      multi-tensor call per forward, one alpha-gradient call per backward) through the
+                      eager fast path (``pni_fast::noisy_multi``: one C++ op with a C++ autograd node)
+  pni_fast-general    the same model with the fast path off (``pni_fast.fused.ENABLED = False`` during
+                      its blocks): sigma, checks, seed and the multi-tensor op as separate steps with
+                      Python autograd, as under torch.compile / torch.func
+  pni_fast-per-layer  ``convert(..., batch_noise=False)``: one ``noisy_weight`` call per layer
 
 Scenarios (each with its own thread count; CPU figures depend on it):
   fwd_bwd    batch 1, 1 thread: forward + cross-entropy + backward (+ zero_grad): where the per-call
@@ -40,7 +44,7 @@ from benchmarks.bench_train import _to_fresh_weight, _to_reference, pgd_train_st
 __all__ = ["MODELS", "SCENARIOS", "build_model", "run", "markdown", "write_outputs", "add_arguments", "options",
            "main"]
 
-MODELS = ("plain", "plain-fresh-weight", "reference", "pni_fast", "pni_fast-batched")
+MODELS = ("plain", "plain-fresh-weight", "reference", "pni_fast", "pni_fast-general", "pni_fast-per-layer")
 PNI = "channelwise"
 # name -> (batch, threads, pgd steps (None: plain forward+backward), rounds, block seconds)
 SCENARIOS: dict[str, dict[str, Any]] = {
@@ -68,14 +72,28 @@ def build_model(name: str, device: torch.device) -> tuple[nn.Module, Any]:
         model = _to_fresh_weight(resnet20())
     elif name == "reference":
         model = _to_reference(resnet20(), pni=PNI)
-    elif name == "pni_fast":
+    elif name in ("pni_fast", "pni_fast-general"):
         model = resnet20(pni=PNI)
-    elif name == "pni_fast-batched":
-        model = resnet20(pni=PNI)
-        handle = pni_fast.batch_weight_noise(model)
+        handle = pni_fast.batch_weight_noise(model)  # installed by resnet20 already: returns that handle
+    elif name == "pni_fast-per-layer":
+        model = pni_fast.convert(resnet20(), pni=PNI, batch_noise=False)
     else:
         raise ValueError(f"model must be one of {MODELS}, got {name!r}")
     return model.to(device).train(), handle
+
+
+def _general_path(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` with pni_fast's eager fast path switched off while it runs."""
+    from pni_fast import fused
+
+    def run() -> Any:
+        fused.ENABLED = False
+        try:
+            return fn()
+        finally:
+            fused.ENABLED = True
+
+    return run
 
 
 def _step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, pgd_steps: Optional[int]) -> Callable[[], Any]:
@@ -117,6 +135,8 @@ def run(
                 try:
                     model, handle = build_model(name, device)
                     fns[name] = _step_fn(model, x, y, cfg["pgd_steps"])
+                    if name == "pni_fast-general":
+                        fns[name] = _general_path(fns[name])
                     keep.append(handle)  # the batching hooks stay registered while the scenario runs
                 except Exception as exc:  # reported, not hidden
                     errors[name] = f"{type(exc).__name__}: {exc}"[:300]

@@ -71,6 +71,17 @@ TORCH_LIBRARY(pni_fast, m) {
   // tensors in one call. vs: at least one tensor, one dtype, one device; any strides. CPU,
   // CUDA and Meta kernels.
   m.def("sigma_multi(Tensor[] vs) -> Tensor", tags);
+  // The eager fast path of the Python layer on CPU (csrc/cpu/noisy_cpu.cpp): sigma, the finite
+  // checks, a seed (given, or drawn from `generator` / torch's default CPU generator like
+  // torch.randint), then perturb / perturb_multi, with a C++ autograd node whose backward is
+  // perturb_alpha_grad(_multi). Not pure (it advances a generator): no tag, no fake kernel;
+  // torch.compile and torch.func use the ops above.
+  m.def(
+      "noisy(Tensor v, Tensor alpha, int offset, int inner, int? seed=None, Generator? generator=None, "
+      "str name=\"weight\") -> Tensor");
+  m.def(
+      "noisy_multi(Tensor[] vs, Tensor[] alphas, int[] offsets, int[] inners, int? seed=None, "
+      "Generator? generator=None, str name=\"weights\") -> Tensor[]");
   // The SIMD variant the CPU kernels run: "avx512", "avx2" or "generic" (csrc/cpu/isa_cpu.cpp).
   // Not a tensor op: no tags, one kernel for every device.
   m.def("cpu_isa() -> str");

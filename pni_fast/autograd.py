@@ -42,8 +42,15 @@ def apply(fn: type, *args):
     return _C_APPLY.__get__(None, fn)(*args)
 
 
-def _op(name: str):
-    return getattr(torch.ops.pni_fast, name).default
+_OPS: dict = {}
+
+
+def op_overload(name: str):
+    """The OpOverload of ``pni_fast::<name>``, looked up once (``torch.ops`` attribute access costs ~1 us)."""
+    op = _OPS.get(name)
+    if op is None:
+        op = _OPS[name] = getattr(torch.ops.pni_fast, name).default
+    return op
 
 
 def call(name: str, *args, state: Optional[Tensor] = None, below_autograd: bool = True):
@@ -51,7 +58,7 @@ def call(name: str, *args, state: Optional[Tensor] = None, below_autograd: bool 
 
     The autograd functions below own the differentiation, so in eager mode the op is dispatched below
     the Autograd key: its registered (Python) autograd kernel would only re-dispatch, at ~5 us a call."""
-    op = _op(name)
+    op = op_overload(name)
     full = args if state is None else (*args, state)
     if not below_autograd or torch.compiler.is_compiling():
         return op(*full)
@@ -102,7 +109,11 @@ class PerturbFn(torch.autograd.Function):
         seed, offset, inner, backend = ctx.rng
         grad_alpha = None
         if ctx.needs_input_grad[1]:
-            grad_alpha = apply(AlphaGradFn, grad, alpha, sigma, seed, offset, inner, state, backend)
+            if torch.is_grad_enabled():  # create_graph: record it, so double backward works
+                grad_alpha = apply(AlphaGradFn, grad, alpha, sigma, seed, offset, inner, state, backend)
+            else:  # the op alone: an autograd.Function costs more than a small layer's kernel
+                grad_alpha = call(REGISTRY[backend].alpha_grad, grad.contiguous(), alpha.contiguous(), sigma, seed,
+                                  offset, inner, state=state)
         return (grad if ctx.needs_input_grad[0] else None), grad_alpha, None, None, None, None, None, None
 
     @staticmethod
@@ -199,9 +210,12 @@ class PerturbMultiFn(torch.autograd.Function):
         grads = _filled(grads, ctx.meta)
         needs_v = ctx.needs_input_grad[6 : 6 + n]
         grad_alphas = [None] * n
-        if any(ctx.needs_input_grad[6 + n : 6 + 2 * n]):
+        if any(ctx.needs_input_grad[6 + n : 6 + 2 * n]) and torch.is_grad_enabled():  # create_graph: recorded
             grad_alphas = list(apply(AlphaGradMultiFn, n, seed, offsets, inners, state, backend, *grads, *alphas,
-                                                      *sigmas))
+                                     *sigmas))
+        elif any(ctx.needs_input_grad[6 + n : 6 + 2 * n]):
+            grad_alphas = list(call(REGISTRY[backend].alpha_grad_multi, grads, [a.contiguous() for a in alphas],
+                                    list(sigmas), seed, offsets, inners, state=state))
         grad_vs = [g if need else None for g, need in zip(grads, needs_v)]
         return (None,) * 6 + tuple(grad_vs) + tuple(grad_alphas) + (None,) * n
 

@@ -29,6 +29,7 @@ __all__ = [
     "register_backend",
     "available_backends",
     "resolve_backend",
+    "resolve_cached",
     "info",
 ]
 
@@ -72,11 +73,13 @@ class Backend:
 
 
 REGISTRY: dict[str, Backend] = {}
+_resolved: dict[tuple, str] = {}  # resolve_cached's memo; cleared when the registry changes
 
 
 def register_backend(backend: Backend) -> Backend:
     """Add (or replace) a backend; dispatch and ``info()`` pick it up from here."""
     REGISTRY[backend.name] = backend
+    _resolved.clear()
     return backend
 
 
@@ -195,6 +198,21 @@ def resolve_backend(name: Optional[str], device: torch.device | str) -> str:
     if reason is not None:
         raise RuntimeError(f"{source}={name!r} cannot run here: {reason}")
     return name
+
+
+def resolve_cached(name: Optional[str], device_type: str) -> str:
+    """:func:`resolve_backend` memoized on what it reads (name, device type, ``$PNI_FAST_BACKEND``; a
+    result of "triton" is not memoized, it also reads ``$TRITON_INTERPRET``): every op call resolves its
+    backend, and the full check costs ~2 us."""
+    if name is not None and not isinstance(name, str):
+        return resolve_backend(name, device_type)  # raises the clear error
+    key = (name, device_type, os.environ.get(ENV_VAR))
+    hit = _resolved.get(key)
+    if hit is None:
+        hit = resolve_backend(name, device_type)
+        if hit != "triton":  # triton's availability on CPU also depends on $TRITON_INTERPRET: not memoized
+            _resolved[key] = hit
+    return hit
 
 
 def info() -> str:

@@ -23,7 +23,8 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from . import _ext, backends
+from . import _ext, backends, fused
+from . import rng as _rng
 from . import ops_torch  # noqa: F401  (registers the pure-PyTorch ops)
 from .autograd import PerturbFn, PerturbMultiFn, apply, call, register_op_autograd
 from .backends import REGISTRY
@@ -100,8 +101,9 @@ _ensure_registered("torch")
 @_trace_constant
 def _backend_for(name: Optional[str], device_type: str) -> str:
     """Resolve and prepare the backend; a trace-time constant under torch.compile."""
-    chosen = backends.resolve_backend(name, device_type)
-    _ensure_registered(chosen)
+    chosen = backends.resolve_cached(name, device_type)
+    if chosen not in _registered:
+        _ensure_registered(chosen)
     return chosen
 
 
@@ -265,10 +267,14 @@ def _quads(n: int) -> int:
 
 def _perturb(name: str, t: Tensor, alpha: Tensor, inner: int, seed: Seed, offset, backend: Optional[str]) -> Tensor:
     """The shared tail of noisy_weight / inject_noise once ``alpha``'s layout is known."""
+    chosen = _backend_for(backend, t.device.type)
+    if fused.usable(chosen, t, seed):  # one C++ call: sigma, checks, seed, perturb (same results)
+        offset = _rng.checked_offset(offset, _quads(t.numel()))
+        seed = _rng.checked_seed(seed)
+        return fused.noisy(t, alpha, offset, inner, seed, name, _rng.seed_generator())
     rng = rng_args(seed, offset, t.device, _quads(t.numel()))
     sigma = weight_sigma(t)
     _check_finite(sigma, name, (alpha,))
-    chosen = _backend_for(backend, t.device.type)
     out = apply(PerturbFn, t, alpha, sigma, rng.seed, rng.offset, inner, rng.state, chosen)
     rng.advance()
     return out
@@ -344,10 +350,14 @@ def noisy_weights(
         inners.append(_weight_inner(w, a))
         offsets.append(counter)
         counter += _quads(w.numel())
+    chosen = _backend_for(backend, device.type)
+    if fused.usable(chosen, weights[0], seed) and fused.multi_dtype_ok(weights):
+        seed = _rng.checked_seed(seed)
+        _rng.checked_offset(0, counter)
+        return fused.noisy_multi(weights, alphas, offsets, inners, seed, "weights", _rng.seed_generator())
     sigmas = weight_sigmas(weights)
     rng = rng_args(seed, 0, device, counter)
     _check_finite(torch.stack(sigmas), "weights", alphas)
-    chosen = _backend_for(backend, device.type)
     multi = REGISTRY[chosen].perturb_multi
     if multi is None:
         outs = [apply(PerturbFn, w, a, s, rng.seed, o, i, rng.state, chosen)

@@ -23,7 +23,8 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["SEED_LIMIT", "draw_seed", "manual_seed", "own_generator", "make_rng_state", "default_rng_state", "is_rng_state", "RngArgs", "rng_args"]
+__all__ = ["SEED_LIMIT", "draw_seed", "manual_seed", "own_generator", "make_rng_state", "default_rng_state", "is_rng_state", "RngArgs", "rng_args",
+           "checked_offset", "checked_seed", "seed_generator"]
 
 SEED_LIMIT = 2**63
 _default_states: dict[torch.device, Tensor] = {}
@@ -149,11 +150,27 @@ class RngArgs:
             self._live[1:].add_(self._used)
 
 
-def rng_args(seed, offset, device: torch.device, quads: int) -> RngArgs:
-    """Validate ``seed``/``offset`` and pick the seed source for a call consuming ``quads`` counters."""
+def checked_offset(offset, quads: int) -> int:
+    """``offset`` as an int, checked against the counter rule ``offset + quads < 2**63``."""
     offset = _as_int("offset", offset)
     if offset + quads >= SEED_LIMIT:
         raise ValueError(f"offset + ceil(numel / 4) must be < 2**63, got offset={offset} with {quads} counters")
+    return offset
+
+
+def checked_seed(seed) -> Optional[int]:
+    """A host seed as an int in [0, 2**63) (Python or numpy integer), or None (draw one)."""
+    return None if seed is None else _as_int("seed", seed)
+
+
+def seed_generator() -> Optional[torch.Generator]:
+    """The generator host seeds come from: PNI's own after :func:`manual_seed`, else None (torch's default)."""
+    return _own_generator
+
+
+def rng_args(seed, offset, device: torch.device, quads: int) -> RngArgs:
+    """Validate ``seed``/``offset`` and pick the seed source for a call consuming ``quads`` counters."""
+    offset = checked_offset(offset, quads)
     if seed is None and torch.compiler.is_exporting():
         # an exported program must draw on every call: a state made by a tensor op inside the graph
         drawn = torch.randint(0, SEED_LIMIT - 1, (1,), dtype=torch.int64, device=device)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pni_fast
-from pni_fast import rng
+from pni_fast import fused, rng
 from pni_fast.robust.evaluate import AttackSpec, evaluate
 from pni_fast.robust.interop import autoattack_rand, square_attack
 
@@ -63,7 +63,9 @@ def _pni(model: nn.Module, alpha: float = 0.25) -> nn.Module:
 
 
 def _record_seeds(monkeypatch) -> list:
-    """Every host seed PNI draws (rng_args and own_generator call rng.draw_seed)."""
+    """Every host seed PNI draws (rng_args and own_generator call rng.draw_seed). The eager fast path
+    draws its seeds in C++ (the same values, tests/test_fused.py), so it is switched off here."""
+    monkeypatch.setattr(fused, "ENABLED", False)
     seen: list = []
     orig = rng.draw_seed
 

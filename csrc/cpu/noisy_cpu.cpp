@@ -1,0 +1,267 @@
+// The eager fast path of noisy_weight / inject_noise / noisy_weights on CPU: the whole forward of
+// the Python layer in one op call, with a C++ autograd node. For a 432-element conv weight the
+// kernel takes ~3 us, while the separate Python steps it replaces (sigma op, finite checks through
+// .item(), a seed from torch.randint(...).item(), the perturb op, a Python autograd.Function) took
+// more than the original code's std().item() + normal_().
+//
+//   noisy(v, alpha, offset, inner, seed?, generator?, name) -> out
+//   noisy_multi(vs, alphas, offsets, inners, seed?, generator?, name) -> outs
+//
+// = sigma (the sigma op's definition), then the Python layer's finite checks (same messages as
+// pni_fast.functional._check_finite), then a seed (the given one, or the draw torch.randint(0,
+// 2**63 - 1, ()) makes from the generator: the same value, so seed=None still follows
+// torch.manual_seed), then perturb / perturb_multi. The backward regenerates the noise from the
+// saved sigma and seed with perturb_alpha_grad(_multi). Not a pure function (it advances a
+// generator), so no fake kernel and no pt2_compliant tag: torch.compile and torch.func use the
+// separate ops (pni_fast/fused.py decides).
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/Exception.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace pni_fast {
+namespace {
+
+using at::Tensor;
+
+// The value torch.randint(0, 2**63 - 1, (), generator=g) returns: ATen draws random64() % range for
+// ranges of 2^32 and more (pni_fast.rng.draw_seed; tests/test_fused.py checks the two agree).
+int64_t draw_seed(const std::optional<at::Generator>& generator) {
+  auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
+  std::lock_guard<std::mutex> lock(gen->mutex_);
+  return static_cast<int64_t>(gen->random64() % static_cast<uint64_t>(INT64_MAX));
+}
+
+bool all_finite(const Tensor& t) {
+  const Tensor c = t.contiguous();
+  bool ok = true;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "pni_fast_all_finite", [&] {
+    const scalar_t* p = c.const_data_ptr<scalar_t>();
+    for (int64_t i = 0, n = c.numel(); i < n && ok; ++i) {
+      ok = std::isfinite(static_cast<double>(p[i]));
+    }
+  });
+  return ok;
+}
+
+// pni_fast.functional._check_finite, message for message.
+void check_finite(const Tensor& sigmas, at::TensorList alphas, c10::string_view name) {
+  TORCH_CHECK_VALUE(all_finite(sigmas), name,
+                    " contains NaN or Inf, so its std (PNI's noise scale) is not finite; fix the tensor before "
+                    "injecting noise");
+  for (const Tensor& a : alphas) {
+    TORCH_CHECK_VALUE(all_finite(a), "alpha must be finite (PNI's noise scale), got NaN or Inf");
+  }
+}
+
+// Where the fast path must not run: its finite checks read the values on the host.
+void check_cpu(const Tensor& v, const char* op) {
+  TORCH_CHECK_VALUE(v.device().is_cpu(), "pni_fast::", op, " runs on CPU tensors only, got a tensor on ", v.device(),
+                    "; use pni_fast.noisy_weight, which picks the op for the device");
+}
+
+struct Fwd {
+  Tensor out;
+  Tensor sigma;
+  int64_t seed;
+};
+
+Fwd noisy_impl(const Tensor& v, const Tensor& alpha, int64_t offset, int64_t inner, std::optional<int64_t> seed,
+               const std::optional<at::Generator>& generator, c10::string_view name) {
+  static const auto sigma_op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("pni_fast::sigma", "").typed<Tensor(const Tensor&)>();
+  static const auto perturb_op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("pni_fast::perturb", "")
+          .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, c10::SymInt, int64_t, int64_t,
+                        const std::optional<Tensor>&)>();
+  check_cpu(v, "noisy");
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // the sub-ops' Python autograd kernels: not here
+  const Tensor sigma = sigma_op.call(v);
+  check_finite(sigma, {alpha}, name);
+  const int64_t s = seed.has_value() ? *seed : draw_seed(generator);
+  Tensor out = perturb_op.call(v, alpha, sigma, c10::SymInt(s), offset, inner, std::nullopt);
+  return {std::move(out), sigma, s};
+}
+
+struct FwdMulti {
+  std::vector<Tensor> outs;
+  std::vector<Tensor> sigmas;
+  int64_t seed;
+};
+
+FwdMulti noisy_multi_impl(at::TensorList vs, at::TensorList alphas, at::IntArrayRef offsets, at::IntArrayRef inners,
+                          std::optional<int64_t> seed, const std::optional<at::Generator>& generator,
+                          c10::string_view name) {
+  static const auto sigma_multi_op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("pni_fast::sigma_multi", "").typed<Tensor(at::TensorList)>();
+  static const auto perturb_multi_op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("pni_fast::perturb_multi", "")
+          .typed<std::vector<Tensor>(at::TensorList, at::TensorList, at::TensorList, c10::SymInt, at::IntArrayRef,
+                                     at::IntArrayRef, const std::optional<Tensor>&)>();
+  TORCH_CHECK_VALUE(!vs.empty() && alphas.size() == vs.size(), "pni_fast::noisy_multi: vs and alphas must hold the "
+                    "same number (>= 1) of tensors, got ", vs.size(), " and ", alphas.size());
+  check_cpu(vs[0], "noisy_multi");
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const Tensor sigmas = sigma_multi_op.call(vs);
+  check_finite(sigmas, alphas, name);
+  const int64_t s = seed.has_value() ? *seed : draw_seed(generator);
+  std::vector<Tensor> sigma_list = sigmas.unbind(0);
+  std::vector<Tensor> outs =
+      perturb_multi_op.call(vs, alphas, sigma_list, c10::SymInt(s), offsets, inners, std::nullopt);
+  return {std::move(outs), std::move(sigma_list), s};
+}
+
+// The alpha gradient in a backward: below the Autograd key normally; under create_graph through it,
+// so the op's registered (Python) autograd records the graph and double backward works.
+Tensor alpha_grad(const Tensor& grad, const Tensor& alpha, const Tensor& sigma, int64_t seed, int64_t offset,
+                  int64_t inner) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("pni_fast::perturb_alpha_grad", "")
+          .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, c10::SymInt, int64_t, int64_t,
+                        const std::optional<Tensor>&)>();
+  if (at::GradMode::is_enabled()) {
+    return op.call(grad, alpha, sigma, c10::SymInt(seed), offset, inner, std::nullopt);
+  }
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(grad, alpha, sigma, c10::SymInt(seed), offset, inner, std::nullopt);
+}
+
+std::vector<Tensor> alpha_grad_multi(at::TensorList grads, at::TensorList alphas, at::TensorList sigmas,
+                                     int64_t seed, at::IntArrayRef offsets, at::IntArrayRef inners) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("pni_fast::perturb_alpha_grad_multi", "")
+          .typed<std::vector<Tensor>(at::TensorList, at::TensorList, at::TensorList, c10::SymInt, at::IntArrayRef,
+                                     at::IntArrayRef, const std::optional<Tensor>&)>();
+  if (at::GradMode::is_enabled()) {
+    return op.call(grads, alphas, sigmas, c10::SymInt(seed), offsets, inners, std::nullopt);
+  }
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(grads, alphas, sigmas, c10::SymInt(seed), offsets, inners, std::nullopt);
+}
+
+// Autograd in C++: this op is eager-only (torch.func and torch.compile use the separate ops, whose
+// autograd is Python), so a C++ node costs nothing they need and saves a Python autograd.Function
+// (~4 us, more than a small layer's kernel). Saved: alpha, sigma and the integers, never the noise.
+struct NoisyFunction : public torch::autograd::Function<NoisyFunction> {
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& v, const Tensor& alpha, int64_t offset,
+                        int64_t inner, std::optional<int64_t> seed, const std::optional<at::Generator>& generator,
+                        c10::string_view name) {
+    Fwd r = noisy_impl(v, alpha, offset, inner, seed, generator, name);
+    ctx->save_for_backward({alpha, r.sigma});
+    ctx->saved_data["rng"] = std::vector<int64_t>{r.seed, offset, inner};
+    return r.out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const std::vector<int64_t> rng = ctx->saved_data["rng"].toIntVector();
+    const Tensor g = grads[0].contiguous();
+    Tensor grad_alpha;
+    if (ctx->needs_input_grad(1)) {
+      grad_alpha = alpha_grad(g, saved[0], saved[1], rng[0], rng[1], rng[2]);
+    }
+    return {ctx->needs_input_grad(0) ? g : Tensor(), grad_alpha, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+struct NoisyMultiFunction : public torch::autograd::Function<NoisyMultiFunction> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, at::TensorList vs,
+                                                at::TensorList alphas, at::IntArrayRef offsets, at::IntArrayRef inners,
+                                                std::optional<int64_t> seed,
+                                                const std::optional<at::Generator>& generator,
+                                                c10::string_view name) {
+    FwdMulti r = noisy_multi_impl(vs, alphas, offsets, inners, seed, generator, name);
+    std::vector<Tensor> to_save(alphas.begin(), alphas.end());
+    to_save.insert(to_save.end(), r.sigmas.begin(), r.sigmas.end());
+    ctx->save_for_backward(std::move(to_save));
+    ctx->saved_data["seed"] = r.seed;
+    ctx->saved_data["offsets"] = offsets.vec();
+    ctx->saved_data["inners"] = inners.vec();
+    return r.outs;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const size_t n = grads.size();
+    const auto saved = ctx->get_saved_variables();
+    std::vector<Tensor> gs;
+    gs.reserve(n);
+    for (const Tensor& g : grads) {
+      gs.push_back(g.contiguous());  // undefined grads were materialized as zeros
+    }
+    torch::autograd::variable_list out(2 * n + 5);
+    bool any_alpha = false;
+    for (size_t k = 0; k < n; ++k) {
+      if (ctx->needs_input_grad(k)) {
+        out[k] = gs[k];
+      }
+      any_alpha = any_alpha || ctx->needs_input_grad(n + k);
+    }
+    if (any_alpha) {
+      const std::vector<Tensor> alphas(saved.begin(), saved.begin() + n);
+      const std::vector<Tensor> sigmas(saved.begin() + n, saved.end());
+      std::vector<Tensor> ga = alpha_grad_multi(gs, alphas, sigmas, ctx->saved_data["seed"].toInt(),
+                                                ctx->saved_data["offsets"].toIntVector(),
+                                                ctx->saved_data["inners"].toIntVector());
+      for (size_t k = 0; k < n; ++k) {
+        if (ctx->needs_input_grad(n + k)) {
+          out[n + k] = ga[k];
+        }
+      }
+    }
+    return out;
+  }
+};
+
+// CPU kernels (below autograd: no gradient wanted) and the autograd kernels.
+Tensor noisy_cpu(const Tensor& v, const Tensor& alpha, int64_t offset, int64_t inner, std::optional<int64_t> seed,
+                 const std::optional<at::Generator>& generator, c10::string_view name) {
+  return noisy_impl(v, alpha, offset, inner, seed, generator, name).out;
+}
+
+std::vector<Tensor> noisy_multi_cpu(at::TensorList vs, at::TensorList alphas, at::IntArrayRef offsets,
+                                    at::IntArrayRef inners, std::optional<int64_t> seed,
+                                    const std::optional<at::Generator>& generator, c10::string_view name) {
+  return noisy_multi_impl(vs, alphas, offsets, inners, seed, generator, name).outs;
+}
+
+Tensor noisy_autograd(const Tensor& v, const Tensor& alpha, int64_t offset, int64_t inner,
+                      std::optional<int64_t> seed, const std::optional<at::Generator>& generator,
+                      c10::string_view name) {
+  return NoisyFunction::apply(v, alpha, offset, inner, seed, generator, name);
+}
+
+std::vector<Tensor> noisy_multi_autograd(at::TensorList vs, at::TensorList alphas, at::IntArrayRef offsets,
+                                         at::IntArrayRef inners, std::optional<int64_t> seed,
+                                         const std::optional<at::Generator>& generator, c10::string_view name) {
+  return NoisyMultiFunction::apply(vs, alphas, offsets, inners, seed, generator, name);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pni_fast, CPU, m) {
+  m.impl("noisy", &noisy_cpu);
+  m.impl("noisy_multi", &noisy_multi_cpu);
+}
+
+TORCH_LIBRARY_IMPL(pni_fast, Autograd, m) {
+  m.impl("noisy", &noisy_autograd);
+  m.impl("noisy_multi", &noisy_multi_autograd);
+}
+
+}  // namespace pni_fast
