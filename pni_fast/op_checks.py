@@ -97,15 +97,18 @@ RULES: dict[str, Rule] = {r.name: r for r in (
 
 
 def message(rule: str, prefix: str = "", **fields) -> str:
-    """The full message of ``rule`` (what every backend raises)."""
+    """The full message of ``rule`` (what every backend raises); shapes print as lists."""
+    fields = {k: list(v) if isinstance(v, torch.Size) else v for k, v in fields.items()}
     return prefix + RULES[rule].template.format(**fields)
 
 
-def require(ok, rule: str, prefix: str, **fields) -> None:
+def require(ok, rule: str, prefix: str = "", **fields) -> None:
     """Raise ``RULES[rule].error`` unless ``ok`` (a bool, or a SymBool: then a runtime assertion)."""
     if ok is True:
         return
     r = RULES[rule]
+    if ok is False:
+        raise r.error(message(rule, prefix, **fields))
     torch._check_with(r.error, ok, lambda: message(rule, prefix, **fields))
 
 
@@ -146,7 +149,7 @@ def check_rng_state(op: str, rng_state: Optional[Tensor], device: torch.device) 
     p = f"{op}: "
     s = rng_state
     require(s.dtype == torch.int64, "rng_state_dtype", p, dtype=s.dtype)
-    require(s.dim() == 1 and s.shape[0] == 2, "rng_state_shape", p, shape=list(s.shape))
+    require(s.dim() == 1 and s.shape[0] == 2, "rng_state_shape", p, shape=s.shape)
     require(s.is_contiguous(), "rng_state_contiguous", p)
     require(s.device == torch.device(device), "rng_state_device", p, device=device, state_device=s.device)
     if s.device.type != "cpu" or _is_fake(s):
@@ -167,25 +170,24 @@ def check_state_counter(base: int, offset, numel, prefix: str = "") -> None:
 def check_perturb_args(v: Tensor, alpha: Tensor, sigma: Tensor, seed, offset, inner, vname: str,
                        prefix: str = "") -> None:
     """perturb / perturb_alpha_grad (``vname`` "v" or "grad"): dtypes, devices, seed, offset, alpha's layout."""
-    vt = v.dtype
-    require(vt in _FLOATS, "dtype", prefix, vname=vname, dtype=vt)
-    require(alpha.dtype == vt or (vt in _HALF and alpha.dtype == torch.float32), "alpha_dtype", prefix,
-             dtype=vt, vname=vname, or_float32=" or torch.float32" if vt in _HALF else "", alpha_dtype=alpha.dtype)
-    require(alpha.device == v.device, "alpha_device", prefix, vname=vname, device=v.device,
-             alpha_device=alpha.device)
+    vt, at, st = v.dtype, alpha.dtype, sigma.dtype
+    device, alpha_device, sigma_device = v.device, alpha.device, sigma.device
     n, na = v.numel(), alpha.numel()
-    require(na >= 1 or n == 0, "alpha_empty", prefix, vname=vname, alpha_shape=list(alpha.shape))
-    require(sigma.dim() == 0, "sigma_shape", prefix, sigma_shape=list(sigma.shape))
-    require(sigma.dtype in (torch.float32, vt), "sigma_dtype", prefix, vname=vname, dtype=vt,
-             sigma_dtype=sigma.dtype)
-    require(sigma.device == v.device, "sigma_device", prefix, vname=vname, device=v.device,
-             sigma_device=sigma.device)
+    half = vt in _HALF
+    require(vt in _FLOATS, "dtype", prefix, vname=vname, dtype=vt)
+    require(at == vt or (half and at == torch.float32), "alpha_dtype", prefix, dtype=vt, vname=vname,
+            or_float32=" or torch.float32" if half else "", alpha_dtype=at)
+    require(alpha_device == device, "alpha_device", prefix, vname=vname, device=device, alpha_device=alpha_device)
+    require(na >= 1 or n == 0, "alpha_empty", prefix, vname=vname, alpha_shape=alpha.shape)
+    require(sigma.dim() == 0, "sigma_shape", prefix, sigma_shape=sigma.shape)
+    require(st == torch.float32 or st == vt, "sigma_dtype", prefix, vname=vname, dtype=vt, sigma_dtype=st)
+    require(sigma_device == device, "sigma_device", prefix, vname=vname, device=device, sigma_device=sigma_device)
     check_seed_offset(seed, offset, prefix)
     check_offset_fits(offset, n, prefix)
     require(inner >= 1 or (inner == 0 and n == 0), "inner", prefix, vname=vname, inner=inner)
     if na > 1 and n > 0:  # element i uses alpha_flat[(i // inner) % na]: whole repetitions of na runs of inner
-        require(n % (inner * na) == 0, "alpha_tiling", prefix, alpha_numel=na, alpha_shape=list(alpha.shape),
-                 vname=vname, shape=list(v.shape), inner=inner, numel=n, tile=inner * na)
+        require(n % (inner * na) == 0, "alpha_tiling", prefix, alpha_numel=na, alpha_shape=alpha.shape, vname=vname,
+                shape=v.shape, inner=inner, numel=n, tile=inner * na)
 
 
 def check_multi_lengths(op: str, lists: str, nv: int, na: int, ns: int, no: int, ni: int) -> None:
