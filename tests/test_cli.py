@@ -52,7 +52,7 @@ def test_demo_without_torchattacks_columns(tmp_path, capsys):
 
     args = build_parser().parse_args(["demo", "--quick", "--no-torchattacks", "--no-plot", "--no-progress",
                                       "--out", str(tmp_path / "d")])
-    assert args.aa_steps == 10 and args.aa_eot_samples == 4 and args.square_queries == 500  # the demo's defaults
+    assert args.aa_steps == 10 and args.aa_eot_samples == 4 and args.square_queries == 200  # the demo's defaults
     res = run_demo(args)
     assert [r_["attack"] for r_ in res["models"]["plain"]] == ["clean", "PGD-2", "EOT-PGD-2x2"]
     assert "torchattacks" not in capsys.readouterr().err

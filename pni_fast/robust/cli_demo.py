@@ -49,7 +49,7 @@ def add_parser(sub: Any, fmt: type) -> None:
                    help="AutoAttack-rand: steps per APGD run (AutoAttack uses 100; small keeps the demo fast)")
     d.add_argument("--aa-eot-samples", type=cli_int(2, "an integer >= 2"), default=4,
                    help="AutoAttack-rand: forward passes averaged per gradient (AutoAttack uses 20)")
-    d.add_argument("--square-queries", type=cli_int(1, "a positive integer"), default=500,
+    d.add_argument("--square-queries", type=cli_int(1, "a positive integer"), default=200,
                    help="Square: queries per example (AutoAttack uses 5000)")
     d.add_argument("--no-torchattacks", action="store_true",
                    help="skip the AutoAttack-rand and Square columns (they need torchattacks)")
