@@ -32,7 +32,7 @@ def add_parser(sub: Any, fmt: type) -> None:
     """The ``demo`` subcommand's options."""
     d = sub.add_parser(
         "demo", formatter_class=fmt,
-        help="train plain / PGD / PGD+PNI-W CNNs on the bundled digits and compare robustness (~1 min on 2 idle cores)",
+        help="train plain / PGD / PGD+PNI-W CNNs on the bundled digits and compare robustness (27 s on 2 idle cores without the AutoAttack-rand and Square columns, which add ~45%% CPU time)",
         description="Train a small CNN on scikit-learn's bundled 8x8 digits three ways (plain, PGD adversarial "
         "training, PGD training + PNI-W via pni_fast.convert), then print clean / PGD / EOT-PGD accuracy, and "
         "AutoAttack-rand / Square accuracy when torchattacks is installed (mean +/- std over R noisy "
