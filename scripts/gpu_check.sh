@@ -12,7 +12,8 @@
 #   env         20  device, driver, torch/CUDA/Triton versions                  -> env.txt
 #   build      140  FORCE_CUDA=1 pip install --no-build-isolation --no-deps -e . -> build.log
 #                   then checks that the compiled library loads with its CUDA kernels
-#   tests      140  tests/test_cuda.py + tests/test_sigma.py + tests/test_triton.py on the GPU (pytest-xdist, 6 workers)
+#   tests      140  the GPU tests ($GPU_TESTS: the kernel contract for the cuda and triton backends,
+#                   test_cuda*.py, test_sigma.py, test_triton.py) on the GPU (pytest-xdist, 6 workers)
 #                                                                                -> tests.log
 #   bench       90  benchmarks/run_all.py: training step (batch 128, limit 28 s),
 #                   op sweep at 8M elements without torch.compile (limit 55 s)  -> bench.log, bench.tar.gz
@@ -56,12 +57,22 @@ PYTHON=${PYTHON:-python3}
 BUDGET=450
 export OUT ROOT WORK PYTHON CPU_ONLY PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 
-# compute-sanitizer runs these CUDA-backend tests: forward + alpha gradient (fp32 and fp16),
-# the deterministic alpha-grad reduction, multi-tensor launches (> 32 tensors) and unaligned views.
-SAN_K='(test_perturb_and_alpha_grad and -float32-cuda]) or test_perturb_and_alpha_grad[conv-channelwise-float16-cuda]'
-SAN_K+=' or test_alpha_grad_deterministic[cuda] or (test_multi_equals_single and cuda])'
-SAN_K+=' or test_unaligned_views[float32-cuda] or test_unaligned_views[float16-cuda]'
-export SAN_K
+# The GPU test files; the kernel contract files (parametrized by backend) run for the GPU backends
+# only (PNI_TEST_BACKENDS, tests/kernels.py): CI runs them for the CPU backends.
+GPU_TESTS="tests/test_kernels_rng.py tests/test_kernels_contract.py tests/test_kernels_lists.py tests/test_cuda.py"
+GPU_TESTS+=" tests/test_cuda_graphs.py tests/test_sigma.py tests/test_triton.py"
+# compute-sanitizer runs these CUDA-backend tests (in $SAN_FILES): forward + alpha gradient (fp32 for
+# every stage-1 path of the kernel, and fp16), the deterministic alpha-grad reduction, multi-tensor
+# launches (> 32 tensors) and unaligned views.
+SAN_FILES="tests/test_kernels_contract.py tests/test_kernels_lists.py"
+SAN_K='test_perturb_and_alpha_grad[cuda-conv-channelwise-float16]'
+for c in layerwise-tail layerwise-large conv-channelwise linear-channelwise-long aligned-rows elementwise-odd \
+         act-channelwise-7x7 act-channelwise-4x4 act-channelwise-32x32 act-per-feature; do
+  SAN_K+=" or test_perturb_and_alpha_grad[cuda-$c-float32]"
+done
+SAN_K+=' or test_alpha_grad_deterministic[cuda] or (test_multi_equals_single and [cuda-)'
+SAN_K+=' or test_unaligned_views[cuda-float32] or test_unaligned_views[cuda-float16]'
+export GPU_TESTS SAN_FILES SAN_K
 
 note() { echo "$*" >"$WORK/note_$STAGE"; }  # one line for summary.txt (called inside a stage)
 export -f note
@@ -164,14 +175,14 @@ stage_build() {
 stage_tests() {
   # PNI_FAST_NO_JIT: test the library just built, never a silent just-in-time rebuild
   if [ "$CPU_ONLY" = 1 ]; then
-    note "cpu-only: tests/test_cuda.py (its CPU checks; GPU tests skip); test_triton.py runs in CI"
+    note "cpu-only: tests/test_cuda*.py (their CPU checks; GPU tests skip); the kernel contract runs in CI"
     # shellcheck disable=SC2046
-    PNI_FAST_NO_JIT=1 "$PYTHON" -m pytest tests/test_cuda.py $(pytest_opts)
+    PNI_FAST_NO_JIT=1 "$PYTHON" -m pytest tests/test_cuda.py tests/test_cuda_graphs.py $(pytest_opts)
     return
   fi
   # the sm_90 ahead-of-time compile check needs no GPU and takes long: CI runs it
   # shellcheck disable=SC2046
-  PNI_FAST_NO_JIT=1 "$PYTHON" -m pytest tests/test_cuda.py tests/test_sigma.py tests/test_triton.py $(pytest_opts) $(xdist_opts 6) \
+  PNI_FAST_NO_JIT=1 PNI_TEST_BACKENDS=cuda,triton "$PYTHON" -m pytest $GPU_TESTS $(pytest_opts) $(xdist_opts 6) \
     --deselect tests/test_triton.py::test_kernels_compile_for_sm90_without_approx_math --durations=20
 }
 
@@ -203,7 +214,7 @@ stage_sanitizer() {
   # shellcheck disable=SC2046
   if [ "$CPU_ONLY" = 1 ]; then
     local n
-    "$PYTHON" -m pytest tests/test_cuda.py --collect-only -q -p no:cacheprovider -k "$SAN_K" >"$WORK/san_collect.txt"
+    "$PYTHON" -m pytest $SAN_FILES --collect-only -q -p no:cacheprovider -k "$SAN_K" >"$WORK/san_collect.txt"
     cat "$WORK/san_collect.txt"
     n=$(grep -c '::' "$WORK/san_collect.txt")
     echo "sanitizer selection: $n tests"
@@ -218,7 +229,7 @@ stage_sanitizer() {
   export PYTORCH_NO_CUDA_MEMORY_CACHING=1 PNI_FAST_NO_JIT=1  # every allocation visible to memcheck
   for tool in memcheck racecheck; do
     echo "=== compute-sanitizer --tool $tool"
-    timeout -k 2 27 "$san" --tool "$tool" --error-exitcode 86 "$PYTHON" -m pytest tests/test_cuda.py -q \
+    timeout -k 2 27 "$san" --tool "$tool" --error-exitcode 86 "$PYTHON" -m pytest $SAN_FILES -q \
       -p no:cacheprovider -rfE -k "$SAN_K" >"$WORK/san_$tool.log" 2>&1
     local r=$?
     cat "$WORK/san_$tool.log"
@@ -238,8 +249,9 @@ stage_rest() {
     return 77
   fi
   # shellcheck disable=SC2046
-  "$PYTHON" -m pytest tests -m "not slow" --ignore=tests/test_cuda.py --ignore=tests/test_sigma.py --ignore=tests/test_triton.py \
-    --ignore=tests/test_gpu_check.py $(pytest_opts) $(xdist_opts 12)
+  local ignore=() f
+  for f in $GPU_TESTS tests/test_gpu_check.py; do ignore+=("--ignore=$f"); done
+  "$PYTHON" -m pytest tests -m "not slow" "${ignore[@]}" $(pytest_opts) $(xdist_opts 12)
 }
 export -f stage_env stage_build stage_tests stage_bench stage_sanitizer stage_rest find_sanitizer verify_extension
 

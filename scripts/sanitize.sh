@@ -7,7 +7,8 @@
 #    temporary folder (the normal build in pni_fast/ is never touched);
 # 2. puts a copy of the Python package next to that library, so `import pni_fast`
 #    loads the sanitized kernels (checked before the tests run);
-# 3. runs tests/test_cpu_kernel.py against it with libasan preloaded into Python
+# 3. runs tests/test_cpu_kernel.py and the cpu backend's kernel contract tests against it
+#    with libasan preloaded into Python
 #    (an uninstrumented executable) and fails on any sanitizer report, also one
 #    printed by a subprocess that a test starts.
 # Needs the venv of scripts/setup_venv.sh and gcc. Environment:
@@ -76,7 +77,9 @@ print(f"sanitize.sh: testing {lib}")
 EOF
 
 set +e
-"$PY" -m pytest -q -p no:cacheprovider "$ROOT/tests/test_cpu_kernel.py" "$@" 2>&1 | tee "$WORK/pytest.log"
+# the C++ CPU kernel's own tests, and the kernel contract (tests/test_kernels_*.py) for the cpu backend
+PNI_TEST_BACKENDS=cpu "$PY" -m pytest -q -p no:cacheprovider "$ROOT/tests/test_cpu_kernel.py" "$ROOT"/tests/test_kernels_*.py \
+  "$@" 2>&1 | tee "$WORK/pytest.log"
 rc=${PIPESTATUS[0]}
 set -e
 reports=$(cat "$WORK"/reports/* "$WORK/pytest.log" 2>/dev/null |

@@ -1,4 +1,6 @@
-"""Shared test setup: the Triton interpreter on CPU-only machines, dtype lists (markers: pyproject.toml)."""
+"""Shared test setup: the Triton interpreter on CPU-only machines, tests/ helpers on sys.path, and
+the fixtures ``kernel`` / ``cpp_kernel`` (one test body for every backend) and ``float_dtype``
+(markers: pyproject.toml)."""
 import os
 import sys
 
@@ -15,11 +17,24 @@ except Exception:  # pragma: no cover - torch is a hard dependency
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-sys.path.insert(0, os.path.dirname(__file__))  # for philox_oracle
+sys.path.insert(0, os.path.dirname(__file__))  # for oracle.py and kernels.py
 
-FLOAT_DTYPES = ["float32", "float64", "float16", "bfloat16"]
-# Output tolerance per dtype (absolute, on values of order 1).
-TOLERANCE = {"float32": 1e-5, "float64": 1e-5, "float16": 2e-3, "bfloat16": 2e-2}
+import kernels  # noqa: E402
 
-requires_cuda = pytest.mark.skipif(not _HAS_CUDA, reason="no CUDA device on this machine")
 
+@pytest.fixture(params=kernels.params())
+def kernel(request) -> "kernels.Kernel":
+    """Each backend's ops on its device (cpu, torch, triton, cuda); skips with the reason one cannot run."""
+    return kernels.get(request.param)
+
+
+@pytest.fixture(params=kernels.params(kernels.CPP))
+def cpp_kernel(request) -> "kernels.Kernel":
+    """The compiled library's backends (cpu, cuda): they also have rng_words / rng_uniform."""
+    return kernels.get(request.param)
+
+
+@pytest.fixture(params=["float32", "float64", "float16", "bfloat16"])
+def float_dtype(request) -> "torch.dtype":
+    """Every floating dtype the ops take."""
+    return getattr(torch, request.param)

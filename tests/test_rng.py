@@ -7,7 +7,7 @@ from scipy import stats
 
 import pni_fast
 from pni_fast.reference import philox_words_torch, randn_torch, uniform_from_words_torch
-import philox_oracle as oracle
+import oracle
 
 SEEDS_OFFSETS = [(0, 0), (1234567, 3), ((1 << 40) + 17, (1 << 33) + 5), ((1 << 63) - 1, (1 << 62) + 9)]
 

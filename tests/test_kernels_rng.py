@@ -1,0 +1,146 @@
+"""The RNG contract (design.md section 3) on every backend's kernels against the numpy oracle.
+
+Words and uniforms are bit-exact (the compiled library's rng_words / rng_uniform), z is within
+Z_TOL = 2e-6 of the oracle; under the Triton interpreter z comes from tl.randn4x evaluated in
+numpy float32 like the oracle, so there it must be bit-equal. One body per check, parametrized
+by backend (tests/kernels.py).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import kernels
+import oracle
+from oracle import Z_TOL
+
+SEED = 0x0DDB_A11_5EED  # > 2^32: exercises the high key word
+OFFSET = 2**32 - 100  # counters cross the 32-bit boundary of c0 / c1
+
+
+def check_noise(kernel, z: torch.Tensor, seed: int, offset: int) -> None:
+    """z (float32) within Z_TOL of the oracle; bit-equal to it under the interpreter."""
+    assert z.dtype == torch.float32
+    got, ref = z.reshape(-1).cpu().numpy(), oracle.normal(seed, offset, z.numel())
+    np.testing.assert_allclose(got, ref, rtol=0, atol=Z_TOL)
+    if kernel.interpreted:
+        np.testing.assert_array_equal(got, ref)
+
+
+# ---------------------------------------------------------------------------
+# words and uniforms (compiled library)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1, 12345, 2**32 - 1, 2**32, 2**40 + 3, 2**63 - 1])
+@pytest.mark.parametrize("offset", [0, 7, 2**32 - 3, 2**40, 2**62])
+def test_words_and_uniforms_bit_exact(cpp_kernel, seed, offset):
+    n = 1001
+    like = torch.empty(n, device=cpp_kernel.device)
+    words = torch.ops.pni_fast.rng_words(like, seed, offset)
+    assert words.dtype == torch.int32 and words.shape == (1004,)
+    expected = oracle.words(seed, offset, n)
+    np.testing.assert_array_equal(words.cpu().numpy().view(np.uint32), expected)
+    uni = torch.ops.pni_fast.rng_uniform(like, seed, offset)
+    assert uni.dtype == torch.float32
+    np.testing.assert_array_equal(uni.cpu().numpy(), oracle.uniform(expected))
+
+
+@pytest.mark.parametrize("numel", [1, 5, 4096, 10_001])
+def test_words_and_uniforms_sizes(cpp_kernel, numel):
+    like = torch.empty(numel, device=cpp_kernel.device)
+    words = torch.ops.pni_fast.rng_words(like, SEED, OFFSET).cpu().numpy().view(np.uint32)
+    np.testing.assert_array_equal(words, oracle.words(SEED, OFFSET, numel))
+    uni = torch.ops.pni_fast.rng_uniform(like, SEED, OFFSET).cpu().numpy()
+    np.testing.assert_array_equal(uni, oracle.uniform(oracle.words(SEED, OFFSET, numel)))
+
+
+def test_words_known_answer_zero_counter(cpp_kernel):
+    # Random123 kat_vectors philox4x32_10: counter 0, key 0
+    w = torch.ops.pni_fast.rng_words(torch.empty(4, device=cpp_kernel.device), 0, 0).cpu().numpy().view(np.uint32)
+    assert [hex(x) for x in w] == ["0x6627e8d5", "0xe169c58d", "0xbc57ac4c", "0x9b00dbd8"]
+
+
+# ---------------------------------------------------------------------------
+# noise
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 987654321, 2**33 + 17, 2**63 - 1])
+@pytest.mark.parametrize("offset", [0, 3, 2**32 - 10, 2**62])
+@pytest.mark.parametrize("n", [1, 3, 257, 4099])
+def test_noise_matches_oracle(kernel, seed, offset, n):
+    z = kernel.noise(torch.empty(n, dtype=torch.float16, device=kernel.device), seed, offset)
+    assert z.shape == (n,) and z.device.type == kernel.device
+    check_noise(kernel, z, seed, offset)
+
+
+@pytest.mark.parametrize("numel", [1, 3, 4, 5, 1023, 1025, 2051])
+# seeds/offsets typed i32, u32 and i64 by triton; counters crossing 2^32
+@pytest.mark.parametrize("seed,offset", [(0, 0), (2**31 + 5, 2**31 + 1), (0x1234_5678_9ABC, 37), (2**63 - 1, 2**32 - 3)])
+def test_noise_matches_oracle_at_block_edges(kernel, numel, seed, offset):
+    z = kernel.noise(torch.empty(numel, device=kernel.device), seed, offset)
+    assert z.shape == (numel,)
+    check_noise(kernel, z, seed, offset)
+
+
+def test_noise_shape_dtype_and_empty(kernel):
+    dev = kernel.device
+    z = kernel.noise(torch.empty(3, 0, 5, dtype=torch.float16, device=dev), 1, 0)
+    assert z.shape == (3, 0, 5) and z.dtype == torch.float32
+    z = kernel.noise(torch.empty(2, 3, 5, dtype=torch.bfloat16, device=dev), 1, 0)
+    assert z.shape == (2, 3, 5) and z.dtype == torch.float32 and z.is_contiguous()
+
+
+def test_noise_keeps_shape_and_is_prefix_consistent(kernel):
+    dev = kernel.device
+    z = kernel.noise(torch.empty(6, 7, 5, device=dev), 42, 9)
+    assert z.shape == (6, 7, 5) and z.is_contiguous()
+    flat = kernel.noise(torch.empty(1000, device=dev), 42, 9)
+    # element i depends only on (seed, offset, i): a shorter tensor is a prefix
+    assert torch.equal(z.reshape(-1), flat[:210])
+    # offset advances by counters: element 4k of offset o+1 is element 4k+4 of offset o
+    assert torch.equal(kernel.noise(torch.empty(996, device=dev), 42, 10), flat[4:])
+    # a later window of a multi-block tensor equals a shifted offset
+    full = kernel.noise(torch.empty(2048, device=dev), 9, 100)
+    assert torch.equal(full[1024:], kernel.noise(torch.empty(1024, device=dev), 9, 100 + 256))
+
+
+def test_noise_statistics(kernel):
+    # the interpreter is slow: 2^14 samples there (standard errors ~0.008), 2^18 elsewhere (~0.002)
+    n, tol = (1 << 14, 0.05) if kernel.interpreted else (1 << 18, 0.01)
+    z = kernel.noise(torch.empty(n, device=kernel.device), 2024, 0).double().cpu()
+    assert abs(z.mean().item()) < tol
+    assert abs(z.var().item() - 1) < tol
+    # no correlation between neighbours inside a quad and across quads
+    for lag in (1, 2, 3, 4, 5):
+        c = torch.corrcoef(torch.stack([z[:-lag], z[lag:]]))[0, 1].item()
+        assert abs(c) < tol, (lag, c)
+    assert abs(torch.corrcoef(torch.stack([z[0::2], z[1::2]]))[0, 1].item()) < tol
+
+
+def test_noise_near_the_counter_limit(kernel):
+    """offset + ceil(numel / 4) < 2**63: the last counter, 2**63 - 2, is still drawn correctly."""
+    like = torch.empty(8, device=kernel.device)  # 2 counters
+    check_noise(kernel, kernel.noise(like, 3, 2**63 - 3), 3, 2**63 - 3)
+
+
+@pytest.mark.parametrize("op", ["noise", "rng_words", "rng_uniform"])
+def test_rng_state_replaces_seed_and_adds_base(kernel, op):
+    """rng_state = (seed, base): the seed argument is ignored, counters start at base + offset, the
+    state is never written."""
+    if op != "noise" and kernel.name not in kernels.CPP:
+        pytest.skip(f"{op} is an op of the compiled library only")
+    fn = kernel.noise if op == "noise" else getattr(torch.ops.pni_fast, op)
+    like = torch.empty(1001, device=kernel.device)
+    seed, base = 2**40 + 7, 2**32 + 3
+    state = torch.tensor([seed, base], device=kernel.device)
+    got = fn(like, 0, 5, state)
+    assert torch.equal(got, fn(like, seed, base + 5))
+    assert torch.equal(got, fn(like, 999, 5, rng_state=state))  # the seed argument is ignored
+    assert state.tolist() == [seed, base]  # never written
+    if op == "rng_words":
+        np.testing.assert_array_equal(got.cpu().numpy().view(np.uint32), oracle.words(seed, base + 5, 1001))
+    if op == "noise":
+        check_noise(kernel, got, seed, base + 5)
