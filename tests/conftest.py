@@ -22,6 +22,14 @@ sys.path.insert(0, os.path.dirname(__file__))  # for oracle.py and kernels.py
 import kernels  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+    """Mark the slow (test, backend) pairs of kernels.SLOW (a fixture param cannot carry a mark per test)."""
+    for item in items:
+        backend = getattr(item, "callspec", None) and item.callspec.params.get("kernel")
+        if backend and (getattr(item, "originalname", None), backend) in kernels.SLOW:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(params=kernels.params())
 def kernel(request) -> "kernels.Kernel":
     """Each backend's ops on its device (cpu, torch, triton, cuda); skips with the reason one cannot run."""

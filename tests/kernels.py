@@ -23,6 +23,15 @@ CPP = ("cpu", "cuda")  # the backends with the rng_words / rng_uniform ops of th
 _ONLY = [n for n in os.environ.get("PNI_TEST_BACKENDS", "").split(",") if n]
 
 
+# (test function, backend) pairs among the slowest tests of the suite (marked ``slow`` at collection by
+# conftest.py; measured with --durations): the interpreter's numpy execution of bigger launches
+SLOW = {
+    ("test_opcheck", "triton"),
+    ("test_unaligned_views", "triton"),
+    ("test_multi_equals_single", "triton"),
+}
+
+
 def params(names=ALL) -> list:
     """pytest params for ``names`` (the cuda one carries the ``cuda`` marker)."""
     chosen = [n for n in names if not _ONLY or n in _ONLY]

@@ -219,6 +219,7 @@ print(hashlib.sha256(z.numpy().tobytes() + g.numpy().tobytes() + h.view(torch.in
 """
 
 
+@pytest.mark.slow
 def test_simd_variants_give_identical_bits():
     import os
     import subprocess
@@ -239,6 +240,7 @@ def test_simd_variants_give_identical_bits():
     assert len(set(digests.values())) == 1, digests
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value", ["bogus", "AVX2", "sse"])
 def test_bad_cpu_isa_is_an_error_naming_the_choices(value):
     import os

@@ -92,6 +92,7 @@ def test_argument_errors():
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_sm90_without_approx_math():
     """triton.compile every kernel for sm_90 (bundled ptxas) through Triton's launch binder, in the
     aligned (pointers and sizes divisible by 16: vectorized) and unaligned variants real tensors
@@ -146,6 +147,7 @@ def test_seed_and_offset_are_not_specialized():
     assert checked == 8  # noise, fwd, bwd: seed + offset; multi fwd / bwd: seed
 
 
+@pytest.mark.slow
 def test_seeds_16_and_17_share_one_compiled_kernel():
     """Triton's own launch binder (sm_90, no GPU needed) gives seeds 16 and 17 one cache key;
     the same kernel without do_not_specialize gives two (so the check can fail)."""
