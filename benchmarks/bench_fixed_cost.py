@@ -75,8 +75,15 @@ def _public_fns(w: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> dict[str, 
     }
 
 
-# (group, piece, code) in table order; "rest" rows are derived
+# (group, piece, code) in table order; "rest" rows are derived. "pni_fast" is what users call (the eager fast
+# path on CPU: one C++ op with a C++ autograd node); the "general path" rows are the same call with
+# pni_fast.fused.ENABLED = False (separate ops, Python autograd: what runs under torch.compile / torch.func
+# and on GPU), broken into its pieces.
 PIECES = [
+    ("pni_fast", "forward total", "pni_fast.noisy_weight(w, a) (w, a require grad)"),
+    ("pni_fast", "  of which fused op, no grad", "torch.ops.pni_fast.noisy(w, a, ...) on detached w, a (fast path only)"),
+    ("pni_fast", "  of which Python", "forward total minus the fused op with its autograd node (checks, dispatch)"),
+    ("pni_fast", "backward total", "autograd.grad(noisy_weight(w, a), (w, a), g) minus forward total"),
     ("pni_fast forward", "argument checks", "_check_tensor + _check_alpha + _weight_inner"),
     ("pni_fast forward", "backend resolve", "_backend_for(None, device_type)"),
     ("pni_fast forward", "sigma", "weight_sigma(w)"),
@@ -87,10 +94,10 @@ PIECES = [
     ("pni_fast forward", "  of which kernel", "the same op below the Autograd key (no Python autograd kernel)"),
     ("pni_fast forward", "autograd", "autograd.apply(PerturbFn, ...) on grad-requiring w, a minus op"),
     ("pni_fast forward", "rest", "total minus the pieces above (glue)"),
-    ("pni_fast forward", "total", "pni_fast.noisy_weight(w, a)"),
+    ("pni_fast forward", "total", "pni_fast.noisy_weight(w, a) with the fast path off (general path)"),
     ("pni_fast backward", "alpha_grad op", "torch.ops.pni_fast.<alpha_grad>.default(g, a, sigma, seed, 0, inner)"),
     ("pni_fast backward", "rest", "backward total minus alpha_grad op (autograd engine, glue)"),
-    ("pni_fast backward", "total", "autograd.grad(noisy_weight(w, a), (w, a), g) minus forward total"),
+    ("pni_fast backward", "total", "the same for the general path's forward+backward"),
     ("reference forward", "std().item()", "w.std().item()"),
     ("reference forward", "noise", "w.clone().normal_(0, std)"),
     ("reference forward", "combine", "w + alpha * noise (autograd recorded)"),
@@ -104,7 +111,7 @@ def _piece_fns(w: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> tuple[dict[
     import pni_fast
     from pni_fast import autograd as pag
     from pni_fast import functional as F
-    from pni_fast import rng
+    from pni_fast import fused, rng
     from pni_fast.backends import REGISTRY
     from pni_fast.reference import reference_noisy_weight
 
@@ -124,6 +131,21 @@ def _piece_fns(w: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> tuple[dict[
     def below_autograd() -> torch.Tensor:
         with torch._C._AutoDispatchBelowAutograd():
             return perturb_op(wd, ad, sigma, seed, 0, inner)
+
+    def general(fn: Callable) -> Callable:
+        def run():
+            fused.ENABLED = False
+            try:
+                return fn()
+            finally:
+                fused.ENABLED = True
+        return run
+
+    def fused_op(wt: torch.Tensor, at: torch.Tensor) -> Callable:
+        if not fused.usable(chosen, wt, None):
+            return lambda: float("nan")  # no fast path here (GPU, another backend): reported as nan
+        op = torch.ops.pni_fast.noisy.default
+        return lambda: op(wt, at, 0, inner, None, None, "weight")
 
     def checks() -> None:
         F._check_tensor("weight", w)
@@ -149,8 +171,12 @@ def _piece_fns(w: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> tuple[dict[
         ("pni_fast forward", "  of which kernel"): below_autograd,
         ("pni_fast forward", "autograd+op"): lambda: pag.apply(pag.PerturbFn, w, a, sigma, seed, 0, inner, None,
                                                                chosen),
-        ("pni_fast forward", "total"): lambda: pni_fast.noisy_weight(w, a),
-        ("pni_fast fwd_bwd", "total"): lambda: torch.autograd.grad(pni_fast.noisy_weight(w, a), (w, a), g),
+        ("pni_fast", "forward total"): lambda: pni_fast.noisy_weight(w, a),
+        ("pni_fast", "fwd_bwd"): lambda: torch.autograd.grad(pni_fast.noisy_weight(w, a), (w, a), g),
+        ("pni_fast", "fused op, grad"): fused_op(w, a),
+        ("pni_fast", "  of which fused op, no grad"): fused_op(wd, ad),
+        ("pni_fast forward", "total"): general(lambda: pni_fast.noisy_weight(w, a)),
+        ("pni_fast fwd_bwd", "total"): general(lambda: torch.autograd.grad(pni_fast.noisy_weight(w, a), (w, a), g)),
         ("pni_fast backward", "alpha_grad op"): lambda: grad_op(g, ad, sigma, seed, 0, inner),
         ("reference forward", "std().item()"): ref_std,
         ("reference forward", "noise"): ref_noise,
@@ -169,7 +195,7 @@ def _breakdown(fns: dict[tuple[str, str], Callable], blocks: int, target_s: floa
     for key in fns:
         out[key] = loops.summarize(wall[key], ns[key], scale=1e6, unit="us")
         out[key].update(cpu_median_us=statistics.median(cpu[key]) * 1e6, cpu_min_us=min(cpu[key]) * 1e6)
-    fwd, ref, bwd = "pni_fast forward", "reference forward", "pni_fast backward"
+    fwd, ref, bwd, fast = "pni_fast forward", "reference forward", "pni_fast backward", "pni_fast"
     parts = ["argument checks", "backend resolve", "sigma", "finite check", "seed draw", "autograd+op"]
     formulas: dict[tuple[str, str], Callable[[Callable[[str, str], float]], float]] = {
         (fwd, "autograd"): lambda m: m(fwd, "autograd+op") - m(fwd, "op"),
@@ -177,6 +203,8 @@ def _breakdown(fns: dict[tuple[str, str], Callable], blocks: int, target_s: floa
         (bwd, "total"): lambda m: m("pni_fast fwd_bwd", "total") - m(fwd, "total"),
         (bwd, "rest"): lambda m: m("pni_fast fwd_bwd", "total") - m(fwd, "total") - m(bwd, "alpha_grad op"),
         (ref, "rest"): lambda m: m(ref, "total") - sum(m(ref, p) for p in ("std().item()", "noise", "combine")),
+        (fast, "  of which Python"): lambda m: m(fast, "forward total") - m(fast, "fused op, grad"),
+        (fast, "backward total"): lambda m: m(fast, "fwd_bwd") - m(fast, "forward total"),
     }
     derived = {}
     for key, f in formulas.items():
@@ -236,7 +264,7 @@ def run(
                 stats = pieces[(group, piece)]
                 records.append(dict(base, kind="breakdown", numel=numel, shape=shape, group=group, piece=piece,
                                     code=code, backend=backend, status="ok", **stats))
-            f = pieces[("pni_fast forward", "total")]
+            f = pieces[("pni_fast", "forward total")]
             log(f"[fixed] {numel:>6} breakdown: pni_fast forward {f['median_us']:.2f} us wall, "
                 f"{f['cpu_median_us']:.2f} us CPU, backend {backend}")
         except Exception as exc:

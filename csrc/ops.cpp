@@ -74,14 +74,16 @@ TORCH_LIBRARY(pni_fast, m) {
   // The eager fast path of the Python layer on CPU (csrc/cpu/noisy_cpu.cpp): sigma, the finite
   // checks, a seed (given, or drawn from `generator` / torch's default CPU generator like
   // torch.randint), then perturb / perturb_multi, with a C++ autograd node whose backward is
-  // perturb_alpha_grad(_multi). Not pure (it advances a generator): no tag, no fake kernel;
-  // torch.compile and torch.func use the ops above.
+  // perturb_alpha_grad(_multi). noisy_multi keeps the noise for the backward when the tensors hold
+  // at most save_noise_max elements in all (same results; pni_fast/fused.py sets the limit). Not
+  // pure (it advances a generator): no tag, no fake kernel; torch.compile and torch.func use the
+  // ops above.
   m.def(
       "noisy(Tensor v, Tensor alpha, int offset, int inner, int? seed=None, Generator? generator=None, "
       "str name=\"weight\") -> Tensor");
   m.def(
       "noisy_multi(Tensor[] vs, Tensor[] alphas, int[] offsets, int[] inners, int? seed=None, "
-      "Generator? generator=None, str name=\"weights\") -> Tensor[]");
+      "Generator? generator=None, str name=\"weights\", int save_noise_max=0) -> Tensor[]");
   // The SIMD variant the CPU kernels run: "avx512", "avx2" or "generic" (csrc/cpu/isa_cpu.cpp).
   // Not a tensor op: no tags, one kernel for every device.
   m.def("cpu_isa() -> str");

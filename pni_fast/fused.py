@@ -25,9 +25,14 @@ from torch import Tensor
 from . import _ext
 from .autograd import op_overload
 
-__all__ = ["ENABLED", "usable", "multi_dtype_ok", "noisy", "noisy_multi"]
+__all__ = ["ENABLED", "SAVE_NOISE_MAX_ELEMENTS", "usable", "multi_dtype_ok", "noisy", "noisy_multi"]
 
 ENABLED = True
+# noisy_weights keeps the forward's noise for the backward (float32, one value per weight) when all
+# tensors together hold at most this many elements, and regenerates it otherwise: regenerating costs
+# as much as drawing it in the forward, storing costs memory. 4M elements = 16 MB, above every CIFAR
+# ResNet (ResNet-20: 268K weights, ~1 MB); the results are the same bits either way. 0: never store.
+SAVE_NOISE_MAX_ELEMENTS = 1 << 22
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _available: Optional[bool] = None
 
@@ -69,4 +74,5 @@ def noisy(v: Tensor, alpha: Tensor, offset: int, inner: int, seed: Optional[int]
 def noisy_multi(vs: Sequence[Tensor], alphas: Sequence[Tensor], offsets: list[int], inners: list[int],
                 seed: Optional[int], name: str, generator: Optional[torch.Generator]) -> list[Tensor]:
     """The fast path of :func:`pni_fast.functional.noisy_weights` (arguments already checked)."""
-    return op_overload("noisy_multi")(list(vs), list(alphas), offsets, inners, seed, generator, name)
+    return op_overload("noisy_multi")(list(vs), list(alphas), offsets, inners, seed, generator, name,
+                                      SAVE_NOISE_MAX_ELEMENTS)

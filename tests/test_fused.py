@@ -222,3 +222,65 @@ def test_user_tensors_are_not_changed():
     assert out.data_ptr() != w.data_ptr()
     with general_path():
         assert torch.equal(out, pni_fast.noisy_weight(w, a, seed=2))
+
+
+@pytest.mark.parametrize("dtype,adtype,alpha_kind", [
+    (torch.float32, torch.float32, "channelwise"),
+    (torch.float32, torch.float32, "layerwise"),
+    (torch.float32, torch.float32, "elementwise"),
+    (torch.float16, torch.float32, "channelwise"),
+    (torch.bfloat16, torch.bfloat16, "layerwise"),
+])
+def test_stored_noise_backward_equals_regenerated(dtype, adtype, alpha_kind, monkeypatch):
+    """noisy_weights keeps the forward's noise for small models; the alpha gradients are the same bits as
+    regenerating it (SAVE_NOISE_MAX_ELEMENTS=0) and as the general path."""
+    shapes = [(16, 3, 3, 3), (16, 16, 3, 3), (64, 32, 3, 3), (10, 64)]  # 64x32x3x3: several reduction items
+    ws0 = [torch.randn(s).to(dtype) for s in shapes]
+
+    def alpha_for(s):
+        if alpha_kind == "layerwise":
+            return torch.tensor([0.3])
+        if alpha_kind == "channelwise":
+            return torch.rand(s[0], *([1] * (len(s) - 1))) * 0.4
+        return torch.rand(s) * 0.4
+
+    as0 = [alpha_for(s).to(adtype) for s in shapes]
+    gs = [torch.randn(s).to(dtype) for s in shapes]
+
+    def run():
+        ws = [w.clone().requires_grad_() for w in ws0]
+        als = [a.clone().requires_grad_() for a in as0]
+        outs = pni_fast.noisy_weights(ws, als, seed=17)
+        torch.autograd.backward(outs, gs)
+        return [o.detach() for o in outs] + [a.grad for a in als] + [w.grad for w in ws]
+
+    monkeypatch.setattr(fused, "SAVE_NOISE_MAX_ELEMENTS", 1 << 22)
+    stored = run()
+    monkeypatch.setattr(fused, "SAVE_NOISE_MAX_ELEMENTS", 0)
+    regenerated = run()
+    with general_path():
+        general = run()
+    for s, r, g in zip(stored, regenerated, general):
+        assert torch.equal(s, r) and torch.equal(s, g)
+
+
+def test_stored_noise_with_create_graph_and_unused_outputs(monkeypatch):
+    monkeypatch.setattr(fused, "SAVE_NOISE_MAX_ELEMENTS", 1 << 22)
+    ws0 = [torch.randn(8, 3, 3, 3), torch.randn(5, 8)]
+    as0 = [torch.rand(8, 1, 1, 1), torch.tensor([0.2])]
+
+    def run():
+        ws = [w.clone().requires_grad_() for w in ws0]
+        als = [a.clone().requires_grad_() for a in as0]
+        outs = pni_fast.noisy_weights(ws, als, seed=3)
+        loss = (outs[0] * ws[0]).sum()  # outs[1] unused: zero gradient for alpha 1
+        ga = torch.autograd.grad(loss, als, create_graph=True)
+        (gw,) = torch.autograd.grad(ga[0].square().sum(), ws[0])
+        return [g.detach() for g in ga] + [gw]
+
+    fast = run()
+    with general_path():
+        slow = run()
+    for f, s in zip(fast, slow):
+        assert torch.equal(f, s)
+    assert torch.equal(fast[1], torch.zeros(1)) and fast[2].abs().sum() > 0

@@ -21,6 +21,8 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include "perturb_cpu.h"
+
 #include <cmath>
 #include <cstdint>
 #include <mutex>
@@ -100,9 +102,10 @@ struct FwdMulti {
   int64_t seed;
 };
 
+// `noise`: when not nullptr, also return the noise drawn (for a backward that reads it back).
 FwdMulti noisy_multi_impl(at::TensorList vs, at::TensorList alphas, at::IntArrayRef offsets, at::IntArrayRef inners,
                           std::optional<int64_t> seed, const std::optional<at::Generator>& generator,
-                          c10::string_view name) {
+                          c10::string_view name, std::vector<Tensor>* noise = nullptr) {
   static const auto sigma_multi_op =
       c10::Dispatcher::singleton().findSchemaOrThrow("pni_fast::sigma_multi", "").typed<Tensor(at::TensorList)>();
   static const auto perturb_multi_op =
@@ -119,7 +122,8 @@ FwdMulti noisy_multi_impl(at::TensorList vs, at::TensorList alphas, at::IntArray
   const int64_t s = seed.has_value() ? *seed : draw_seed(generator);
   std::vector<Tensor> sigma_list = sigmas.unbind(0);
   std::vector<Tensor> outs =
-      perturb_multi_op.call(vs, alphas, sigma_list, c10::SymInt(s), offsets, inners, std::nullopt);
+      noise != nullptr ? cpu::perturb_multi_keeping_noise(vs, alphas, sigma_list, s, offsets, inners, *noise)
+                       : perturb_multi_op.call(vs, alphas, sigma_list, c10::SymInt(s), offsets, inners, std::nullopt);
   return {std::move(outs), std::move(sigma_list), s};
 }
 
@@ -179,15 +183,20 @@ struct NoisyFunction : public torch::autograd::Function<NoisyFunction> {
   }
 };
 
+// Small models keep the forward's noise for the backward (one float32 per weight: ~1 MB for a CIFAR
+// ResNet-20) instead of regenerating it, which costs as much as the forward's noise; the same bits
+// either way. Large ones (more than save_noise_max elements) store nothing.
 struct NoisyMultiFunction : public torch::autograd::Function<NoisyMultiFunction> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, at::TensorList vs,
                                                 at::TensorList alphas, at::IntArrayRef offsets, at::IntArrayRef inners,
                                                 std::optional<int64_t> seed,
                                                 const std::optional<at::Generator>& generator,
-                                                c10::string_view name) {
-    FwdMulti r = noisy_multi_impl(vs, alphas, offsets, inners, seed, generator, name);
+                                                c10::string_view name, bool keep_noise) {
+    std::vector<Tensor> noise;
+    FwdMulti r = noisy_multi_impl(vs, alphas, offsets, inners, seed, generator, name, keep_noise ? &noise : nullptr);
     std::vector<Tensor> to_save(alphas.begin(), alphas.end());
     to_save.insert(to_save.end(), r.sigmas.begin(), r.sigmas.end());
+    to_save.insert(to_save.end(), noise.begin(), noise.end());
     ctx->save_for_backward(std::move(to_save));
     ctx->saved_data["seed"] = r.seed;
     ctx->saved_data["offsets"] = offsets.vec();
@@ -204,7 +213,7 @@ struct NoisyMultiFunction : public torch::autograd::Function<NoisyMultiFunction>
     for (const Tensor& g : grads) {
       gs.push_back(g.contiguous());  // undefined grads were materialized as zeros
     }
-    torch::autograd::variable_list out(2 * n + 5);
+    torch::autograd::variable_list out(2 * n + 6);
     bool any_alpha = false;
     for (size_t k = 0; k < n; ++k) {
       if (ctx->needs_input_grad(k)) {
@@ -214,10 +223,16 @@ struct NoisyMultiFunction : public torch::autograd::Function<NoisyMultiFunction>
     }
     if (any_alpha) {
       const std::vector<Tensor> alphas(saved.begin(), saved.begin() + n);
-      const std::vector<Tensor> sigmas(saved.begin() + n, saved.end());
-      std::vector<Tensor> ga = alpha_grad_multi(gs, alphas, sigmas, ctx->saved_data["seed"].toInt(),
-                                                ctx->saved_data["offsets"].toIntVector(),
-                                                ctx->saved_data["inners"].toIntVector());
+      const std::vector<Tensor> sigmas(saved.begin() + n, saved.begin() + 2 * n);
+      const std::vector<int64_t> inners = ctx->saved_data["inners"].toIntVector();
+      std::vector<Tensor> ga;
+      if (saved.size() == 3 * n && !at::GradMode::is_enabled()) {  // the stored noise (create_graph: the op)
+        const std::vector<Tensor> noise(saved.begin() + 2 * n, saved.end());
+        ga = cpu::alpha_grad_multi_from_noise(gs, alphas, sigmas, inners, noise);
+      } else {
+        ga = alpha_grad_multi(gs, alphas, sigmas, ctx->saved_data["seed"].toInt(),
+                              ctx->saved_data["offsets"].toIntVector(), inners);
+      }
       for (size_t k = 0; k < n; ++k) {
         if (ctx->needs_input_grad(n + k)) {
           out[n + k] = ga[k];
@@ -236,7 +251,8 @@ Tensor noisy_cpu(const Tensor& v, const Tensor& alpha, int64_t offset, int64_t i
 
 std::vector<Tensor> noisy_multi_cpu(at::TensorList vs, at::TensorList alphas, at::IntArrayRef offsets,
                                     at::IntArrayRef inners, std::optional<int64_t> seed,
-                                    const std::optional<at::Generator>& generator, c10::string_view name) {
+                                    const std::optional<at::Generator>& generator, c10::string_view name,
+                                    int64_t /*save_noise_max*/) {
   return noisy_multi_impl(vs, alphas, offsets, inners, seed, generator, name).outs;
 }
 
@@ -248,8 +264,16 @@ Tensor noisy_autograd(const Tensor& v, const Tensor& alpha, int64_t offset, int6
 
 std::vector<Tensor> noisy_multi_autograd(at::TensorList vs, at::TensorList alphas, at::IntArrayRef offsets,
                                          at::IntArrayRef inners, std::optional<int64_t> seed,
-                                         const std::optional<at::Generator>& generator, c10::string_view name) {
-  return NoisyMultiFunction::apply(vs, alphas, offsets, inners, seed, generator, name);
+                                         const std::optional<at::Generator>& generator, c10::string_view name,
+                                         int64_t save_noise_max) {
+  bool alpha_grad_wanted = false;
+  int64_t total = 0;
+  for (size_t k = 0; k < vs.size(); ++k) {
+    total += vs[k].numel();
+    alpha_grad_wanted = alpha_grad_wanted || (k < alphas.size() && alphas[k].requires_grad());
+  }
+  const bool keep = at::GradMode::is_enabled() && alpha_grad_wanted && total <= save_noise_max;
+  return NoisyMultiFunction::apply(vs, alphas, offsets, inners, seed, generator, name, keep);
 }
 
 }  // namespace

@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <vector>
@@ -85,7 +86,7 @@ void apply_block(const scalar_t* PNI_RESTRICT v, const opmath_t* PNI_RESTRICT al
 // float16: blocks converted with F16C (when present) to fp32 and back; same
 // values as the generic path (fp32 math, round-to-nearest-even result).
 void perturb_half(const Tensor& v, const Tensor& alpha_f, const Tensor& sigma, uint64_t seed, uint64_t offset,
-                  int64_t inner_eff, Tensor& out) {
+                  int64_t inner_eff, Tensor& out, float* zout) {
   const float s = read_scalar<float>(sigma);
   const int64_t n = v.numel();
   const int64_t na = alpha_f.numel();
@@ -102,15 +103,20 @@ void perturb_half(const Tensor& v, const Tensor& alpha_f, const Tensor& sigma, u
       const int64_t len = std::min<int64_t>(kBlockElems, n - e0);
       half_to_float(vp + e0, vb, len);
       normal_block(seed, offset + static_cast<uint64_t>(b) * kBlockQuads, z);
+      if (zout != nullptr) {
+        std::memcpy(zout + e0, z, static_cast<size_t>(len) * sizeof(float));
+      }
       apply_block<float, float>(vb, ap, s, z, ob, e0, len, na, inner_eff);
       float_to_half(ob, op + e0, len);
     }
   });
 }
 
-// Forward of checked arguments; (seed, offset) already include rng_state.
+}  // namespace
+
+// Forward of checked arguments (see perturb_cpu.h).
 Tensor perturb_impl(const Tensor& v_in, const Tensor& alpha_in, const Tensor& sigma, uint64_t useed,
-                    uint64_t uoffset, int64_t inner) {
+                    uint64_t uoffset, int64_t inner, float* zout) {
   const Tensor v = v_in.contiguous();
   Tensor out = at::empty(v.sizes(), v.options().memory_format(at::MemoryFormat::Contiguous));
   const int64_t n = v.numel();
@@ -123,7 +129,7 @@ Tensor perturb_impl(const Tensor& v_in, const Tensor& alpha_in, const Tensor& si
   const int64_t inner_eff = na == 1 ? n : inner;
   const int64_t nblocks = (n + kBlockElems - 1) / kBlockElems;
   if (v.scalar_type() == at::kHalf) {
-    perturb_half(v, alpha, sigma, useed, uoffset, inner_eff, out);
+    perturb_half(v, alpha, sigma, useed, uoffset, inner_eff, out, zout);
     return out;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "pni_fast_perturb_cpu", [&] {
@@ -138,6 +144,9 @@ Tensor perturb_impl(const Tensor& v_in, const Tensor& alpha_in, const Tensor& si
         const int64_t e0 = b * kBlockElems;
         const int64_t len = std::min<int64_t>(kBlockElems, n - e0);
         normal_block(useed, uoffset + static_cast<uint64_t>(b) * kBlockQuads, z);
+        if (zout != nullptr) {
+          std::memcpy(zout + e0, z, static_cast<size_t>(len) * sizeof(float));
+        }
         apply_block<scalar_t, opmath_t>(vp + e0, ap, s, z, op + e0, e0, len, na, inner_eff);
       }
     });
@@ -149,8 +158,20 @@ Tensor perturb_impl(const Tensor& v_in, const Tensor& alpha_in, const Tensor& si
 // op entry points
 // ---------------------------------------------------------------------------
 
+namespace {
+
 
 using Impl = Tensor (*)(const Tensor&, const Tensor&, const Tensor&, uint64_t, uint64_t, int64_t);
+
+Tensor perturb_regen(const Tensor& v, const Tensor& alpha, const Tensor& sigma, uint64_t seed, uint64_t offset,
+                     int64_t inner) {
+  return perturb_impl(v, alpha, sigma, seed, offset, inner, nullptr);
+}
+
+Tensor alpha_grad_regen(const Tensor& grad, const Tensor& alpha, const Tensor& sigma, uint64_t seed, uint64_t offset,
+                        int64_t inner) {
+  return alpha_grad_impl(grad, alpha, sigma, seed, offset, inner, nullptr);
+}
 
 // perturb / perturb_alpha_grad: checks, rng_state, then `impl`.
 Tensor single_op(Impl impl, const char* op, const char* vname, const Tensor& v, const Tensor& alpha,
@@ -183,29 +204,68 @@ std::vector<Tensor> multi_op(Impl impl, const char* op, const char* list, const 
 
 Tensor perturb_cpu(const Tensor& v, const Tensor& alpha, const Tensor& sigma, int64_t seed, int64_t offset,
                    int64_t inner, const std::optional<Tensor>& rng_state) {
-  return single_op(&perturb_impl, "perturb", "v", v, alpha, sigma, seed, offset, inner, rng_state);
+  return single_op(&perturb_regen, "perturb", "v", v, alpha, sigma, seed, offset, inner, rng_state);
 }
 
 Tensor perturb_alpha_grad_cpu(const Tensor& grad, const Tensor& alpha, const Tensor& sigma, int64_t seed,
                               int64_t offset, int64_t inner, const std::optional<Tensor>& rng_state) {
-  return single_op(&alpha_grad_impl, "perturb_alpha_grad", "grad", grad, alpha, sigma, seed, offset, inner,
+  return single_op(&alpha_grad_regen, "perturb_alpha_grad", "grad", grad, alpha, sigma, seed, offset, inner,
                    rng_state);
 }
 
 std::vector<Tensor> perturb_multi_cpu(at::TensorList vs, at::TensorList alphas, at::TensorList sigmas, int64_t seed,
                                       at::IntArrayRef offsets, at::IntArrayRef inners,
                                       const std::optional<Tensor>& rng_state) {
-  return multi_op(&perturb_impl, "perturb_multi", "vs", "v", vs, alphas, sigmas, seed, offsets, inners, rng_state);
+  return multi_op(&perturb_regen, "perturb_multi", "vs", "v", vs, alphas, sigmas, seed, offsets, inners, rng_state);
 }
 
 std::vector<Tensor> perturb_alpha_grad_multi_cpu(at::TensorList grads, at::TensorList alphas, at::TensorList sigmas,
                                                  int64_t seed, at::IntArrayRef offsets, at::IntArrayRef inners,
                                                  const std::optional<Tensor>& rng_state) {
-  return multi_op(&alpha_grad_impl, "perturb_alpha_grad_multi", "grads", "grad", grads, alphas, sigmas, seed, offsets,
+  return multi_op(&alpha_grad_regen, "perturb_alpha_grad_multi", "grads", "grad", grads, alphas, sigmas, seed, offsets,
                   inners, rng_state);
 }
 
 }  // namespace
+
+std::vector<Tensor> perturb_multi_keeping_noise(at::TensorList vs, at::TensorList alphas, at::TensorList sigmas,
+                                                int64_t seed, at::IntArrayRef offsets, at::IntArrayRef inners,
+                                                std::vector<Tensor>& noise) {
+  check_multi_lengths("perturb_multi", "vs", vs.size(), alphas.size(), sigmas.size(), offsets.size(), inners.size());
+  const RngBase r = rng_base(std::nullopt, seed, "perturb_multi");
+  std::vector<uint64_t> ctr(vs.size());
+  for (size_t i = 0; i < vs.size(); ++i) {
+    const std::string prefix = list_prefix("vs", i);
+    check_perturb_args(vs[i], alphas[i], sigmas[i], seed, offsets[i], inners[i], "v", prefix);
+    ctr[i] = first_counter(r, offsets[i], vs[i].numel(), prefix);
+  }
+  std::vector<Tensor> outs;
+  outs.reserve(vs.size());
+  noise.clear();
+  noise.reserve(vs.size());
+  for (size_t i = 0; i < vs.size(); ++i) {
+    Tensor z = at::empty({vs[i].numel()}, vs[i].options().dtype(at::kFloat));
+    outs.push_back(perturb_impl(vs[i], alphas[i], sigmas[i], r.seed, ctr[i], inners[i], z.mutable_data_ptr<float>()));
+    noise.push_back(std::move(z));
+  }
+  return outs;
+}
+
+std::vector<Tensor> alpha_grad_multi_from_noise(at::TensorList grads, at::TensorList alphas, at::TensorList sigmas,
+                                                at::IntArrayRef inners, at::TensorList noise) {
+  TORCH_CHECK(grads.size() == noise.size() && alphas.size() == noise.size() && sigmas.size() == noise.size() &&
+                  inners.size() == noise.size(),
+              "alpha_grad_multi_from_noise: one grad, alpha, sigma and inner per noise tensor");
+  std::vector<Tensor> out;
+  out.reserve(grads.size());
+  for (size_t i = 0; i < grads.size(); ++i) {
+    TORCH_CHECK(grads[i].numel() == noise[i].numel() && noise[i].is_contiguous() &&
+                    noise[i].scalar_type() == at::kFloat,
+                "alpha_grad_multi_from_noise: grads[", i, "] does not match its stored noise");
+    out.push_back(alpha_grad_impl(grads[i], alphas[i], sigmas[i], 0, 0, inners[i], noise[i].const_data_ptr<float>()));
+  }
+  return out;
+}
 
 TORCH_LIBRARY_IMPL(pni_fast, CPU, m) {
   m.impl("perturb", &perturb_cpu);

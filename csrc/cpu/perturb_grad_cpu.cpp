@@ -3,7 +3,8 @@
 // The gradient is accumulated in the math dtype (float32, float64 for float64
 // tensors) and returned in alpha's.
 //
-// The same normals as the forward are regenerated and reduced. The work is
+// The same normals as the forward are regenerated (or, for the eager fast
+// path's small models, read from the copy its forward stored) and reduced. The work is
 // cut into items whose boundaries depend only on the tensor's shape, each
 // item writes its own partial sums, and the partials are added in item
 // order, so the result has the same bits for any number of threads.
@@ -55,16 +56,22 @@ acc_t dot_lanes(const scalar_t* PNI_RESTRICT g, const float* PNI_RESTRICT z, int
 
 // Calls fn(e, z_ptr, len) over the element range [e_begin, e_end) with the
 // normals of those elements; pieces never cross a 256-element generation
-// window, whose placement depends only on e_begin.
+// window, whose placement depends only on e_begin. The normals are
+// regenerated, or read from the forward's stored copy: the same pieces either
+// way, so the two give the same bits.
 template <typename Fn>
-void walk_normals(uint64_t seed, uint64_t offset, int64_t e_begin, int64_t e_end, float* zbuf, Fn&& fn) {
+void walk_normals(const NoiseSource& src, int64_t e_begin, int64_t e_end, float* zbuf, Fn&& fn) {
   int64_t e = e_begin;
   while (e < e_end) {
     const int64_t q = e / 4;
     const int64_t shift = e % 4;
     const int64_t len = std::min<int64_t>(e_end - e, kBlockElems - shift);
-    normal_block(seed, offset + static_cast<uint64_t>(q), zbuf);
-    fn(e, zbuf + shift, len);
+    if (src.stored != nullptr) {
+      fn(e, src.stored + e, len);
+    } else {
+      normal_block(src.seed, src.offset + static_cast<uint64_t>(q), zbuf);
+      fn(e, zbuf + shift, len);
+    }
     e += len;
   }
 }
@@ -73,8 +80,7 @@ void walk_normals(uint64_t seed, uint64_t offset, int64_t e_begin, int64_t e_end
 // when alpha has one element). Items are fixed 16K-element ranges; each item
 // stores one partial per run it touches.
 template <typename scalar_t, typename acc_t>
-void alpha_grad_rows(const scalar_t* g, int64_t n, int64_t na, int64_t inner, uint64_t seed, uint64_t offset,
-                     acc_t* gsum) {
+void alpha_grad_rows(const scalar_t* g, int64_t n, int64_t na, int64_t inner, const NoiseSource& src, acc_t* gsum) {
   const int64_t nitems = (n + kItemElems - 1) / kItemElems;
   std::vector<int64_t> first_run(nitems), slot(nitems + 1, 0);
   for (int64_t i = 0; i < nitems; ++i) {
@@ -91,7 +97,7 @@ void alpha_grad_rows(const scalar_t* g, int64_t n, int64_t na, int64_t inner, ui
       const int64_t base_run = first_run[i];
       const int64_t lo = i * kItemElems;
       const int64_t hi = std::min(n, lo + kItemElems);
-      walk_normals(seed, offset, lo, hi, zbuf, [&](int64_t e, const float* z, int64_t len) {
+      walk_normals(src, lo, hi, zbuf, [&](int64_t e, const float* z, int64_t len) {
         auto reduce = [&](const auto* gp) {  // gp[t] is element e + t
           int64_t t = 0;
           while (t < len) {
@@ -127,7 +133,7 @@ void alpha_grad_rows(const scalar_t* g, int64_t n, int64_t na, int64_t inner, ui
 // rectangles chosen from the shape alone; each keeps per-alpha partials for
 // its tile, summed over its rows in order; groups are then added in order.
 template <typename scalar_t, typename acc_t>
-void alpha_grad_columns(const scalar_t* g, int64_t n, int64_t na, int64_t inner, uint64_t seed, uint64_t offset,
+void alpha_grad_columns(const scalar_t* g, int64_t n, int64_t na, int64_t inner, const NoiseSource& src,
                         acc_t* gsum) {
   const int64_t width = na * inner;
   const int64_t rows = n / width;
@@ -181,10 +187,10 @@ void alpha_grad_columns(const scalar_t* g, int64_t n, int64_t na, int64_t inner,
         }
       };
       if (ntiles == 1) {
-        walk_normals(seed, offset, r0 * width, r1 * width, zbuf, consume);
+        walk_normals(src, r0 * width, r1 * width, zbuf, consume);
       } else {
         for (int64_t r = r0; r < r1; ++r) {
-          walk_normals(seed, offset, r * width + k0 * inner, r * width + k1 * inner, zbuf, consume);
+          walk_normals(src, r * width + k0 * inner, r * width + k1 * inner, zbuf, consume);
         }
       }
     }
@@ -206,9 +212,10 @@ void alpha_grad_columns(const scalar_t* g, int64_t n, int64_t na, int64_t inner,
 
 }  // namespace
 
-// Alpha gradient of checked arguments; (seed, offset) already include rng_state.
+// Alpha gradient of checked arguments; (seed, offset) already include rng_state. `stored`: the
+// forward's noise (perturb_impl's zout) for these counters, or nullptr to regenerate it.
 Tensor alpha_grad_impl(const Tensor& grad_in, const Tensor& alpha, const Tensor& sigma, uint64_t useed,
-                       uint64_t uoffset, int64_t inner) {
+                       uint64_t uoffset, int64_t inner, const float* stored) {
   const Tensor grad = grad_in.contiguous();
   const int64_t n = grad.numel();
   const int64_t na = alpha.numel();
@@ -222,12 +229,13 @@ Tensor alpha_grad_impl(const Tensor& grad_in, const Tensor& alpha, const Tensor&
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* gp = grad.const_data_ptr<scalar_t>();
     acc_t* gsum = acc.mutable_data_ptr<acc_t>();
+    const NoiseSource src{useed, uoffset, stored};
     if (na == 1) {
-      alpha_grad_rows<scalar_t, acc_t>(gp, n, 1, n, useed, uoffset, gsum);
+      alpha_grad_rows<scalar_t, acc_t>(gp, n, 1, n, src, gsum);
     } else if (inner >= kMinRowInner) {
-      alpha_grad_rows<scalar_t, acc_t>(gp, n, na, inner, useed, uoffset, gsum);
+      alpha_grad_rows<scalar_t, acc_t>(gp, n, na, inner, src, gsum);
     } else {
-      alpha_grad_columns<scalar_t, acc_t>(gp, n, na, inner, useed, uoffset, gsum);
+      alpha_grad_columns<scalar_t, acc_t>(gp, n, na, inner, src, gsum);
     }
   });
   // times sigma (in the accumulation dtype), then alpha's dtype (float32 alpha: no rounding
