@@ -77,8 +77,10 @@ print(f"sanitize.sh: testing {lib}")
 EOF
 
 set +e
-# the C++ CPU kernel's own tests, and the kernel contract (tests/test_kernels_*.py) for the cpu backend
+# the C++ CPU kernel's own tests, the kernel contract (tests/test_kernels_*.py) for the cpu backend, and the
+# eager fast path (tests/test_fused.py: csrc/cpu/noisy_cpu.cpp, stored noise)
 PNI_TEST_BACKENDS=cpu "$PY" -m pytest -q -p no:cacheprovider "$ROOT/tests/test_cpu_kernel.py" "$ROOT"/tests/test_kernels_*.py \
+  "$ROOT/tests/test_fused.py" \
   "$@" 2>&1 | tee "$WORK/pytest.log"
 rc=${PIPESTATUS[0]}
 set -e
