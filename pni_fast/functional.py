@@ -23,7 +23,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from . import _ext, backends, fused
+from . import _ext, backends, fused, op_checks
 from . import rng as _rng
 from . import ops_torch  # noqa: F401  (registers the pure-PyTorch ops)
 from .autograd import PerturbFn, PerturbMultiFn, apply, call, register_op_autograd
@@ -57,28 +57,43 @@ def _trace_constant(fn):
 
 
 def _register_cpp_fakes() -> None:
-    def words_like(like, seed, offset, rng_state=None, dtype=torch.int32):
+    """Fake kernels of the C++ ops, with the argument checks of the real kernels (pni_fast/op_checks.py)."""
+
+    def words_like(like, seed, offset, rng_state=None, dtype=torch.int32, op="rng_words"):
+        op_checks.check_noise(op, like, seed, offset, rng_state)
         return like.new_empty((4 * (-(-like.numel() // 4)),), dtype=dtype)
 
-    torch.library.register_fake("pni_fast::noise")(
-        lambda like, seed, offset, rng_state=None: like.new_empty(like.shape, dtype=torch.float32)
-    )
+    def noise(like, seed, offset, rng_state=None):
+        op_checks.check_noise("noise", like, seed, offset, rng_state)
+        return like.new_empty(like.shape, dtype=torch.float32)
+
+    def perturb(v, alpha, sigma, seed, offset, inner, rng_state=None):
+        op_checks.check_perturb("perturb", "v", v, alpha, sigma, seed, offset, inner, rng_state)
+        return v.new_empty(v.shape)
+
+    def alpha_grad(grad, alpha, sigma, seed, offset, inner, rng_state=None):
+        op_checks.check_perturb("perturb_alpha_grad", "grad", grad, alpha, sigma, seed, offset, inner, rng_state)
+        return alpha.new_empty(alpha.shape)
+
+    def perturb_multi(vs, alphas, sigmas, seed, offsets, inners, rng_state=None):
+        op_checks.check_perturb_multi("perturb_multi", "v", vs, alphas, sigmas, seed, offsets, inners, rng_state)
+        return [v.new_empty(v.shape) for v in vs]
+
+    def alpha_grad_multi(grads, alphas, sigmas, seed, offsets, inners, rng_state=None):
+        op_checks.check_perturb_multi("perturb_alpha_grad_multi", "grad", grads, alphas, sigmas, seed, offsets,
+                                      inners, rng_state)
+        return [a.new_empty(a.shape) for a in alphas]
+
+    torch.library.register_fake("pni_fast::noise")(noise)
     torch.library.register_fake("pni_fast::rng_words")(words_like)
     torch.library.register_fake("pni_fast::rng_uniform")(
-        lambda like, seed, offset, rng_state=None: words_like(like, seed, offset, dtype=torch.float32)
+        lambda like, seed, offset, rng_state=None: words_like(like, seed, offset, rng_state, torch.float32,
+                                                              "rng_uniform")
     )
-    torch.library.register_fake("pni_fast::perturb")(
-        lambda v, alpha, sigma, seed, offset, inner, rng_state=None: v.new_empty(v.shape)
-    )
-    torch.library.register_fake("pni_fast::perturb_alpha_grad")(
-        lambda grad, alpha, sigma, seed, offset, inner, rng_state=None: alpha.new_empty(alpha.shape)
-    )
-    torch.library.register_fake("pni_fast::perturb_multi")(
-        lambda vs, alphas, sigmas, seed, offsets, inners, rng_state=None: [v.new_empty(v.shape) for v in vs]
-    )
-    torch.library.register_fake("pni_fast::perturb_alpha_grad_multi")(
-        lambda grads, alphas, sigmas, seed, offsets, inners, rng_state=None: [a.new_empty(a.shape) for a in alphas]
-    )
+    torch.library.register_fake("pni_fast::perturb")(perturb)
+    torch.library.register_fake("pni_fast::perturb_alpha_grad")(alpha_grad)
+    torch.library.register_fake("pni_fast::perturb_multi")(perturb_multi)
+    torch.library.register_fake("pni_fast::perturb_alpha_grad_multi")(alpha_grad_multi)
 
 
 def _ensure_registered(backend: str) -> None:

@@ -37,9 +37,8 @@ for _name, _ok in (("cpu", HAS_CPP), ("triton", HAS_TRITON)):
     if _ok:  # the first call through a backend registers its ops' fake kernels and autograd
         pni_fast.randn(4, seed=1, backend=_name)
 
-# The fake kernels of the C++ ops are registered by pni_fast.functional (_register_cpp_fakes) and do not
-# run op_checks yet (issue 15 item 2 moves them); until they do, their bad-input cases are strict xfails.
-CPP_FAKES_CHECK = False
+# The fake kernels of the C++ ops are registered by pni_fast.functional (_register_cpp_fakes) and run op_checks.
+CPP_FAKES_CHECK = True
 
 
 @dataclass(frozen=True)
@@ -274,11 +273,6 @@ def _params():
                 if backend.name == "cpp-fake" and case.rule and not CPP_FAKES_CHECK:
                     marks.append(pytest.mark.xfail(strict=True, reason="the C++ ops' fake kernels (functional.py) "
                                                    "do not call op_checks yet"))
-                if backend.name == "cpp" and case.rule in ("state_offset", "state_counter_limit"):
-                    marks.append(pytest.mark.xfail(
-                        strict=True, raises=AssertionError,
-                        reason="csrc/cpu/rng_state.h first_counter raises RuntimeError (TORCH_CHECK) with these words; "
-                               "it should call check_state_counter from csrc/checks.h (ValueError)"))
                 yield pytest.param(backend, case, op, id=f"{backend.name}-{op}-{case.name}", marks=marks)
 
 

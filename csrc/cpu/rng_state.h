@@ -27,23 +27,16 @@ inline RngBase rng_base(const std::optional<Tensor>& rng_state, int64_t seed, co
   if (!rng_state.has_value()) {
     return {static_cast<uint64_t>(seed), 0};
   }
-  check_rng_state(rng_state, at::Device(at::kCPU), op);
+  check_rng_state(rng_state, at::Device(at::kCPU), op);  // also range-checks the two values (a CPU state)
   const int64_t* st = rng_state->const_data_ptr<int64_t>();
-  TORCH_CHECK(st[0] >= 0, op, ": rng_state[0] (the seed) must be in [0, 2^63), got ", st[0]);
-  TORCH_CHECK(st[1] >= 0, op, ": rng_state[1] (the counter base) must be >= 0, got ", st[1]);
   return {static_cast<uint64_t>(st[0]), st[1]};
 }
 
 // First Philox counter of a tensor of n elements at `offset` (already checked >= 0):
-// base + offset, with base + offset + ceil(n / 4) < 2^63.
+// base + offset, with base + offset + ceil(n / 4) < 2^63 (checks.h: one rule, one message).
 inline uint64_t first_counter(const RngBase& r, int64_t offset, int64_t n, const std::string& prefix = "") {
-  TORCH_CHECK(offset <= INT64_MAX - r.base, prefix, "rng_state[1] + offset must be < 2^63, got rng_state[1]=",
-              r.base, ", offset=", offset);
-  const int64_t ctr = r.base + offset;
-  TORCH_CHECK(ctr <= INT64_MAX - num_quads(n), prefix,
-              "rng_state[1] + offset + ceil(numel / 4) must be < 2^63, got rng_state[1]=", r.base,
-              ", offset=", offset, ", numel=", n);
-  return static_cast<uint64_t>(ctr);
+  check_state_counter(r.base, offset, n, prefix);
+  return static_cast<uint64_t>(r.base + offset);
 }
 
 }  // namespace cpu
