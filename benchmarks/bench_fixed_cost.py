@@ -16,6 +16,7 @@ argument checks, backend choice, sigma, seed draw, the dispatcher, autograd. Thi
 
 Layerwise alpha (one element), fp32, weights and alpha requiring grad as in training.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,7 +82,11 @@ def _public_fns(w: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> dict[str, 
 # and on GPU), broken into its pieces.
 PIECES = [
     ("pni_fast", "forward total", "pni_fast.noisy_weight(w, a) (w, a require grad)"),
-    ("pni_fast", "  of which fused op, no grad", "torch.ops.pni_fast.noisy(w, a, ...) on detached w, a (fast path only)"),
+    (
+        "pni_fast",
+        "  of which fused op, no grad",
+        "torch.ops.pni_fast.noisy(w, a, ...) on detached w, a (fast path only)",
+    ),
     ("pni_fast", "  of which Python", "forward total minus the fused op with its autograd node (checks, dispatch)"),
     ("pni_fast", "backward total", "autograd.grad(noisy_weight(w, a), (w, a), g) minus forward total"),
     ("pni_fast forward", "argument checks", "_check_tensor + _check_alpha + _weight_inner"),
@@ -139,6 +144,7 @@ def _piece_fns(w: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> tuple[dict[
                 return fn()
             finally:
                 fused.ENABLED = True
+
         return run
 
     def fused_op(wt: torch.Tensor, at: torch.Tensor) -> Callable:
@@ -169,8 +175,9 @@ def _piece_fns(w: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> tuple[dict[
         ("pni_fast forward", "  of which draw_seed"): rng.draw_seed,
         ("pni_fast forward", "op"): lambda: perturb_op(wd, ad, sigma, seed, 0, inner),
         ("pni_fast forward", "  of which kernel"): below_autograd,
-        ("pni_fast forward", "autograd+op"): lambda: pag.apply(pag.PerturbFn, w, a, sigma, seed, 0, inner, None,
-                                                               chosen),
+        ("pni_fast forward", "autograd+op"): lambda: pag.apply(
+            pag.PerturbFn, w, a, sigma, seed, 0, inner, None, chosen
+        ),
         ("pni_fast", "forward total"): lambda: pni_fast.noisy_weight(w, a),
         ("pni_fast", "fwd_bwd"): lambda: torch.autograd.grad(pni_fast.noisy_weight(w, a), (w, a), g),
         ("pni_fast", "fused op, grad"): fused_op(w, a),
@@ -186,8 +193,9 @@ def _piece_fns(w: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> tuple[dict[
     return fns, f"{chosen} ({be.perturb}, {be.alpha_grad})"
 
 
-def _breakdown(fns: dict[tuple[str, str], Callable], blocks: int, target_s: float,
-               sync: Callable[[], None]) -> dict[tuple[str, str], dict[str, Any]]:
+def _breakdown(
+    fns: dict[tuple[str, str], Callable], blocks: int, target_s: float, sync: Callable[[], None]
+) -> dict[tuple[str, str], dict[str, Any]]:
     """Time the pieces interleaved (one block each per round, ``blocks`` rounds, so a load drift hits all
     alike), then derive autograd / rest / backward rows (medians in us, wall and CPU)."""
     wall, cpu, ns = loops.interleaved(fns, rounds=blocks, target_s=target_s, sync=sync)
@@ -226,9 +234,17 @@ def run(
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Side-by-side ratios and the per-piece breakdown at every size; returns ``(meta, records)``."""
     env = common.environment(device)
-    meta = dict(env, benchmark="fixed_cost", sizes=list(sizes), rounds=rounds, block_target_s=target_s,
-                breakdown_blocks=blocks, alpha="layerwise", dtype="fp32",
-                ratio="reference time / pni_fast time per round, median of rounds (>= 1: pni_fast faster)")
+    meta = dict(
+        env,
+        benchmark="fixed_cost",
+        sizes=list(sizes),
+        rounds=rounds,
+        block_target_s=target_s,
+        breakdown_blocks=blocks,
+        alpha="layerwise",
+        dtype="fp32",
+        ratio="reference time / pni_fast time per round, median of rounds (>= 1: pni_fast faster)",
+    )
     base = {k: env[k] for k in ("device", "device_slug", "torch", "threads")}
     sync = _sync_for(device)
     records: list[dict[str, Any]] = []
@@ -247,12 +263,20 @@ def run(
                     rec[f"{name}_rounds_us"] = [t * 1e6 for t in times[name]]
                     rec[f"{name}_rounds_cpu_us"] = [t * 1e6 for t in cpu[name]]
                     rec[f"{name}_calls_per_block"] = ns[name]
-                rec.update(status="ok", ratio=ratio["median"], ratio_min=ratio["min"], ratio_max=ratio["max"],
-                           cpu_ratio=cpu_ratio["median"], cpu_ratio_min=cpu_ratio["min"],
-                           cpu_ratio_max=cpu_ratio["max"])
-                log(f"[fixed] {numel:>6} {mode:<8} pni_fast {rec['pni_fast_us']:8.2f} us  reference "
+                rec.update(
+                    status="ok",
+                    ratio=ratio["median"],
+                    ratio_min=ratio["min"],
+                    ratio_max=ratio["max"],
+                    cpu_ratio=cpu_ratio["median"],
+                    cpu_ratio_min=cpu_ratio["min"],
+                    cpu_ratio_max=cpu_ratio["max"],
+                )
+                log(
+                    f"[fixed] {numel:>6} {mode:<8} pni_fast {rec['pni_fast_us']:8.2f} us  reference "
                     f"{rec['reference_us']:8.2f} us  ratio {rec['ratio']:.2f}x (CPU time: {rec['pni_fast_cpu_us']:.2f} "
-                    f"vs {rec['reference_cpu_us']:.2f} us, {rec['cpu_ratio']:.2f}x)")
+                    f"vs {rec['reference_cpu_us']:.2f} us, {rec['cpu_ratio']:.2f}x)"
+                )
             except Exception as exc:  # reported, not hidden
                 rec.update(status="error", reason=f"{type(exc).__name__}: {exc}"[:300])
                 log(f"[fixed] {numel} {mode}: {rec['reason']}")
@@ -262,14 +286,36 @@ def run(
             pieces = _breakdown(fns, blocks, target_s, sync)
             for group, piece, code in PIECES:
                 stats = pieces[(group, piece)]
-                records.append(dict(base, kind="breakdown", numel=numel, shape=shape, group=group, piece=piece,
-                                    code=code, backend=backend, status="ok", **stats))
+                records.append(
+                    dict(
+                        base,
+                        kind="breakdown",
+                        numel=numel,
+                        shape=shape,
+                        group=group,
+                        piece=piece,
+                        code=code,
+                        backend=backend,
+                        status="ok",
+                        **stats,
+                    )
+                )
             f = pieces[("pni_fast", "forward total")]
-            log(f"[fixed] {numel:>6} breakdown: pni_fast forward {f['median_us']:.2f} us wall, "
-                f"{f['cpu_median_us']:.2f} us CPU, backend {backend}")
+            log(
+                f"[fixed] {numel:>6} breakdown: pni_fast forward {f['median_us']:.2f} us wall, "
+                f"{f['cpu_median_us']:.2f} us CPU, backend {backend}"
+            )
         except Exception as exc:
-            records.append(dict(base, kind="breakdown", numel=numel, shape=shape, status="error",
-                                reason=f"{type(exc).__name__}: {exc}"[:300]))
+            records.append(
+                dict(
+                    base,
+                    kind="breakdown",
+                    numel=numel,
+                    shape=shape,
+                    status="error",
+                    reason=f"{type(exc).__name__}: {exc}"[:300],
+                )
+            )
             log(f"[fixed] {numel} breakdown: {records[-1]['reason']}")
     meta["load_avg_end_1_5_15"] = common.load_average()
     return meta, records
@@ -280,11 +326,17 @@ def _spread(r: dict[str, Any], key: str) -> Optional[str]:
 
 
 def markdown(meta: dict[str, Any], records: list[dict[str, Any]], command: str) -> str:
-    comp = [dict(r, shape_text="x".join(map(str, r["shape"])), spread=_spread(r, "ratio"),
-                 cpu_spread=_spread(r, "cpu_ratio")) for r in records if r["kind"] == "compare"]
+    comp = [
+        dict(
+            r, shape_text="x".join(map(str, r["shape"])), spread=_spread(r, "ratio"), cpu_spread=_spread(r, "cpu_ratio")
+        )
+        for r in records
+        if r["kind"] == "compare"
+    ]
     sizes = list(meta["sizes"])
-    pieces = {(r["numel"], r["group"], r["piece"]): r for r in records
-              if r["kind"] == "breakdown" and r["status"] == "ok"}
+    pieces = {
+        (r["numel"], r["group"], r["piece"]): r for r in records if r["kind"] == "breakdown" and r["status"] == "ok"
+    }
     backend = next((r["backend"] for r in records if r["kind"] == "breakdown" and r.get("backend")), "-")
 
     def table(stat: str) -> str:
@@ -315,11 +367,22 @@ def markdown(meta: dict[str, Any], records: list[dict[str, Any]], command: str) 
         "Wall time is what a caller waits; CPU time (`time.process_time`) leaves out the time this process "
         "waited for a core, so it is the figure to trust when the load average is high.",
         "",
-        common.markdown_table(comp, [("numel", "elements"), ("shape_text", "shape"), ("mode", "pass"),
-                                     ("pni_fast_us", "pni_fast us"), ("reference_us", "reference us"),
-                                     ("ratio", "ratio (x)"), ("spread", "ratio min-max"),
-                                     ("pni_fast_cpu_us", "pni_fast CPU us"), ("reference_cpu_us", "reference CPU us"),
-                                     ("cpu_ratio", "CPU-time ratio (x)"), ("cpu_spread", "CPU ratio min-max")]),
+        common.markdown_table(
+            comp,
+            [
+                ("numel", "elements"),
+                ("shape_text", "shape"),
+                ("mode", "pass"),
+                ("pni_fast_us", "pni_fast us"),
+                ("reference_us", "reference us"),
+                ("ratio", "ratio (x)"),
+                ("spread", "ratio min-max"),
+                ("pni_fast_cpu_us", "pni_fast CPU us"),
+                ("reference_cpu_us", "reference CPU us"),
+                ("cpu_ratio", "CPU-time ratio (x)"),
+                ("cpu_spread", "CPU ratio min-max"),
+            ],
+        ),
         "",
         f"### Where the time goes: CPU time, us per call (median of {meta['breakdown_blocks']} tight-loop blocks, "
         f"pieces interleaved; backend {backend})",
@@ -358,8 +421,12 @@ def _sizes(text: str) -> tuple[int, ...]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--fixed-sizes", type=_sizes, default=None,
-                   help="weight sizes for the fixed-cost benchmark (default 432,2304,9216,36864; 432 with --quick)")
+    p.add_argument(
+        "--fixed-sizes",
+        type=_sizes,
+        default=None,
+        help="weight sizes for the fixed-cost benchmark (default 432,2304,9216,36864; 432 with --quick)",
+    )
     p.add_argument("--fixed-rounds", type=int, default=None, help="side-by-side rounds (default 9; 2 with --quick)")
 
 
@@ -367,8 +434,12 @@ def options(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     rounds = args.fixed_rounds or (2 if args.quick else 9)
     if rounds < 1:
         raise ValueError(f"--fixed-rounds must be >= 1, got {rounds}")
-    return dict(sizes=args.fixed_sizes or (QUICK_SIZES if args.quick else SIZES), rounds=rounds,
-                target_s=0.002 if args.quick else 0.02, blocks=2 if args.quick else 7)
+    return dict(
+        sizes=args.fixed_sizes or (QUICK_SIZES if args.quick else SIZES),
+        rounds=rounds,
+        target_s=0.002 if args.quick else 0.02,
+        blocks=2 if args.quick else 7,
+    )
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -22,6 +22,7 @@ Within a scenario the models run interleaved: each round times every model once 
 and a model's ratio to plain is its time / plain's time in the same round; the table gives the
 median over rounds (wall time, and CPU time of the process as the load-robust complement).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,7 @@ if __package__ in (None, ""):
 from benchmarks import common, loops  # noqa: E402
 from benchmarks.bench_train import _to_fresh_weight, _to_reference, pgd_train_step  # noqa: E402
 
-__all__ = ["MODELS", "SCENARIOS", "build_model", "run", "markdown", "write_outputs", "add_arguments", "options",
-           "main"]
+__all__ = ["MODELS", "SCENARIOS", "build_model", "run", "markdown", "write_outputs", "add_arguments", "options", "main"]
 
 MODELS = ("plain", "plain-fresh-weight", "reference", "pni_fast", "pni_fast-general", "pni_fast-per-layer")
 PNI = "channelwise"
@@ -98,6 +98,7 @@ def _general_path(fn: Callable[[], Any]) -> Callable[[], Any]:
 
 def _step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, pgd_steps: Optional[int]) -> Callable[[], Any]:
     if pgd_steps is None:
+
         def fwd_bwd() -> None:
             model.zero_grad(set_to_none=True)
             F.cross_entropy(model(x), y).backward()
@@ -116,10 +117,17 @@ def run(
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Every scenario, models interleaved in rounds; returns ``(meta, records)``."""
     env = common.environment(device)
-    meta = dict(env, benchmark="model_step", model="resnet20", pni=PNI, models=list(models), scenarios=scenarios,
-                ratio_to_plain="time / plain time in the same round, median of rounds (> 1: slower than plain)",
-                speedup_vs_reference="reference time / this time in the same round, median of rounds "
-                                     "(>= 1: faster than the reference layers)")
+    meta = dict(
+        env,
+        benchmark="model_step",
+        model="resnet20",
+        pni=PNI,
+        models=list(models),
+        scenarios=scenarios,
+        ratio_to_plain="time / plain time in the same round, median of rounds (> 1: slower than plain)",
+        speedup_vs_reference="reference time / this time in the same round, median of rounds "
+        "(>= 1: faster than the reference layers)",
+    )
     base = {k: env[k] for k in ("device", "device_slug", "torch", "cuda")}
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     old_threads = torch.get_num_threads()
@@ -141,24 +149,36 @@ def run(
                 except Exception as exc:  # reported, not hidden
                     errors[name] = f"{type(exc).__name__}: {exc}"[:300]
             load = common.load_average()
-            log(f"[model] {scen}: batch {cfg['batch']}, {cfg['threads']} threads, {cfg['rounds']} rounds, "
-                f"load {load}")
+            log(f"[model] {scen}: batch {cfg['batch']}, {cfg['threads']} threads, {cfg['rounds']} rounds, load {load}")
             try:
                 wall, cpu, ns = loops.interleaved(fns, rounds=cfg["rounds"], target_s=cfg["target_s"], sync=sync)
             except Exception as exc:
                 wall, cpu, ns = {}, {}, {}
                 errors.update({n: f"{type(exc).__name__}: {exc}"[:300] for n in fns})
             for name in models:
-                rec: dict[str, Any] = dict(base, scenario=scen, model=name, batch=cfg["batch"], threads=cfg["threads"],
-                                           pgd_steps=cfg["pgd_steps"], rounds=cfg["rounds"], load_avg_1_5_15=load)
+                rec: dict[str, Any] = dict(
+                    base,
+                    scenario=scen,
+                    model=name,
+                    batch=cfg["batch"],
+                    threads=cfg["threads"],
+                    pgd_steps=cfg["pgd_steps"],
+                    rounds=cfg["rounds"],
+                    load_avg_1_5_15=load,
+                )
                 if name in errors or name not in wall:
                     rec.update(status="error", reason=errors.get(name, "not measured"))
                     records.append(rec)
                     continue
-                rec.update(status="ok", median_ms=statistics.median(wall[name]) * 1e3,
-                           min_ms=min(wall[name]) * 1e3, cpu_median_ms=statistics.median(cpu[name]) * 1e3,
-                           rounds_ms=[t * 1e3 for t in wall[name]], rounds_cpu_ms=[t * 1e3 for t in cpu[name]],
-                           calls_per_block=ns[name])
+                rec.update(
+                    status="ok",
+                    median_ms=statistics.median(wall[name]) * 1e3,
+                    min_ms=min(wall[name]) * 1e3,
+                    cpu_median_ms=statistics.median(cpu[name]) * 1e3,
+                    rounds_ms=[t * 1e3 for t in wall[name]],
+                    rounds_cpu_ms=[t * 1e3 for t in cpu[name]],
+                    calls_per_block=ns[name],
+                )
                 for key, ref, this_over in (("to_plain", "plain", True), ("vs_reference", "reference", False)):
                     if ref not in wall:
                         continue
@@ -169,8 +189,10 @@ def run(
                         rec[f"{clock}ratio_{key}_min"], rec[f"{clock}ratio_{key}_max"] = r["min"], r["max"]
                 records.append(rec)
                 nan = float("nan")
-                log(f"[model] {scen} {name:<18} {rec['median_ms']:9.2f} ms  x plain "
-                    f"{rec.get('ratio_to_plain', nan):.3f} (CPU {rec.get('cpu_ratio_to_plain', nan):.3f})")
+                log(
+                    f"[model] {scen} {name:<18} {rec['median_ms']:9.2f} ms  x plain "
+                    f"{rec.get('ratio_to_plain', nan):.3f} (CPU {rec.get('cpu_ratio_to_plain', nan):.3f})"
+                )
     finally:
         torch.set_num_threads(old_threads)
     meta["load_avg_end_1_5_15"] = common.load_average()
@@ -178,11 +200,17 @@ def run(
 
 
 COLUMNS = [
-    ("scenario", "scenario"), ("model", "model"), ("median_ms", "ms / step"), ("min_ms", "min ms"),
+    ("scenario", "scenario"),
+    ("model", "model"),
+    ("median_ms", "ms / step"),
+    ("min_ms", "min ms"),
     ("ratio_to_plain", "x plain"),
-    ("plain_spread", "x plain min-max"), ("ratio_vs_reference", "speed-up vs reference"),
-    ("cpu_median_ms", "CPU ms / step"), ("cpu_ratio_to_plain", "CPU x plain"),
-    ("cpu_ratio_vs_reference", "CPU speed-up vs reference"), ("note", "note"),
+    ("plain_spread", "x plain min-max"),
+    ("ratio_vs_reference", "speed-up vs reference"),
+    ("cpu_median_ms", "CPU ms / step"),
+    ("cpu_ratio_to_plain", "CPU x plain"),
+    ("cpu_ratio_vs_reference", "CPU speed-up vs reference"),
+    ("note", "note"),
 ]
 
 
@@ -195,32 +223,42 @@ def markdown(meta: dict[str, Any], records: list[dict[str, Any]], command: str) 
         rows.append(row)
     scen_lines = []
     for name, cfg in meta["scenarios"].items():
-        what = "forward + backward" if cfg["pgd_steps"] is None else (
-            f"PGD-{cfg['pgd_steps']} adversarial-training step ({cfg['pgd_steps']} forward+backward passes w.r.t. "
-            "the input, one training forward+backward, SGD)")
+        what = (
+            "forward + backward"
+            if cfg["pgd_steps"] is None
+            else (
+                f"PGD-{cfg['pgd_steps']} adversarial-training step ({cfg['pgd_steps']} forward+backward passes w.r.t. "
+                "the input, one training forward+backward, SGD)"
+            )
+        )
         loads = {str(r["load_avg_1_5_15"]) for r in records if r["scenario"] == name}
-        scen_lines.append(f"- `{name}`: {what}, batch {cfg['batch']}, {cfg['threads']} thread(s), median of "
-                          f"{cfg['rounds']} rounds; load average at its start {', '.join(sorted(loads))}")
-    return "\n".join([
-        f"## Whole-model step: CIFAR ResNet-20, {meta['device']}",
-        "",
-        f"Command: `{command}`  ",
-        f"torch {meta['torch']}, CUDA {meta['cuda']}{common.driver_text(meta)}, {meta['date_utc']}, "
-        f"commit {meta['git_commit']}  ",
-        f"Load average (1/5/15 min): {meta['load_avg_1_5_15']} at start, {meta.get('load_avg_end_1_5_15')} at end "
-        f"({meta['cpu_count']} CPUs)  ",
-        f"Noise on the weights of all 20 conv/linear layers, {meta['pni']} alpha. Models interleaved in rounds (order "
-        "rotated each round): **x plain = time / plain's time in the same round** (> 1: slower than plain), "
-        "**speed-up vs reference = reference time / this time** (>= 1: faster than the original PNI layers); "
-        "medians over rounds; `min ms` is the least disturbed round. CPU = `time.process_time` of the process "
-        "(all threads): it leaves out time spent waiting for a core on a loaded machine, but counts OpenMP "
-        "threads spinning while they wait for a descheduled peer (2 threads on a loaded 2-core machine).",
-        "",
-        *scen_lines,
-        "",
-        common.markdown_table(rows, COLUMNS),
-        "",
-    ])
+        scen_lines.append(
+            f"- `{name}`: {what}, batch {cfg['batch']}, {cfg['threads']} thread(s), median of "
+            f"{cfg['rounds']} rounds; load average at its start {', '.join(sorted(loads))}"
+        )
+    return "\n".join(
+        [
+            f"## Whole-model step: CIFAR ResNet-20, {meta['device']}",
+            "",
+            f"Command: `{command}`  ",
+            f"torch {meta['torch']}, CUDA {meta['cuda']}{common.driver_text(meta)}, {meta['date_utc']}, "
+            f"commit {meta['git_commit']}  ",
+            f"Load average (1/5/15 min): {meta['load_avg_1_5_15']} at start, {meta.get('load_avg_end_1_5_15')} at end "
+            f"({meta['cpu_count']} CPUs)  ",
+            f"Noise on the weights of all 20 conv/linear layers, {meta['pni']} alpha. Models interleaved in rounds "
+            "(order "
+            "rotated each round): **x plain = time / plain's time in the same round** (> 1: slower than plain), "
+            "**speed-up vs reference = reference time / this time** (>= 1: faster than the original PNI layers); "
+            "medians over rounds; `min ms` is the least disturbed round. CPU = `time.process_time` of the process "
+            "(all threads): it leaves out time spent waiting for a core on a loaded machine, but counts OpenMP "
+            "threads spinning while they wait for a descheduled peer (2 threads on a loaded 2-core machine).",
+            "",
+            *scen_lines,
+            "",
+            common.markdown_table(rows, COLUMNS),
+            "",
+        ]
+    )
 
 
 def write_outputs(out_dir: Path, meta: dict[str, Any], records: list[dict[str, Any]], command: str) -> None:
@@ -230,10 +268,18 @@ def write_outputs(out_dir: Path, meta: dict[str, Any], records: list[dict[str, A
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model-rounds", type=int, default=None,
-                   help="rounds per whole-model scenario (default 15 fwd_bwd, 9 pgd_train; 1 with --quick)")
-    p.add_argument("--model-threads", type=int, default=None,
-                   help="thread count for every whole-model scenario (default: 1 for fwd_bwd, 2 for pgd_train)")
+    p.add_argument(
+        "--model-rounds",
+        type=int,
+        default=None,
+        help="rounds per whole-model scenario (default 15 fwd_bwd, 9 pgd_train; 1 with --quick)",
+    )
+    p.add_argument(
+        "--model-threads",
+        type=int,
+        default=None,
+        help="thread count for every whole-model scenario (default: 1 for fwd_bwd, 2 for pgd_train)",
+    )
 
 
 def options(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:

@@ -18,6 +18,7 @@ stored noise are NOT counted, so GB/s compares providers on the same work and eq
 Inputs require grad in every mode (a training forward builds the graph and saves what
 backward needs); gradients come from ``torch.autograd.grad`` so nothing accumulates into ``.grad``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,9 +33,10 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "99")  # the CPU memory profiler's sta
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -261,12 +263,15 @@ class Providers:
             if case.kind == "weight":
                 eager = self.reference.compile_friendly_noisy_weight
                 if retained:
+
                     def target(v: torch.Tensor, a: torch.Tensor, inner: int) -> torch.Tensor:
                         return eager(v, a)
                 else:
+
                     def target(v: torch.Tensor, a: torch.Tensor, inner: int) -> torch.Tensor:  # type: ignore[misc]
                         return eager(v, a)
             elif retained:
+
                 def target(v: torch.Tensor, a: torch.Tensor, inner: int) -> torch.Tensor:  # type: ignore[misc]
                     return _eager_inject(v, a, inner)
             else:
@@ -335,9 +340,20 @@ def _case_fields(case: Case) -> dict[str, Any]:
     }
 
 
-def _measure(rec: dict[str, Any], fn: Callable, case: Case, v: torch.Tensor, alpha: torch.Tensor,
-             g: torch.Tensor, device: torch.device, min_run_time: float, measure_memory: bool,
-             peak_gbs: Optional[float], itemsize: int, clone_ms: float) -> None:
+def _measure(
+    rec: dict[str, Any],
+    fn: Callable,
+    case: Case,
+    v: torch.Tensor,
+    alpha: torch.Tensor,
+    g: torch.Tensor,
+    device: torch.device,
+    min_run_time: float,
+    measure_memory: bool,
+    peak_gbs: Optional[float],
+    itemsize: int,
+    clone_ms: float,
+) -> None:
     """Time (and measure the memory of) one provider on one case; fills ``rec``."""
     call = _call_for(case, fn, v, alpha, g)
     t0 = time.perf_counter()
@@ -378,8 +394,14 @@ def run(
     env = common.environment(device)
     peak_gbs, peak_src = common.peak_bandwidth(device)
     providers = Providers(device, compile_=compile_, compile_reason=compile_reason, slow_max_numel=slow_max_numel)
-    meta = dict(env, peak_bw_gbs=peak_gbs, peak_bw_source=peak_src, bytes_model=BYTES_MODEL, benchmark="ops",
-                compile_settings=COMPILE_SETTINGS if compile_ else compile_reason)
+    meta = dict(
+        env,
+        peak_bw_gbs=peak_gbs,
+        peak_bw_source=peak_src,
+        bytes_model=BYTES_MODEL,
+        benchmark="ops",
+        compile_settings=COMPILE_SETTINGS if compile_ else compile_reason,
+    )
     base = {k: env[k] for k in ("device", "device_slug", "torch", "cuda", "triton", "date_utc", "threads")}
     base["load_avg_1"] = env["load_avg_1_5_15"][0] if env["load_avg_1_5_15"] else None
     records: list[dict[str, Any]] = []
@@ -428,8 +450,20 @@ def run(
             rec = dict(base, **_case_fields(case), provider=name, clone_ms=clone_ms[ckey])
             try:
                 with providers.measure_context(name, case):
-                    _measure(rec, providers.build(name, case), case, v, alpha, g, device, min_run_time,
-                             measure_memory, peak_gbs, itemsize, clone_ms[ckey])
+                    _measure(
+                        rec,
+                        providers.build(name, case),
+                        case,
+                        v,
+                        alpha,
+                        g,
+                        device,
+                        min_run_time,
+                        measure_memory,
+                        peak_gbs,
+                        itemsize,
+                        clone_ms[ckey],
+                    )
                 if name == "reference":
                     ref_ms = rec["median_ms"]
                 if name == "compile":
@@ -516,15 +550,30 @@ def summary_rows(records: list[dict[str, Any]], dtype: str = "fp32") -> list[dic
     for numel in sorted({r["numel"] for r in sel}):
         clone = next((r for r in sel if r["numel"] == numel and r["provider"] == "torch.clone"), None)
         if clone:
-            rows.append({"numel": numel, "provider": "torch.clone", "fwd_ms": clone["median_ms"],
-                         "fwd_min": clone.get("min_ms"), "fwd_x_clone": 1.0,
-                         "fb_mem_mb": None, "note": ""})
+            rows.append(
+                {
+                    "numel": numel,
+                    "provider": "torch.clone",
+                    "fwd_ms": clone["median_ms"],
+                    "fwd_min": clone.get("min_ms"),
+                    "fwd_x_clone": 1.0,
+                    "fb_mem_mb": None,
+                    "note": "",
+                }
+            )
         names = [p for p in dict.fromkeys(r["provider"] for r in sel) if p != "torch.clone"]
         for name in names:
+
             def get(mode: str) -> Optional[dict[str, Any]]:
                 return next(
-                    (r for r in sel if r["numel"] == numel and r["provider"] == name
-                     and r["alpha_mode"] == "layerwise" and r["mode"] == mode),
+                    (
+                        r
+                        for r in sel
+                        if r["numel"] == numel
+                        and r["provider"] == name
+                        and r["alpha_mode"] == "layerwise"
+                        and r["mode"] == mode
+                    ),
                     None,
                 )
 
@@ -535,10 +584,19 @@ def summary_rows(records: list[dict[str, Any]], dtype: str = "fp32") -> list[dic
             bad = [r for r in (fwd, fb) if r is not None and r["status"] != "ok"]
             row["note"] = f"{bad[0]['status']}: {bad[0]['reason']}" if bad else ""
             if fwd is not None and fwd["status"] == "ok":
-                row.update(fwd_ms=fwd["median_ms"], fwd_min=fwd.get("min_ms"), fwd_speedup=fwd["speedup_vs_reference"], fwd_x_clone=fwd["x_clone"])
+                row.update(
+                    fwd_ms=fwd["median_ms"],
+                    fwd_min=fwd.get("min_ms"),
+                    fwd_speedup=fwd["speedup_vs_reference"],
+                    fwd_x_clone=fwd["x_clone"],
+                )
             if fb is not None and fb["status"] == "ok":
-                row.update(fb_ms=fb["median_ms"], fb_min=fb.get("min_ms"), fb_speedup=fb["speedup_vs_reference"],
-                           fb_vs_compile=fb.get("speedup_vs_compile"))
+                row.update(
+                    fb_ms=fb["median_ms"],
+                    fb_min=fb.get("min_ms"),
+                    fb_speedup=fb["speedup_vs_reference"],
+                    fb_vs_compile=fb.get("speedup_vs_compile"),
+                )
                 if fb.get("peak_mem_bytes") is not None:
                     itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
                     row["fb_mem_mb"] = fb["peak_mem_bytes"] / 2**20
@@ -553,7 +611,8 @@ def markdown(meta: dict[str, Any], records: list[dict[str, Any]], command: str) 
         f"## Op benchmark: {meta['device']}",
         "",
         f"Command: `{command}`  ",
-        f"torch {meta['torch']}, CUDA {meta['cuda']}{common.driver_text(meta)}, triton {meta['triton']}, {meta['threads']} threads, "
+        f"torch {meta['torch']}, CUDA {meta['cuda']}{common.driver_text(meta)}, triton {meta['triton']}, "
+        f"{meta['threads']} threads, "
         f"{meta['date_utc']}, commit {meta['git_commit']}  ",
         f"Load average (1/5/15 min): {meta['load_avg_1_5_15']} at start, {meta.get('load_avg_end_1_5_15')} at end "
         "(the end figure includes this run's own threads)  ",
@@ -585,21 +644,32 @@ def write_outputs(out_dir: Path, meta: dict[str, Any], records: list[dict[str, A
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sizes", type=lambda s: tuple(int(float(x)) for x in s.split(",")), default=None,
-                   help="comma-separated weight sizes in elements (default 2304,65536,1048576,4194304,16777216)")
+    p.add_argument(
+        "--sizes",
+        type=lambda s: tuple(int(float(x)) for x in s.split(",")),
+        default=None,
+        help="comma-separated weight sizes in elements (default 2304,65536,1048576,4194304,16777216)",
+    )
     p.add_argument("--full", action="store_true", help="every size x alpha mode x dtype x pass (long)")
     p.add_argument("--no-compile", action="store_true", help="leave out torch.compile (listed as skipped)")
     p.add_argument("--compile", action="store_true", help="include torch.compile even with --quick")
-    p.add_argument("--slow-max-numel", type=int, default=None,
-                   help="largest size for the pure-PyTorch backend on CPU (default 1048576; GPU: no limit)")
+    p.add_argument(
+        "--slow-max-numel",
+        type=int,
+        default=None,
+        help="largest size for the pure-PyTorch backend on CPU (default 1048576; GPU: no limit)",
+    )
     p.add_argument("--min-run-time", type=float, default=None, help="seconds of timing per CPU measurement")
 
 
 def options(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Keyword arguments of ``run`` from the command line."""
     compile_ = not args.no_compile and (not args.quick or args.compile)
-    reason = ("skipped: --no-compile" if args.no_compile else
-              "skipped: --quick leaves out torch.compile (tens of seconds of compilation); add --compile")
+    reason = (
+        "skipped: --no-compile"
+        if args.no_compile
+        else "skipped: --quick leaves out torch.compile (tens of seconds of compilation); add --compile"
+    )
     slow = args.slow_max_numel
     if slow is None and device.type == "cpu":
         slow = 2**20

@@ -16,6 +16,7 @@ the input, model in train mode as in the original PNI training loop) + one forwa
 on the adversarial batch + an SGD step. Time per step is the median over the timed steps (after
 warm-up, the device synchronised around each step); peak memory is measured over one more step.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -88,7 +89,7 @@ class _FreshWeightLinear(nn.Linear):
 def _to_fresh_weight(model: nn.Module) -> nn.Module:
     """Swap nn.Conv2d / nn.Linear for the fresh-weight baselines holding the same parameters."""
     for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
+        for _name, child in list(parent.named_children()):
             if type(child) is nn.Conv2d:
                 child.__class__ = _FreshWeightConv2d
             elif type(child) is nn.Linear:
@@ -105,15 +106,27 @@ def _to_reference(model: nn.Module, pni: str = "layerwise") -> nn.Module:
         for name, child in list(parent.named_children()):
             if type(child) is nn.Conv2d:
                 new = ReferenceNoisyConv2d(
-                    child.in_channels, child.out_channels, child.kernel_size, stride=child.stride,
-                    padding=child.padding, dilation=child.dilation, groups=child.groups,
-                    bias=child.bias is not None, padding_mode=child.padding_mode,
-                    device=child.weight.device, dtype=child.weight.dtype, pni=pni,
+                    child.in_channels,
+                    child.out_channels,
+                    child.kernel_size,
+                    stride=child.stride,
+                    padding=child.padding,
+                    dilation=child.dilation,
+                    groups=child.groups,
+                    bias=child.bias is not None,
+                    padding_mode=child.padding_mode,
+                    device=child.weight.device,
+                    dtype=child.weight.dtype,
+                    pni=pni,
                 )
             elif type(child) is nn.Linear:
                 new = ReferenceNoisyLinear(
-                    child.in_features, child.out_features, bias=child.bias is not None,
-                    device=child.weight.device, dtype=child.weight.dtype, pni=pni,
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    device=child.weight.device,
+                    dtype=child.weight.dtype,
+                    pni=pni,
                 )
             else:
                 continue
@@ -190,8 +203,14 @@ def run(
     plain_ms: Optional[float] = None
     fresh_ms: Optional[float] = None
     for name, factory, backend, reason in _variants(device):
-        rec: dict[str, Any] = dict(base, provider=name, batch=batch, pgd_steps=pgd_steps, model="resnet20",
-                                   pni=None if name.startswith("plain") else "layerwise")
+        rec: dict[str, Any] = dict(
+            base,
+            provider=name,
+            batch=batch,
+            pgd_steps=pgd_steps,
+            model="resnet20",
+            pni=None if name.startswith("plain") else "layerwise",
+        )
         if factory is None:
             rec.update(status="unavailable", reason=reason)
         elif skip_torch_backend and name == "pni_fast-torch":
@@ -279,24 +298,27 @@ def markdown(meta: dict[str, Any], records: list[dict[str, Any]], command: str) 
         row["note"] = "" if r["status"] == "ok" else f"{r['status']}: {r['reason']}"
         rows.append(row)
     method = next((r["memory_method"] for r in records if r.get("memory_method")), "not measured")
-    return "\n".join([
-        f"## Training step: PGD-{meta['pgd_steps']} adversarial training, CIFAR ResNet-20, {meta['device']}",
-        "",
-        f"Command: `{command}`  ",
-        f"torch {meta['torch']}, CUDA {meta['cuda']}{common.driver_text(meta)}, triton {meta['triton']}, {meta['threads']} threads, "
-        f"{meta['date_utc']}, commit {meta['git_commit']}  ",
-        f"Load average (1/5/15 min): {meta['load_avg_1_5_15']} at start, {meta.get('load_avg_end_1_5_15')} at end "
-        "(the end figure includes this run's own threads)  ",
-        f"Batch {meta['batch']} of random CIFAR-shaped data; median of {meta['timed_steps']} steps after "
-        f"{meta['warmup']} warm-up; one step = {meta['pgd_steps']} PGD forward+backward passes + one training "
-        "forward+backward + SGD. Noise on the weights of every conv and linear layer (layerwise alpha).  ",
-        "`plain-fresh-weight` is the plain model with `weight.clone()` fed to each layer: no noise, but a fresh "
-        "weight tensor every forward like the noisy layers (the like-for-like baseline for the cost of noise).  ",
-        f"Peak memory: {method}, over one step, above the model and optimizer state already allocated.",
-        "",
-        common.markdown_table(rows, TRAIN_COLUMNS),
-        "",
-    ])
+    return "\n".join(
+        [
+            f"## Training step: PGD-{meta['pgd_steps']} adversarial training, CIFAR ResNet-20, {meta['device']}",
+            "",
+            f"Command: `{command}`  ",
+            f"torch {meta['torch']}, CUDA {meta['cuda']}{common.driver_text(meta)}, triton {meta['triton']}, "
+            f"{meta['threads']} threads, "
+            f"{meta['date_utc']}, commit {meta['git_commit']}  ",
+            f"Load average (1/5/15 min): {meta['load_avg_1_5_15']} at start, {meta.get('load_avg_end_1_5_15')} at end "
+            "(the end figure includes this run's own threads)  ",
+            f"Batch {meta['batch']} of random CIFAR-shaped data; median of {meta['timed_steps']} steps after "
+            f"{meta['warmup']} warm-up; one step = {meta['pgd_steps']} PGD forward+backward passes + one training "
+            "forward+backward + SGD. Noise on the weights of every conv and linear layer (layerwise alpha).  ",
+            "`plain-fresh-weight` is the plain model with `weight.clone()` fed to each layer: no noise, but a fresh "
+            "weight tensor every forward like the noisy layers (the like-for-like baseline for the cost of noise).  ",
+            f"Peak memory: {method}, over one step, above the model and optimizer state already allocated.",
+            "",
+            common.markdown_table(rows, TRAIN_COLUMNS),
+            "",
+        ]
+    )
 
 
 def write_outputs(out_dir: Path, meta: dict[str, Any], records: list[dict[str, Any]], command: str) -> None:
@@ -319,8 +341,11 @@ def options(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         batch, steps, warmup, pgd = args.batch or 128, args.train_steps or (10 if gpu else 5), 2 if gpu else 1, 7
     if batch < 1 or steps < 1:
         raise ValueError(f"--batch and --train-steps must be >= 1, got {batch} and {steps}")
-    skip = "skipped in --quick: the pure-PyTorch Philox backend adds seconds per step on CPU" if (
-        args.quick and not gpu) else None
+    skip = (
+        "skipped in --quick: the pure-PyTorch Philox backend adds seconds per step on CPU"
+        if (args.quick and not gpu)
+        else None
+    )
     return dict(batch=batch, timed_steps=steps, warmup=warmup, pgd_steps=pgd, skip_torch_backend=skip)
 
 

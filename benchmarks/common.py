@@ -11,6 +11,7 @@ Every number the benchmarks publish goes through here, so the methods are stated
   by the call and still alive, i.e. tensors made by PyTorch ops, compiled code and C++
   extensions (malloc outside the PyTorch allocator is not seen).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -150,8 +151,12 @@ def environment(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         env["cuda_driver"] = None
         try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=20)
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            )
             env["cuda_driver"] = out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
         except (OSError, subprocess.SubprocessError, IndexError):
             pass
@@ -274,7 +279,7 @@ def fmt(value: Any, digits: int = 3) -> str:
     if isinstance(value, float):
         if value == 0:
             return "0"
-        if abs(value) >= 10 ** digits:
+        if abs(value) >= 10**digits:
             return f"{value:.0f}"
         return f"{value:.{digits}g}"
     return str(value)
@@ -291,17 +296,20 @@ def markdown_table(rows: Iterable[dict[str, Any]], columns: Sequence[tuple[str, 
     return "\n".join(lines)
 
 
-
 def base_parser(description: str, quick_help: str) -> argparse.ArgumentParser:
     """The options every benchmark script shares: --quick, --device, --threads, --out."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help=quick_help)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU; recorded)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="output folder (default benchmarks/results/<device>; with --quick "
-                        "benchmarks/results/quick/<device>, git-ignored, so a quick run never overwrites the committed "
-                        "results)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default benchmarks/results/<device>; with --quick "
+        "benchmarks/results/quick/<device>, git-ignored, so a quick run never overwrites the committed "
+        "results)",
+    )
     return p
 
 

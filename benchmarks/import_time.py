@@ -8,6 +8,7 @@ pni_fast must not need it until ``torch.compile`` runs), ``torch._inductor``, ``
 over repeats is reported. One more interpreter runs with ``-X importtime`` and lists the modules
 that take longest within the pni_fast import (cumulative microseconds, as Python reports them).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,16 @@ if __package__ in (None, ""):
 
 from benchmarks import common  # noqa: E402
 
-__all__ = ["HEAVY_MODULES", "measure_once", "parse_importtime", "importtime_top", "run", "markdown", "write_outputs",
-           "main"]
+__all__ = [
+    "HEAVY_MODULES",
+    "measure_once",
+    "parse_importtime",
+    "importtime_top",
+    "run",
+    "markdown",
+    "write_outputs",
+    "main",
+]
 
 HEAVY_MODULES = ("torch._dynamo", "torch._inductor", "triton", "numpy", "sympy")
 
@@ -58,8 +67,9 @@ def _env() -> dict[str, str]:
 def measure_once(python: str = sys.executable, timeout: float = 120) -> dict[str, Any]:
     """One fresh interpreter: seconds for ``import torch`` and then ``import pni_fast``, heavy modules seen."""
     code = f"HEAVY = {HEAVY_MODULES!r}\n" + _PROBE
-    proc = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=timeout, env=_env(),
-                          cwd=common.REPO_ROOT)
+    proc = subprocess.run(
+        [python, "-c", code], capture_output=True, text=True, timeout=timeout, env=_env(), cwd=common.REPO_ROOT
+    )
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("PNI_IMPORT_JSON ")), None)
     if proc.returncode != 0 or line is None:
         raise RuntimeError(f"the import probe failed (exit code {proc.returncode}): {proc.stderr[-500:]}")
@@ -86,8 +96,14 @@ def parse_importtime(stderr: str, top: int = 10) -> list[dict[str, Any]]:
 def importtime_top(python: str = sys.executable, top: int = 10, timeout: float = 120) -> list[dict[str, Any]]:
     """``-X importtime`` of ``import torch; import pni_fast``: the slowest modules imported by pni_fast
     (cumulative us; nested modules are inside their parents' figures)."""
-    proc = subprocess.run([python, "-X", "importtime", "-c", "import torch; import pni_fast"], capture_output=True,
-                          text=True, timeout=timeout, env=_env(), cwd=common.REPO_ROOT)
+    proc = subprocess.run(
+        [python, "-X", "importtime", "-c", "import torch; import pni_fast"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_env(),
+        cwd=common.REPO_ROOT,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"python -X importtime failed (exit code {proc.returncode}): {proc.stderr[-500:]}")
     rows = parse_importtime(proc.stderr, top)
@@ -100,16 +116,23 @@ class _Skipped(Exception):
     pass
 
 
-def run(*, repeats: int = 7, warmup: bool = True, importtime: bool = True,
-        log: Callable[[str], None] = print) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def run(
+    *, repeats: int = 7, warmup: bool = True, importtime: bool = True, log: Callable[[str], None] = print
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """``repeats`` timed interpreters after one warm-up; returns ``(meta, records)``."""
     import torch
 
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     env = common.environment(torch.device("cpu"))
-    meta = dict(env, benchmark="import_time", repeats=repeats, warmup=warmup, python_executable=sys.executable,
-                heavy_modules=list(HEAVY_MODULES))
+    meta = dict(
+        env,
+        benchmark="import_time",
+        repeats=repeats,
+        warmup=warmup,
+        python_executable=sys.executable,
+        heavy_modules=list(HEAVY_MODULES),
+    )
     records: list[dict[str, Any]] = []
     if warmup:
         measure_once()  # byte-code caches, page cache
@@ -121,13 +144,18 @@ def run(*, repeats: int = 7, warmup: bool = True, importtime: bool = True,
         log(f"[import] repeat {i + 1}/{repeats}: torch {r['torch_s']:.3f} s, pni_fast on top {r['pni_fast_s']:.3f} s")
     pni = [r["pni_fast_s"] for r in runs]
     tor = [r["torch_s"] for r in runs]
-    summary = dict(kind="summary", torch_median_s=statistics.median(tor), torch_min_s=min(tor),
-                   pni_fast_median_s=statistics.median(pni), pni_fast_min_s=min(pni),
-                   pni_fast_max_s=max(pni), modules_added=statistics.median(r["modules_added"] for r in runs),
-                   pni_fast_file=runs[0]["pni_fast_file"],
-                   imported_by_pni_fast={m: any(r["after"][m] and not r["before"][m] for r in runs)
-                                         for m in HEAVY_MODULES},
-                   imported_by_torch={m: all(r["before"][m] for r in runs) for m in HEAVY_MODULES})
+    summary = dict(
+        kind="summary",
+        torch_median_s=statistics.median(tor),
+        torch_min_s=min(tor),
+        pni_fast_median_s=statistics.median(pni),
+        pni_fast_min_s=min(pni),
+        pni_fast_max_s=max(pni),
+        modules_added=statistics.median(r["modules_added"] for r in runs),
+        pni_fast_file=runs[0]["pni_fast_file"],
+        imported_by_pni_fast={m: any(r["after"][m] and not r["before"][m] for r in runs) for m in HEAVY_MODULES},
+        imported_by_torch={m: all(r["before"][m] for r in runs) for m in HEAVY_MODULES},
+    )
     summary["dynamo_imported"] = any(r["after"]["torch._dynamo"] for r in runs)
     records.append(summary)
     try:
@@ -138,8 +166,10 @@ def run(*, repeats: int = 7, warmup: bool = True, importtime: bool = True,
         records.append(dict(kind="importtime", status="skipped", reason=str(exc)))
     except Exception as exc:  # reported, not hidden
         records.append(dict(kind="importtime", status="error", reason=f"{type(exc).__name__}: {exc}"[:300]))
-    log(f"[import] median: torch {summary['torch_median_s']:.3f} s, pni_fast on top "
-        f"{summary['pni_fast_median_s']:.3f} s; torch._dynamo imported: {summary['dynamo_imported']}")
+    log(
+        f"[import] median: torch {summary['torch_median_s']:.3f} s, pni_fast on top "
+        f"{summary['pni_fast_median_s']:.3f} s; torch._dynamo imported: {summary['dynamo_imported']}"
+    )
     meta["load_avg_end_1_5_15"] = common.load_average()
     return meta, records
 
@@ -151,11 +181,21 @@ def markdown(meta: dict[str, Any], records: list[dict[str, Any]], command: str) 
     s = next(r for r in records if r["kind"] == "summary")
     rows = [
         {"what": "`import torch`", "median": s["torch_median_s"] * 1e3, "min": s["torch_min_s"] * 1e3},
-        {"what": "`import pni_fast` after torch", "median": s["pni_fast_median_s"] * 1e3,
-         "min": s["pni_fast_min_s"] * 1e3, "max": s["pni_fast_max_s"] * 1e3},
+        {
+            "what": "`import pni_fast` after torch",
+            "median": s["pni_fast_median_s"] * 1e3,
+            "min": s["pni_fast_min_s"] * 1e3,
+            "max": s["pni_fast_max_s"] * 1e3,
+        },
     ]
-    heavy = [{"module": f"`{m}`", "torch": "yes" if s["imported_by_torch"][m] else "no",
-              "pni": "yes" if s["imported_by_pni_fast"][m] else "no"} for m in meta["heavy_modules"]]
+    heavy = [
+        {
+            "module": f"`{m}`",
+            "torch": "yes" if s["imported_by_torch"][m] else "no",
+            "pni": "yes" if s["imported_by_pni_fast"][m] else "no",
+        }
+        for m in meta["heavy_modules"]
+    ]
     lines = [
         f"## Import time: `import pni_fast` on top of `import torch`, {meta['device']}",
         "",
@@ -167,24 +207,37 @@ def markdown(meta: dict[str, Any], records: list[dict[str, Any]], command: str) 
         "`time.perf_counter` around each import; "
         f"pni_fast from `{s['pni_fast_file']}`; it adds {s['modules_added']:.0f} modules to `sys.modules`.",
         "",
-        common.markdown_table(rows, [("what", "import"), ("median", "median ms"), ("min", "min ms"),
-                                     ("max", "max ms")]),
+        common.markdown_table(
+            rows, [("what", "import"), ("median", "median ms"), ("min", "min ms"), ("max", "max ms")]
+        ),
         "",
         f"**`torch._dynamo` imported by `import pni_fast`: {yes(s['imported_by_pni_fast']['torch._dynamo'])}**"
         f" (present after both imports: {yes(s['dynamo_imported'])}).",
         "",
-        common.markdown_table(heavy, [("module", "module"), ("torch", "imported by `import torch`"),
-                                      ("pni", "imported by `import pni_fast`")]),
+        common.markdown_table(
+            heavy,
+            [("module", "module"), ("torch", "imported by `import torch`"), ("pni", "imported by `import pni_fast`")],
+        ),
         "",
     ]
     it = next((r for r in records if r["kind"] == "importtime"), None)
     if it and it["status"] == "ok":
-        top = [dict(r, module=f"`{'  ' * r['depth']}{r['module']}`", cum_ms=r["cumulative_us"] / 1e3,
-                    self_ms=r["self_us"] / 1e3) for r in it["top"]]
-        lines += ["Slowest modules within the pni_fast import (`python -X importtime`, one run; cumulative "
-                  "includes nested imports):", "",
-                  common.markdown_table(top, [("module", "module"), ("cum_ms", "cumulative ms"),
-                                              ("self_ms", "self ms")]), ""]
+        top = [
+            dict(
+                r,
+                module=f"`{'  ' * r['depth']}{r['module']}`",
+                cum_ms=r["cumulative_us"] / 1e3,
+                self_ms=r["self_us"] / 1e3,
+            )
+            for r in it["top"]
+        ]
+        lines += [
+            "Slowest modules within the pni_fast import (`python -X importtime`, one run; cumulative "
+            "includes nested imports):",
+            "",
+            common.markdown_table(top, [("module", "module"), ("cum_ms", "cumulative ms"), ("self_ms", "self ms")]),
+            "",
+        ]
     elif it:
         lines += [f"`-X importtime`: {it['reason']}", ""]
     return "\n".join(lines)
@@ -197,8 +250,12 @@ def write_outputs(out_dir: Path, meta: dict[str, Any], records: list[dict[str, A
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--import-repeats", type=int, default=None,
-                   help="fresh interpreters to time (default 7; 1 with --quick, then no warm-up and no -X importtime)")
+    p.add_argument(
+        "--import-repeats",
+        type=int,
+        default=None,
+        help="fresh interpreters to time (default 7; 1 with --quick, then no warm-up and no -X importtime)",
+    )
 
 
 def options(args: argparse.Namespace) -> dict[str, Any]:

@@ -15,6 +15,7 @@ Side-by-side comparisons (``interleaved``) time every candidate once per round, 
 rotated each round, so a load drift on a shared machine hits all candidates alike; ratios are
 taken within a round and the median over rounds is reported.
 """
+
 from __future__ import annotations
 
 import gc
@@ -34,8 +35,9 @@ def _noop() -> None:
     return None
 
 
-def block_times(fn: Callable[[], Any], n: int, sync: Callable[[], None] = _noop,
-                clock: str = "process") -> tuple[float, float]:
+def block_times(
+    fn: Callable[[], Any], n: int, sync: Callable[[], None] = _noop, clock: str = "process"
+) -> tuple[float, float]:
     """``(wall, cpu)`` seconds per call of ``fn`` over one block of ``n`` back-to-back calls."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -60,8 +62,7 @@ def block_seconds(fn: Callable[[], Any], n: int, sync: Callable[[], None] = _noo
     return block_times(fn, n, sync)[0]
 
 
-def calibrate(fn: Callable[[], Any], target_s: float, sync: Callable[[], None] = _noop,
-              max_n: int = 1_000_000) -> int:
+def calibrate(fn: Callable[[], Any], target_s: float, sync: Callable[[], None] = _noop, max_n: int = 1_000_000) -> int:
     """Calls per block so that one block lasts about ``target_s`` (at least 1); warms ``fn`` up."""
     fn()
     n = 1
@@ -74,8 +75,14 @@ def calibrate(fn: Callable[[], Any], target_s: float, sync: Callable[[], None] =
     return max(1, min(max_n, round(target_s / per) if per > 0 else max_n))
 
 
-def per_call(fn: Callable[[], Any], *, blocks: int = 7, target_s: float = 0.02,
-             sync: Callable[[], None] = _noop, clock: str = "process") -> dict[str, Any]:
+def per_call(
+    fn: Callable[[], Any],
+    *,
+    blocks: int = 7,
+    target_s: float = 0.02,
+    sync: Callable[[], None] = _noop,
+    clock: str = "process",
+) -> dict[str, Any]:
     """Median / min / 20-80 % quantiles of wall time per call over ``blocks`` blocks, in microseconds,
     and the median / min CPU time (``cpu_median_us``, ``cpu_min_us``)."""
     n = calibrate(fn, target_s, sync)
@@ -131,7 +138,7 @@ def interleaved(
     times: dict[str, list[float]] = {name: [] for name in names}
     cpu: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             setup.get(name, _noop)()
             wall, c = block_times(fns[name], ns[name], sync, clock)

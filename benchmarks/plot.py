@@ -4,6 +4,7 @@
 ``ops_gbs.png`` beside the JSON. Only layerwise weight-noise records are plotted (the sizes
 sweep); ``torch.clone`` is drawn dashed in every panel as the floor.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,10 @@ def plot_ops(json_path: Path, out_dir: Optional[Path] = None, dtype: str = "fp32
     meta, records = data["meta"], data["records"]
     out_dir = Path(out_dir) if out_dir else Path(json_path).parent
     written = []
-    for key, ylabel, fname in (("median_ms", "median time (ms)", "ops_time.png"),
-                               ("gbs", "effective GB/s (bytes model in ops.json)", "ops_gbs.png")):
+    for key, ylabel, fname in (
+        ("median_ms", "median time (ms)", "ops_time.png"),
+        ("gbs", "effective GB/s (bytes model in ops.json)", "ops_gbs.png"),
+    ):
         fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), sharex=True)
         for ax, (mode, title) in zip(axes, _MODES):
             for name, (xs, ys) in _series(records, dtype, mode, key).items():

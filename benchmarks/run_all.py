@@ -21,6 +21,7 @@ versions, date, threads and load) and ``<part>.md``; ``RESULTS.md`` holds every 
 interpreters / nvcc), so the narrowed runs of scripts/gpu_check.sh stay within their time limits.
 ``--skip PART[,PART]`` / ``--only PART[,PART]`` pick single parts.
 """
+
 from __future__ import annotations
 
 import os
@@ -73,14 +74,19 @@ def select_parts(*, skip_ops: bool = False, skip_train: bool = False, skip: str 
 
 def _parser():
     p = common.base_parser(__doc__.splitlines()[0], "tiny sizes, seconds: proves the scripts work")
-    p.add_argument("--skip-ops", action="store_true",
-                   help="leave out the op-level parts (" + ", ".join(FAMILIES["ops"]) + ") and "
-                   + ", ".join(PACKAGE_LEVEL))
-    p.add_argument("--skip-train", action="store_true",
-                   help="leave out the whole-model parts (" + ", ".join(FAMILIES["train"]) + ") and "
-                   + ", ".join(PACKAGE_LEVEL))
-    p.add_argument("--skip", default="", metavar="PARTS",
-                   help=f"comma-separated parts to leave out ({', '.join(PARTS)})")
+    p.add_argument(
+        "--skip-ops",
+        action="store_true",
+        help="leave out the op-level parts (" + ", ".join(FAMILIES["ops"]) + ") and " + ", ".join(PACKAGE_LEVEL),
+    )
+    p.add_argument(
+        "--skip-train",
+        action="store_true",
+        help="leave out the whole-model parts (" + ", ".join(FAMILIES["train"]) + ") and " + ", ".join(PACKAGE_LEVEL),
+    )
+    p.add_argument(
+        "--skip", default="", metavar="PARTS", help=f"comma-separated parts to leave out ({', '.join(PARTS)})"
+    )
     p.add_argument("--only", default="", metavar="PARTS", help="run only these comma-separated parts")
     p.add_argument("--no-plot", action="store_true", help="do not draw the figures")
     bench_ops.add_arguments(p)
@@ -108,13 +114,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/run_all.py" + "".join(" " + shlex.quote(a) for a in argv)
     load = common.load_average()
-    print(f"pni_fast benchmarks on {common.device_name(device)} ({torch.get_num_threads()} threads), "
-          f"load average {load}; parts {', '.join(parts) or 'none'}; results -> {out}")
+    print(
+        f"pni_fast benchmarks on {common.device_name(device)} ({torch.get_num_threads()} threads), "
+        f"load average {load}; parts {', '.join(parts) or 'none'}; results -> {out}"
+    )
     if load and device.type == "cpu" and load[0] > 0.5 * (os.cpu_count() or 1):
-        print(f"warning: load average {load[0]:.2f} on {os.cpu_count()} CPUs: other work competes for the cores "
-              "and CPU timings will be slower and noisier than on an idle machine")
-    sections = [f"# pni_fast benchmark results: {common.device_name(device)}", "",
-                f"Produced by `{command}`.", ""]
+        print(
+            f"warning: load average {load[0]:.2f} on {os.cpu_count()} CPUs: other work competes for the cores "
+            "and CPU timings will be slower and noisier than on an idle machine"
+        )
+    sections = [f"# pni_fast benchmark results: {common.device_name(device)}", "", f"Produced by `{command}`.", ""]
     timings: list[str] = []
 
     def part(name: str, fn: Callable[[], None]) -> None:
@@ -172,8 +181,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         bench_model.write_outputs(out, meta, records, command)
         sections.append(bench_model.markdown(meta, records, command))
 
-    for name, fn in (("ops", ops), ("fixed-cost", fixed_cost), ("import", imports), ("sass", sass),
-                     ("train", train), ("model-step", model_step)):
+    for name, fn in (
+        ("ops", ops),
+        ("fixed-cost", fixed_cost),
+        ("import", imports),
+        ("sass", sass),
+        ("train", train),
+        ("model-step", model_step),
+    ):
         part(name, fn)
     sections += ["", f"Time per part: {', '.join(timings) or 'none'}.", ""]
     (out / "RESULTS.md").write_text("\n".join(sections))

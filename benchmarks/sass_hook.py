@@ -7,6 +7,7 @@ prints. It compiles the CUDA kernels with nvcc (a minute or more), so a quick ru
 ``--quick`` when its ``--help`` lists that option and otherwise skips it, saying why. A report
 that says it has "nothing to report" (nvcc or cuobjdump missing) is a skip, not an error.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -22,8 +23,9 @@ __all__ = ["SCRIPT", "run"]
 SCRIPT = common.REPO_ROOT / "benchmarks" / "sass_report.py"
 
 
-def run(out_dir: Path, *, quick: bool = False, timeout: float = 300,
-        log: Callable[[str], None] = print) -> dict[str, Any]:
+def run(
+    out_dir: Path, *, quick: bool = False, timeout: float = 300, log: Callable[[str], None] = print
+) -> dict[str, Any]:
     """``{"status": "ok"|"skipped"|"error", "reason", "markdown"}``; writes ``sass.md`` into ``out_dir`` when ok."""
     if not SCRIPT.exists():
         reason = f"skipped: {SCRIPT.relative_to(common.REPO_ROOT)} does not exist (no SASS report in this checkout)"
@@ -32,11 +34,18 @@ def run(out_dir: Path, *, quick: bool = False, timeout: float = 300,
     cmd = [sys.executable, str(SCRIPT), "--out", str(out_dir)]
     try:
         if quick:
-            helptext = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True,
-                                      timeout=60, cwd=common.REPO_ROOT).stdout
+            helptext = subprocess.run(
+                [sys.executable, str(SCRIPT), "--help"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                cwd=common.REPO_ROOT,
+            ).stdout
             if "--quick" not in helptext:
-                reason = (f"skipped in --quick: {SCRIPT.name} compiles the CUDA kernels (no --quick option); "
-                          "run without --quick")
+                reason = (
+                    f"skipped in --quick: {SCRIPT.name} compiles the CUDA kernels (no --quick option); "
+                    "run without --quick"
+                )
                 log(f"[sass] {reason}")
                 return {"status": "skipped", "reason": reason, "markdown": f"## SASS per element\n\n{reason}\n"}
             cmd.append("--quick")
@@ -46,8 +55,7 @@ def run(out_dir: Path, *, quick: bool = False, timeout: float = 300,
         reason = f"error: {' '.join(cmd[1:])} failed: {type(exc).__name__}: {exc}"[:400]
         log(f"[sass] {reason}")
         return {"status": "error", "reason": reason, "markdown": f"## SASS per element\n\n{reason}\n"}
-    shown = "python " + " ".join(str(Path(c).relative_to(common.REPO_ROOT)) if c == str(SCRIPT) else c
-                                 for c in cmd[1:])
+    shown = "python " + " ".join(str(Path(c).relative_to(common.REPO_ROOT)) if c == str(SCRIPT) else c for c in cmd[1:])
     if proc.returncode != 0 and "nothing to report" in proc.stderr:
         reason = f"skipped: `{shown}` says: {proc.stderr.strip()[-300:]}"
         log(f"[sass] {reason}")

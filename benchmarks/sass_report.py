@@ -24,6 +24,7 @@ sources (laid out like ``csrc/``: ``DIR/cuda/perturb_cuda.cu``, ``DIR/philox.h``
 the numbers of an older version are taken. Output: a Markdown table on stdout, ``--md FILE`` /
 ``--json FILE``, or ``--out DIR`` (writes ``DIR/sass.md`` and ``DIR/sass.json``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,6 +55,7 @@ __all__ = ["find_tool", "compile_cubin", "disassemble", "analyse_function", "rep
 # ---------------------------------------------------------------------------
 # Tools and compilation
 # ---------------------------------------------------------------------------
+
 
 def find_tool(name: str) -> Optional[str]:
     """Path of a CUDA binary tool (nvcc, cuobjdump): PATH, CUDA_HOME, /usr/local/cuda, or the copies
@@ -127,11 +129,12 @@ def parse_ptxas(log: str) -> dict[str, dict[str, int]]:
 # Disassembly and control flow
 # ---------------------------------------------------------------------------
 
+
 @dataclass
 class Instr:
     addr: int
-    pred: str      # guard predicate ("" when none)
-    op: str        # full opcode with modifiers, e.g. "IMAD.WIDE.U32"
+    pred: str  # guard predicate ("" when none)
+    op: str  # full opcode with modifiers, e.g. "IMAD.WIDE.U32"
     args: str
 
     @property
@@ -264,7 +267,8 @@ def natural_loop(blocks: dict[int, Block], header: int, latches: list[int]) -> s
 
 def _is_m0(ins: Instr) -> bool:
     return ins.op.startswith(("IMAD.WIDE.U32", "IMAD.HI.U32")) and any(
-        re.search(rf"(?<![0-9a-fx]){re.escape(c)}(?![0-9a-f])", ins.args) for c in _M0_IMM)
+        re.search(rf"(?<![0-9a-fx]){re.escape(c)}(?![0-9a-f])", ins.args) for c in _M0_IMM
+    )
 
 
 def _global_bytes(ins: Instr, kind: str) -> int:
@@ -280,14 +284,14 @@ def _global_bytes(ins: Instr, kind: str) -> int:
 @dataclass
 class LoopCount:
     header: int
-    path_instrs: int       # instructions on the counted iteration path
-    quads: int             # Philox calls on that path (4 elements each)
+    path_instrs: int  # instructions on the counted iteration path
+    quads: int  # Philox calls on that path (4 elements each)
     per_element: float
-    static_instrs: int     # all instructions of the loop's blocks
+    static_instrs: int  # all instructions of the loop's blocks
     static_per_element: float
-    mufu: list[str]        # MUFU opcodes on the path
-    memory: list[str]      # global loads/stores on the path (e.g. LDG.E.128, STG.E.128)
-    calls: int             # CALLs anywhere in the loop (slow paths of sqrtf, integer division, ...)
+    mufu: list[str]  # MUFU opcodes on the path
+    memory: list[str]  # global loads/stores on the path (e.g. LDG.E.128, STG.E.128)
+    calls: int  # CALLs anywhere in the loop (slow paths of sqrtf, integer division, ...)
     path_blocks: list[int]
 
 
@@ -368,8 +372,9 @@ def analyse_function(instrs: list[Instr], elem_bytes: int) -> Optional[LoopCount
     mufu = sorted({i.op for b in path for i in blocks[b].instrs if i.op.startswith("MUFU")})
     memory = sorted({i.op for b in path for i in blocks[b].instrs if i.op.startswith(("LDG", "STG"))})
     calls = sum(i.op.startswith("CALL") for b in body for i in blocks[b].instrs)
-    return LoopCount(header, cnt, quads, cnt / (4 * quads), static, static / (4 * static_quads), mufu, memory,
-                     calls, list(path))
+    return LoopCount(
+        header, cnt, quads, cnt / (4 * quads), static, static / (4 * static_quads), mufu, memory, calls, list(path)
+    )
 
 
 def _topo(blocks: dict[int, Block], body: set[int], header: int, backs: set[tuple[int, int]]) -> list[int]:
@@ -393,6 +398,7 @@ def _topo(blocks: dict[int, Block], body: set[int], header: int, backs: set[tupl
 # ---------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------
+
 
 def demangle(names: list[str]) -> dict[str, str]:
     tool = shutil.which("c++filt")
@@ -468,14 +474,19 @@ def report(csrc: Path, arch: str = "sm_90", workdir: Optional[Path] = None) -> d
         instrs = funcs[mangled]
         loop = analyse_function(instrs, _elem_bytes(short))
         fast = sorted({i.op for i in instrs if i.op.startswith(FAST_MATH_MUFU)})
-        entry = {"kernel": short, "instructions": len(instrs), "fast_math_ops": fast,
-                 **res_usage.get(mangled, {})}
+        entry = {"kernel": short, "instructions": len(instrs), "fast_math_ops": fast, **res_usage.get(mangled, {})}
         if loop is not None:
             entry["loop"] = {k: v for k, v in asdict(loop).items() if k != "path_blocks"}
         kernels.append(entry)
     hot = hot_loops(kernels)
-    return {"arch": arch, "csrc": str(csrc), "kernels": kernels, "hot_loops": hot,
-            "nvcc": _version(find_tool("nvcc")), "cuobjdump": _version(find_tool("cuobjdump"))}
+    return {
+        "arch": arch,
+        "csrc": str(csrc),
+        "kernels": kernels,
+        "hot_loops": hot,
+        "nvcc": _version(find_tool("nvcc")),
+        "cuobjdump": _version(find_tool("cuobjdump")),
+    }
 
 
 def _version(tool: Optional[str]) -> str:
@@ -490,16 +501,26 @@ def _row(k: dict[str, Any]) -> list[str]:
     spills = f"{k.get('spill_stores', '?')}/{k.get('spill_loads', '?')}"
     if loop is None:
         return [k["kernel"], "-", "-", "-", "-", str(k.get("registers", "?")), str(k.get("stack", "?")), spills]
-    return [k["kernel"], f"{loop['per_element']:.1f}", f"{loop['path_instrs']}/{4 * loop['quads']}",
-            f"{loop['static_per_element']:.1f}", ",".join(m.replace("MUFU.", "") for m in loop["mufu"]) or "-",
-            str(k.get("registers", "?")), str(k.get("stack", "?")), spills]
+    return [
+        k["kernel"],
+        f"{loop['per_element']:.1f}",
+        f"{loop['path_instrs']}/{4 * loop['quads']}",
+        f"{loop['static_per_element']:.1f}",
+        ",".join(m.replace("MUFU.", "") for m in loop["mufu"]) or "-",
+        str(k.get("registers", "?")),
+        str(k.get("stack", "?")),
+        spills,
+    ]
 
 
 def markdown(result: dict[str, Any], baseline: Optional[dict[str, Any]] = None) -> str:
     by_name = {k["kernel"]: k for k in result["kernels"]}
     lines = [f"## SASS per element ({result['arch']})", ""]
-    lines += [f"nvcc: {result['nvcc']}; cuobjdump: {result['cuobjdump']}. Counting rule: benchmarks/sass_report.py "
-              "docstring (shortest path of one full iteration of the hot loop, cold paths excluded).", ""]
+    lines += [
+        f"nvcc: {result['nvcc']}; cuobjdump: {result['cuobjdump']}. Counting rule: benchmarks/sass_report.py "
+        "docstring (shortest path of one full iteration of the hot loop, cold paths excluded).",
+        "",
+    ]
     head = ["hot loop", "kernel", "SASS / element", "registers", "spills (st/ld bytes)"]
     if baseline is not None:
         head = ["hot loop", "kernel", "SASS / element", "before", "registers", "before", "spills", "before"]
@@ -513,16 +534,24 @@ def markdown(result: dict[str, Any], baseline: Optional[dict[str, Any]] = None) 
         if baseline is not None:
             bname = hot_loops(baseline["kernels"]).get(label)
             b = next((x for x in baseline["kernels"] if x["kernel"] == bname), None)
-            row += [f"{b['loop']['per_element']:.1f}" if b else "-", str(k.get("registers", "?")),
-                    str(b.get("registers", "?")) if b else "-",
-                    f"{k.get('spill_stores', '?')}/{k.get('spill_loads', '?')}",
-                    f"{b.get('spill_stores', '?')}/{b.get('spill_loads', '?')}" if b else "-"]
+            row += [
+                f"{b['loop']['per_element']:.1f}" if b else "-",
+                str(k.get("registers", "?")),
+                str(b.get("registers", "?")) if b else "-",
+                f"{k.get('spill_stores', '?')}/{k.get('spill_loads', '?')}",
+                f"{b.get('spill_stores', '?')}/{b.get('spill_loads', '?')}" if b else "-",
+            ]
         else:
             row += [str(k.get("registers", "?")), f"{k.get('spill_stores', '?')}/{k.get('spill_loads', '?')}"]
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "All kernels:", "",
-              "| kernel | SASS / element | path instrs / elements | static loop / element | MUFU on path | registers"
-              " | stack bytes | spills st/ld |", "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "All kernels:",
+        "",
+        "| kernel | SASS / element | path instrs / elements | static loop / element | MUFU on path | registers"
+        " | stack bytes | spills st/ld |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     lines += ["| " + " | ".join(_row(k)) + " |" for k in result["kernels"]]
     return "\n".join(lines) + "\n"
 
@@ -543,8 +572,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     result = report(args.csrc, args.arch)
     baseline = json.loads(args.baseline.read_text()) if args.baseline else None
     if baseline is not None:
-        result["baseline"] = {"csrc": baseline.get("csrc"), "hot_loops": baseline.get("hot_loops"),
-                              "kernels": baseline.get("kernels")}
+        result["baseline"] = {
+            "csrc": baseline.get("csrc"),
+            "hot_loops": baseline.get("hot_loops"),
+            "kernels": baseline.get("kernels"),
+        }
     md = markdown(result, baseline)
     print(md)
     outputs = [(args.json, None), (args.md, md)]

@@ -5,6 +5,7 @@ counter-based Philox stream, and an ``alpha`` gradient that regenerates the nois
 storing it. Importing never fails: without a compiled extension the pure-PyTorch backend runs
 (same noise, slower) and says so once.
 """
+
 from .backends import available_backends, info
 from .functional import inject_noise, noisy_weight, noisy_weights, randn, weight_sigma
 from .rng import default_rng_state, draw_seed, make_rng_state, manual_seed, own_generator

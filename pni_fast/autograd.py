@@ -15,6 +15,7 @@ directly. Forward-mode AD (``jvp``) is refused with PyTorch's error: a custom ``
 Under ``torch.func.vmap`` the noise is the same for every sample (``randomness="same"``, or
 "error" with an explicit seed); ``randomness="different"`` is refused.
 """
+
 from __future__ import annotations
 
 import math
@@ -94,8 +95,9 @@ class PerturbFn(torch.autograd.Function):
 
     @staticmethod
     def forward(v, alpha, sigma, seed, offset, inner, state, backend):
-        return call(REGISTRY[backend].perturb, v.contiguous(), alpha.contiguous(), sigma, seed, offset, inner,
-                    state=state)
+        return call(
+            REGISTRY[backend].perturb, v.contiguous(), alpha.contiguous(), sigma, seed, offset, inner, state=state
+        )
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -112,8 +114,16 @@ class PerturbFn(torch.autograd.Function):
             if torch.is_grad_enabled():  # create_graph: record it, so double backward works
                 grad_alpha = apply(AlphaGradFn, grad, alpha, sigma, seed, offset, inner, state, backend)
             else:  # the op alone: an autograd.Function costs more than a small layer's kernel
-                grad_alpha = call(REGISTRY[backend].alpha_grad, grad.contiguous(), alpha.contiguous(), sigma, seed,
-                                  offset, inner, state=state)
+                grad_alpha = call(
+                    REGISTRY[backend].alpha_grad,
+                    grad.contiguous(),
+                    alpha.contiguous(),
+                    sigma,
+                    seed,
+                    offset,
+                    inner,
+                    state=state,
+                )
         return (grad if ctx.needs_input_grad[0] else None), grad_alpha, None, None, None, None, None, None
 
     @staticmethod
@@ -137,8 +147,9 @@ class AlphaGradFn(torch.autograd.Function):
 
     @staticmethod
     def forward(grad, alpha, sigma, seed, offset, inner, state, backend):
-        return call(REGISTRY[backend].alpha_grad, grad.contiguous(), alpha.contiguous(), sigma, seed, offset,
-                    inner, state=state)
+        return call(
+            REGISTRY[backend].alpha_grad, grad.contiguous(), alpha.contiguous(), sigma, seed, offset, inner, state=state
+        )
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -190,8 +201,16 @@ class PerturbMultiFn(torch.autograd.Function):
     @staticmethod
     def forward(n, seed, offsets, inners, state, backend, *flat):
         vs, alphas, sigmas = _split(n, flat)
-        out = call(REGISTRY[backend].perturb_multi, [v.contiguous() for v in vs], [a.contiguous() for a in alphas],
-                   sigmas, seed, offsets, inners, state=state)
+        out = call(
+            REGISTRY[backend].perturb_multi,
+            [v.contiguous() for v in vs],
+            [a.contiguous() for a in alphas],
+            sigmas,
+            seed,
+            offsets,
+            inners,
+            state=state,
+        )
         return tuple(out)
 
     @staticmethod
@@ -211,11 +230,22 @@ class PerturbMultiFn(torch.autograd.Function):
         needs_v = ctx.needs_input_grad[6 : 6 + n]
         grad_alphas = [None] * n
         if any(ctx.needs_input_grad[6 + n : 6 + 2 * n]) and torch.is_grad_enabled():  # create_graph: recorded
-            grad_alphas = list(apply(AlphaGradMultiFn, n, seed, offsets, inners, state, backend, *grads, *alphas,
-                                     *sigmas))
+            grad_alphas = list(
+                apply(AlphaGradMultiFn, n, seed, offsets, inners, state, backend, *grads, *alphas, *sigmas)
+            )
         elif any(ctx.needs_input_grad[6 + n : 6 + 2 * n]):
-            grad_alphas = list(call(REGISTRY[backend].alpha_grad_multi, grads, [a.contiguous() for a in alphas],
-                                    list(sigmas), seed, offsets, inners, state=state))
+            grad_alphas = list(
+                call(
+                    REGISTRY[backend].alpha_grad_multi,
+                    grads,
+                    [a.contiguous() for a in alphas],
+                    list(sigmas),
+                    seed,
+                    offsets,
+                    inners,
+                    state=state,
+                )
+            )
         grad_vs = [g if need else None for g, need in zip(grads, needs_v)]
         return (None,) * 6 + tuple(grad_vs) + tuple(grad_alphas) + (None,) * n
 
@@ -230,8 +260,16 @@ class AlphaGradMultiFn(torch.autograd.Function):
     @staticmethod
     def forward(n, seed, offsets, inners, state, backend, *flat):
         grads, alphas, sigmas = _split(n, flat)
-        out = call(REGISTRY[backend].alpha_grad_multi, [g.contiguous() for g in grads],
-                   [a.contiguous() for a in alphas], sigmas, seed, offsets, inners, state=state)
+        out = call(
+            REGISTRY[backend].alpha_grad_multi,
+            [g.contiguous() for g in grads],
+            [a.contiguous() for a in alphas],
+            sigmas,
+            seed,
+            offsets,
+            inners,
+            state=state,
+        )
         return tuple(out)
 
     @staticmethod
@@ -324,8 +362,17 @@ def _multi_backward(ctx, grads):
     state, *rest = ctx.saved_tensors
     alphas, sigmas = rest[:n], rest[n:]
     grads = _filled(grads, ctx.meta)
-    grad_alphas = call(REGISTRY[backend].alpha_grad_multi, grads, list(alphas), list(sigmas), seed, offsets, inners,
-                       state=state, below_autograd=False)  # recorded under create_graph: double backward
+    grad_alphas = call(
+        REGISTRY[backend].alpha_grad_multi,
+        grads,
+        list(alphas),
+        list(sigmas),
+        seed,
+        offsets,
+        inners,
+        state=state,
+        below_autograd=False,
+    )  # recorded under create_graph: double backward
     return (grads, list(grad_alphas), [None] * n, None, None, None, None)[: ctx.n_in]
 
 
@@ -333,8 +380,17 @@ def _multi_grad_backward(ctx, ggs):
     n, seed, offsets, inners, backend = ctx.rng
     state, *sigmas = ctx.saved_tensors
     zeros = [torch.zeros(s, dtype=d, device=dev) for s, d, dev in ctx.meta]
-    d_grads = call(REGISTRY[backend].perturb_multi, zeros, [g.contiguous() for g in ggs], list(sigmas), seed,
-                   offsets, inners, state=state, below_autograd=False)
+    d_grads = call(
+        REGISTRY[backend].perturb_multi,
+        zeros,
+        [g.contiguous() for g in ggs],
+        list(sigmas),
+        seed,
+        offsets,
+        inners,
+        state=state,
+        below_autograd=False,
+    )
     return (list(d_grads), [None] * n, [None] * n, None, None, None, None)[: ctx.n_in]
 
 
@@ -343,6 +399,7 @@ _autograd_ops: set[str] = set()
 
 def register_op_autograd(be: Backend) -> None:
     """Attach autograd to backend ``be``'s ops (each op once)."""
+
     def reg(op: Optional[str], setup, backward) -> None:
         if op is None or op in _autograd_ops:  # the C++ ops are shared by the cpu and cuda backends
             return

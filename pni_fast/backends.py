@@ -9,13 +9,15 @@ the functional layer and the tests all derive from it, so adding a backend is on
 device is an error rather than a silent substitution. The ``"torch"`` backend (pure PyTorch)
 runs everywhere and is the fallback, announced once per device type.
 """
+
 from __future__ import annotations
 
 import importlib.util
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 

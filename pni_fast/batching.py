@@ -4,6 +4,7 @@ A forward pre-hook on the model draws every PNI layer's noisy weight with one
 :func:`pni_fast.noisy_weights` call and hands each layer its result (``_pni_pending_weight``,
 read once by the layer's forward); a forward hook clears what a forward did not use.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -46,7 +47,7 @@ class _WeightNoiseBatch:
         self._handles = []
         self._clear(self.model, None, None)
 
-    def __enter__(self) -> "_WeightNoiseBatch":
+    def __enter__(self) -> _WeightNoiseBatch:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -97,6 +98,5 @@ def batch_weight_noise(model: nn.Module, *, warn: bool = True) -> _WeightNoiseBa
     if warn and not batch.layers:
         import warnings
 
-        warnings.warn(f"batch_weight_noise: {type(model).__name__} has no NoisyConv2d/NoisyLinear layer",
-                      stacklevel=2)
+        warnings.warn(f"batch_weight_noise: {type(model).__name__} has no NoisyConv2d/NoisyLinear layer", stacklevel=2)
     return batch

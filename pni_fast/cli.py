@@ -11,7 +11,8 @@ import argparse
 import copy
 import os
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 
@@ -50,18 +51,27 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m pni_fast",
-        description="Parametric Noise Injection (PNI) with fused kernels: demo, training, evaluation, backends, benchmarks.",
+        description=(
+            "Parametric Noise Injection (PNI) with fused kernels: demo, training, evaluation, backends, benchmarks."
+        ),
         formatter_class=_HelpFormatter,
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for command in (cli_demo, cli_train, cli_eval):
         command.add_parser(sub, _HelpFormatter)
-    sub.add_parser("info", help="show which kernel backends are active and why",
-                   description="Print pni_fast.backends.info(): compiled extension, CUDA, Triton, fallbacks.")
-    b = sub.add_parser("bench", help="run the benchmarks (benchmarks/run_all.py of a source checkout)", add_help=False,
-                       description="Run benchmarks/run_all.py from the repository checkout; every argument, -h "
-                       "included, is passed on (so `bench --help` shows run_all.py's options).")
+    sub.add_parser(
+        "info",
+        help="show which kernel backends are active and why",
+        description="Print pni_fast.backends.info(): compiled extension, CUDA, Triton, fallbacks.",
+    )
+    b = sub.add_parser(
+        "bench",
+        help="run the benchmarks (benchmarks/run_all.py of a source checkout)",
+        add_help=False,
+        description="Run benchmarks/run_all.py from the repository checkout; every argument, -h "
+        "included, is passed on (so `bench --help` shows run_all.py's options).",
+    )
     b.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for benchmarks/run_all.py")
     return p
 

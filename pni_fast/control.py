@@ -5,11 +5,13 @@ Noise stays on in ``eval()`` (PNI's robustness at test time comes from it) and u
 accuracy checks, export or attacks that need one. Every noisy module also carries its own
 ``noise_enabled`` flag, which these functions set.
 """
+
 from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Iterator, Optional, Union
+from collections.abc import Iterator
+from typing import Optional, Union
 
 import torch.nn as nn
 

@@ -10,20 +10,30 @@ layer's math never changes, only its weight gets noise. What cannot be converted
 reason (``report=True`` / ``verbose=True``) and, when the layer would have been converted, warned
 about. A module shared in several places is converted once and stays shared.
 """
+
 from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from .batching import batch_weight_noise, remove_batching
-from .modules import (NoiseInjection, NoisyConv2d, NoisyLinear, _PNIMixin, check_alpha_init, check_noise, check_pni,
-                      is_noisy_module)
+from .modules import (
+    NoiseInjection,
+    NoisyConv2d,
+    NoisyLinear,
+    _PNIMixin,
+    check_alpha_init,
+    check_noise,
+    check_pni,
+    is_noisy_module,
+)
 from .wrap import is_wrapped, plain_class, unwrap_layer, wrap_layer
 
 __all__ = ["convert", "strip", "noisy_from", "plain_from", "ConvertReport", "SUPPORTED_LAYERS"]
@@ -33,8 +43,15 @@ SUPPORTED_LAYERS: tuple[type, ...] = (nn.Linear, nn.modules.conv._ConvNd)
 
 SkipSpec = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
 
-_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
 
 
 def _copy_module_state(src: nn.Module, dst: nn.Module) -> None:
@@ -51,25 +68,44 @@ def _copy_module_state(src: nn.Module, dst: nn.Module) -> None:
     dst.train(src.training)
 
 
-def noisy_from(layer: nn.Module, pni: str = "layerwise", noise: str = "weight",
-               alpha_init: float = 0.25) -> Union[NoisyConv2d, NoisyLinear]:
+def noisy_from(
+    layer: nn.Module, pni: str = "layerwise", noise: str = "weight", alpha_init: float = 0.25
+) -> Union[NoisyConv2d, NoisyLinear]:
     """A noisy twin of one ``nn.Conv2d``/``nn.Linear`` sharing its weight and bias Parameters.
 
     Only those exact classes: a subclass may have its own forward that the twin would drop
     (``convert`` converts subclasses in place instead)."""
     if type(layer) not in (nn.Conv2d, nn.Linear) and isinstance(layer, (nn.Conv2d, nn.Linear)):
-        raise TypeError(f"layer must be exactly nn.Conv2d or nn.Linear, got the subclass {type(layer).__name__}: "
-                        "use pni_fast.convert, which keeps a subclass's own forward")
+        raise TypeError(
+            f"layer must be exactly nn.Conv2d or nn.Linear, got the subclass {type(layer).__name__}: "
+            "use pni_fast.convert, which keeps a subclass's own forward"
+        )
     if isinstance(layer, nn.Conv2d):
         new: Union[NoisyConv2d, NoisyLinear] = NoisyConv2d(
-            layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
-            padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
-            bias=layer.bias is not None, padding_mode=layer.padding_mode, device="meta",
-            pni=pni, noise=noise, alpha_init=alpha_init,
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            stride=layer.stride,
+            padding=layer.padding,
+            dilation=layer.dilation,
+            groups=layer.groups,
+            bias=layer.bias is not None,
+            padding_mode=layer.padding_mode,
+            device="meta",
+            pni=pni,
+            noise=noise,
+            alpha_init=alpha_init,
         )
     elif isinstance(layer, nn.Linear):
-        new = NoisyLinear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta",
-                          pni=pni, noise=noise, alpha_init=alpha_init)
+        new = NoisyLinear(
+            layer.in_features,
+            layer.out_features,
+            bias=layer.bias is not None,
+            device="meta",
+            pni=pni,
+            noise=noise,
+            alpha_init=alpha_init,
+        )
     else:
         raise TypeError(f"layer must be an nn.Conv2d or nn.Linear, got {type(layer).__name__}")
     new.weight = layer.weight
@@ -82,13 +118,22 @@ def noisy_from(layer: nn.Module, pni: str = "layerwise", noise: str = "weight",
 def plain_from(layer: nn.Module) -> nn.Module:
     """The plain twin of a PNI module (same Parameters; ``NoiseInjection`` becomes ``nn.Identity``)."""
     if isinstance(layer, (NoisyConv2d, NoisyLinear)) and type(layer) not in (NoisyConv2d, NoisyLinear):
-        raise TypeError(f"layer must be a NoisyConv2d or NoisyLinear, got the subclass {type(layer).__name__} "
-                        "(a parametrized layer?): use pni_fast.strip, which converts such layers in place")
+        raise TypeError(
+            f"layer must be a NoisyConv2d or NoisyLinear, got the subclass {type(layer).__name__} "
+            "(a parametrized layer?): use pni_fast.strip, which converts such layers in place"
+        )
     if isinstance(layer, NoisyConv2d):
         new: nn.Module = nn.Conv2d(
-            layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
-            padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
-            bias=layer.bias is not None, padding_mode=layer.padding_mode, device="meta",
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            stride=layer.stride,
+            padding=layer.padding,
+            dilation=layer.dilation,
+            groups=layer.groups,
+            bias=layer.bias is not None,
+            padding_mode=layer.padding_mode,
+            device="meta",
         )
     elif isinstance(layer, NoisyLinear):
         new = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
@@ -117,8 +162,9 @@ def _skip_predicate(skip: SkipSpec) -> Callable[[str, nn.Module], bool]:
     names = [skip] if isinstance(skip, str) else list(skip)  # type: ignore[arg-type]
     for s in names:
         if not isinstance(s, str):
-            raise TypeError(f"skip must be a name, an iterable of names or a callable(name, module), "
-                            f"got an element {s!r}")
+            raise TypeError(
+                f"skip must be a name, an iterable of names or a callable(name, module), got an element {s!r}"
+            )
     pattern = [re.compile(re.escape(s) + r"(\..*)?") for s in names]
     return lambda name, m: any(p.fullmatch(name) for p in pattern)
 
@@ -133,8 +179,10 @@ def _check_layers(layers: Any) -> tuple[type, ...]:
         raise ValueError("layers must name at least one layer type (e.g. nn.Conv2d and/or nn.Linear)")
     for t in layers:
         if not isinstance(t, type) or not issubclass(t, SUPPORTED_LAYERS):
-            raise TypeError("layers may contain only nn.Linear, nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d or their "
-                            f"subclasses, got {t!r}")
+            raise TypeError(
+                "layers may contain only nn.Linear, nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d or their "
+                f"subclasses, got {t!r}"
+            )
     return layers
 
 
@@ -154,16 +202,19 @@ class ConvertReport:
         return "\n".join(lines)
 
 
-_MHA_REASON = ("nn.MultiheadAttention reads in_proj_weight (a bare Parameter) and out_proj.weight directly in "
-               "F.multi_head_attention_forward, so no layer forward carries the noise; not supported")
+_MHA_REASON = (
+    "nn.MultiheadAttention reads in_proj_weight (a bare Parameter) and out_proj.weight directly in "
+    "F.multi_head_attention_forward, so no layer forward carries the noise; not supported"
+)
 
 
 def _bare_weights(m: nn.Module) -> list[str]:
     return [n for n, p in m._parameters.items() if p is not None and n.endswith("weight") and p.dim() >= 2]
 
 
-def _plan(name: str, m: nn.Module, parent: Optional[nn.Module], layers: tuple[type, ...],
-          user_skip: bool) -> Optional[tuple[str, str]]:
+def _plan(
+    name: str, m: nn.Module, parent: Optional[nn.Module], layers: tuple[type, ...], user_skip: bool
+) -> Optional[tuple[str, str]]:
     """("replace" | "wrap" | "skip" | "warn" | "lazy", detail) for one module, or None (not a layer to report)."""
     if is_noisy_module(m):
         return ("skip", "already a PNI layer") if isinstance(m, layers) else None
@@ -173,8 +224,11 @@ def _plan(name: str, m: nn.Module, parent: Optional[nn.Module], layers: tuple[ty
     if not isinstance(m, SUPPORTED_LAYERS):
         bare = _bare_weights(m)
         if bare and not isinstance(m, NoiseInjection):
-            return ("skip", f"unsupported layer type: no noise on {', '.join(bare)} (convert handles nn.Linear, "
-                            "nn.Conv*d, nn.ConvTranspose*d and subclasses)")
+            return (
+                "skip",
+                f"unsupported layer type: no noise on {', '.join(bare)} (convert handles nn.Linear, "
+                "nn.Conv*d, nn.ConvTranspose*d and subclasses)",
+            )
         return None
     if not isinstance(m, layers):
         return None
@@ -183,14 +237,21 @@ def _plan(name: str, m: nn.Module, parent: Optional[nn.Module], layers: tuple[ty
     if "alpha_w" in m._parameters or "alpha_i" in m._parameters:
         return ("skip", "already has a PNI alpha (alpha_w/alpha_i): a PNI layer from elsewhere")
     if isinstance(parent, nn.MultiheadAttention):
-        return ("warn", f"its parent {type(parent).__name__} (an nn.MultiheadAttention) reads this layer's weight "
-                        "directly; the layer's own forward never runs, so noise there would have no effect")
+        return (
+            "warn",
+            f"its parent {type(parent).__name__} (an nn.MultiheadAttention) reads this layer's weight "
+            "directly; the layer's own forward never runs, so noise there would have no effect",
+        )
     if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
         return ("lazy", "")
     if not isinstance(getattr(m, "weight", None), torch.Tensor):
         return ("warn", "has no weight tensor")
-    plain = (type(m) in (nn.Conv2d, nn.Linear) and isinstance(m._parameters.get("weight"), nn.Parameter)
-             and "weight" not in m.__dict__ and not parametrize.is_parametrized(m))
+    plain = (
+        type(m) in (nn.Conv2d, nn.Linear)
+        and isinstance(m._parameters.get("weight"), nn.Parameter)
+        and "weight" not in m.__dict__
+        and not parametrize.is_parametrized(m)
+    )
     if plain:
         return ("replace", f"replaced by {'NoisyConv2d' if isinstance(m, nn.Conv2d) else 'NoisyLinear'}")
     return ("wrap", f"wrapped in place as Noisy{type(m).__name__} (its own forward, noisy weight)")
@@ -270,8 +331,10 @@ def convert(
             lazy.append(f"{name or '<model>'} ({type(m).__name__})")
         plans.append((m, name, *plan))
     if lazy:
-        raise ValueError(f"convert: uninitialised lazy layer(s) {', '.join(lazy)}: their weight shape is not known "
-                         "yet; run one forward pass first (they then become ordinary layers) and convert after that")
+        raise ValueError(
+            f"convert: uninitialised lazy layer(s) {', '.join(lazy)}: their weight shape is not known "
+            "yet; run one forward pass first (they then become ordinary layers) and convert after that"
+        )
     replace: dict[int, nn.Module] = {}
     warned: list[str] = []
     for m, name, action, detail in plans:
@@ -280,12 +343,15 @@ def convert(
         elif action == "wrap":
             wrap_layer(m, pni, noise, alpha_init)
         if action in ("replace", "wrap"):
-            out.converted.append((name, type(m).__name__ if action == "replace" else m._pni_base_class.__name__,
-                                  detail))
+            out.converted.append(
+                (name, type(m).__name__ if action == "replace" else m._pni_base_class.__name__, detail)
+            )
             if isinstance(parents.get(id(m)), nn.TransformerEncoderLayer) and torch.backends.mha.get_fastpath_enabled():
-                warned.append(f"{name} is converted, but nn.TransformerEncoderLayer's inference fast path (eval "
-                              "mode without autograd) reads its weights directly and skips the noise; call "
-                              "torch.backends.mha.set_fastpath_enabled(False)")
+                warned.append(
+                    f"{name} is converted, but nn.TransformerEncoderLayer's inference fast path (eval "
+                    "mode without autograd) reads its weights directly and skips the noise; call "
+                    "torch.backends.mha.set_fastpath_enabled(False)"
+                )
         else:
             out.skipped.append((name, type(m).__name__, detail))
             if action == "warn":
@@ -293,10 +359,14 @@ def convert(
     if warned:
         warnings.warn("convert: left without noise: " + "; ".join(warned), stacklevel=2)
     if not out.converted and not warned:
-        kinds = ("Linear, Conv*d, ConvTranspose*d" if layers == SUPPORTED_LAYERS
-                 else ", ".join(t.__name__ for t in layers))
-        warnings.warn(f"convert: no layer of type {kinds} was converted in "
-                      f"{type(model).__name__} (none matched, all skipped, or already noisy)", stacklevel=2)
+        kinds = (
+            "Linear, Conv*d, ConvTranspose*d" if layers == SUPPORTED_LAYERS else ", ".join(t.__name__ for t in layers)
+        )
+        warnings.warn(
+            f"convert: no layer of type {kinds} was converted in "
+            f"{type(model).__name__} (none matched, all skipped, or already noisy)",
+            stacklevel=2,
+        )
     out.model = _swap(model, replace) if replace else model
     if batch_noise:
         batch_weight_noise(out.model, warn=False)

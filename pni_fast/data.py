@@ -1,4 +1,5 @@
 """Moved to `pni_fast.robust.data`; this name stays importable and *is* that module (same object)."""
+
 import sys
 
 from .robust import data as _module

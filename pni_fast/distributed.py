@@ -19,6 +19,7 @@ Both streams are reseeded at the start of every epoch from ``(seed, epoch[, rank
 generator, which draws PGD's random starts and dropout masks, seeded per rank), so a resumed run continues
 bit-for-bit without saving per-rank generator states.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -77,8 +78,10 @@ def context(distributed: Optional[bool] = None) -> DistContext:
         raise TypeError(f"distributed must be True, False or None, got {distributed!r}")
     up = dist.is_available() and dist.is_initialized()
     if distributed and not up:
-        raise RuntimeError("distributed=True needs an initialized process group: launch with torchrun and call "
-                           "torch.distributed.init_process_group() (or pni_fast.distributed.init_from_env()) first")
+        raise RuntimeError(
+            "distributed=True needs an initialized process group: launch with torchrun and call "
+            "torch.distributed.init_process_group() (or pni_fast.distributed.init_from_env()) first"
+        )
     if not up or distributed is False:
         return DistContext()
     return DistContext(True, dist.get_rank(), dist.get_world_size())
@@ -103,8 +106,11 @@ def init_from_env(device: str = "auto") -> torch.device:
     available). Under torchrun: CUDA ('auto' with a GPU, or 'cuda') -> ``cuda:LOCAL_RANK`` with nccl; CPU ->
     gloo. An explicit GPU index is refused when several processes run (each process owns one GPU).
     """
-    dev = torch.device("cuda" if device in (None, "auto") and torch.cuda.is_available() else
-                       ("cpu" if device in (None, "auto") else device))
+    dev = torch.device(
+        "cuda"
+        if device in (None, "auto") and torch.cuda.is_available()
+        else ("cpu" if device in (None, "auto") else device)
+    )
     if not launched_by_torchrun() or (dist.is_available() and dist.is_initialized()):
         return dev
     if not dist.is_available():
@@ -113,8 +119,10 @@ def init_from_env(device: str = "auto") -> torch.device:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if dev.type == "cuda":
         if dev.index is not None and world > 1:
-            raise ValueError(f"--device {device} under torchrun with {world} processes: each process uses "
-                             "cuda:LOCAL_RANK; pass --device cuda (or auto)")
+            raise ValueError(
+                f"--device {device} under torchrun with {world} processes: each process uses "
+                "cuda:LOCAL_RANK; pass --device cuda (or auto)"
+            )
         if dev.index is None:
             dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)

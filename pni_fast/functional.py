@@ -13,19 +13,26 @@ read on the device and advanced in place: the graph-safe source, used automatica
 a drawn seed traces as a symbolic integer (no graph break); inductor replays the draw with
 its own random stream, so compiled noise is fresh per call but not bit-equal to eager's.
 """
+
 from __future__ import annotations
 
 import importlib
 import math
 import operator
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
-from . import _ext, backends, fused, op_checks
+from . import (
+    _ext,
+    backends,
+    fused,
+    op_checks,
+    ops_torch,  # noqa: F401  (registers the pure-PyTorch ops)
+)
 from . import rng as _rng
-from . import ops_torch  # noqa: F401  (registers the pure-PyTorch ops)
 from .autograd import PerturbFn, PerturbMultiFn, apply, call, register_op_autograd
 from .backends import REGISTRY
 from .ops_torch import check_alpha_dtype, opmath
@@ -80,15 +87,17 @@ def _register_cpp_fakes() -> None:
         return [v.new_empty(v.shape) for v in vs]
 
     def alpha_grad_multi(grads, alphas, sigmas, seed, offsets, inners, rng_state=None):
-        op_checks.check_perturb_multi("perturb_alpha_grad_multi", "grad", grads, alphas, sigmas, seed, offsets,
-                                      inners, rng_state)
+        op_checks.check_perturb_multi(
+            "perturb_alpha_grad_multi", "grad", grads, alphas, sigmas, seed, offsets, inners, rng_state
+        )
         return [a.new_empty(a.shape) for a in alphas]
 
     torch.library.register_fake("pni_fast::noise")(noise)
     torch.library.register_fake("pni_fast::rng_words")(words_like)
     torch.library.register_fake("pni_fast::rng_uniform")(
-        lambda like, seed, offset, rng_state=None: words_like(like, seed, offset, rng_state, torch.float32,
-                                                              "rng_uniform")
+        lambda like, seed, offset, rng_state=None: words_like(
+            like, seed, offset, rng_state, torch.float32, "rng_uniform"
+        )
     )
     torch.library.register_fake("pni_fast::perturb")(perturb)
     torch.library.register_fake("pni_fast::perturb_alpha_grad")(alpha_grad)
@@ -196,7 +205,12 @@ def _sigma_torch(t: Tensor) -> Tensor:
         d = t.to(torch.float64)
         if t.dtype == torch.float64:
             s = d.std()
-            if t.device.type == "cpu" and not torch.compiler.is_compiling() and not under_vmap() and not math.isfinite(float(s)):
+            if (
+                t.device.type == "cpu"
+                and not torch.compiler.is_compiling()
+                and not under_vmap()
+                and not math.isfinite(float(s))
+            ):
                 s = _std_scaled(d)  # finite tensors whose squares overflow float64
             return s
         m = d.mean()
@@ -375,14 +389,29 @@ def noisy_weights(
     _check_finite(torch.stack(sigmas), "weights", alphas)
     multi = REGISTRY[chosen].perturb_multi
     if multi is None:
-        outs = [apply(PerturbFn, w, a, s, rng.seed, o, i, rng.state, chosen)
-                for w, a, s, o, i in zip(weights, alphas, sigmas, offsets, inners)]
+        outs = [
+            apply(PerturbFn, w, a, s, rng.seed, o, i, rng.state, chosen)
+            for w, a, s, o, i in zip(weights, alphas, sigmas, offsets, inners)
+        ]
     elif torch.compiler.is_compiling():  # dynamo traces the op's registered autograd, not the flattened Function
-        outs = list(call(multi, [w.contiguous() for w in weights], [a.contiguous() for a in alphas], sigmas, rng.seed,
-                         offsets, inners, state=rng.state))
+        outs = list(
+            call(
+                multi,
+                [w.contiguous() for w in weights],
+                [a.contiguous() for a in alphas],
+                sigmas,
+                rng.seed,
+                offsets,
+                inners,
+                state=rng.state,
+            )
+        )
     else:
-        outs = list(apply(PerturbMultiFn, len(weights), rng.seed, offsets, inners, rng.state, chosen, *weights,
-                          *alphas, *sigmas))
+        outs = list(
+            apply(
+                PerturbMultiFn, len(weights), rng.seed, offsets, inners, rng.state, chosen, *weights, *alphas, *sigmas
+            )
+        )
     rng.advance()
     return outs
 

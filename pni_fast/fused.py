@@ -15,9 +15,11 @@ float64 tensors (their sigma is ``torch.std``), RNG-state seeds and the other ba
 ``ENABLED = False`` switches the fast path off (benchmarks compare the two; tests that spy on
 ``rng.draw_seed`` use it).
 """
+
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -65,14 +67,29 @@ def multi_dtype_ok(vs: Sequence[Tensor]) -> bool:
     return all(v.dtype == dtype for v in vs)
 
 
-def noisy(v: Tensor, alpha: Tensor, offset: int, inner: int, seed: Optional[int], name: str,
-          generator: Optional[torch.Generator]) -> Tensor:
+def noisy(
+    v: Tensor,
+    alpha: Tensor,
+    offset: int,
+    inner: int,
+    seed: Optional[int],
+    name: str,
+    generator: Optional[torch.Generator],
+) -> Tensor:
     """The fast path of :func:`pni_fast.functional._perturb` (arguments already checked)."""
     return op_overload("noisy")(v, alpha, offset, inner, seed, generator, name)
 
 
-def noisy_multi(vs: Sequence[Tensor], alphas: Sequence[Tensor], offsets: list[int], inners: list[int],
-                seed: Optional[int], name: str, generator: Optional[torch.Generator]) -> list[Tensor]:
+def noisy_multi(
+    vs: Sequence[Tensor],
+    alphas: Sequence[Tensor],
+    offsets: list[int],
+    inners: list[int],
+    seed: Optional[int],
+    name: str,
+    generator: Optional[torch.Generator],
+) -> list[Tensor]:
     """The fast path of :func:`pni_fast.functional.noisy_weights` (arguments already checked)."""
-    return op_overload("noisy_multi")(list(vs), list(alphas), offsets, inners, seed, generator, name,
-                                      SAVE_NOISE_MAX_ELEMENTS)
+    return op_overload("noisy_multi")(
+        list(vs), list(alphas), offsets, inners, seed, generator, name, SAVE_NOISE_MAX_ELEMENTS
+    )

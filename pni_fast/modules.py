@@ -21,6 +21,7 @@ exported program also draws fresh noise per call. ``torch.jit.trace`` would free
 constants and ``torch.jit.script`` cannot compile the Python op layer: both raise an error that
 names ``pni_fast.no_noise`` / ``pni_fast.strip``, as does ONNX export with noise on.
 """
+
 from __future__ import annotations
 
 import math
@@ -78,13 +79,19 @@ def _refuse_frozen_capture() -> None:
     """jit.trace records tensors, not calls: the noise of the traced call would be replayed forever."""
     if torch.jit.is_tracing():
         if torch.onnx.is_in_onnx_export():
-            raise RuntimeError("pni_fast: ONNX export with PNI noise on is not supported (ONNX has no op for "
-                               "it, and a traced draw would be frozen). " + _DEPLOY_HINT)
-        raise RuntimeError("pni_fast: torch.jit.trace would freeze PNI's noise into constants (one draw, "
-                           "replayed on every call). " + _DEPLOY_HINT)
+            raise RuntimeError(
+                "pni_fast: ONNX export with PNI noise on is not supported (ONNX has no op for "
+                "it, and a traced draw would be frozen). " + _DEPLOY_HINT
+            )
+        raise RuntimeError(
+            "pni_fast: torch.jit.trace would freeze PNI's noise into constants (one draw, "
+            "replayed on every call). " + _DEPLOY_HINT
+        )
     if torch.compiler.is_exporting() and torch.onnx.is_in_onnx_export():
-        raise RuntimeError("pni_fast: ONNX export with PNI noise on is not supported (ONNX has no op for PNI's "
-                           "Philox noise). " + _DEPLOY_HINT)
+        raise RuntimeError(
+            "pni_fast: ONNX export with PNI noise on is not supported (ONNX has no op for PNI's "
+            "Philox noise). " + _DEPLOY_HINT
+        )
 
 
 def _graph_seed(t: torch.Tensor) -> Optional[torch.Tensor]:
@@ -108,8 +115,10 @@ def noisy_input_call(x: torch.Tensor, alpha: torch.Tensor, layout: int, num_chan
     (``NoiseInjection``; ``num_channels > 0`` checks dim 1)."""
     _refuse_frozen_capture()
     if num_channels and (x.dim() < 2 or x.shape[1] != num_channels):
-        raise ValueError(f"NoiseInjection(num_channels={num_channels}) expects input [N, {num_channels}, ...], "
-                         f"got shape {list(x.shape)}")
+        raise ValueError(
+            f"NoiseInjection(num_channels={num_channels}) expects input [N, {num_channels}, ...], "
+            f"got shape {list(x.shape)}"
+        )
     alpha = _alpha_for(alpha, x.dtype)
     if layout < 0:
         view = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x  # features last -> dim 1
@@ -193,7 +202,8 @@ class _PNIMixin:
         self.alpha_init = check_alpha_init(alpha_init)
         if self.noise != "weight" and self.pni == "elementwise" and isinstance(self, nn.modules.conv._ConvNd):
             raise ValueError(
-                f"pni='elementwise' input noise on {type(self).__name__} needs the input's spatial size, which is unknown "
+                f"pni='elementwise' input noise on {type(self).__name__} needs the input's spatial size, "
+                "which is unknown "
                 "when the layer is built; use pni='layerwise' or 'channelwise' with noise='input'/'both', or "
                 "noise='weight'"
             )
@@ -289,11 +299,13 @@ class _PNIMixin:
     def extra_repr(self) -> str:
         return super().extra_repr() + ", " + self._noise_repr()
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs) -> None:
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
         self._check_alpha_in_state_dict(state_dict, prefix, error_msgs)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
 
 class NoisyConv2d(_PNIMixin, nn.Conv2d):
@@ -325,8 +337,17 @@ class NoisyConv2d(_PNIMixin, nn.Conv2d):
         alpha_init: float = 0.25,
     ) -> None:
         super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
-            device=device, dtype=dtype,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            padding_mode,
+            device=device,
+            dtype=dtype,
         )
         self._setup_noise(pni, noise, alpha_init, device=self.weight.device, dtype=self.weight.dtype)
 
@@ -398,8 +419,9 @@ class NoiseInjection(nn.Module):
         super().__init__()
         self.pni = check_pni(pni, ("layerwise", "channelwise"))
         self.alpha_init = check_alpha_init(alpha_init)
-        if num_channels is not None and (isinstance(num_channels, bool) or not isinstance(num_channels, int)
-                                         or num_channels < 1):
+        if num_channels is not None and (
+            isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1
+        ):
             raise ValueError(f"num_channels must be a positive int or None, got {num_channels!r}")
         if self.pni == "channelwise" and num_channels is None:
             raise ValueError("NoiseInjection(pni='channelwise') needs num_channels (the size of the input's dim 1)")

@@ -13,6 +13,7 @@ Python: dtypes ``torch.float32``, shapes ``[2, 3]``, devices ``cpu``.
 A condition on a SymInt (a drawn seed, a dynamic size under ``torch.compile``) goes to
 ``torch._check_with``, a runtime assertion, instead of guarding on its value.
 """
+
 from __future__ import annotations
 
 import re
@@ -58,42 +59,64 @@ class Rule:
         return re.findall(r"\{(\w+)\}", self.template)
 
 
-RULES: dict[str, Rule] = {r.name: r for r in (
-    # v / grad (vname) and its companions
-    Rule("dtype", TypeError, "{vname} must be float32, float64, float16 or bfloat16, got {dtype}"),
-    Rule("alpha_dtype", TypeError,
-         "alpha must have dtype {dtype} (the dtype of {vname}){or_float32}, got {alpha_dtype}"),
-    Rule("alpha_device", ValueError, "alpha must be on {vname}'s device ({device}), got {alpha_device}"),
-    Rule("alpha_empty", ValueError,
-         "alpha must have at least one element (unless {vname} is zero-size), got shape {alpha_shape}"),
-    Rule("sigma_shape", ValueError, "sigma must be a 0-d tensor, got shape {sigma_shape}"),
-    Rule("sigma_dtype", TypeError, "sigma must be float32 or {vname}'s dtype ({dtype}), got {sigma_dtype}"),
-    Rule("sigma_device", ValueError, "sigma must be on {vname}'s device ({device}), got {sigma_device}"),
-    # seed and Philox counters
-    Rule("seed", ValueError, "seed must be in [0, 2^63), got {seed}"),
-    Rule("offset", ValueError, "offset must be >= 0 (a Philox counter offset), got {offset}"),
-    Rule("counter_limit", ValueError, "offset + ceil(numel / 4) must be < 2^63, got offset={offset}, numel={numel}"),
-    # alpha's layout
-    Rule("inner", ValueError, "inner must be >= 1 (0 only for a zero-size {vname}), got {inner}"),
-    Rule("alpha_tiling", ValueError,
-         "alpha with {alpha_numel} elements (shape {alpha_shape}) does not fit {vname} of shape {shape} with "
-         "inner={inner}: expected numel ({numel}) to be a multiple of inner * alpha.numel() ({tile})"),
-    # list ops
-    Rule("list_lengths", ValueError,
-         "{lists}, alphas, sigmas, offsets and inners must have the same length, got {n_v}, {n_alpha}, {n_sigma}, "
-         "{n_offset}, {n_inner}"),
-    # rng_state: the tensor, then (CPU only: read on the host) its values
-    Rule("rng_state_dtype", TypeError, "rng_state must be an int64 tensor (seed, counter base), got {dtype}"),
-    Rule("rng_state_shape", ValueError, "rng_state must have shape [2] (seed, counter base), got {shape}"),
-    Rule("rng_state_contiguous", ValueError, "rng_state must be contiguous"),
-    Rule("rng_state_device", ValueError, "rng_state must be on the op's device ({device}), got {state_device}"),
-    Rule("rng_state_seed", ValueError, "rng_state[0] (the seed) must be in [0, 2^63), got {seed}"),
-    Rule("rng_state_base", ValueError, "rng_state[1] (the counter base) must be >= 0, got {base}"),
-    Rule("state_offset", ValueError, "rng_state[1] + offset must be < 2^63, got rng_state[1]={base}, offset={offset}"),
-    Rule("state_counter_limit", ValueError,
-         "rng_state[1] + offset + ceil(numel / 4) must be < 2^63, got rng_state[1]={base}, offset={offset}, "
-         "numel={numel}"),
-)}
+RULES: dict[str, Rule] = {
+    r.name: r
+    for r in (
+        # v / grad (vname) and its companions
+        Rule("dtype", TypeError, "{vname} must be float32, float64, float16 or bfloat16, got {dtype}"),
+        Rule(
+            "alpha_dtype",
+            TypeError,
+            "alpha must have dtype {dtype} (the dtype of {vname}){or_float32}, got {alpha_dtype}",
+        ),
+        Rule("alpha_device", ValueError, "alpha must be on {vname}'s device ({device}), got {alpha_device}"),
+        Rule(
+            "alpha_empty",
+            ValueError,
+            "alpha must have at least one element (unless {vname} is zero-size), got shape {alpha_shape}",
+        ),
+        Rule("sigma_shape", ValueError, "sigma must be a 0-d tensor, got shape {sigma_shape}"),
+        Rule("sigma_dtype", TypeError, "sigma must be float32 or {vname}'s dtype ({dtype}), got {sigma_dtype}"),
+        Rule("sigma_device", ValueError, "sigma must be on {vname}'s device ({device}), got {sigma_device}"),
+        # seed and Philox counters
+        Rule("seed", ValueError, "seed must be in [0, 2^63), got {seed}"),
+        Rule("offset", ValueError, "offset must be >= 0 (a Philox counter offset), got {offset}"),
+        Rule(
+            "counter_limit", ValueError, "offset + ceil(numel / 4) must be < 2^63, got offset={offset}, numel={numel}"
+        ),
+        # alpha's layout
+        Rule("inner", ValueError, "inner must be >= 1 (0 only for a zero-size {vname}), got {inner}"),
+        Rule(
+            "alpha_tiling",
+            ValueError,
+            "alpha with {alpha_numel} elements (shape {alpha_shape}) does not fit {vname} of shape {shape} with "
+            "inner={inner}: expected numel ({numel}) to be a multiple of inner * alpha.numel() ({tile})",
+        ),
+        # list ops
+        Rule(
+            "list_lengths",
+            ValueError,
+            "{lists}, alphas, sigmas, offsets and inners must have the same length, got {n_v}, {n_alpha}, {n_sigma}, "
+            "{n_offset}, {n_inner}",
+        ),
+        # rng_state: the tensor, then (CPU only: read on the host) its values
+        Rule("rng_state_dtype", TypeError, "rng_state must be an int64 tensor (seed, counter base), got {dtype}"),
+        Rule("rng_state_shape", ValueError, "rng_state must have shape [2] (seed, counter base), got {shape}"),
+        Rule("rng_state_contiguous", ValueError, "rng_state must be contiguous"),
+        Rule("rng_state_device", ValueError, "rng_state must be on the op's device ({device}), got {state_device}"),
+        Rule("rng_state_seed", ValueError, "rng_state[0] (the seed) must be in [0, 2^63), got {seed}"),
+        Rule("rng_state_base", ValueError, "rng_state[1] (the counter base) must be >= 0, got {base}"),
+        Rule(
+            "state_offset", ValueError, "rng_state[1] + offset must be < 2^63, got rng_state[1]={base}, offset={offset}"
+        ),
+        Rule(
+            "state_counter_limit",
+            ValueError,
+            "rng_state[1] + offset + ceil(numel / 4) must be < 2^63, got rng_state[1]={base}, offset={offset}, "
+            "numel={numel}",
+        ),
+    )
+}
 
 
 def message(rule: str, prefix: str = "", **fields) -> str:
@@ -163,20 +186,27 @@ def check_rng_state(op: str, rng_state: Optional[Tensor], device: torch.device) 
 def check_state_counter(base: int, offset, numel, prefix: str = "") -> None:
     """With rng_state read on the host: base + offset + ceil(numel / 4) < 2^63."""
     require(offset < LIMIT - base, "state_offset", prefix, base=base, offset=offset)
-    require(base + offset + _quads(numel) < LIMIT, "state_counter_limit", prefix, base=base, offset=offset,
-             numel=numel)
+    require(base + offset + _quads(numel) < LIMIT, "state_counter_limit", prefix, base=base, offset=offset, numel=numel)
 
 
-def check_perturb_args(v: Tensor, alpha: Tensor, sigma: Tensor, seed, offset, inner, vname: str,
-                       prefix: str = "") -> None:
+def check_perturb_args(
+    v: Tensor, alpha: Tensor, sigma: Tensor, seed, offset, inner, vname: str, prefix: str = ""
+) -> None:
     """perturb / perturb_alpha_grad (``vname`` "v" or "grad"): dtypes, devices, seed, offset, alpha's layout."""
     vt, at, st = v.dtype, alpha.dtype, sigma.dtype
     device, alpha_device, sigma_device = v.device, alpha.device, sigma.device
     n, na = v.numel(), alpha.numel()
     half = vt in _HALF
     require(vt in _FLOATS, "dtype", prefix, vname=vname, dtype=vt)
-    require(at == vt or (half and at == torch.float32), "alpha_dtype", prefix, dtype=vt, vname=vname,
-            or_float32=" or torch.float32" if half else "", alpha_dtype=at)
+    require(
+        at == vt or (half and at == torch.float32),
+        "alpha_dtype",
+        prefix,
+        dtype=vt,
+        vname=vname,
+        or_float32=" or torch.float32" if half else "",
+        alpha_dtype=at,
+    )
     require(alpha_device == device, "alpha_device", prefix, vname=vname, device=device, alpha_device=alpha_device)
     require(na >= 1 or n == 0, "alpha_empty", prefix, vname=vname, alpha_shape=alpha.shape)
     require(sigma.dim() == 0, "sigma_shape", prefix, sigma_shape=sigma.shape)
@@ -186,13 +216,32 @@ def check_perturb_args(v: Tensor, alpha: Tensor, sigma: Tensor, seed, offset, in
     check_offset_fits(offset, n, prefix)
     require(inner >= 1 or (inner == 0 and n == 0), "inner", prefix, vname=vname, inner=inner)
     if na > 1 and n > 0:  # element i uses alpha_flat[(i // inner) % na]: whole repetitions of na runs of inner
-        require(n % (inner * na) == 0, "alpha_tiling", prefix, alpha_numel=na, alpha_shape=alpha.shape, vname=vname,
-                shape=v.shape, inner=inner, numel=n, tile=inner * na)
+        require(
+            n % (inner * na) == 0,
+            "alpha_tiling",
+            prefix,
+            alpha_numel=na,
+            alpha_shape=alpha.shape,
+            vname=vname,
+            shape=v.shape,
+            inner=inner,
+            numel=n,
+            tile=inner * na,
+        )
 
 
 def check_multi_lengths(op: str, lists: str, nv: int, na: int, ns: int, no: int, ni: int) -> None:
-    require(na == nv and ns == nv and no == nv and ni == nv, "list_lengths", f"{op}: ", lists=lists, n_v=nv,
-             n_alpha=na, n_sigma=ns, n_offset=no, n_inner=ni)
+    require(
+        na == nv and ns == nv and no == nv and ni == nv,
+        "list_lengths",
+        f"{op}: ",
+        lists=lists,
+        n_v=nv,
+        n_alpha=na,
+        n_sigma=ns,
+        n_offset=no,
+        n_inner=ni,
+    )
 
 
 def list_prefix(lists: str, i: int) -> str:
@@ -213,8 +262,9 @@ def check_noise(op: str, like: Tensor, seed, offset, rng_state: Optional[Tensor]
         check_state_counter(base, offset, like.numel())
 
 
-def check_perturb(op: str, vname: str, v: Tensor, alpha: Tensor, sigma: Tensor, seed, offset, inner,
-                  rng_state: Optional[Tensor]) -> None:
+def check_perturb(
+    op: str, vname: str, v: Tensor, alpha: Tensor, sigma: Tensor, seed, offset, inner, rng_state: Optional[Tensor]
+) -> None:
     """perturb (``vname`` "v") / perturb_alpha_grad ("grad")."""
     check_perturb_args(v, alpha, sigma, seed, offset, inner, vname)
     base = check_rng_state(op, rng_state, v.device)
@@ -222,9 +272,17 @@ def check_perturb(op: str, vname: str, v: Tensor, alpha: Tensor, sigma: Tensor, 
         check_state_counter(base, offset, v.numel())
 
 
-def check_perturb_multi(op: str, vname: str, vs: Sequence[Tensor], alphas: Sequence[Tensor],
-                        sigmas: Sequence[Tensor], seed, offsets: Sequence, inners: Sequence,
-                        rng_state: Optional[Tensor]) -> None:
+def check_perturb_multi(
+    op: str,
+    vname: str,
+    vs: Sequence[Tensor],
+    alphas: Sequence[Tensor],
+    sigmas: Sequence[Tensor],
+    seed,
+    offsets: Sequence,
+    inners: Sequence,
+    rng_state: Optional[Tensor],
+) -> None:
     """perturb_multi (``vname`` "v": lists ``vs``) / perturb_alpha_grad_multi ("grad": ``grads``)."""
     lists = vname + "s"
     check_multi_lengths(op, lists, len(vs), len(alphas), len(sigmas), len(offsets), len(inners))

@@ -6,6 +6,7 @@ It runs on any device, draws exactly the contract's noise and is the fallback wh
 compiled kernel is available. Every op and fake kernel first runs the contract's argument checks
 (:mod:`pni_fast.op_checks`), so it fails like the C++ and Triton ops.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -30,8 +31,15 @@ def check_alpha_dtype(alpha: Tensor, dtype: torch.dtype, name: str) -> None:
     """alpha has the tensor's dtype, or float32 with a float16/bfloat16 tensor (AMP keeps parameters fp32):
     the op contract's ``alpha_dtype`` rule, for the public functions (``name``: "weight", "x", ...)."""
     half = dtype in _HALF
-    op_checks.require(alpha.dtype == dtype or (half and alpha.dtype == torch.float32), "alpha_dtype", "",
-                       dtype=dtype, vname=name, or_float32=" or torch.float32" if half else "", alpha_dtype=alpha.dtype)
+    op_checks.require(
+        alpha.dtype == dtype or (half and alpha.dtype == torch.float32),
+        "alpha_dtype",
+        "",
+        dtype=dtype,
+        vname=name,
+        or_float32=" or torch.float32" if half else "",
+        alpha_dtype=alpha.dtype,
+    )
 
 
 def _seed_offset(numel: int, seed: int, offset: int, rng_state: Optional[Tensor]):

@@ -3,6 +3,7 @@
 The paper trains every ``alpha`` without weight decay: decay pulls the noise scale to zero and
 with it the defense. ``param_groups`` excludes the alphas from decay and nothing else.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,9 @@ def param_groups(model: nn.Module, weight_decay: float, **group_options: Any) ->
     PNI alpha with ``weight_decay=0``.
 
     Alphas are those of pni_fast's noisy modules plus any parameter named ``alpha_w`` or
-    ``alpha_i`` (the original PNI layers and ``pni_fast.reference``'s). Only parameters with ``requires_grad`` are included (each once, even when shared). Biases and
-    normalisation parameters keep ``weight_decay`` (as in the original PNI training); build your own
+    ``alpha_i`` (the original PNI layers and ``pni_fast.reference``'s). Only parameters with
+    ``requires_grad`` are included (each once, even when shared). Biases and normalisation
+    parameters keep ``weight_decay`` (as in the original PNI training); build your own
     groups if you want them excluded too. Empty groups are omitted. ``group_options`` (e.g. ``lr``)
     are added to both groups. Use: ``torch.optim.SGD(param_groups(model, 5e-4), lr=0.1, momentum=0.9)``.
     """

@@ -6,6 +6,7 @@ fused kernels draw for a ``(seed, offset)``. ``seed`` and ``offset`` may be Pyth
 0-d int64 tensors on the device (the graph-safe ``rng_state`` path reads them without a
 host sync).
 """
+
 from __future__ import annotations
 
 from typing import Union
@@ -40,9 +41,7 @@ def alpha_view(alpha: torch.Tensor, numel: int, inner: int) -> tuple[tuple[int, 
         return (numel, 1, 1), alpha.reshape(-1)[:1].reshape(1, 1, 1)
     block = n_alpha * inner
     if inner < 1 or numel % block != 0:
-        raise ValueError(
-            f"alpha with {n_alpha} elements and inner={inner} does not tile a tensor of {numel} elements"
-        )
+        raise ValueError(f"alpha with {n_alpha} elements and inner={inner} does not tile a tensor of {numel} elements")
     return (numel // block, n_alpha, inner), alpha.reshape(1, n_alpha, 1)
 
 

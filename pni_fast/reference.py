@@ -10,6 +10,7 @@ The paper-faithful reference (``reference_noisy_weight``, ``ReferenceNoisyConv2d
 The RNG contract in integer tensor ops lives in :mod:`pni_fast.philox_torch` (re-exported
 here for compatibility).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -44,9 +45,7 @@ __all__ = [
 # ---------------------------------------------------------------------------
 
 
-def reference_noisy_weight(
-    weight: torch.Tensor, alpha: torch.Tensor, z: Optional[torch.Tensor] = None
-) -> torch.Tensor:
+def reference_noisy_weight(weight: torch.Tensor, alpha: torch.Tensor, z: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``w + alpha * N(0, std(w))`` exactly as the original PNI layers compute it.
 
     ``alpha`` broadcasts against ``weight`` (scalar, ``[O, 1, ...]`` or the weight's shape).

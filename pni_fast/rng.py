@@ -13,18 +13,32 @@ Two sources, both obeying the counter contract of docs/design.md section 3:
   default state (:func:`default_rng_state`), which must exist before capture: it is created
   by the first eager call on that device, or by calling :func:`default_rng_state`.
 """
+
 from __future__ import annotations
 
 import contextlib
 import operator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["SEED_LIMIT", "draw_seed", "manual_seed", "own_generator", "make_rng_state", "default_rng_state", "is_rng_state", "RngArgs", "rng_args",
-           "checked_offset", "checked_seed", "seed_generator"]
+__all__ = [
+    "SEED_LIMIT",
+    "draw_seed",
+    "manual_seed",
+    "own_generator",
+    "make_rng_state",
+    "default_rng_state",
+    "is_rng_state",
+    "RngArgs",
+    "rng_args",
+    "checked_offset",
+    "checked_seed",
+    "seed_generator",
+]
 
 SEED_LIMIT = 2**63
 _default_states: dict[torch.device, Tensor] = {}

@@ -22,6 +22,7 @@ is traced through, its noise a leaf call (:func:`pni_fast.modules.noisy_weight_c
 ``strip`` restores the original class (also when a parametrization was added after ``convert``).
 Removing a parametrization that existed *before* ``convert`` needs ``strip`` first.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -61,7 +62,8 @@ class WrappedPNI(_PNIMixin):
                 raise RuntimeError(
                     f"{type(self).__name__}: a parametrization registered after pni_fast.convert hides the noisy "
                     "weight from the layer's forward; call pni_fast.strip(model), register the parametrization, "
-                    "then convert again")
+                    "then convert again"
+                )
             noisy = self._noisy_weight()
         if self.alpha_i is not None:
             if args:
@@ -139,9 +141,14 @@ def _wrapped_class(base: type) -> type:
         forward.__doc__ = WrappedPNI.forward.__doc__
         # __module__ of the original class: torch.fx keeps a torch.nn layer a leaf (called at run time, as the
         # plain layer would be) and traces through a user's class (as it would the plain one)
-        ns = {"_pni_base_class": base, "weight": prop, "_pni_weight_ref": (prop,), "__module__": base.__module__,
-              "forward": forward,
-              "__doc__": f"{base.__name__} with Parametric Noise Injection (made by pni_fast.convert)."}
+        ns = {
+            "_pni_base_class": base,
+            "weight": prop,
+            "_pni_weight_ref": (prop,),
+            "__module__": base.__module__,
+            "forward": forward,
+            "__doc__": f"{base.__name__} with Parametric Noise Injection (made by pni_fast.convert).",
+        }
         cls = type(f"Noisy{base.__name__}", (WrappedPNI, base), ns)
         _CLASSES[base] = cls
     return cls
@@ -172,15 +179,20 @@ def _plain_class(module: nn.Module, pni_base: type, plain_base: type) -> type:
     if cls.__bases__[0] is pni_base and parametrize.is_parametrized(module):
         ns = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
         return type(f"Parametrized{plain_base.__name__}", (plain_base,), ns)
-    raise TypeError(f"strip: cannot restore {cls.__name__} (a subclass of {pni_base.__name__} that is not a "
-                    "parametrization); call pni_fast.strip before subclassing or re-classing the layer")
+    raise TypeError(
+        f"strip: cannot restore {cls.__name__} (a subclass of {pni_base.__name__} that is not a "
+        "parametrization); call pni_fast.strip before subclassing or re-classing the layer"
+    )
 
 
 def plain_class(module: nn.Module) -> type:
     """The class ``module`` gets back from :func:`unwrap_layer` (TypeError when it cannot be restored)."""
     if is_wrapped(module):
-        pni_base = next(c for c in type(module).__mro__ if c.__dict__.get("_pni_base_class") is not None
-                        and _CLASSES.get(c.__dict__["_pni_base_class"]) is c)
+        pni_base = next(
+            c
+            for c in type(module).__mro__
+            if c.__dict__.get("_pni_base_class") is not None and _CLASSES.get(c.__dict__["_pni_base_class"]) is c
+        )
         return _plain_class(module, pni_base, pni_base._pni_base_class)
     from .modules import NoisyConv2d, NoisyLinear
 

@@ -6,6 +6,7 @@ One macro per rule, ``PNI_CHECK_<RULE>(cond, prefix, <fields in template order>)
 literal pieces and fields interleaved. Run after editing RULES; tests/test_op_checks.py fails while
 the header is stale. ``--check`` only compares (exit 1 when stale).
 """
+
 from __future__ import annotations
 
 import argparse

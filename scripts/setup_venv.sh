@@ -20,7 +20,7 @@ TRITON_FOR_CPU_TORCH="triton==3.7.1"
 if python -c 'import importlib.metadata as m, sys; sys.exit(any(r.startswith("triton") for r in m.requires("torch") or []))'; then
   python -m pip install -q "$TRITON_FOR_CPU_TORCH"
 fi
-python -m pip install -q numpy scipy pytest hypothesis ninja pybind11 tqdm matplotlib scikit-learn
+python -m pip install -q numpy scipy pytest hypothesis ninja pybind11 tqdm matplotlib scikit-learn "ruff==0.17.6"
 # torchattacks for the interoperability test (tests/test_attacks.py); it needs only torch at import
 python -m pip install -q --no-deps torchattacks
 python -m pip install -q -e .

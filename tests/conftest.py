@@ -1,6 +1,7 @@
 """Shared test setup: the Triton interpreter on CPU-only machines, tests/ helpers on sys.path, and
 the fixtures ``kernel`` / ``cpp_kernel`` (one test body for every backend) and ``float_dtype``
 (markers: pyproject.toml)."""
+
 import os
 import sys
 

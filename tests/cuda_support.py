@@ -5,6 +5,7 @@ Tests there skip with "no CUDA device" on machines without a GPU, unless marked 
 GPU runs the tests' logic on CPU tensors (C++ CPU kernels for "cuda", the Triton interpreter for
 "triton"), a dry run; what needs a real device (graphs, streams, big memory) still skips.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -14,8 +15,9 @@ import pytest
 import torch
 
 import pni_fast
-from oracle import Bounds
 from pni_fast import _ext
+
+from oracle import Bounds
 
 ON_GPU = torch.cuda.is_available()
 DRY_RUN = not ON_GPU and os.environ.get("PNI_GPU_TESTS_ON_CPU") == "1"
@@ -26,7 +28,11 @@ OFFSET = 2**32 - 100  # counters cross the 32-bit boundary of c0/c1
 
 BOUNDS = Bounds(bf16_truncates=DRY_RUN)  # the Triton interpreter converts to bf16 by truncation
 out_bound, grad_bound, check_perturb, check_grad = (
-    BOUNDS.out_bound, BOUNDS.grad_bound, BOUNDS.check_perturb, BOUNDS.check_grad)
+    BOUNDS.out_bound,
+    BOUNDS.grad_bound,
+    BOUNDS.check_perturb,
+    BOUNDS.check_grad,
+)
 
 
 def runs_on_cpu(fn):
@@ -60,8 +66,10 @@ needs_cuda_ext = pytest.mark.skipif(
 )
 needs_triton = pytest.mark.skipif((ON_GPU or DRY_RUN) and not has_triton(), reason="triton is not installed")
 real_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a real CUDA device (streams, graphs or device memory)")
-needs_rng_state = pytest.mark.skipif(not hasattr(pni_fast, "make_rng_state"),
-                                     reason="pni_fast.make_rng_state is missing (op contract v2 not implemented)")
+needs_rng_state = pytest.mark.skipif(
+    not hasattr(pni_fast, "make_rng_state"),
+    reason="pni_fast.make_rng_state is missing (op contract v2 not implemented)",
+)
 
 GPU_BACKENDS = [
     pytest.param("cuda", marks=needs_cuda_ext),

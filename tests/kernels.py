@@ -6,6 +6,7 @@ the interpreter) on CPU tensors; "cuda" and, with a GPU, "triton" on CUDA tensor
 cannot run here skips with the registry's reason, at set-up (never at collection).
 ``PNI_TEST_BACKENDS=cpu,torch`` restricts the parametrization (scripts/sanitize.sh uses it).
 """
+
 from __future__ import annotations
 
 import importlib

@@ -14,6 +14,7 @@ It shares no code with pni_fast, so a bug there cannot hide in the expectation:
   it, a wrong, missing or shifted noise value does not;
 * the case table (every alpha mode at sizes around the kernels' block and tile edges) and inputs.
 """
+
 from __future__ import annotations
 
 import math
@@ -104,12 +105,21 @@ def z64(numel: int, seed: int, offset: int) -> torch.Tensor:
 
 # Random123 kat_vectors, philox4x32_10: (counter c0..c3, key k0..k1) -> output words.
 KNOWN_ANSWERS = [
-    ((0x00000000, 0x00000000, 0x00000000, 0x00000000), (0x00000000, 0x00000000),
-     (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
-    ((0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF), (0xFFFFFFFF, 0xFFFFFFFF),
-     (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    (
+        (0x00000000, 0x00000000, 0x00000000, 0x00000000),
+        (0x00000000, 0x00000000),
+        (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8),
+    ),
+    (
+        (0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF),
+        (0xFFFFFFFF, 0xFFFFFFFF),
+        (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD),
+    ),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
 ]
 
 # ---------------------------------------------------------------------------
@@ -154,8 +164,10 @@ def grad_terms(g, alpha, sigma, inner, z):
     n, k = g.numel(), alpha.numel()
     idx = alpha_index(n, k, inner)
     g64 = flat64(g)
-    sums = [torch.zeros(k, dtype=torch.float64).index_add_(0, idx, t) * float(sigma)
-            for t in (g64 * z, (g64 * z).abs(), g64.abs())]
+    sums = [
+        torch.zeros(k, dtype=torch.float64).index_add_(0, idx, t) * float(sigma)
+        for t in (g64 * z, (g64 * z).abs(), g64.abs())
+    ]
     return tuple(sums)
 
 
@@ -201,13 +213,22 @@ class Bounds:
         noise = scale * z.abs()
         expected = v + a * sigma * z
         u_out = self.unit_out(dtype) if dtype in (torch.float16, torch.bfloat16) else 0.0
-        return (scale * z_tol + noise * sigma_rel + 4 * UNIT[math_dtype(dtype)] * (v.abs() + noise)
-                + 1.01 * u_out * expected.abs() + TINY[dtype])
+        return (
+            scale * z_tol
+            + noise * sigma_rel
+            + 4 * UNIT[math_dtype(dtype)] * (v.abs() + noise)
+            + 1.01 * u_out * expected.abs()
+            + TINY[dtype]
+        )
 
     def grad_bound(self, expected, abs_gz, abs_g, acc_dtype, out_dtype, z_tol, sigma_rel=0.0):
         """Largest ``|grad - expected|`` of a correct alpha-gradient kernel (see grad_terms)."""
-        return (z_tol * abs_g + SUM_REL[math_dtype(acc_dtype)] * abs_gz
-                + (sigma_rel + 1.01 * self.unit_out(out_dtype)) * expected.abs() + TINY[out_dtype])
+        return (
+            z_tol * abs_g
+            + SUM_REL[math_dtype(acc_dtype)] * abs_gz
+            + (sigma_rel + 1.01 * self.unit_out(out_dtype)) * expected.abs()
+            + TINY[out_dtype]
+        )
 
     def check_perturb(self, out, v, alpha, sigma, inner, z_oracle, z_own=None, sigma_rel=0.0, what="out"):
         """out against the oracle's z (within Z_TOL) and, if given, the backend's own z (rounding only)."""

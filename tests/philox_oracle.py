@@ -3,6 +3,7 @@
 The oracle lives in tests/oracle.py (one module: the numpy Philox, the float64 op contract,
 the bounds and the cases); this re-exports its RNG part unchanged.
 """
+
 from oracle import (  # noqa: F401
     KNOWN_ANSWERS,
     normal,

@@ -69,14 +69,26 @@ def _ta(fn):
 
 ATTACKS = {
     "fgsm": lambda m, x, y, **kw: fgsm(m, x, y, eps=0.1, **kw),
-    "pgd": lambda m, x, y, **kw: pgd(m, x, y, eps=0.1, alpha=0.03, steps=3,
-                                     generator=torch.Generator().manual_seed(5), **kw),
-    "pgd-l2-restarts": lambda m, x, y, **kw: pgd(m, x, y, eps=0.5, alpha=0.2, steps=2, norm="l2", restarts=2,
-                                                 generator=torch.Generator().manual_seed(5), **kw),
-    "eot_pgd": lambda m, x, y, **kw: eot_pgd(m, x, y, eps=0.1, alpha=0.03, steps=2, eot_samples=2,
-                                             generator=torch.Generator().manual_seed(5), **kw),
-    "pgd-predictions": lambda m, x, y, **kw: pgd(m, x, None, targets="predictions", eps=0.1, alpha=0.03, steps=2,
-                                                 generator=torch.Generator().manual_seed(5), **kw),
+    "pgd": lambda m, x, y, **kw: pgd(
+        m, x, y, eps=0.1, alpha=0.03, steps=3, generator=torch.Generator().manual_seed(5), **kw
+    ),
+    "pgd-l2-restarts": lambda m, x, y, **kw: pgd(
+        m, x, y, eps=0.5, alpha=0.2, steps=2, norm="l2", restarts=2, generator=torch.Generator().manual_seed(5), **kw
+    ),
+    "eot_pgd": lambda m, x, y, **kw: eot_pgd(
+        m, x, y, eps=0.1, alpha=0.03, steps=2, eot_samples=2, generator=torch.Generator().manual_seed(5), **kw
+    ),
+    "pgd-predictions": lambda m, x, y, **kw: pgd(
+        m,
+        x,
+        None,
+        targets="predictions",
+        eps=0.1,
+        alpha=0.03,
+        steps=2,
+        generator=torch.Generator().manual_seed(5),
+        **kw,
+    ),
     "cw": lambda m, x, y, **kw: carlini_wagner_l2(m, x, y, steps=3, search_steps=2, lr=0.05, **kw),
     "autoattack-rand": _ta(lambda m, x, y, **kw: autoattack_rand(m, x, y, eps=0.1, steps=2, eot_samples=2, **kw)),
     "square": _ta(lambda m, x, y, **kw: square_attack(m, x, y, eps=0.1, n_queries=5, **kw)),
@@ -165,8 +177,12 @@ def test_evaluate_attacks_in_eval_mode_and_restores():
     model = _model().train()
     before = _buffers(model)
     x, y = _data()
-    evaluate(model, (x, y), [AttackSpec("clean"), AttackSpec("fgsm", eps=0.1), AttackSpec("pgd", eps=0.1, steps=2)],
-             repeats=2)
+    evaluate(
+        model,
+        (x, y),
+        [AttackSpec("clean"), AttackSpec("fgsm", eps=0.1), AttackSpec("pgd", eps=0.1, steps=2)],
+        repeats=2,
+    )
     assert not any(model.modes)
     assert all(m.training for m in model.modules())
     for k, v in model.named_buffers():
@@ -187,8 +203,11 @@ def test_non_finite_inputs_are_refused(name, bad):
 def test_mode_argument_errors():
     x, y = _data()
     model = _model()
-    for fn in (lambda **kw: fgsm(model, x, y, **kw), lambda **kw: pgd(model, x, y, **kw),
-               lambda **kw: carlini_wagner_l2(model, x, y, steps=1, search_steps=1, **kw)):
+    for fn in (
+        lambda **kw: fgsm(model, x, y, **kw),
+        lambda **kw: pgd(model, x, y, **kw),
+        lambda **kw: carlini_wagner_l2(model, x, y, steps=1, search_steps=1, **kw),
+    ):
         with pytest.raises(ValueError, match="mode must be one of"):
             fn(mode="test")
         with pytest.raises(ValueError, match="mode must be one of"):

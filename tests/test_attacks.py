@@ -279,7 +279,9 @@ def test_evaluate_deterministic_model_has_zero_std(trained):
 def test_evaluate_noisy_model_varies_and_restores_mode(trained):
     base, x, y = trained
     model = WeightNoiseMLP(base, scale=1.0).train()
-    res = evaluate(model, (x, y), [AttackSpec("clean"), AttackSpec("eot-pgd", eps=0.05, steps=2, eot_samples=2)], repeats=4)
+    res = evaluate(
+        model, (x, y), [AttackSpec("clean"), AttackSpec("eot-pgd", eps=0.05, steps=2, eot_samples=2)], repeats=4
+    )
     assert res[0].std > 0
     assert res[1].attack == "EOT-PGD-2x2" and "EOT samples=2" in res[1].description
     assert model.training
@@ -309,7 +311,9 @@ def test_pgd_on_cuda(trained):
 
 def test_torchattacks_eot_pgd_accepts_a_pni_model():
     """Interoperability: an external attack library treats a converted PNI model as a plain nn.Module."""
-    torchattacks = pytest.importorskip("torchattacks", reason="torchattacks not installed (pip install --no-deps torchattacks)")
+    torchattacks = pytest.importorskip(
+        "torchattacks", reason="torchattacks not installed (pip install --no-deps torchattacks)"
+    )
     try:
         from pni_fast import convert
     except ImportError as e:  # pragma: no cover - until pni_fast.convert lands
@@ -340,14 +344,16 @@ def test_cw_through_evaluate_records_its_settings(trained):
 def test_import_pni_fast_loads_only_the_core():
     """``import pni_fast`` must not load pni_fast.robust nor the toolkit's optional dependencies
     (beyond what ``import torch`` itself loads: torch.hub imports tqdm when it is installed)."""
-    code = ("import sys, torch\n"
-            "before = set(sys.modules)\n"
-            "import pni_fast\n"
-            "bad = sorted(k for k in set(sys.modules) - before if k.startswith('pni_fast.robust') or k.split('.')[0] in "
-            "('tqdm', 'sklearn', 'matplotlib', 'torchattacks'))\n"
-            "print('LOADED', bad)\n"
-            "pni_fast.pgd\n"
-            "print('AFTER', 'pni_fast.robust.attacks' in sys.modules)\n")
+    code = (
+        "import sys, torch\n"
+        "before = set(sys.modules)\n"
+        "import pni_fast\n"
+        "bad = sorted(k for k in set(sys.modules) - before if k.startswith('pni_fast.robust') or k.split('.')[0] in "
+        "('tqdm', 'sklearn', 'matplotlib', 'torchattacks'))\n"
+        "print('LOADED', bad)\n"
+        "pni_fast.pgd\n"
+        "print('AFTER', 'pni_fast.robust.attacks' in sys.modules)\n"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "LOADED []" in r.stdout and "AFTER True" in r.stdout, r.stdout

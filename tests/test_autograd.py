@@ -1,4 +1,5 @@
 """Higher-order gradients, torch.func transforms and forward-mode AD: correct numbers or a clear error."""
+
 import pytest
 import torch
 
@@ -13,8 +14,7 @@ def test_second_derivative_through_alpha_matches_finite_difference(backend):
     torch.manual_seed(0)
     w = torch.randn(6, 3, dtype=torch.float64)
     a = torch.tensor([0.5], dtype=torch.float64, requires_grad=True)
-    (ga,) = torch.autograd.grad((pni_fast.noisy_weight(w, a, seed=3, backend=backend) ** 2).sum(), a,
-                                create_graph=True)
+    (ga,) = torch.autograd.grad((pni_fast.noisy_weight(w, a, seed=3, backend=backend) ** 2).sum(), a, create_graph=True)
     (gga,) = torch.autograd.grad(ga.sum(), a)
     # f(a) = sum (w + a s z)^2  ->  f''(a) = 2 sum (s z)^2, from the noise itself
     sz = PF.weight_sigma(w) * pni_fast.randn(w.shape, seed=3, backend=backend).double()
@@ -44,6 +44,7 @@ def test_grad_alpha_depends_on_input(backend):
     (ga,) = torch.autograd.grad(out.sum(), conv.alpha_w, create_graph=True)
     (gx,) = torch.autograd.grad(ga.sum(), x)
     assert gx is not None and gx.abs().sum() > 0
+
     # finite difference of sum(grad_alpha) in x[0, 0, 2, 2] with the same noise
     def g_sum(xv):
         with torch.random.fork_rng():
@@ -62,8 +63,10 @@ def test_grad_alpha_depends_on_input(backend):
 def test_multi_tensor_double_backward(backend):
     torch.manual_seed(2)
     ws = [torch.randn(4, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64)]
-    alphas = [torch.tensor([0.3], dtype=torch.float64, requires_grad=True),
-              torch.full((5,), 0.2, dtype=torch.float64, requires_grad=True)]
+    alphas = [
+        torch.tensor([0.3], dtype=torch.float64, requires_grad=True),
+        torch.full((5,), 0.2, dtype=torch.float64, requires_grad=True),
+    ]
     outs = pni_fast.noisy_weights(ws, alphas, seed=7, backend=backend)
     loss = sum((o**2).sum() for o in outs)
     g = torch.autograd.grad(loss, alphas, create_graph=True)

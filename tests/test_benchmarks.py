@@ -3,6 +3,7 @@
 No timing assertions: CI machines are shared and noisy. What is checked is that the numbers are
 well-formed (quantiles ordered, ratios consistent) and that nothing is silently left out.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,12 +25,42 @@ if str(ROOT) not in sys.path:
 from benchmarks import bench_fixed_cost, bench_model, bench_ops, common, import_time, loops, run_all  # noqa: E402
 
 OPS_KEYS = {
-    "device", "device_slug", "torch", "cuda", "triton", "date_utc", "threads", "load_avg_1",
-    "kind", "shape", "numel", "dtype", "alpha_mode", "alpha_numel", "mode", "provider", "status", "reason",
+    "device",
+    "device_slug",
+    "torch",
+    "cuda",
+    "triton",
+    "date_utc",
+    "threads",
+    "load_avg_1",
+    "kind",
+    "shape",
+    "numel",
+    "dtype",
+    "alpha_mode",
+    "alpha_numel",
+    "mode",
+    "provider",
+    "status",
+    "reason",
     "clone_ms",
 }
-OK_KEYS = {"median_ms", "q20_ms", "q80_ms", "min_ms", "timer", "bytes_moved", "gbs", "x_clone", "frac_peak_bw",
-           "peak_mem_bytes", "memory_method", "speedup_vs_reference", "speedup_vs_compile", "first_call_ms"}
+OK_KEYS = {
+    "median_ms",
+    "q20_ms",
+    "q80_ms",
+    "min_ms",
+    "timer",
+    "bytes_moved",
+    "gbs",
+    "x_clone",
+    "frac_peak_bw",
+    "peak_mem_bytes",
+    "memory_method",
+    "speedup_vs_reference",
+    "speedup_vs_compile",
+    "first_call_ms",
+}
 PROVIDERS = {"reference", "eager", "compile", "pni_fast-cpu", "pni_fast-cuda", "pni_fast-triton", "pni_fast-torch"}
 
 
@@ -39,16 +70,32 @@ def quick_run(tmp_path_factory) -> Path:
     env = dict(os.environ)
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--quick", "--threads", "1", "--out", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
 
 
 def test_quick_writes_every_file(quick_run: Path) -> None:
-    for name in ("ops.json", "ops.md", "train.json", "train.md", "RESULTS.md", "ops_time.png", "ops_gbs.png",
-                 "fixed_cost.json", "fixed_cost.md", "model_step.json", "model_step.md", "import_time.json",
-                 "import_time.md"):
+    for name in (
+        "ops.json",
+        "ops.md",
+        "train.json",
+        "train.md",
+        "RESULTS.md",
+        "ops_time.png",
+        "ops_gbs.png",
+        "fixed_cost.json",
+        "fixed_cost.md",
+        "model_step.json",
+        "model_step.md",
+        "import_time.json",
+        "import_time.md",
+    ):
         assert (quick_run / name).stat().st_size > 0, name
     results = (quick_run / "RESULTS.md").read_text()
     for title in ("Per-call fixed cost", "Whole-model step", "Import time", "SASS per element", "Time per part"):
@@ -58,8 +105,18 @@ def test_quick_writes_every_file(quick_run: Path) -> None:
 def test_ops_json_records_are_complete(quick_run: Path) -> None:
     data = json.loads((quick_run / "ops.json").read_text())
     meta, records = data["meta"], data["records"]
-    for key in ("device", "torch", "cuda", "triton", "date_utc", "threads", "load_avg_1_5_15", "peak_bw_gbs",
-                "peak_bw_source", "bytes_model"):
+    for key in (
+        "device",
+        "torch",
+        "cuda",
+        "triton",
+        "date_utc",
+        "threads",
+        "load_avg_1_5_15",
+        "peak_bw_gbs",
+        "peak_bw_source",
+        "bytes_model",
+    ):
         assert key in meta, key
     assert meta["threads"] == 1
     by_case: dict[tuple, set[str]] = {}
@@ -110,8 +167,15 @@ def test_train_json_lists_every_variant(quick_run: Path) -> None:
     data = json.loads((quick_run / "train.json").read_text())
     assert data["meta"]["batch"] == 2
     names = {r["provider"]: r for r in data["records"]}
-    assert set(names) == {"plain", "plain-fresh-weight", "reference", "pni_fast-cpu", "pni_fast-cuda",
-                          "pni_fast-triton", "pni_fast-torch"}
+    assert set(names) == {
+        "plain",
+        "plain-fresh-weight",
+        "reference",
+        "pni_fast-cpu",
+        "pni_fast-cuda",
+        "pni_fast-triton",
+        "pni_fast-torch",
+    }
     assert names["plain"]["status"] == "ok" and names["plain"]["overhead_vs_plain"] == 0
     assert names["reference"]["status"] == "ok" and names["reference"]["peak_mem_bytes"] > 0
     for r in names.values():
@@ -194,8 +258,11 @@ def test_fixed_cost_breakdown_is_complete_and_consistent(quick_run: Path) -> Non
         bwd = "pni_fast backward"
         assert math.isclose(m[(bwd, "rest")], m[(bwd, "total")] - m[(bwd, "alpha_grad op")], abs_tol=1e-6)
         ref = "reference forward"
-        assert math.isclose(m[(ref, "rest")], m[(ref, "total")] - m[(ref, "std().item()")] - m[(ref, "noise")]
-                            - m[(ref, "combine")], abs_tol=1e-6)
+        assert math.isclose(
+            m[(ref, "rest")],
+            m[(ref, "total")] - m[(ref, "std().item()")] - m[(ref, "noise")] - m[(ref, "combine")],
+            abs_tol=1e-6,
+        )
     for (g, p), r in rows.items():
         if not r.get("derived"):  # measured rows: positive times, ordered quantiles
             assert 0 < r["min_us"] <= r["median_us"] and r["cpu_median_us"] >= 0, (g, p, r)
@@ -207,7 +274,8 @@ def test_model_step_lists_every_model_and_ratio(quick_run: Path) -> None:
     data = json.loads((quick_run / "model_step.json").read_text())
     records = data["records"]
     assert {(r["scenario"], r["model"]) for r in records} == {
-        (s, m) for s in bench_model.QUICK_SCENARIOS for m in bench_model.MODELS}
+        (s, m) for s in bench_model.QUICK_SCENARIOS for m in bench_model.MODELS
+    }
     for r in records:
         assert r["status"] == "ok", r
         plain = next(p for p in records if p["scenario"] == r["scenario"] and p["model"] == "plain")
@@ -241,19 +309,22 @@ def test_import_time_record(quick_run: Path) -> None:
     assert len(reps) == 1 and s["torch_median_s"] > 0 and s["pni_fast_median_s"] > 0
     assert s["pni_fast_file"].startswith(str(ROOT))  # the checkout, not some other install
     assert s["imported_by_pni_fast"]["torch._dynamo"] == any(
-        r["after"]["torch._dynamo"] and not r["before"]["torch._dynamo"] for r in reps)
+        r["after"]["torch._dynamo"] and not r["before"]["torch._dynamo"] for r in reps
+    )
     assert "`torch._dynamo` imported by `import pni_fast`" in (quick_run / "import_time.md").read_text()
 
 
 def test_parse_importtime_keeps_what_comes_after_torch() -> None:
-    text = "\n".join([
-        "import time: self [us] | cumulative | imported package",
-        "import time:       100 |        100 |   numpy",
-        "import time:      5000 |       9000 | torch",
-        "import time:       300 |        300 |     pni_fast.rng",
-        "import time:       700 |       1000 |   pni_fast.functional",
-        "import time:      2000 |       4000 | pni_fast",
-    ])
+    text = "\n".join(
+        [
+            "import time: self [us] | cumulative | imported package",
+            "import time:       100 |        100 |   numpy",
+            "import time:      5000 |       9000 | torch",
+            "import time:       300 |        300 |     pni_fast.rng",
+            "import time:       700 |       1000 |   pni_fast.functional",
+            "import time:      2000 |       4000 | pni_fast",
+        ]
+    )
     rows = import_time.parse_importtime(text)
     assert [r["module"] for r in rows] == ["pni_fast", "pni_fast.functional", "pni_fast.rng"]
     assert [r["depth"] for r in rows] == [0, 1, 2] and rows[0]["self_us"] == 2000
@@ -268,7 +339,8 @@ def test_sass_section(tmp_path, monkeypatch) -> None:
     assert res["status"] == "skipped" and "does not exist" in res["reason"]
     (tmp_path / "sass_report.py").write_text(
         "import sys\nassert sys.argv[1] == '--out'\nprint('note')\nprint('| kernel | SASS/elem |')\n"
-        "print('|---|---|')\nprint('| perturb | 12.5 |')\n")
+        "print('|---|---|')\nprint('| perturb | 12.5 |')\n"
+    )
     res = sass_hook.run(tmp_path / "out", log=lambda s: None)
     assert res["status"] == "ok" and "| perturb | 12.5 |" in res["markdown"] and "note" not in res["markdown"]
     assert "| perturb | 12.5 |" in (tmp_path / "out" / "sass.md").read_text()
@@ -321,7 +393,7 @@ def test_interleaved_rotates_order_and_ratio() -> None:
     wall, cpu, ns = loops.interleaved(fns, rounds=3, target_s=0.0)
     assert all(len(v) == 3 for v in wall.values()) and all(n >= 1 for n in ns.values())
     assert all(t >= 0 for v in cpu.values() for t in v)
-    timed = calls[-sum(ns.values()) * 3:]
+    timed = calls[-sum(ns.values()) * 3 :]
     i = 0
     for r in range(3):
         order = ["a", "b", "c"][r:] + ["a", "b", "c"][:r]

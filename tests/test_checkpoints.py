@@ -17,9 +17,9 @@ import pytest
 import torch
 
 import pni_fast.robust.epoch as epoch_mod
+from pni_fast.cli import main
 from pni_fast.models import DigitsCNN
 from pni_fast.robust.checkpoint import MAGIC, CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint
-from pni_fast.cli import main
 from pni_fast.robust.data import load_digits
 from pni_fast.robust.train import TrainConfig, train
 
@@ -33,8 +33,17 @@ def digits():
 
 
 def _cfg(**kw):
-    base = dict(epochs=1, batch_size=32, warmup_epochs=0, adv_eps=0.1, adv_alpha=0.05, adv_steps=1,
-                eval_samples=16, eval_pgd_steps=1, lr=0.05)
+    base = dict(
+        epochs=1,
+        batch_size=32,
+        warmup_epochs=0,
+        adv_eps=0.1,
+        adv_alpha=0.05,
+        adv_steps=1,
+        eval_samples=16,
+        eval_pgd_steps=1,
+        lr=0.05,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -101,7 +110,10 @@ def _damaged(tmp_path):
     cases = {
         "truncated": (raw[: len(raw) // 2], "truncated"),
         "empty": (b"", "empty"),
-        "random": (np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes(), "not a pni_fast checkpoint"),
+        "random": (
+            np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes(),
+            "not a pni_fast checkpoint",
+        ),
         "header": (MAGIC + b"sha256 xyz\n" + raw[200:], "damaged header"),
         "too-long": (raw + b"\0", "too long"),
         "legacy-truncated": (legacy.getvalue()[:3000], "cannot read checkpoint"),
@@ -136,11 +148,18 @@ def test_damaged_checkpoint_in_a_subprocess_has_no_traceback(tmp_path):
     p = tmp_path / "checkpoint.pt"
     p.write_bytes(b"")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, "-m", "pni_fast", "eval", "--checkpoint", str(tmp_path)],
-                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "pni_fast", "eval", "--checkpoint", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+    )
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == [f"python -m pni_fast eval: error: checkpoint {str(p)!r} is empty "
-                                             "(0 bytes): the run that wrote it was cut off"]
+    assert r.stderr.strip().splitlines() == [
+        f"python -m pni_fast eval: error: checkpoint {str(p)!r} is empty (0 bytes): the run that wrote it was cut off"
+    ]
 
 
 def test_legacy_checkpoint_loads_with_a_warning(tmp_path):
@@ -232,8 +251,9 @@ def test_resume_of_a_finished_run(digits, tmp_path, capsys):
     hist = train(DigitsCNN(1, 10, 4), tr, None, _cfg(adversarial=False), out_dir=tmp_path, progress=False)
     before = (tmp_path / "checkpoint.pt").read_bytes()
     with pytest.warns(UserWarning, match="already holds 1 epochs"):
-        again = train(DigitsCNN(1, 10, 4), tr, None, _cfg(adversarial=False), out_dir=tmp_path, resume=tmp_path,
-                      progress=False)
+        again = train(
+            DigitsCNN(1, 10, 4), tr, None, _cfg(adversarial=False), out_dir=tmp_path, resume=tmp_path, progress=False
+        )
     assert [h["epoch"] for h in again] == [h["epoch"] for h in hist]
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
     # the CLI: a note and exit status 0
@@ -256,23 +276,58 @@ def test_existing_run_needs_resume_or_overwrite(digits, tmp_path, capsys):
     # resuming some other checkpoint into it is refused too
     train(DigitsCNN(1, 10, 4), tr, None, _cfg(adversarial=False), out_dir=tmp_path / "b", progress=False)
     with pytest.raises(FileExistsError, match="already holds"):
-        train(DigitsCNN(1, 10, 4), tr, None, _cfg(adversarial=False, epochs=2), out_dir=tmp_path / "a",
-              resume=tmp_path / "b", progress=False)
-    hist = train(DigitsCNN(1, 10, 4), tr, None, _cfg(adversarial=False), out_dir=tmp_path / "a", progress=False,
-                 overwrite=True)
+        train(
+            DigitsCNN(1, 10, 4),
+            tr,
+            None,
+            _cfg(adversarial=False, epochs=2),
+            out_dir=tmp_path / "a",
+            resume=tmp_path / "b",
+            progress=False,
+        )
+    hist = train(
+        DigitsCNN(1, 10, 4), tr, None, _cfg(adversarial=False), out_dir=tmp_path / "a", progress=False, overwrite=True
+    )
     assert len(hist) == 1 and load_checkpoint(tmp_path / "a")["epoch"] == 1
     assert len(json.loads((tmp_path / "a" / "history.json").read_text())) == 1
     # the CLI says how to go on
-    common = ["train", "--limit-train", "64", "--eval-samples", "8", "--no-adv", "--epochs", "1",
-              "--out", str(tmp_path / "a"), "--no-progress"]
+    common = [
+        "train",
+        "--limit-train",
+        "64",
+        "--eval-samples",
+        "8",
+        "--no-adv",
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path / "a"),
+        "--no-progress",
+    ]
     err = _one_line_error(capsys, common)
     assert "already holds a training run" in err and "--resume" in err and "--overwrite" in err
     assert main([*common, "--overwrite"]) == 0
 
 
 def test_ctrl_c_names_the_checkpoint_and_the_exact_resume_command(tmp_path, capsys, monkeypatch):
-    common = ["train", "--limit-train", "64", "--eval-samples", "8", "--pgd-steps", "1", "--batch-size", "32",
-              "--pni", "layerwise", "--epochs", "2", "--warmup-epochs", "1", "--no-progress"]
+    common = [
+        "train",
+        "--limit-train",
+        "64",
+        "--eval-samples",
+        "8",
+        "--pgd-steps",
+        "1",
+        "--batch-size",
+        "32",
+        "--pni",
+        "layerwise",
+        "--epochs",
+        "2",
+        "--warmup-epochs",
+        "1",
+        "--no-progress",
+    ]
     assert main([*common, "--out", str(tmp_path / "ref")]) == 0
     ref = json.loads((tmp_path / "ref" / "history.json").read_text())
 
@@ -285,6 +340,7 @@ def test_ctrl_c_names_the_checkpoint_and_the_exact_resume_command(tmp_path, caps
             if calls["n"] == epoch:
                 raise KeyboardInterrupt
             return real(*a, **k)
+
         return ev
 
     out = tmp_path / "run dir"  # a space: the command must quote it

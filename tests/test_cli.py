@@ -18,8 +18,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _run(*args, timeout=240):
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-m", "pni_fast", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "pni_fast", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env
+    )
 
 
 def test_demo_quick_end_to_end(tmp_path):
@@ -50,8 +51,9 @@ def test_demo_without_torchattacks_columns(tmp_path, capsys):
     """--no-torchattacks: the three gradient columns only, and no note about torchattacks."""
     from pni_fast.robust.cli_demo import run_demo
 
-    args = build_parser().parse_args(["demo", "--quick", "--no-torchattacks", "--no-plot", "--no-progress",
-                                      "--out", str(tmp_path / "d")])
+    args = build_parser().parse_args(
+        ["demo", "--quick", "--no-torchattacks", "--no-plot", "--no-progress", "--out", str(tmp_path / "d")]
+    )
     assert args.aa_steps == 10 and args.aa_eot_samples == 4 and args.square_queries == 200  # the demo's defaults
     res = run_demo(args)
     assert [r_["attack"] for r_ in res["models"]["plain"]] == ["clean", "PGD-2", "EOT-PGD-2x2"]
@@ -60,34 +62,109 @@ def test_demo_without_torchattacks_columns(tmp_path, capsys):
 
 def test_train_eval_resume_in_process(tmp_path, capsys):
     out = tmp_path / "run"
-    common = ["--limit-train", "128", "--eval-samples", "32", "--pgd-steps", "2", "--batch-size", "64",
-              "--pni", "layerwise", "--out", str(out), "--no-progress", "--eps", "8/255"]
+    common = [
+        "--limit-train",
+        "128",
+        "--eval-samples",
+        "32",
+        "--pgd-steps",
+        "2",
+        "--batch-size",
+        "64",
+        "--pni",
+        "layerwise",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--eps",
+        "8/255",
+    ]
     assert main(["train", "--epochs", "2", "--warmup-epochs", "1", *common]) == 0
     assert "checkpoint and logs in" in capsys.readouterr().out
     hist = json.loads((out / "history.json").read_text())
     assert len(hist) == 2
     # continue the same run to 3 epochs
-    assert main(["train", "--epochs", "3", "--warmup-epochs", "1", *common, "--resume", str(out / "checkpoint.pt")]) == 0
+    assert (
+        main(["train", "--epochs", "3", "--warmup-epochs", "1", *common, "--resume", str(out / "checkpoint.pt")]) == 0
+    )
     hist = json.loads((out / "history.json").read_text())
     assert [h["epoch"] for h in hist] == [1, 2, 3]
     text = capsys.readouterr().out
     assert "after epoch 2 of 3" in text and "epoch 3:" in text  # says where it resumes, one line per epoch
     js = tmp_path / "eval.json"
-    assert main(["eval", "--checkpoint", str(out), "--limit", "32", "--pgd-steps", "2", "--eot-samples", "2",
-                 "--repeats", "2", "--attacks", "clean,fgsm,pgd,eot-pgd", "--json", str(js)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                str(out),
+                "--limit",
+                "32",
+                "--pgd-steps",
+                "2",
+                "--eot-samples",
+                "2",
+                "--repeats",
+                "2",
+                "--attacks",
+                "clean,fgsm,pgd,eot-pgd",
+                "--json",
+                str(js),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "digits_cnn + PNI (layerwise, weight)" in text and "EOT-PGD-2x2" in text and "eps=8/255" in text
     data = json.loads(js.read_text())
     assert [r["attack"] for r in data["results"]] == ["clean", "FGSM", "PGD-2", "EOT-PGD-2x2"]
     assert data["results"][2]["settings"]["eps"] == pytest.approx(8 / 255)
     # switching the noise off makes the model deterministic -> std 0
-    assert main(["eval", "--checkpoint", str(out), "--limit", "32", "--attacks", "clean", "--repeats", "3",
-                 "--no-noise", "--json", str(js)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                str(out),
+                "--limit",
+                "32",
+                "--attacks",
+                "clean",
+                "--repeats",
+                "3",
+                "--no-noise",
+                "--json",
+                str(js),
+            ]
+        )
+        == 0
+    )
     assert json.loads(js.read_text())["results"][0]["std"] == 0.0
     if importlib.util.find_spec("torchattacks") is not None:  # AutoAttack-rand and Square through torchattacks
-        assert main(["eval", "--checkpoint", str(out), "--limit", "16", "--attacks", "clean,autoattack-rand,square",
-                     "--aa-steps", "2", "--aa-eot-samples", "2", "--square-queries", "10", "--repeats", "2",
-                     "--json", str(js)]) == 0
+        assert (
+            main(
+                [
+                    "eval",
+                    "--checkpoint",
+                    str(out),
+                    "--limit",
+                    "16",
+                    "--attacks",
+                    "clean,autoattack-rand,square",
+                    "--aa-steps",
+                    "2",
+                    "--aa-eot-samples",
+                    "2",
+                    "--square-queries",
+                    "10",
+                    "--repeats",
+                    "2",
+                    "--json",
+                    str(js),
+                ]
+            )
+            == 0
+        )
         assert [r["attack"] for r in json.loads(js.read_text())["results"]] == ["clean", "AA-rand-2x2", "Square-10"]
 
 
@@ -106,7 +183,17 @@ def test_help(cmd, capsys):
     assert "%%" not in out and "(default: None)" not in out
     assert out.count("(default:") <= out.count("--") and "default: 160" in out if cmd == ["train"] else True
     if cmd == ["train"]:
-        for opt in ("--model", "--pni", "--noise", "--data-dir", "--epochs", "--out", "--resume", "--overwrite", "--eps"):
+        for opt in (
+            "--model",
+            "--pni",
+            "--noise",
+            "--data-dir",
+            "--epochs",
+            "--out",
+            "--resume",
+            "--overwrite",
+            "--eps",
+        ):
             assert opt in out
     if cmd == []:
         for sub in ("demo", "train", "eval", "info", "bench"):
@@ -139,8 +226,10 @@ def test_bad_arguments_are_argparse_errors(argv, needle, capsys):
 def test_semantic_errors_exit_2_with_message(tmp_path, capsys):
     cases = [
         (["train", "--model", "resnet20", "--dataset", "digits"], "CIFAR ResNet"),
-        (["train", "--dataset", "cifar10", "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")],
-         "does not exist"),
+        (
+            ["train", "--dataset", "cifar10", "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")],
+            "does not exist",
+        ),
         (["eval", "--checkpoint", str(tmp_path / "missing.pt")], "not found"),
         (["eval", "--checkpoint", str(tmp_path), "--attacks", "clean"], "not found"),
     ]
@@ -190,15 +279,60 @@ def test_train_resnet20_pni_on_fake_cifar(tmp_path, capsys):
     data_dir.mkdir()
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         with open(data_dir / name, "wb") as f:
-            pickle.dump({b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8),
-                         b"labels": [int(v) for v in rng.integers(0, 10, 4)]}, f)
+            pickle.dump(
+                {
+                    b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8),
+                    b"labels": [int(v) for v in rng.integers(0, 10, 4)],
+                },
+                f,
+            )
     out = tmp_path / "rn"
-    assert main(["train", "--model", "resnet20", "--pni", "channelwise", "--data-dir", str(data_dir),
-                 "--epochs", "1", "--warmup-epochs", "0", "--pgd-steps", "1", "--batch-size", "10",
-                 "--eval-samples", "4", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "resnet20",
+                "--pni",
+                "channelwise",
+                "--data-dir",
+                str(data_dir),
+                "--epochs",
+                "1",
+                "--warmup-epochs",
+                "0",
+                "--pgd-steps",
+                "1",
+                "--batch-size",
+                "10",
+                "--eval-samples",
+                "4",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     hist = json.loads((out / "history.json").read_text())
     assert hist[0]["adversarial"] and len(hist[0]["alpha"]) == 20  # 19 convs + classifier
     capsys.readouterr()
-    assert main(["eval", "--checkpoint", str(out), "--data-dir", str(data_dir), "--attacks", "clean,pgd",
-                 "--pgd-steps", "1", "--repeats", "2"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                str(out),
+                "--data-dir",
+                str(data_dir),
+                "--attacks",
+                "clean,pgd",
+                "--pgd-steps",
+                "1",
+                "--repeats",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert "resnet20 + PNI (channelwise, weight)" in capsys.readouterr().out

@@ -1,4 +1,5 @@
 """convert()/strip() on arbitrary models, param_groups, and torch.compile of converted models."""
+
 import copy
 import warnings
 
@@ -151,8 +152,9 @@ def test_hooks_attributes_and_subclasses_survive():
 
 
 def test_convert_keeps_device_dtype_and_is_idempotent():
-    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding_mode="reflect", padding=1, groups=1, dilation=1),
-                          nn.Flatten(), nn.LazyLinear(4))
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding_mode="reflect", padding=1, groups=1, dilation=1), nn.Flatten(), nn.LazyLinear(4)
+    )
     model(torch.randn(1, 2, 4, 4))  # initialises the lazy layer (it becomes a plain nn.Linear)
     model.to(torch.float64)
     convert(model, pni="elementwise", alpha_init=0.1)
@@ -201,7 +203,9 @@ def test_param_groups_exclude_only_alphas():
     groups = param_groups(model, 5e-4, lr=0.1)
     assert [g["weight_decay"] for g in groups] == [5e-4, 0.0] and all(g["lr"] == 0.1 for g in groups)
     alphas = {id(a) for a in alpha_parameters(model)}
-    assert {id(p) for p in groups[1]["params"]} == alphas and len(alphas) == 2 * 11  # 10 convs + fc, alpha_w and alpha_i each
+    assert {id(p) for p in groups[1]["params"]} == alphas and len(
+        alphas
+    ) == 2 * 11  # 10 convs + fc, alpha_w and alpha_i each
     others = {id(p) for p in model.parameters() if p.requires_grad and id(p) not in alphas}
     assert {id(p) for p in groups[0]["params"]} == others
     opt = torch.optim.SGD(groups, lr=0.1, weight_decay=1.0)
@@ -220,10 +224,13 @@ def test_param_groups_exclude_only_alphas():
         param_groups(model, "0.1")
 
 
-@pytest.mark.parametrize("backend", [
-    "torch",
-    None,  # default backend: the C++ ops take a `SymInt seed`, so the drawn seed traces
-])
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "torch",
+        None,  # default backend: the C++ ops take a `SymInt seed`, so the drawn seed traces
+    ],
+)
 def test_compile_fullgraph_converted_resnet20(backend, monkeypatch):
     """Dynamo traces a converted ResNet-20 without graph breaks (aot_eager: fake kernels + autograd
     without the slow CPU code generation), draws fresh noise per call with the same seeds as eager,

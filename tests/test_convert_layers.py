@@ -1,6 +1,7 @@
 """convert() on every conv/linear layer kind: Conv1d/3d, ConvTranspose*, subclasses with their own forward
 (timm-style "same" padding and weight standardization, emulated here: timm is not a dependency),
 parametrized and pruned layers; the report of what was converted or skipped and why; strip()."""
+
 import copy
 import io
 import pickle
@@ -10,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.utils import parametrize, parametrizations, prune
+from torch.nn.utils import parametrizations, parametrize, prune
 
 import pni_fast.functional as fn
 from pni_fast.control import no_noise
@@ -36,8 +37,9 @@ class StdConv2d(nn.Conv2d):
     """Like timm's StdConv2d: the weight is standardized per output channel in forward."""
 
     def forward(self, x):
-        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True, momentum=0.0,
-                         eps=1e-6).reshape_as(self.weight)
+        w = F.batch_norm(
+            self.weight.reshape(1, self.out_channels, -1), None, None, training=True, momentum=0.0, eps=1e-6
+        ).reshape_as(self.weight)
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
@@ -81,8 +83,9 @@ def test_wrapped_layer_equals_its_class_forward_on_the_noisy_weight(case, pni, n
     assert isinstance(layer, type(plain)) and type(layer).__name__ == "Noisy" + type(plain).__name__
     assert [(n, c) for n, c, _ in rep.converted] == [("", type(plain).__name__)] and rep.skipped == []
     assert layer.weight is weight
-    assert set(layer.state_dict()) == set(plain.state_dict()) | {a for a in ("alpha_w", "alpha_i") if
-                                                                 getattr(layer, a) is not None}
+    assert set(layer.state_dict()) == set(plain.state_dict()) | {
+        a for a in ("alpha_w", "alpha_i") if getattr(layer, a) is not None
+    }
     with no_noise(layer):
         assert torch.equal(layer(x), before)
     with torch.no_grad():
@@ -100,8 +103,9 @@ def test_wrapped_layer_equals_its_class_forward_on_the_noisy_weight(case, pni, n
     expected = torch.func.functional_call(plain, {"weight": w, "bias": layer.bias}, (xin,))
     torch.testing.assert_close(out, expected)
     alphas = alpha_parameters(layer)
-    for g, e in zip(torch.autograd.grad(out.square().sum(), alphas),
-                    torch.autograd.grad(expected.square().sum(), alphas)):
+    for g, e in zip(
+        torch.autograd.grad(out.square().sum(), alphas), torch.autograd.grad(expected.square().sum(), alphas)
+    ):
         torch.testing.assert_close(g, e)
     assert not torch.allclose(layer(x), out), "fresh noise per call"
     assert strip(layer) is layer and type(layer) is type(plain) and layer.weight is weight
@@ -124,8 +128,14 @@ def test_conv_transpose_output_size_argument_and_unbatched_input():
 
 
 def test_report_lazy_mha_and_unsupported_layers(capsys):
-    model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.MultiheadAttention(4, 2), nn.LazyLinear(3), nn.Linear(3, 3),
-                          nn.Embedding(5, 4), NoisyLinear(2, 2))
+    model = nn.Sequential(
+        nn.Conv1d(2, 3, 3),
+        nn.MultiheadAttention(4, 2),
+        nn.LazyLinear(3),
+        nn.Linear(3, 3),
+        nn.Embedding(5, 4),
+        NoisyLinear(2, 2),
+    )
     sd = {k: v.clone() for k, v in model.state_dict().items() if "2." not in k}
     with pytest.raises(ValueError, match=r"uninitialised lazy layer\(s\) 2 \(LazyLinear\).*run one forward pass"):
         convert(model)
@@ -143,7 +153,10 @@ def test_report_lazy_mha_and_unsupported_layers(capsys):
     printed = capsys.readouterr().out
     assert "2 layer(s) converted, 5 left as they are" in printed and "skipped   4 (Embedding)" in printed
     assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items()), "weights untouched"
-    assert isinstance(model[2], NoisyLinear) and type(model[1].out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    assert (
+        isinstance(model[2], NoisyLinear)
+        and type(model[1].out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    )
 
 
 def test_foreign_pni_layers_are_not_noised_twice():

@@ -4,6 +4,7 @@ agreement with torch's float32 formula, determinism across thread counts, the SI
 fused sigma, and rng_state / alpha-dtype errors. scripts/sanitize.sh runs this file (and the
 contract tests for the cpu backend) under ASan + UBSan.
 """
+
 from __future__ import annotations
 
 import math
@@ -11,8 +12,9 @@ import math
 import pytest
 import torch
 
-from oracle import CASES, alpha_index, inputs
 from pni_fast import _ext
+
+from oracle import CASES, alpha_index, inputs
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason=f"C++ extension unavailable: {_ext.status_message()}")
 
@@ -32,8 +34,9 @@ def test_perturb_equals_v_plus_scaled_noise_exactly():
     assert torch.equal(out, v + (alpha * sigma) * z)
 
 
-@pytest.mark.parametrize("case", ["layerwise-huge", "rows-multi-item", "columns-tiles", "act-per-feature",
-                                  "columns-tiles-inner2"])
+@pytest.mark.parametrize(
+    "case", ["layerwise-huge", "rows-multi-item", "columns-tiles", "act-per-feature", "columns-tiles-inner2"]
+)
 def test_determinism_across_runs_and_threads(case):
     shape, alpha_shape, inner = CASES[case]
     _, grad, alpha, _ = inputs(shape, alpha_shape, seed=3)
@@ -44,7 +47,10 @@ def test_determinism_across_runs_and_threads(case):
         for threads in (1, 2, 2):
             torch.set_num_threads(threads)
             results.append(
-                (ops.perturb(grad, alpha, sigma, 11, 0, inner), ops.perturb_alpha_grad(grad, alpha, sigma, 11, 0, inner))
+                (
+                    ops.perturb(grad, alpha, sigma, 11, 0, inner),
+                    ops.perturb_alpha_grad(grad, alpha, sigma, 11, 0, inner),
+                )
             )
     finally:
         torch.set_num_threads(before)
@@ -91,6 +97,7 @@ def test_float32_alpha_with_half_tensors_bitwise(dtype, case):
 # ---------------------------------------------------------------------------
 # argument checks
 # ---------------------------------------------------------------------------
+
 
 def _call(v=None, alpha=None, sigma=None, seed=1, offset=0, inner=1, op="perturb"):
     v = torch.randn(4, 3) if v is None else v
@@ -151,7 +158,6 @@ def test_multi_checks():
         ops.perturb_alpha_grad_multi([v], [a], [s], 1, [-1], [1])
 
 
-
 @pytest.mark.parametrize(
     "state,match",
     [
@@ -182,10 +188,16 @@ def test_rng_state_checks(op, state, match):
 @pytest.mark.parametrize(
     "v_dtype,alpha_dtype,match",
     [
-        (torch.float16, torch.float64,
-         r"alpha must have dtype torch.float16 \(the dtype of v\) or torch.float32, got torch.float64"),
-        (torch.bfloat16, torch.float16,
-         r"alpha must have dtype torch.bfloat16 \(the dtype of v\) or torch.float32, got torch.float16"),
+        (
+            torch.float16,
+            torch.float64,
+            r"alpha must have dtype torch.float16 \(the dtype of v\) or torch.float32, got torch.float64",
+        ),
+        (
+            torch.bfloat16,
+            torch.float16,
+            r"alpha must have dtype torch.bfloat16 \(the dtype of v\) or torch.float32, got torch.float16",
+        ),
         (torch.float64, torch.float32, r"alpha must have dtype torch.float64 \(the dtype of v\), got torch.float32"),
         (torch.float32, torch.float16, r"alpha must have dtype torch.float32 \(the dtype of v\), got torch.float16"),
     ],
@@ -230,8 +242,9 @@ def test_simd_variants_give_identical_bits():
     digests = {"auto": namespace["digest"]}
     for isa in ("generic", "avx2", "avx512"):
         env = dict(os.environ, PNI_FAST_CPU_ISA=isa, PNI_FAST_NO_JIT="1")
-        res = subprocess.run([sys.executable, "-c", _VARIANT_SCRIPT], env=env, capture_output=True, text=True,
-                             timeout=120)
+        res = subprocess.run(
+            [sys.executable, "-c", _VARIANT_SCRIPT], env=env, capture_output=True, text=True, timeout=120
+        )
         if res.returncode != 0 and f"PNI_FAST_CPU_ISA={isa}, but this CPU lacks" in res.stderr:
             continue  # a variant this CPU cannot run (the error is the documented behaviour)
         assert res.returncode == 0, res.stderr[-2000:]
@@ -313,7 +326,9 @@ def test_sigma_agrees_with_float64_two_pass_on_random_inputs():
         dtype = dtypes[i % 3]
         top = 4 if dtype == torch.float16 else 30  # float16 stays finite
         scale = 10.0 ** float(torch.empty(1).uniform_(-top, top, generator=gen))
-        shift = scale * 10.0 ** float(torch.empty(1).uniform_(-3, 3, generator=gen)) * float(torch.randn(1, generator=gen))
+        shift = (
+            scale * 10.0 ** float(torch.empty(1).uniform_(-3, 3, generator=gen)) * float(torch.randn(1, generator=gen))
+        )
         x = (torch.randn(n, dtype=torch.float64, generator=gen) * scale + shift).to(dtype)
         if not torch.isfinite(x).all():
             continue

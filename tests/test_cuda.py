@@ -8,22 +8,43 @@ tests/test_cuda_graphs.py. Set-up and the dry run without a GPU: tests/cuda_supp
 Tolerances follow the contract (design.md section 3, docs/ops.md; the bounds of tests/oracle.py),
 never a measured value. Bitwise equality is asserted only where the same kernel sees the same values.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_kernels_lists import model_like_lists
 
-import oracle
 import pni_fast
-from cuda_support import (  # noqa: F401  (needs_device: autouse fixture)
-    DEV, DRY_RUN, GPU_BACKENDS, OFFSET, SEED, api, check_grad, check_perturb, grad_bound, gpu_ops, has_cuda_ext,
-    has_triton, inputs, needs_cuda_ext, needs_device, needs_triton, ops, out_bound, real_gpu, runs_on_cpu)
-from oracle import DTYPES, SIGMA_REL, Z_TOL, assert_within, expected_out, flat64, grad_terms
 from pni_fast import _ext
 from pni_fast.reference import reference_noisy_weight
-from test_kernels_lists import model_like_lists
+
+import oracle
+from cuda_support import (  # noqa: F401  (needs_device: autouse fixture)
+    DEV,
+    DRY_RUN,
+    GPU_BACKENDS,
+    OFFSET,
+    SEED,
+    api,
+    check_grad,
+    check_perturb,
+    gpu_ops,
+    grad_bound,
+    has_cuda_ext,
+    has_triton,
+    inputs,
+    needs_cuda_ext,
+    needs_device,
+    needs_triton,
+    ops,
+    out_bound,
+    real_gpu,
+    runs_on_cpu,
+)
+from oracle import DTYPES, SIGMA_REL, Z_TOL, assert_within, expected_out, flat64, grad_terms
 
 pytestmark = [pytest.mark.cuda]
 
@@ -70,8 +91,9 @@ def test_bounds_accept_cpu_kernels_and_reject_defects():
     with pytest.raises(AssertionError, match="1 of 16 elements"):
         check_grad(lost, g, alpha, sigma, 72, z)
     with pytest.raises(AssertionError, match="out of bounds"):
-        assert_within(torch.tensor([float("nan")]), torch.zeros(1, dtype=torch.float64),
-                      torch.ones(1, dtype=torch.float64), "nan")
+        assert_within(
+            torch.tensor([float("nan")]), torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64), "nan"
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -83,8 +105,10 @@ def test_noise_agrees_across_backends():
     """CUDA, Triton, CPU and pure-PyTorch z for one (seed, offset) vs the oracle, within 2e-6."""
     n = 10_007
     expected = oracle.normal(SEED, OFFSET, n)
-    got = {"torch-cpu": pni_fast.randn((n,), seed=SEED, offset=OFFSET, device="cpu", backend="torch"),
-           "torch-dev": pni_fast.randn((n,), seed=SEED, offset=OFFSET, device=DEV, backend="torch")}
+    got = {
+        "torch-cpu": pni_fast.randn((n,), seed=SEED, offset=OFFSET, device="cpu", backend="torch"),
+        "torch-dev": pni_fast.randn((n,), seed=SEED, offset=OFFSET, device=DEV, backend="torch"),
+    }
     if _ext.load():
         got["cpu"] = pni_fast.randn((n,), seed=SEED, offset=OFFSET, device="cpu", backend="cpu")
     if has_cuda_ext():
@@ -97,12 +121,11 @@ def test_noise_agrees_across_backends():
         assert err <= Z_TOL, f"{name}: max |z - oracle| = {err:.3g}"
 
 
-
 @needs_cuda_ext
 def test_cuda_noise_large_tensor():
     n = (1 << 22) + 3
     z = ops.noise(torch.empty(n, device=DEV), 11, 5).cpu().numpy()
-    idx = np.r_[0:1000, n - 1000:n]
+    idx = np.r_[0:1000, n - 1000 : n]
     assert np.abs(z[idx] - oracle.normal(11, 5, n)[idx]).max() <= Z_TOL
     # 4M samples: the standard errors of mean and variance are 5e-4 and 7e-4
     assert abs(z.mean()) < 3e-3 and abs(z.var() - 1) < 4e-3
@@ -125,18 +148,23 @@ def test_cuda_matches_triton():
     assert_within(cu[2](g, alpha, sigma, 4, 9, inner), exp, bound, "cuda alpha grad vs triton z")
 
 
-
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_non_contiguous_and_channels_last(backend):
     """Elements are taken in logical (contiguous) order whatever the memory layout."""
     b = api(backend)
     gen = torch.Generator().manual_seed(4)
     cases = [  # (function, tensor, alpha)
-        (pni_fast.noisy_weight, torch.randn(16, 8, 3, 3, generator=gen).to(memory_format=torch.channels_last),
-         torch.full((16, 1, 1, 1), 0.25)),
+        (
+            pni_fast.noisy_weight,
+            torch.randn(16, 8, 3, 3, generator=gen).to(memory_format=torch.channels_last),
+            torch.full((16, 1, 1, 1), 0.25),
+        ),
         (pni_fast.noisy_weight, torch.randn(40, 30, generator=gen).t(), torch.linspace(0.1, 0.4, 30).reshape(30, 1)),
-        (pni_fast.inject_noise, torch.randn(4, 6, 7, 7, generator=gen).to(memory_format=torch.channels_last),
-         torch.linspace(0.1, 0.6, 6)),
+        (
+            pni_fast.inject_noise,
+            torch.randn(4, 6, 7, 7, generator=gen).to(memory_format=torch.channels_last),
+            torch.linspace(0.1, 0.6, 6),
+        ),
         (pni_fast.inject_noise, torch.randn(6, 9, generator=gen)[:, ::2], torch.full((1,), 0.3)),
     ]
     for fn, t, a in cases:
@@ -170,8 +198,9 @@ def test_second_device(backend):
             a = a0.to(dev).requires_grad_()
             out = pni_fast.noisy_weight(w0.to(dev), a, seed=SEED, offset=5, backend=backend)
             out.backward(g0.to(dev))
-            outs = pni_fast.noisy_weights([w0.to(dev), w0[:3].to(dev)], [a0.to(dev), a0[:1, 0, 0].to(dev)],
-                                          seed=SEED, backend=backend)
+            outs = pni_fast.noisy_weights(
+                [w0.to(dev), w0[:3].to(dev)], [a0.to(dev), a0[:1, 0, 0].to(dev)], seed=SEED, backend=backend
+            )
             assert out.device == a.grad.device == outs[1].device == torch.device(dev)
             results.append([out.detach().cpu(), a.grad.cpu()] + [o.cpu() for o in outs])
     for x, y in zip(*results):
@@ -185,7 +214,7 @@ def _check_big_tensor(noise, perturb, alpha_grad, n: int, chunk: int, device) ->
     sigma = torch.tensor(0.5, device=device)
     mid = min(2**31, n // 2)  # around the int32 limit of a tensor beyond it
     rng = np.random.default_rng(0)
-    idx = np.unique(np.r_[0:1024, mid - 1024:mid + 2, n - 1024:n, rng.integers(0, n, 1000)])
+    idx = np.unique(np.r_[0:1024, mid - 1024 : mid + 2, n - 1024 : n, rng.integers(0, n, 1000)])
     idx_dev = torch.from_numpy(idx).to(device)
     z_at = oracle.normal_at(SEED, OFFSET, idx)
     assert chunk % 4 == 0  # each chunk's noise starts at counter OFFSET + start / 4
@@ -201,7 +230,7 @@ def _check_big_tensor(noise, perturb, alpha_grad, n: int, chunk: int, device) ->
         exp = torch.zeros(n_alpha, dtype=torch.float64, device=device)
         abs_gz = torch.zeros_like(exp)
         for start in range(0, n, chunk):
-            part = v[start:start + chunk]
+            part = v[start : start + chunk]
             z = noise(part, SEED, OFFSET + start // 4)
             here = (idx >= start) & (idx < start + part.numel())
             if here.any():
@@ -263,7 +292,6 @@ def test_fp16_alpha_grad_beyond_fp16_range(backend, mode):
     assert_within(grad, gz, bound, "alpha grad beyond the fp16 range")
 
 
-
 # ---------------------------------------------------------------------------
 # Public API: forward/backward vs the paper-faithful reference
 # ---------------------------------------------------------------------------
@@ -319,8 +347,10 @@ def test_autocast_grad_scaler(backend, dtype, monkeypatch):
     monkeypatch.setenv("PNI_FAST_BACKEND", backend)
     torch.manual_seed(0)
     model = torch.nn.Sequential(
-        pni_fast.NoisyConv2d(3, 8, 3, padding=1, pni="channelwise", noise="both"), torch.nn.ReLU(),
-        pni_fast.NoisyConv2d(8, 8, 3, padding=1, noise="both"), torch.nn.Flatten(),
+        pni_fast.NoisyConv2d(3, 8, 3, padding=1, pni="channelwise", noise="both"),
+        torch.nn.ReLU(),
+        pni_fast.NoisyConv2d(8, 8, 3, padding=1, noise="both"),
+        torch.nn.Flatten(),
         pni_fast.NoisyLinear(8 * 8 * 8, 10, pni="channelwise", noise="both"),
     ).to(DEV)
     alphas = {n: p for n, p in model.named_parameters() if n.endswith(("alpha_w", "alpha_i"))}
@@ -347,13 +377,14 @@ def test_autocast_grad_scaler(backend, dtype, monkeypatch):
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
-
 def _shaped_alphas(vs, alphas):
     """Flat alphas reshaped as the public API expects them for weights vs."""
-    return [a.reshape(v.shape) if a.numel() == v.numel() and a.numel() > 1 else
-            (a.reshape((-1,) + (1,) * (v.dim() - 1)) if a.numel() > 1 else a) for v, a in zip(vs, alphas)]
-
-
+    return [
+        a.reshape(v.shape)
+        if a.numel() == v.numel() and a.numel() > 1
+        else (a.reshape((-1,) + (1,) * (v.dim() - 1)) if a.numel() > 1 else a)
+        for v, a in zip(vs, alphas)
+    ]
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)

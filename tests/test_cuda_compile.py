@@ -8,6 +8,7 @@
   with the kernels' work mapping on the CPU, checked against the numpy oracle.
 The real build and the runtime tests (tests/test_cuda.py) happen on a GPU machine.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -121,14 +122,20 @@ def test_sass_hot_loops(tmp_path):
     assert {"LDG.E.128", "STG.E.128"} <= set(kernels[hot["fp32 forward (layerwise alpha)"]]["loop"]["memory"])
     assert {"LDG.E.64", "STG.E.64"} <= set(kernels[hot["fp16 forward (layerwise alpha)"]]["loop"]["memory"])
     # the 32-bit index kernels exist for every forward kind and the stage-1 kernel
-    for name in ("perturb_kernel<float, int, 0>", "perturb_kernel<float, int, 1>", "perturb_kernel<float, int, 2>",
-                 "alpha_grad_partials_kernel<float, int>"):
+    for name in (
+        "perturb_kernel<float, int, 0>",
+        "perturb_kernel<float, int, 1>",
+        "perturb_kernel<float, int, 2>",
+        "alpha_grad_partials_kernel<float, int>",
+    ):
         assert name in kernels, sorted(kernels)
     # no integer division in the channelwise forward: a divide is a CALL to a subroutine, so the
     # channelwise loops call exactly as often as the layerwise ones (sqrtf's slow path)
     for bits in ("int", "long"):
-        assert (kernels[f"perturb_kernel<float, {bits}, 1>"]["loop"]["calls"]
-                == kernels[f"perturb_kernel<float, {bits}, 0>"]["loop"]["calls"])
+        assert (
+            kernels[f"perturb_kernel<float, {bits}, 1>"]["loop"]["calls"]
+            == kernels[f"perturb_kernel<float, {bits}, 0>"]["loop"]["calls"]
+        )
 
 
 def test_no_fast_math_in_build_flags():
@@ -154,8 +161,19 @@ def emu(tmp_path_factory):
     if CXX is None:
         pytest.skip("no host C++ compiler to build the CUDA host emulation")
     lib = tmp_path_factory.mktemp("emu") / "emu.so"
-    cmd = [CXX, "-std=c++17", "-O2", "-shared", "-fPIC", "-ffp-contract=off", "-DPNI_EMU_WITH_C10",
-           f"-I{cpp_extension.include_paths()[0]}", "-o", str(lib), str(EMULATION_SRC)]
+    cmd = [
+        CXX,
+        "-std=c++17",
+        "-O2",
+        "-shared",
+        "-fPIC",
+        "-ffp-contract=off",
+        "-DPNI_EMU_WITH_C10",
+        f"-I{cpp_extension.include_paths()[0]}",
+        "-o",
+        str(lib),
+        str(EMULATION_SRC),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     so = ctypes.CDLL(str(lib))
@@ -193,10 +211,20 @@ def _run(so, fn_name, ins, alphas, sigmas, offsets, inners, seed, out_like, stat
     code = {np.dtype(np.float32): 0, np.dtype(np.float64): 1}[np.dtype(dtype)]
     keep = (ins, alphas, sigmas)  # noqa: F841  (arrays stay alive during the call)
     rc = getattr(so, fn_name)(
-        ctypes.c_int(code), ctypes.c_int(len(ins)), _ptrs(ins), _ptrs(outs), _ptrs(alphas), _ptrs(sigmas),
+        ctypes.c_int(code),
+        ctypes.c_int(len(ins)),
+        _ptrs(ins),
+        _ptrs(outs),
+        _ptrs(alphas),
+        _ptrs(sigmas),
         (ctypes.c_int32 * max(1, len(ins)))(*[int(s.dtype == np.float32) for s in sigmas]),
-        _i64([a.size for a in ins]), _i64([a.size for a in alphas]), _i64(inners), _i64(offsets),
-        ctypes.c_uint64(seed), _state(state))
+        _i64([a.size for a in ins]),
+        _i64([a.size for a in alphas]),
+        _i64(inners),
+        _i64(offsets),
+        ctypes.c_uint64(seed),
+        _state(state),
+    )
     assert rc == 0
     return outs
 
@@ -224,10 +252,20 @@ def _run_torch(so, fn_name, ins, alphas, sigmas, offsets, inners, seed, out_like
     outs = [torch.full_like(o, float("nan")) for o in out_like]
     ptrs = lambda ts: (ctypes.c_void_p * len(ts))(*[t.data_ptr() for t in ts])  # noqa: E731
     rc = getattr(so, fn_name)(
-        ctypes.c_int(code), ctypes.c_int(len(ins)), ptrs(ins), ptrs(outs), ptrs(alphas), ptrs(sigmas),
+        ctypes.c_int(code),
+        ctypes.c_int(len(ins)),
+        ptrs(ins),
+        ptrs(outs),
+        ptrs(alphas),
+        ptrs(sigmas),
         (ctypes.c_int32 * len(ins))(*[int(s.dtype == torch.float32) for s in sigmas]),
-        _i64([t.numel() for t in ins]), _i64([t.numel() for t in alphas]), _i64(inners), _i64(offsets),
-        ctypes.c_uint64(seed), _state(state))
+        _i64([t.numel() for t in ins]),
+        _i64([t.numel() for t in alphas]),
+        _i64(inners),
+        _i64(offsets),
+        ctypes.c_uint64(seed),
+        _state(state),
+    )
     assert rc == 0
     return outs
 
@@ -251,8 +289,9 @@ def test_emulated_kernels_match_oracle(emu, case, dtype):
     alpha = (rng.random(n_alpha) + 0.1).astype(dtype)
     sigma = np.array(0.75, dtype=np.float32)
     (out,) = _run(emu, "emu_perturb", [v], [alpha], [sigma], [OFFSET], [inner], SEED, [v])
-    np.testing.assert_allclose(out, _expected("out", v, alpha, sigma, inner), rtol=0,
-                               atol=2e-6 if dtype == np.float32 else 2e-6 * 0.9)
+    np.testing.assert_allclose(
+        out, _expected("out", v, alpha, sigma, inner), rtol=0, atol=2e-6 if dtype == np.float32 else 2e-6 * 0.9
+    )
     (grad,) = _run(emu, "emu_alpha_grad", [v], [alpha], [sigma], [OFFSET], [inner], SEED, [alpha])
     expected = _expected("grad", v, alpha, sigma, inner)
     scale = 1.0 + np.abs(expected).max()
@@ -294,19 +333,23 @@ def test_emulated_multi_equals_single_bitwise(emu):
     for i in range(40):
         if ins[i].size == 0:
             continue  # untouched by the kernels; the op layer returns empty / zeros
-        (single,) = _run(emu, "emu_perturb", [ins[i]], [alphas[i]], [sigmas[i]], [offsets[i]], [inners[i]], SEED,
-                         [ins[i]])
+        (single,) = _run(
+            emu, "emu_perturb", [ins[i]], [alphas[i]], [sigmas[i]], [offsets[i]], [inners[i]], SEED, [ins[i]]
+        )
         np.testing.assert_array_equal(outs[i], single)
-        (single_g,) = _run(emu, "emu_alpha_grad", [ins[i]], [alphas[i]], [sigmas[i]], [offsets[i]], [inners[i]],
-                           SEED, [alphas[i]])
+        (single_g,) = _run(
+            emu, "emu_alpha_grad", [ins[i]], [alphas[i]], [sigmas[i]], [offsets[i]], [inners[i]], SEED, [alphas[i]]
+        )
         np.testing.assert_array_equal(grads[i], single_g)
-        np.testing.assert_allclose(outs[i], _expected("out", ins[i], alphas[i], sigmas[i], inners[i], SEED,
-                                                      offsets[i]), rtol=0, atol=2e-6)
+        np.testing.assert_allclose(
+            outs[i], _expected("out", ins[i], alphas[i], sigmas[i], inners[i], SEED, offsets[i]), rtol=0, atol=2e-6
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("case", ["conv-channelwise-warp", "elementwise-direct", "act-7x7-thread-mode",
-                                  "layerwise-warp-many-chunks"])
+@pytest.mark.parametrize(
+    "case", ["conv-channelwise-warp", "elementwise-direct", "act-7x7-thread-mode", "layerwise-warp-many-chunks"]
+)
 def test_emulated_kernels_16bit(emu, case, dtype):
     """c10::Half / c10::BFloat16 paths (math in float32, 64-bit vector accesses), sigma in v's dtype."""
     n, n_alpha, inner = EMU_CASES[case]
@@ -318,12 +361,12 @@ def test_emulated_kernels_16bit(emu, case, dtype):
     expected = _expected("out", v.double().numpy(), alpha.double().numpy(), 0.75, inner)
     tol = 2e-3 if dtype == torch.float16 else 2e-2
     np.testing.assert_allclose(out.double().numpy(), expected, rtol=tol, atol=tol)
-    (grad,) = _run_torch(emu, "emu_alpha_grad", [v], [alpha.float()], [sigma], [OFFSET], [inner], SEED,
-                         [alpha.float()])
+    (grad,) = _run_torch(emu, "emu_alpha_grad", [v], [alpha.float()], [sigma], [OFFSET], [inner], SEED, [alpha.float()])
     expected = _expected("grad", v.double().numpy(), alpha.double().numpy(), 0.75, inner)
     scale = 1.0 + np.abs(expected).max()
-    np.testing.assert_allclose(grad.double().numpy() / scale, expected / scale, rtol=0,
-                               atol=1e-2 if dtype == torch.float16 else 5e-2)
+    np.testing.assert_allclose(
+        grad.double().numpy() / scale, expected / scale, rtol=0, atol=1e-2 if dtype == torch.float16 else 5e-2
+    )
 
 
 @pytest.mark.parametrize("case", ["conv-channelwise-warp", "elementwise-direct", "per-feature-thread-mode"])
@@ -356,10 +399,10 @@ def test_emulated_float32_alpha_half_grad_does_not_overflow(emu):
     assert abs(grad.item() - expected) <= 1e-5 * expected
 
 
-
 # ---------------------------------------------------------------------------
 # Index types, magic-number division, stage-2 block reduction
 # ---------------------------------------------------------------------------
+
 
 @pytest.fixture
 def emu_bits(emu):
@@ -372,8 +415,28 @@ def emu_bits(emu):
 def test_emulated_fastdiv(emu, bits):
     """x / d by magic numbers equals integer division, at the edges of the index range."""
     top = 2**31 - 1 if bits == 32 else 2**63 - 1
-    divisors = [1, 2, 3, 4, 5, 6, 7, 25, 49, 72, 641, 1000, 4097, 65535, 65537, 2**20 + 1, 2**30 - 1, 2**30,
-                2**30 + 1, 2**31 - 1]
+    divisors = [
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+        7,
+        25,
+        49,
+        72,
+        641,
+        1000,
+        4097,
+        65535,
+        65537,
+        2**20 + 1,
+        2**30 - 1,
+        2**30,
+        2**30 + 1,
+        2**31 - 1,
+    ]
     if bits == 64:
         divisors += [2**31, 2**32 - 1, 2**32 + 1, 3**30, 2**62 - 1, 2**62 + 1, 2**63 - 25]
     rng = np.random.default_rng(7)
@@ -388,8 +451,17 @@ def test_emulated_fastdiv(emu, bits):
 
 
 # (numel, alpha numel, inner): channelwise with several inner values (forward: magic-number division).
-CHANNEL_CASES = [(3 * 6 * 1, 6, 1), (2 * 6 * 3, 6, 3), (4 * 5 * 4, 5, 4), (3 * 7 * 5, 7, 5), (2 * 6 * 7, 6, 7),
-                 (2 * 3 * 64, 3, 64), (2 * 4 * 1000, 4, 1000), (3 * 2 * 4097, 2, 4097), (16 * 27, 16, 27)]
+CHANNEL_CASES = [
+    (3 * 6 * 1, 6, 1),
+    (2 * 6 * 3, 6, 3),
+    (4 * 5 * 4, 5, 4),
+    (3 * 7 * 5, 7, 5),
+    (2 * 6 * 7, 6, 7),
+    (2 * 3 * 64, 3, 64),
+    (2 * 4 * 1000, 4, 1000),
+    (3 * 2 * 4097, 2, 4097),
+    (16 * 27, 16, 27),
+]
 
 
 @pytest.mark.parametrize("case", CHANNEL_CASES, ids=[f"{c[0]}-{c[1]}-{c[2]}" for c in CHANNEL_CASES])
@@ -435,8 +507,12 @@ def test_emulated_index_types_list_and_unaligned(emu_bits):
         results[bits] = _run(emu_bits, "emu_perturb", ins, alphas, sigmas, offsets, inners, SEED, ins)
     for i in range(len(specs)):
         np.testing.assert_array_equal(results[32][i], results[64][i])
-        np.testing.assert_allclose(results[32][i], _expected("out", ins[i], alphas[i], sigmas[i], inners[i], SEED,
-                                                             offsets[i]), rtol=0, atol=2e-6)
+        np.testing.assert_allclose(
+            results[32][i],
+            _expected("out", ins[i], alphas[i], sigmas[i], inners[i], SEED, offsets[i]),
+            rtol=0,
+            atol=2e-6,
+        )
 
 
 # Stage 2 with a block per alpha index: a layerwise alpha of a tensor with >= 1024 * 2048 elements
@@ -462,8 +538,9 @@ def test_emulated_stage2_block_reduction(emu, case):
     np.testing.assert_array_equal(grad, again)  # deterministic
     # the emulation's own z: perturb of zeros with alpha * sigma = 1 (exact in float32)
     zeros = np.zeros(n, dtype=np.float32)
-    (z,) = _run(emu, "emu_perturb", [zeros], [np.ones(1, np.float32)], [np.array(1.0, np.float32)], [OFFSET], [1],
-                SEED, [zeros])
+    (z,) = _run(
+        emu, "emu_perturb", [zeros], [np.ones(1, np.float32)], [np.array(1.0, np.float32)], [OFFSET], [1], SEED, [zeros]
+    )
     np.testing.assert_allclose(z, oracle.normal(SEED, OFFSET, n), rtol=0, atol=2e-6)
     k = (np.arange(n) // inner) % n_alpha
     gz = g.astype(np.float64) * z.astype(np.float64)
@@ -474,7 +551,16 @@ def test_emulated_stage2_block_reduction(emu, case):
     np.testing.assert_array_less(np.abs(grad - exact), chain * np.finfo(np.float32).eps * cond + 1e-30)
     # float64: same z, same order; bound n * eps64 * sum |g z|
     g64 = g.astype(np.float64)
-    (grad64,) = _run(emu, "emu_alpha_grad", [g64], [alpha.astype(np.float64)], [np.array(0.75)], [OFFSET], [inner],
-                     SEED, [alpha.astype(np.float64)])
+    (grad64,) = _run(
+        emu,
+        "emu_alpha_grad",
+        [g64],
+        [alpha.astype(np.float64)],
+        [np.array(0.75)],
+        [OFFSET],
+        [inner],
+        SEED,
+        [alpha.astype(np.float64)],
+    )
     # the float64 kernels compute z in float32 too (design.md section 3): the same z
     np.testing.assert_array_less(np.abs(grad64 - exact), n * np.finfo(np.float64).eps * cond + 1e-300)

@@ -3,6 +3,7 @@ no host synchronisation, RNG state tensors and CUDA graph capture / replay, for 
 Triton backends. Skipped with "no CUDA device" elsewhere (set-up: tests/cuda_support.py; the
 kernels themselves: tests/test_kernels_*.py and tests/test_cuda.py).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -10,9 +11,21 @@ import torch
 import torch.nn.functional as F
 
 import pni_fast
+
 from cuda_support import (  # noqa: F401  (needs_device: autouse fixture)
-    DEV, GPU_BACKENDS, ON_GPU, SEED, gpu_ops, grad_bound, inputs, needs_cuda_ext, needs_device, needs_rng_state,
-    needs_triton, real_gpu)
+    DEV,
+    GPU_BACKENDS,
+    ON_GPU,
+    SEED,
+    gpu_ops,
+    grad_bound,
+    inputs,
+    needs_cuda_ext,
+    needs_device,
+    needs_rng_state,
+    needs_triton,
+    real_gpu,
+)
 from oracle import SIGMA_REL, UNIT, alpha_index, assert_within, flat64, grad_terms
 
 pytestmark = [pytest.mark.cuda]
@@ -75,9 +88,13 @@ def test_compile_drawn_seed_fullgraph(backend):
         z = (out64 - w64) / (0.25 * sigma)  # the noise this forward drew, recovered
         assert abs(float(z.mean())) < 0.05 and abs(float(z.var()) - 1) < 0.1  # 18432 samples: > 6 sigma
         # z recovered from fp32 values: error from the rounding of out and of the kernel's math
-        z_err = 4 * UNIT[torch.float32] * (out64.abs() + w64.abs()) / (0.25 * sigma) + SIGMA_REL[torch.float32] * z.abs()
+        z_err = (
+            4 * UNIT[torch.float32] * (out64.abs() + w64.abs()) / (0.25 * sigma) + SIGMA_REL[torch.float32] * z.abs()
+        )
         exp, abs_gz, abs_g = grad_terms(g, alpha, sigma, 288, z)
-        g_err = torch.zeros(64, dtype=torch.float64).index_add_(0, alpha_index(z.numel(), 64, 288), flat64(g).abs() * z_err)
+        g_err = torch.zeros(64, dtype=torch.float64).index_add_(
+            0, alpha_index(z.numel(), 64, 288), flat64(g).abs() * z_err
+        )
         bound = grad_bound(exp, abs_gz, abs_g, torch.float32, torch.float32, 0.0, SIGMA_REL[torch.float32])
         assert_within(grad, exp, bound + g_err * sigma, "compiled alpha grad vs the forward's noise")
         outs.append(out.detach().clone())
@@ -171,8 +188,9 @@ def test_rng_state_eager_semantics(device):
     assert torch.equal(outs[0], pni_fast.noisy_weight(w, a, seed=SEED, offset=base))
     assert torch.equal(outs[1], pni_fast.noisy_weight(w2, a2, seed=SEED, offset=base + q(w)))
     base += q(w) + q(w2)
-    assert torch.equal(pni_fast.randn((5,), seed=state, device=device),
-                       pni_fast.randn((5,), seed=SEED, offset=base, device=device))
+    assert torch.equal(
+        pni_fast.randn((5,), seed=state, device=device), pni_fast.randn((5,), seed=SEED, offset=base, device=device)
+    )
     assert state.tolist() == [SEED, base + 2]
 
 
@@ -299,10 +317,20 @@ def test_cuda_graph_module_seed_none(backend, monkeypatch):
         # cuDNN may pick other (deterministic) algorithms under capture: fp32-rounding close, while other
         # noise would move every output by ~alpha * sigma(w) relative (the bitwise check of the noise
         # itself is test_cuda_graph_rng_state_fresh_per_replay)
-        torch.testing.assert_close(out_r, out, rtol=1e-5, atol=1e-5 * float(out.abs().max()),
-                                   msg=lambda m: f"replay {k} differs from the eager call: {m}")
-        torch.testing.assert_close(grad_r, leaf.grad, rtol=1e-5, atol=1e-5 * float(leaf.grad.abs().max()),
-                                   msg=lambda m: f"replay {k}: alpha grad differs from the eager one: {m}")
+        torch.testing.assert_close(
+            out_r,
+            out,
+            rtol=1e-5,
+            atol=1e-5 * float(out.abs().max()),
+            msg=lambda m: f"replay {k} differs from the eager call: {m}",
+        )
+        torch.testing.assert_close(
+            grad_r,
+            leaf.grad,
+            rtol=1e-5,
+            atol=1e-5 * float(leaf.grad.abs().max()),
+            msg=lambda m: f"replay {k}: alpha grad differs from the eager one: {m}",
+        )
     _assert_all_differ([r[0] for r in replays], "outputs")
 
     both = pni_fast.NoisyConv2d(4, 8, 3, padding=1, pni="channelwise", noise="both").to(DEV)

@@ -34,8 +34,18 @@ def _run(data, init_seed: int, seed: int = 0, pni: bool = True, device: str = "c
         from pni_fast.convert import convert
 
         model = convert(model, pni="layerwise", noise="weight")
-    cfg = TrainConfig(epochs=1, batch_size=32, warmup_epochs=0, adv_eps=0.1, adv_alpha=0.05, adv_steps=2,
-                      eval_samples=16, eval_pgd_steps=1, lr=0.05, seed=seed)
+    cfg = TrainConfig(
+        epochs=1,
+        batch_size=32,
+        warmup_epochs=0,
+        adv_eps=0.1,
+        adv_alpha=0.05,
+        adv_steps=2,
+        eval_samples=16,
+        eval_pgd_steps=1,
+        lr=0.05,
+        seed=seed,
+    )
     hist = train(model, tr, te, cfg, progress=False, device=device)
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, hist
 

@@ -21,8 +21,8 @@ import pytest
 import torch
 from torch import nn
 
-from pni_fast.robust.data import Split, iterate_batches, load_digits
 from pni_fast.distributed import derived_seed
+from pni_fast.robust.data import Split, iterate_batches, load_digits
 from pni_fast.robust.train import CHECKPOINT_NAME, TrainConfig, load_checkpoint, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,8 +37,20 @@ def _data():
 
 
 def _cfg(**kw) -> TrainConfig:
-    base = dict(epochs=1, batch_size=32, warmup_epochs=0, adversarial=False, adv_eps=0.1, adv_alpha=0.05,
-                adv_steps=1, eval_samples=16, eval_pgd_steps=1, lr=0.1, momentum=0.9, weight_decay=0.0)
+    base = dict(
+        epochs=1,
+        batch_size=32,
+        warmup_epochs=0,
+        adversarial=False,
+        adv_eps=0.1,
+        adv_alpha=0.05,
+        adv_steps=1,
+        eval_samples=16,
+        eval_pgd_steps=1,
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=0.0,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -56,8 +68,8 @@ def _no_bn_pni_model() -> nn.Module:
 
 
 def _bn_pni_model() -> nn.Module:
-    from pni_fast.models import DigitsCNN
     from pni_fast.convert import convert
+    from pni_fast.models import DigitsCNN
 
     torch.manual_seed(0)
     return convert(DigitsCNN(1, 10, 4), pni="layerwise", noise="weight")
@@ -221,8 +233,9 @@ def test_sharding_covers_each_global_batch():
     tr, _ = _data()
     gen = lambda: torch.Generator().manual_seed(5)  # noqa: E731
     one = [y for _, y in iterate_batches(tr, 32, shuffle=True, generator=gen())]
-    shards = [[y for _, y in iterate_batches(tr, 32, shuffle=True, generator=gen(), rank=r, world_size=2)]
-              for r in range(2)]
+    shards = [
+        [y for _, y in iterate_batches(tr, 32, shuffle=True, generator=gen(), rank=r, world_size=2)] for r in range(2)
+    ]
     assert len(shards[0]) == len(shards[1]) == len(one)
     for k, y in enumerate(one):
         assert torch.equal(torch.stack([shards[0][k], shards[1][k]], 1).reshape(-1), y)
@@ -277,10 +290,36 @@ def test_torchrun_cli_two_processes(tmp_path):
     if not os.path.isfile(torchrun):
         pytest.skip(f"torchrun not found next to {sys.executable}")
     out = tmp_path / "run"
-    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "pni_fast", "train", "--epochs", "1",
-           "--warmup-epochs", "0", "--limit-train", "64", "--batch-size", "32", "--eval-samples", "16",
-           "--pgd-steps", "1", "--pni", "layerwise", "--device", "cpu", "--rank-noise", "independent",
-           "--out", str(out), "--no-progress"]
+    cmd = [
+        torchrun,
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "pni_fast",
+        "train",
+        "--epochs",
+        "1",
+        "--warmup-epochs",
+        "0",
+        "--limit-train",
+        "64",
+        "--batch-size",
+        "32",
+        "--eval-samples",
+        "16",
+        "--pgd-steps",
+        "1",
+        "--pni",
+        "layerwise",
+        "--device",
+        "cpu",
+        "--rank-noise",
+        "independent",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr

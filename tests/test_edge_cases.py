@@ -1,4 +1,5 @@
 """Edge cases that must give the documented answer or a clear error on every CPU backend."""
+
 import subprocess
 import sys
 
@@ -56,7 +57,8 @@ def test_sigma_has_one_definition_whatever_is_loaded():
         "later = [pni_fast.weight_sigma(t) for t in ts]\n"
         "from pni_fast.functional import _sigma_torch\n"
         "pure = [_sigma_torch(t) for t in ts]\n"
-        "print(all(torch.equal(a, b) for a, b in zip(first, later)), all(torch.equal(a, b) for a, b in zip(first, pure)))\n"
+        "print(all(torch.equal(a, b) for a, b in zip(first, later)),\n"
+        "      all(torch.equal(a, b) for a, b in zip(first, pure)))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["True", "True"]
@@ -133,9 +135,19 @@ def test_seed_types():
 
 def test_weight_sigmas_equal_weight_sigma_bitwise():
     torch.manual_seed(3)
-    ts = [torch.randn(n).to(d) for n, d in [(0, torch.float32), (1, torch.float32), (5, torch.float32), (432, torch.float32),
-                                           (100, torch.bfloat16), (33, torch.float16), (77, torch.float64),
-                                           (20000, torch.float32)]]
+    ts = [
+        torch.randn(n).to(d)
+        for n, d in [
+            (0, torch.float32),
+            (1, torch.float32),
+            (5, torch.float32),
+            (432, torch.float32),
+            (100, torch.bfloat16),
+            (33, torch.float16),
+            (77, torch.float64),
+            (20000, torch.float32),
+        ]
+    ]
     got = PF.weight_sigmas(ts)
     for t, s in zip(ts, got):
         assert torch.equal(s, PF.weight_sigma(t)), t.dtype

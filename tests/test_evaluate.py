@@ -129,8 +129,9 @@ def test_successive_autoattack_calls_see_fresh_pni_noise(digits, monkeypatch):
 
     # control: the same attack called directly repeats its noise after its manual_seed
     kw = dict(norm="Linf", eps=EPS, steps=3, n_restarts=1, seed=0, eot_iter=2)
-    atk = torchattacks.MultiAttack([torchattacks.APGD(model, loss="ce", **kw),
-                                    torchattacks.APGD(model, loss="dlr", **kw)])
+    atk = torchattacks.MultiAttack(
+        [torchattacks.APGD(model, loss="ce", **kw), torchattacks.APGD(model, loss="dlr", **kw)]
+    )
     direct = []
     for _ in range(3):
         seen.clear()
@@ -166,10 +167,14 @@ def test_evaluate_repeats_draw_different_noise(digits, monkeypatch, kind):
 
 
 @needs_ta
-@pytest.mark.parametrize("attack", [
-    lambda m, x, y: autoattack_rand(m, x, y, eps=EPS, steps=2, eot_samples=2),
-    lambda m, x, y: square_attack(m, x, y, eps=EPS, n_queries=10),
-], ids=["autoattack-rand", "square"])
+@pytest.mark.parametrize(
+    "attack",
+    [
+        lambda m, x, y: autoattack_rand(m, x, y, eps=EPS, steps=2, eot_samples=2),
+        lambda m, x, y: square_attack(m, x, y, eps=EPS, n_queries=10),
+    ],
+    ids=["autoattack-rand", "square"],
+)
 def test_callers_rng_stream_is_kept(digits, attack):
     """The attack reseeds torch; afterwards the caller's stream continues as if only PNI's one seed draw happened."""
     model, x, y = digits
@@ -188,10 +193,13 @@ def test_callers_rng_stream_is_kept(digits, attack):
 def test_evaluate_reports_autoattack_rand_and_square(digits):
     model, x, y = digits
     pni = _pni(model)
-    specs = [AttackSpec("clean"), AttackSpec("pgd", eps=EPS, alpha=0.1, steps=1),
-             AttackSpec("eot-pgd", eps=EPS, alpha=0.1, steps=1, eot_samples=2),
-             AttackSpec("autoattack-rand", eps=EPS, steps=3, eot_samples=2, restarts=1, seed=1),
-             AttackSpec("square", eps=EPS, n_queries=50, p_init=0.5, seed=2)]
+    specs = [
+        AttackSpec("clean"),
+        AttackSpec("pgd", eps=EPS, alpha=0.1, steps=1),
+        AttackSpec("eot-pgd", eps=EPS, alpha=0.1, steps=1, eot_samples=2),
+        AttackSpec("autoattack-rand", eps=EPS, steps=3, eot_samples=2, restarts=1, seed=1),
+        AttackSpec("square", eps=EPS, n_queries=50, p_init=0.5, seed=2),
+    ]
     torch.manual_seed(0)
     res = evaluate(pni, (x, y), specs, repeats=3, batch_size=32)
     assert [r.attack for r in res] == ["clean", "PGD-1", "EOT-PGD-1x2", "AA-rand-3x2", "Square-50"]
@@ -258,8 +266,9 @@ def test_streamed_inputs_give_the_materialized_results(digits):
     torch.manual_seed(3)
     want = _materialized(pni, batches, SPECS, 2)
     # a DataLoader draws a seed from torch's generator on every pass unless it has its own generator
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=12,
-                                         generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=12, generator=torch.Generator().manual_seed(0)
+    )
     split = pni_fast.robust.data.Split(x, y)
     for data in ((x, y), split, batches, loader):
         torch.manual_seed(3)

@@ -1,5 +1,6 @@
 """Graph capture of PNI models: torch.export and torch.fx keep fresh noise per call; torch.jit.trace /
 torch.jit.script and ONNX export refuse with an error that names pni_fast.no_noise / pni_fast.strip."""
+
 import copy
 import importlib.util
 import warnings
@@ -23,8 +24,14 @@ def _model(batch_noise: bool = False):
     carry the model's batching hooks, draws exactly what eager does."""
     torch.manual_seed(0)
     model = nn.Sequential(
-        NoisyConv2d(3, 4, 3, pni="channelwise", noise="both"), nn.ReLU(), NoiseInjection(4, pni="channelwise"),
-        nn.Flatten(), nn.Unflatten(1, (4, 36)), nn.Conv1d(4, 2, 3), nn.Flatten(), nn.Linear(68, 5),
+        NoisyConv2d(3, 4, 3, pni="channelwise", noise="both"),
+        nn.ReLU(),
+        NoiseInjection(4, pni="channelwise"),
+        nn.Flatten(),
+        nn.Unflatten(1, (4, 36)),
+        nn.Conv1d(4, 2, 3),
+        nn.Flatten(),
+        nn.Linear(68, 5),
     )
     convert(model, noise="both", batch_noise=batch_noise)  # Conv1d converted in place, Linear -> NoisyLinear
     return model.eval()
@@ -42,8 +49,13 @@ def _exported_seed() -> int:
 def test_export_draws_fresh_noise_per_call(strict):
     model = _model()
     ep = torch.export.export(model, (X,), strict=strict)
-    targets = {str(n.target) for g in ep.graph_module.modules() if isinstance(g, torch.fx.GraphModule)
-               for n in g.graph.nodes if n.op == "call_function"}
+    targets = {
+        str(n.target)
+        for g in ep.graph_module.modules()
+        if isinstance(g, torch.fx.GraphModule)
+        for n in g.graph.nodes
+        if n.op == "call_function"
+    }
     assert any(t.startswith("pni_fast.perturb") for t in targets) and "aten.randint.low" in targets
     run = ep.module()
     a, b = run(X), run(X)
@@ -161,8 +173,10 @@ def test_jit_script_refuses_and_leaves_the_model_alone():
         torch.testing.assert_close(scripted(X), model(X))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxscript") is None,
-                    reason="onnx/onnxscript are not installed (torch.onnx.export needs them)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxscript") is None,
+    reason="onnx/onnxscript are not installed (torch.onnx.export needs them)",
+)
 @pytest.mark.parametrize("dynamo", [True, False])
 def test_onnx_export_refuses_noise_clearly(dynamo, tmp_path):
     model = _model()

@@ -1,6 +1,5 @@
 """noisy_weight / inject_noise / noisy_weights on every CPU backend against the reference math
 with the oracle's noise, their gradients, the custom-op machinery, and bad input."""
-import os
 
 import numpy as np
 import pytest
@@ -8,10 +7,11 @@ import torch
 
 import pni_fast
 import pni_fast.functional as PF
+from pni_fast.backends import REGISTRY
 from pni_fast.reference import reference_inject_noise, reference_noisy_weight
+
 import oracle
 from oracle import TOLERANCE
-from pni_fast.backends import REGISTRY
 
 BACKENDS = pni_fast.available_backends("cpu")
 WEIGHT_SHAPE = (8, 3, 3, 3)  # small: the Triton interpreter is slow
@@ -75,7 +75,8 @@ def test_inject_noise_matches_reference(backend, alpha_shape):
 
 
 @pytest.mark.parametrize(  # gradcheck's many calls take minutes under the Triton interpreter
-    "backend", [pytest.param(b, marks=pytest.mark.slow) if b == "triton" else b for b in BACKENDS])
+    "backend", [pytest.param(b, marks=pytest.mark.slow) if b == "triton" else b for b in BACKENDS]
+)
 @pytest.mark.parametrize("mode", ["layerwise", "channelwise", "elementwise"])
 def test_gradcheck_float64(backend, mode):
     w = torch.randn(4, 3, 2, 2, dtype=torch.float64, requires_grad=True)
@@ -89,8 +90,7 @@ def test_gradcheck_float64(backend, mode):
     # the public function (autograd.Function path) too; w is fixed there because sigma = std(w) is
     # detached by design (a finite difference in w would see sigma move)
     wd = w.detach()
-    assert torch.autograd.gradgradcheck(lambda a: pni_fast.noisy_weight(wd, a, seed=5, offset=2, backend=backend),
-                                        (a,))
+    assert torch.autograd.gradgradcheck(lambda a: pni_fast.noisy_weight(wd, a, seed=5, offset=2, backend=backend), (a,))
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
@@ -263,7 +263,11 @@ BAD_CASES = [
     (dict(weight=W, alpha=0.25), TypeError, "alpha must be a torch.Tensor"),
     (dict(weight=W, alpha=torch.full((3, 1), 0.1)), ValueError, r"alpha must have 1 element"),
     (dict(weight=W, alpha=torch.full((4, 2), 0.1)), ValueError, r"channelwise"),
-    (dict(weight=W, alpha=torch.tensor([0.1], dtype=torch.float64)), TypeError, r"alpha must have dtype torch.float32 \(the dtype of weight\)"),
+    (
+        dict(weight=W, alpha=torch.tensor([0.1], dtype=torch.float64)),
+        TypeError,
+        r"alpha must have dtype torch.float32 \(the dtype of weight\)",
+    ),
     (dict(weight=W, alpha=torch.tensor([0.1], device="meta")), ValueError, "alpha must be on weight's device"),
     (dict(weight=W, alpha=torch.empty(0)), ValueError, "at least one element"),
     (dict(weight=W, alpha=torch.tensor([0.1]), seed=-5), ValueError, "seed"),

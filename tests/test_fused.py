@@ -4,6 +4,7 @@ Both paths run in one test with the same generator state; the general path is th
 (sigma, finite checks, torch.randint seed, perturb) whose math the kernel tests check against the
 numpy oracle, so equality here carries those checks over to the fast path.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,7 +17,8 @@ from pni_fast import _ext, fused
 from pni_fast import functional as fn
 
 pytestmark = pytest.mark.skipif(
-    not (_ext.load() and _ext.has_op("noisy", "cpu")), reason="the compiled library (with pni_fast::noisy) is not loaded"
+    not (_ext.load() and _ext.has_op("noisy", "cpu")),
+    reason="the compiled library (with pni_fast::noisy) is not loaded",
 )
 
 
@@ -174,12 +176,15 @@ def test_double_backward_on_the_fast_path_equals_general_path():
     assert fast[1].abs().sum() > 0
 
 
-@pytest.mark.parametrize("bad,message", [
-    ("nan_weight", "weight contains NaN or Inf"),
-    ("inf_alpha", "alpha must be finite"),
-    ("seed", r"seed must be in \[0, 2\*\*63\)"),
-    ("offset", r"offset \+ ceil\(numel / 4\) must be < 2\*\*63"),
-])
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        ("nan_weight", "weight contains NaN or Inf"),
+        ("inf_alpha", "alpha must be finite"),
+        ("seed", r"seed must be in \[0, 2\*\*63\)"),
+        ("offset", r"offset \+ ceil\(numel / 4\) must be < 2\*\*63"),
+    ],
+)
 def test_errors_are_the_general_paths(bad, message):
     w = torch.randn(4, 3)
     a = torch.tensor([0.1])
@@ -224,13 +229,16 @@ def test_user_tensors_are_not_changed():
         assert torch.equal(out, pni_fast.noisy_weight(w, a, seed=2))
 
 
-@pytest.mark.parametrize("dtype,adtype,alpha_kind", [
-    (torch.float32, torch.float32, "channelwise"),
-    (torch.float32, torch.float32, "layerwise"),
-    (torch.float32, torch.float32, "elementwise"),
-    (torch.float16, torch.float32, "channelwise"),
-    (torch.bfloat16, torch.bfloat16, "layerwise"),
-])
+@pytest.mark.parametrize(
+    "dtype,adtype,alpha_kind",
+    [
+        (torch.float32, torch.float32, "channelwise"),
+        (torch.float32, torch.float32, "layerwise"),
+        (torch.float32, torch.float32, "elementwise"),
+        (torch.float16, torch.float32, "channelwise"),
+        (torch.bfloat16, torch.bfloat16, "layerwise"),
+    ],
+)
 def test_stored_noise_backward_equals_regenerated(dtype, adtype, alpha_kind, monkeypatch):
     """noisy_weights keeps the forward's noise for small models; the alpha gradients are the same bits as
     regenerating it (SAVE_NOISE_MAX_ELEMENTS=0) and as the general path."""

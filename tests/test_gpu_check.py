@@ -5,6 +5,7 @@ wall time; OUTDIR holds at most 8 plain files (what a device run can bring back)
 stage is reported, the stages after it still run, and the exit code says so; the fixed stage
 limits fit the 7.5-minute budget. No timing assertions: CI machines are shared and noisy.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,16 +21,25 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 STAGES = ["env", "build", "tests", "bench", "sanitizer", "rest"]
-FILES = {"summary.txt", "env.txt", "build.log", "tests.log", "bench.log", "bench.tar.gz", "sanitizer.log",
-         "tests_rest.log"}
+FILES = {
+    "summary.txt",
+    "env.txt",
+    "build.log",
+    "tests.log",
+    "bench.log",
+    "bench.tar.gz",
+    "sanitizer.log",
+    "tests_rest.log",
+}
 BUDGET_S = 450  # 7.5 minutes
 
 
 def _run(out: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("PNI_GPU_CHECK_")}
     full_env.update(PYTHON=sys.executable, **env)
-    return subprocess.run(["bash", str(SCRIPT), str(out), *args], cwd=ROOT, env=full_env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        ["bash", str(SCRIPT), str(out), *args], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=300
+    )
 
 
 def _summary(out: Path) -> tuple[dict[str, dict], str]:
@@ -38,8 +48,9 @@ def _summary(out: Path) -> tuple[dict[str, dict], str]:
     rows = {}
     for line in lines[2:-1]:
         name, status, rc, seconds, limit, log, *note = line.split(None, 6)
-        rows[name] = dict(status=status, rc=int(rc), seconds=int(seconds), limit=int(limit), log=log,
-                          note=note[0] if note else "")
+        rows[name] = dict(
+            status=status, rc=int(rc), seconds=int(seconds), limit=int(limit), log=log, note=note[0] if note else ""
+        )
     return rows, lines[-1]
 
 

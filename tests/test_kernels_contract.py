@@ -6,17 +6,19 @@ math on the backend's own z (its noise op, same seed and offset), where only rou
 Bitwise equality is asserted only where the same kernel sees the same values (reruns, views copied
 to contiguous). One body per check, parametrized by backend (tests/kernels.py).
 """
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
+from test_kernels_rng import check_noise
+
+from pni_fast.reference import reference_noisy_weight
 
 import oracle
 from oracle import CASES, DTYPES, Z_TOL, case_numel, flat64, inputs
-from pni_fast.reference import reference_noisy_weight
-from test_kernels_rng import check_noise
 
 SEED = 0x0DDB_A11_5EED  # > 2^32
 OFFSET = 2**32 - 100  # counters cross the 32-bit boundary of c0 / c1
@@ -131,12 +133,32 @@ def test_non_contiguous_inputs(kernel):
     out = kernel.perturb(vt, at_, sigma, 9, 0, 1)
     assert out.shape == (30, 40) and out.is_contiguous()
     assert torch.equal(out, kernel.perturb(vt.contiguous(), at_.contiguous(), sigma, 9, 0, 1))
-    same_grad(kernel, kernel.alpha_grad(gt, at_, sigma, 9, 0, 1),
-              kernel.alpha_grad(gt.contiguous(), at_.contiguous(), sigma, 9, 0, 1), gt, at_, sigma, 1, 9, 0)
+    same_grad(
+        kernel,
+        kernel.alpha_grad(gt, at_, sigma, 9, 0, 1),
+        kernel.alpha_grad(gt.contiguous(), at_.contiguous(), sigma, 9, 0, 1),
+        gt,
+        at_,
+        sigma,
+        1,
+        9,
+        0,
+    )
     rows = torch.rand(30, device=dev)  # channelwise alpha on a transposed tensor
-    assert torch.equal(kernel.perturb(vt, rows, sigma, 1, 2, 40), kernel.perturb(vt.contiguous(), rows, sigma, 1, 2, 40))
-    same_grad(kernel, kernel.alpha_grad(gt, rows, sigma, 1, 2, 40),
-              kernel.alpha_grad(gt.contiguous(), rows, sigma, 1, 2, 40), gt, rows, sigma, 40, 1, 2)
+    assert torch.equal(
+        kernel.perturb(vt, rows, sigma, 1, 2, 40), kernel.perturb(vt.contiguous(), rows, sigma, 1, 2, 40)
+    )
+    same_grad(
+        kernel,
+        kernel.alpha_grad(gt, rows, sigma, 1, 2, 40),
+        kernel.alpha_grad(gt.contiguous(), rows, sigma, 1, 2, 40),
+        gt,
+        rows,
+        sigma,
+        40,
+        1,
+        2,
+    )
     w, _, a, _ = inputs((8, 4, 3, 3), (8, 1, 1, 1), device=dev)  # channels_last conv weight
     wcl = w.to(memory_format=torch.channels_last)
     assert torch.equal(kernel.perturb(wcl, a, w.std(), 4, 2, 36), kernel.perturb(w, a, w.std(), 4, 2, 36))
@@ -166,9 +188,9 @@ def test_unaligned_views(kernel, dtype):
     for off in (1,) if kernel.interpreted else (1, 2, 3):  # the interpreter needs ~8 s per offset
         for shape, n_alpha, inner in [((4099,), 1, 1), ((17, 241), 17, 241), ((4, 1024), 4, 1024)]:
             n = math.prod(shape)
-            v = base[off:off + n].view(shape)
-            g = gbase[off + 4:off + 4 + n].view(shape)
-            alpha = abase[off:off + n_alpha]
+            v = base[off : off + n].view(shape)
+            g = gbase[off + 4 : off + 4 + n].view(shape)
+            alpha = abase[off : off + n_alpha]
             assert v.storage_offset() % 4 != 0 and v.is_contiguous()
             out = kernel.perturb(v, alpha, sigma, SEED, OFFSET, inner)
             assert torch.equal(out, kernel.perturb(v.clone(), alpha.clone(), sigma, SEED, OFFSET, inner)), (off, shape)
@@ -182,8 +204,9 @@ def test_unaligned_views(kernel, dtype):
             if kernel.name == "cuda":  # loads change, the summation order does not
                 assert torch.equal(grad, aligned), (off, shape)
             z_own = flat64(kernel.noise(v, SEED, OFFSET))
-            kernel.bounds.check_grad(grad, g, alpha, sigma, inner, z_oracle, z_own,
-                                     what=f"alpha grad, offset {off}, {shape}")
+            kernel.bounds.check_grad(
+                grad, g, alpha, sigma, inner, z_oracle, z_own, what=f"alpha grad, offset {off}, {shape}"
+            )
 
 
 def test_perturb_propagates_nan_and_inf(kernel):
@@ -197,8 +220,11 @@ def test_perturb_propagates_nan_and_inf(kernel):
 
 
 def test_alpha_grad_deterministic(kernel):
-    cases = [((4, 6, 7, 7), (6,), 49)] if kernel.interpreted else [
-        ((1 << 20,), (1,), 1), ((64, 32, 3, 3), (64,), 288), ((8, 16, 14, 14), (16,), 196)]
+    cases = (
+        [((4, 6, 7, 7), (6,), 49)]
+        if kernel.interpreted
+        else [((1 << 20,), (1,), 1), ((64, 32, 3, 3), (64,), 288), ((8, 16, 14, 14), (16,), 196)]
+    )
     for shape, alpha_shape, inner in cases:
         _, g, alpha, sigma = inputs(shape, alpha_shape, device=kernel.device)
         first = kernel.alpha_grad(g, alpha, sigma, 3, 0, inner)
@@ -258,8 +284,11 @@ def test_opcheck(kernel, with_state):
 def test_outputs_are_fresh_tensors(kernel):
     """No op returns (a view of) an input: autograd refuses in-place ops on such results."""
     v, g, alpha, sigma = inputs((4, 6), (4, 1), device=kernel.device)
-    results = [kernel.perturb(v, alpha, sigma, 1, 0, 6), kernel.alpha_grad(g, alpha, sigma, 1, 0, 6),
-               kernel.noise(v, 1, 0)]
+    results = [
+        kernel.perturb(v, alpha, sigma, 1, 0, 6),
+        kernel.alpha_grad(g, alpha, sigma, 1, 0, 6),
+        kernel.noise(v, 1, 0),
+    ]
     if kernel.has_multi:
         results += kernel.perturb_multi([v], [alpha], [sigma], 1, [0], [6])
         results += kernel.alpha_grad_multi([g], [alpha], [sigma], 1, [0], [6])

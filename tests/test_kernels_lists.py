@@ -2,6 +2,7 @@
 backend's kernels (docs/ops.md), against the single ops and the oracle's bounds. One body per
 check, parametrized by backend (tests/kernels.py); backends without list ops skip those parts.
 """
+
 from __future__ import annotations
 
 import math
@@ -9,18 +10,23 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_kernels_contract import OFFSET, SEED, check, own_and_oracle_z
 
 import kernels
 import oracle
 from oracle import CASES, flat64, grad_terms, inputs
-from test_kernels_contract import OFFSET, SEED, check, own_and_oracle_z
 
 
 def model_like_lists(count: int, device, base: int = 0, small: bool = False):
     """A list like a CIFAR ResNet's noisy weights: mixed modes, one fp16 tensor, one empty tensor
     (``small``: a quarter of the channels, for the Triton interpreter)."""
-    specs = [((16, 3, 3, 3), "channelwise"), ((16, 16, 3, 3), "layerwise"), ((32, 16, 3, 3), "elementwise"),
-             ((64, 32, 3, 3), "channelwise"), ((10, 64), "layerwise")]
+    specs = [
+        ((16, 3, 3, 3), "channelwise"),
+        ((16, 16, 3, 3), "layerwise"),
+        ((32, 16, 3, 3), "elementwise"),
+        ((64, 32, 3, 3), "channelwise"),
+        ((10, 64), "layerwise"),
+    ]
     if small:
         specs = [((max(s[0] // 4, 2),) + s[1:], mode) for s, mode in specs]
     vs, gs, alphas, sigmas, offsets, inners = [], [], [], [], [], []
@@ -30,8 +36,11 @@ def model_like_lists(count: int, device, base: int = 0, small: bool = False):
         shape, mode = specs[i % len(specs)]
         dtype = torch.float16 if i == 3 else torch.float32
         v = torch.randn(shape, generator=gen).to(dtype).to(device)
-        n_alpha, inner = {"layerwise": (1, 1), "channelwise": (shape[0], v.numel() // shape[0]),
-                          "elementwise": (v.numel(), 1)}[mode]
+        n_alpha, inner = {
+            "layerwise": (1, 1),
+            "channelwise": (shape[0], v.numel() // shape[0]),
+            "elementwise": (v.numel(), 1),
+        }[mode]
         vs.append(v)
         gs.append(torch.randn(shape, generator=gen).to(dtype).to(device))
         alphas.append((torch.rand(n_alpha, generator=gen) + 0.1).to(dtype).to(device))
@@ -72,8 +81,10 @@ def test_multi_equals_single(kernel, count, base):
 def test_multi_empty_list(kernel):
     kernel.need_multi()
     if kernel.name in kernels.CPP:
-        pytest.skip("the compiled list ops dispatch on their tensors' device, which an empty list lacks "
-                    "(the functional layer returns [] without calling them)")
+        pytest.skip(
+            "the compiled list ops dispatch on their tensors' device, which an empty list lacks "
+            "(the functional layer returns [] without calling them)"
+        )
     assert kernel.perturb_multi([], [], [], 1, [], []) == []
     assert kernel.alpha_grad_multi([], [], [], 1, [], []) == []
 
@@ -96,8 +107,9 @@ def _state(seed: int, base: int, device) -> torch.Tensor:
     return torch.tensor([seed, base], dtype=torch.int64, device=device)
 
 
-@pytest.mark.parametrize("case", ["layerwise-multi-block", "long-rows", "act-channelwise-7x7", "elementwise-small",
-                                  "conv-channelwise"])
+@pytest.mark.parametrize(
+    "case", ["layerwise-multi-block", "long-rows", "act-channelwise-7x7", "elementwise-small", "conv-channelwise"]
+)
 def test_rng_state_equals_seed_and_offset(kernel, case):
     """rng_state (seed, base) draws exactly the noise of seed=seed, offset=base+offset; the seed
     argument is ignored and the state is not modified."""
@@ -125,8 +137,13 @@ def test_rng_state_list_ops(kernel):
     state = _state(SEED, base, kernel.device)
     v, g, alpha, sigma = inputs((16, 8, 3, 3), (16,), device=kernel.device)
     w, gw, aw, sw = inputs((80, 13), (13,), seed=1, device=kernel.device)
-    vs, gs, alphas, sigmas, inners = [v, v[:3], w], [g, g[:3], gw], [alpha, alpha[:1], aw], [sigma, sigma, sw], \
-        [72, 1, 1]
+    vs, gs, alphas, sigmas, inners = (
+        [v, v[:3], w],
+        [g, g[:3], gw],
+        [alpha, alpha[:1], aw],
+        [sigma, sigma, sw],
+        [72, 1, 1],
+    )
     offsets = [0, 300, 2000]
     shifted = [base + o for o in offsets]
     outs = kernel.perturb_multi(vs, alphas, sigmas, 0, offsets, inners, state)
@@ -141,8 +158,18 @@ def test_rng_state_list_ops(kernel):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
-@pytest.mark.parametrize("case", ["layerwise", "layerwise-multi-block", "conv-channelwise", "act-channelwise-7x7",
-                                  "elementwise", "elementwise-small", "act-per-feature"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "layerwise",
+        "layerwise-multi-block",
+        "conv-channelwise",
+        "act-channelwise-7x7",
+        "elementwise",
+        "elementwise-small",
+        "act-per-feature",
+    ],
+)
 def test_float32_alpha_with_half_tensors(kernel, dtype, case):
     """AMP: float32 alpha with float16/bfloat16 v; the alpha gradient comes back in float32, and a
     16-bit alpha (list ops) gets it in 16 bits."""
@@ -160,15 +187,18 @@ def test_float32_alpha_with_half_tensors(kernel, dtype, case):
     kernel.bounds.check_grad(grad, g, alpha, sigma, inner, z_oracle, z_own)
     if not kernel.has_multi:
         return
-    outs = kernel.perturb_multi([v, v], [alpha, alpha.to(dtype)], [sigma, sigma], SEED, [OFFSET, OFFSET],
-                                [inner, inner])
+    outs = kernel.perturb_multi(
+        [v, v], [alpha, alpha.to(dtype)], [sigma, sigma], SEED, [OFFSET, OFFSET], [inner, inner]
+    )
     assert torch.equal(outs[0], out) and outs[1].dtype == dtype
-    grads = kernel.alpha_grad_multi([g, g], [alpha, alpha.to(dtype)], [sigma, sigma], SEED, [OFFSET, OFFSET],
-                                    [inner, inner])
+    grads = kernel.alpha_grad_multi(
+        [g, g], [alpha, alpha.to(dtype)], [sigma, sigma], SEED, [OFFSET, OFFSET], [inner, inner]
+    )
     assert grads[0].dtype == torch.float32 and grads[1].dtype == dtype
     kernel.bounds.check_grad(grads[0], g, alpha, sigma, inner, z_oracle, z_own, what="multi alpha grad")
-    kernel.bounds.check_grad(grads[1], g, alpha.to(dtype), sigma, inner, z_oracle, z_own,
-                             what="multi alpha grad, half alpha")
+    kernel.bounds.check_grad(
+        grads[1], g, alpha.to(dtype), sigma, inner, z_oracle, z_own, what="multi alpha grad, half alpha"
+    )
 
 
 @pytest.mark.slow
@@ -206,8 +236,10 @@ def test_zero_size_tensors_with_layer_alphas(kernel, shape, alpha_shape, inner):
     dev = kernel.device
     v = torch.empty(shape, dtype=torch.float16, device=dev)
     s = torch.tensor(1.0, device=dev)
-    for alpha in (torch.full(alpha_shape, 0.25, device=dev),
-                  torch.full(alpha_shape, 0.25, dtype=torch.float16, device=dev)):
+    for alpha in (
+        torch.full(alpha_shape, 0.25, device=dev),
+        torch.full(alpha_shape, 0.25, dtype=torch.float16, device=dev),
+    ):
         out = kernel.perturb(v, alpha, s, 1, 0, inner)
         assert out.shape == v.shape and out.dtype == v.dtype
         g = kernel.alpha_grad(v, alpha, s, 1, 0, inner, _state(3, 4, dev))

@@ -5,6 +5,7 @@ Z_TOL = 2e-6 of the oracle; under the Triton interpreter z comes from tl.randn4x
 numpy float32 like the oracle, so there it must be bit-equal. One body per check, parametrized
 by backend (tests/kernels.py).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -78,7 +79,9 @@ def test_noise_matches_oracle(kernel, seed, offset, n):
 
 @pytest.mark.parametrize("numel", [1, 3, 4, 5, 1023, 1025, 2051])
 # seeds/offsets typed i32, u32 and i64 by triton; counters crossing 2^32
-@pytest.mark.parametrize("seed,offset", [(0, 0), (2**31 + 5, 2**31 + 1), (0x1234_5678_9ABC, 37), (2**63 - 1, 2**32 - 3)])
+@pytest.mark.parametrize(
+    "seed,offset", [(0, 0), (2**31 + 5, 2**31 + 1), (0x1234_5678_9ABC, 37), (2**63 - 1, 2**32 - 3)]
+)
 def test_noise_matches_oracle_at_block_edges(kernel, numel, seed, offset):
     z = kernel.noise(torch.empty(numel, device=kernel.device), seed, offset)
     assert z.shape == (numel,)

@@ -1,4 +1,5 @@
 """CIFAR ResNets: layout, parameter counts, option-A shortcut, and loading original-PNI checkpoints."""
+
 import contextlib
 import warnings
 
@@ -42,14 +43,21 @@ def test_parameter_counts():
     assert _count(resnet20(pni="layerwise")) == 269_722 + 20
     out_channels = 16 + 6 * 16 + 6 * 32 + 6 * 64 + 10
     assert _count(resnet20(pni="channelwise")) == 269_722 + out_channels
-    assert _count(resnet20(pni="elementwise")) == 269_722 + (269_722 - 650 - 2 * (16 + 6 * 16 + 6 * 32 + 6 * 64)
-                                                            + 640)
+    assert _count(resnet20(pni="elementwise")) == 269_722 + (269_722 - 650 - 2 * (16 + 6 * 16 + 6 * 32 + 6 * 64) + 640)
 
 
 def test_layout_names_and_noisy_layers():
     keys = set(resnet20().state_dict())
-    for k in ("normalize.mean", "normalize.std", "conv_1_3x3.weight", "bn_1.running_mean", "stage_1.0.conv_a.weight",
-              "stage_3.2.bn_b.bias", "classifier.weight", "classifier.bias"):
+    for k in (
+        "normalize.mean",
+        "normalize.std",
+        "conv_1_3x3.weight",
+        "bn_1.running_mean",
+        "stage_1.0.conv_a.weight",
+        "stage_3.2.bn_b.bias",
+        "classifier.weight",
+        "classifier.bias",
+    ):
         assert k in keys
     assert not any(k.startswith("stage_4") or k.startswith("stage_1.3") for k in keys)
     m = resnet20(pni="channelwise", noise="both")
@@ -236,8 +244,11 @@ def test_load_original_checkpoint_other_depth_classes_and_path(tmp_path):
 
 def test_load_checkpoint_errors():
     sd = _original(pni="channelwise").state_dict()
-    with pytest.raises(ValueError, match=r"alpha_w of 'conv_1_3x3' has shape \[16, 1, 1, 1\] \(pni='channelwise'\).*"
-                                         r"pni='layerwise'"):
+    with pytest.raises(
+        ValueError,
+        match=r"alpha_w of 'conv_1_3x3' has shape \[16, 1, 1, 1\] \(pni='channelwise'\).*"
+        r"pni='layerwise'",
+    ):
         load_pni_checkpoint(resnet20(pni="layerwise"), sd)
     with pytest.raises(ValueError, match="has weight noise on 'conv_1_3x3'.*has none"):
         load_pni_checkpoint(resnet20(), sd)

@@ -1,5 +1,6 @@
 """NoisyConv2d / NoisyLinear / NoiseInjection: math against the reference, gradients, state_dict,
 noise control and bad input."""
+
 import copy
 import io
 import math
@@ -108,12 +109,15 @@ def test_alpha_shapes_and_names():
     assert "pni='channelwise'" in repr(c) and "noise='both'" in repr(c)
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(groups=2, dilation=2, padding=2),
-    dict(padding_mode="reflect", padding=1, bias=False),
-    dict(padding_mode="circular", padding=(1, 2), stride=2),
-    dict(padding="same"),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(groups=2, dilation=2, padding=2),
+        dict(padding_mode="reflect", padding=1, bias=False),
+        dict(padding_mode="circular", padding=(1, 2), stride=2),
+        dict(padding="same"),
+    ],
+)
 def test_conv_arguments_match_nn_conv2d(kwargs):
     torch.manual_seed(0)
     plain = nn.Conv2d(4, 6, 3, dtype=torch.float64, **kwargs)
@@ -192,8 +196,7 @@ def test_noise_scale_statistics():
 
 
 def test_noise_control_helpers():
-    model = nn.Sequential(NoisyConv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), NoisyLinear(2 * 4 * 4, 3),
-                          NoiseInjection())
+    model = nn.Sequential(NoisyConv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), NoisyLinear(2 * 4 * 4, 3), NoiseInjection())
     model[3].noise_enabled = False  # a module switched off by hand stays off after the context
     assert noise_enabled(model) is True
     with no_noise(model) as m:
@@ -348,8 +351,13 @@ def test_batch_weight_noise_equals_per_layer_calls_with_offsets(backend, monkeyp
     if backend:
         monkeypatch.setenv("PNI_FAST_BACKEND", backend)
     torch.manual_seed(0)
-    model = nn.Sequential(NoisyConv2d(2, 3, 3, pni="channelwise"), nn.Flatten(), NoisyLinear(3 * 16, 4, noise="both"),
-                          NoisyLinear(4, 2, noise="input"), NoisyLinear(2, 2))
+    model = nn.Sequential(
+        NoisyConv2d(2, 3, 3, pni="channelwise"),
+        nn.Flatten(),
+        NoisyLinear(3 * 16, 4, noise="both"),
+        NoisyLinear(4, 2, noise="input"),
+        NoisyLinear(2, 2),
+    )
     model[4].noise_enabled = False
     x = torch.randn(2, 2, 6, 6)
     handle = batch_weight_noise(model)

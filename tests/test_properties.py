@@ -1,6 +1,7 @@
 """Property-based tests: for generated shapes, strides, dtypes, alpha modes, seeds and offsets, every public
 function equals the pure-PyTorch backend (same noise contract) or raises a documented error, and never
 modifies its inputs. Bounded: a fixed number of examples, no deadline, CI-sized tensors."""
+
 import math
 
 import pytest
@@ -63,8 +64,13 @@ def _same(a, b, dtype):
 
 @pytest.mark.parametrize("backend", FAST)
 @SETTINGS
-@given(w=tensors(), mode=st.sampled_from(["layerwise", "channelwise", "elementwise"]), seed=seeds, offset=offsets,
-       fp32_alpha=st.booleans())
+@given(
+    w=tensors(),
+    mode=st.sampled_from(["layerwise", "channelwise", "elementwise"]),
+    seed=seeds,
+    offset=offsets,
+    fp32_alpha=st.booleans(),
+)
 def test_noisy_weight_equals_torch_backend(backend, w, mode, seed, offset, fp32_alpha):
     if w.shape[0] == 0 and mode != "layerwise":
         return  # no channel to attach alpha to

@@ -1,4 +1,5 @@
 """The README's example and commands stay true."""
+
 import os
 import re
 

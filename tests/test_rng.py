@@ -1,5 +1,6 @@
 """The RNG contract (design.md section 3): oracle pinned by known answers, every CPU backend
 against the oracle, and the statistics of z."""
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +8,7 @@ from scipy import stats
 
 import pni_fast
 from pni_fast.reference import philox_words_torch, randn_torch, uniform_from_words_torch
+
 import oracle
 
 SEEDS_OFFSETS = [(0, 0), (1234567, 3), ((1 << 40) + 17, (1 << 33) + 5), ((1 << 63) - 1, (1 << 62) + 9)]
@@ -74,7 +76,7 @@ def test_statistics_of_z():
     z = randn_torch(1 << 20, 2024, 0).double().numpy()
     assert abs(z.mean()) < 5 * (1 / np.sqrt(z.size))
     assert abs(z.var() - 1) < 5 * np.sqrt(2 / z.size)
-    assert stats.kstest(z[: 200_000], "norm").pvalue > 1e-3
+    assert stats.kstest(z[:200_000], "norm").pvalue > 1e-3
     # no correlation between neighbours: inside a quad (i, i+1), across quads (i, i+4)
     limit = 5 / np.sqrt(z.size)
     for lag in (1, 2, 3, 4, 5):

@@ -1,10 +1,12 @@
 """Device RNG states (the graph-safe seed source) on CPU: same state -> same stream, successive calls ->
 fresh, non-overlapping counters, and the backward regenerates the noise of the forward's snapshot."""
+
 import numpy as np
 import pytest
 import torch
 
 import pni_fast
+
 import philox_oracle as oracle
 
 BACKENDS = [b for b in pni_fast.available_backends("cpu") if b != "triton"]  # triton: tests/test_triton.py

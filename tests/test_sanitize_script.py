@@ -4,6 +4,7 @@ The full run builds the extension with sanitizers (minutes), so the suite checks
 script parses, refuses a missing interpreter with a clear message, and never builds into
 the package directory; `scripts/sanitize.sh` itself is the real check.
 """
+
 from __future__ import annotations
 
 import os

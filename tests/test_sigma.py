@@ -10,6 +10,7 @@
   emulated order must agree with the CPU op (equal float32 results except at a float32 rounding
   midpoint within the summation error; float64 within that error).
 """
+
 from __future__ import annotations
 
 import math
@@ -25,8 +26,9 @@ from pni_fast import _ext
 ops = torch.ops.pni_fast
 ON_GPU = torch.cuda.is_available()
 
-pytestmark = pytest.mark.skipif(not (_ext.load() and _ext.has_op("sigma", "cpu")),
-                                reason="the compiled pni_fast library is not available")
+pytestmark = pytest.mark.skipif(
+    not (_ext.load() and _ext.has_op("sigma", "cpu")), reason="the compiled pni_fast library is not available"
+)
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 FINITE_TOP = {torch.float32: 1e30, torch.float64: 1e200, torch.float16: 1e3, torch.bfloat16: 1e30}
@@ -67,8 +69,11 @@ def _random_list(gen: torch.Generator, dtype: torch.dtype, count: int) -> list[t
         top = math.log10(FINITE_TOP[dtype])
         scale = 10.0 ** float(torch.empty(1).uniform_(-top / 2, top, generator=gen))
         shift = scale * float(torch.randn(1, generator=gen)) * 10.0 ** float(torch.randint(-3, 3, (1,), generator=gen))
-        x = (torch.randn(n, dtype=torch.float64, generator=gen) * scale + shift).clamp(
-            -FINITE_TOP[dtype], FINITE_TOP[dtype]).to(dtype)
+        x = (
+            (torch.randn(n, dtype=torch.float64, generator=gen) * scale + shift)
+            .clamp(-FINITE_TOP[dtype], FINITE_TOP[dtype])
+            .to(dtype)
+        )
         kind = i % 7
         if kind == 1 and n >= 2:
             x[int(torch.randint(n, (1,), generator=gen))] = math.nan
@@ -238,7 +243,11 @@ def _assert_agrees_with_cpu(x: torch.Tensor, emulated: float, cpu: float):
         lo, hi = sorted((got, cpu))
         mid = (lo + hi) / 2  # float32 values are exact in float64, so is their midpoint
         assert np.nextafter(np.float32(lo), np.float32(np.inf)) == np.float32(hi) and abs(mid - emulated) <= err, (
-            x.numel(), emulated, got, cpu)
+            x.numel(),
+            emulated,
+            got,
+            cpu,
+        )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -266,9 +275,11 @@ def test_emulation_detects_a_wrong_order():
 # ---------------------------------------------------------------------------
 
 requires_cuda_sigma = pytest.mark.skipif(
-    not (ON_GPU and _ext.has_cuda() and torch._C._dispatch_has_kernel_for_dispatch_key("pni_fast::sigma_multi",
-                                                                                       "CUDA")),
-    reason="needs a CUDA device and the CUDA build of pni_fast (csrc/cuda/sigma_cuda.cu)")
+    not (
+        ON_GPU and _ext.has_cuda() and torch._C._dispatch_has_kernel_for_dispatch_key("pni_fast::sigma_multi", "CUDA")
+    ),
+    reason="needs a CUDA device and the CUDA build of pni_fast (csrc/cuda/sigma_cuda.cu)",
+)
 
 
 @requires_cuda_sigma
@@ -331,13 +342,21 @@ def test_cuda_no_sync_graphs_and_no_float32_copy():
 
 def test_resnet20_one_call_not_slower_than_twenty(capsys):
     """ResNet-20's 20 weight tensors (19 convs + fc): one sigma_multi vs 20 sigma calls, 1 thread."""
-    shapes = [(16, 3, 3, 3)] + [(16, 16, 3, 3)] * 6 + [(32, 16, 3, 3)] + [(32, 32, 3, 3)] * 5 + \
-             [(64, 32, 3, 3)] + [(64, 64, 3, 3)] * 5 + [(10, 64)]
+    shapes = (
+        [(16, 3, 3, 3)]
+        + [(16, 16, 3, 3)] * 6
+        + [(32, 16, 3, 3)]
+        + [(32, 32, 3, 3)] * 5
+        + [(64, 32, 3, 3)]
+        + [(64, 64, 3, 3)] * 5
+        + [(10, 64)]
+    )
     ws = [torch.randn(s) * 0.1 for s in shapes]
     assert len(ws) == 20
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
+
         def times_us(fn):
             times = []
             for _ in range(30):
@@ -352,6 +371,8 @@ def test_resnet20_one_call_not_slower_than_twenty(capsys):
     finally:
         torch.set_num_threads(before)
     with capsys.disabled():
-        print(f"\nResNet-20 sigmas, 1 thread, median: sigma_multi {statistics.median(multi):.1f} us, "
-              f"20 x sigma {statistics.median(single):.1f} us")
+        print(
+            f"\nResNet-20 sigmas, 1 thread, median: sigma_multi {statistics.median(multi):.1f} us, "
+            f"20 x sigma {statistics.median(single):.1f} us"
+        )
     assert min(multi) < 1.5 * min(single)  # loose, and on the fastest round: a shared machine is noisy

@@ -30,8 +30,17 @@ def digits():
 
 
 def _cfg(**kw) -> TrainConfig:
-    base = dict(epochs=2, batch_size=64, warmup_epochs=1, adv_eps=0.1, adv_alpha=0.025, adv_steps=2,
-                eval_samples=48, eval_pgd_steps=2, lr=0.05)
+    base = dict(
+        epochs=2,
+        batch_size=64,
+        warmup_epochs=1,
+        adv_eps=0.1,
+        adv_alpha=0.025,
+        adv_steps=2,
+        eval_samples=48,
+        eval_pgd_steps=2,
+        lr=0.05,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -109,8 +118,15 @@ def test_adversarial_batch_is_made_in_eval_mode(digits):
 def test_training_learns_and_logs(digits, tmp_path):
     tr, te = digits
     model = _pni_model()
-    hist = train(model, tr, te, _cfg(epochs=3), out_dir=tmp_path, progress=False,
-                 model_spec={"arch": "digits_cnn", "width": 4, "pni": "layerwise"})
+    hist = train(
+        model,
+        tr,
+        te,
+        _cfg(epochs=3),
+        out_dir=tmp_path,
+        progress=False,
+        model_spec={"arch": "digits_cnn", "width": 4, "pni": "layerwise"},
+    )
     assert [h["adversarial"] for h in hist] == [False, True, True]
     assert hist[0]["train_adv_acc"] is None and hist[1]["train_adv_acc"] is not None
     assert hist[-1]["train_loss"] < hist[0]["train_loss"]
@@ -169,8 +185,15 @@ def test_resume_with_more_epochs_stretches_the_schedule(digits, tmp_path):
     tr, _ = digits
     model = DigitsCNN(1, 10, 4)
     train(model, tr, None, _cfg(epochs=2, adversarial=False), out_dir=tmp_path, progress=False)
-    hist = train(DigitsCNN(1, 10, 4), tr, None, _cfg(epochs=4, adversarial=False), out_dir=tmp_path,
-                 resume=tmp_path, progress=False)
+    hist = train(
+        DigitsCNN(1, 10, 4),
+        tr,
+        None,
+        _cfg(epochs=4, adversarial=False),
+        out_dir=tmp_path,
+        resume=tmp_path,
+        progress=False,
+    )
     # 2-epoch schedule decayed at epoch 1 (and 2); the 4-epoch one decays at epochs 2 and 3
     assert [h["lr"] for h in hist] == pytest.approx([0.05, 0.005, 0.005, 0.0005])
 
@@ -221,8 +244,13 @@ def test_dataloader_with_own_augmentation(digits):
     loader = DataLoader(ds, batch_size=64, sampler=sampler, collate_fn=collate)
     torch.manual_seed(0)
     model = DigitsCNN(1, 10, 4)
-    hist = train(model, loader, DataLoader(TensorDataset(te.x, te.y), batch_size=7), _cfg(epochs=3, adversarial=False),
-                 progress=False)
+    hist = train(
+        model,
+        loader,
+        DataLoader(TensorDataset(te.x, te.y), batch_size=7),
+        _cfg(epochs=3, adversarial=False),
+        progress=False,
+    )
     assert len(hist) == 3 and hist[-1]["train_loss"] < hist[0]["train_loss"]
     assert sampler.epoch == 2  # set_epoch(epoch) before every epoch
     assert len(flips) == 3 * 3

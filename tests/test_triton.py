@@ -7,6 +7,7 @@ inside the graph.
 On a machine without a GPU the kernels run on CPU tensors through Triton's interpreter
 (conftest.py sets TRITON_INTERPRET=1 before triton is imported); with a GPU on CUDA.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,16 +23,19 @@ triton = pytest.importorskip("triton", reason="triton is not installed")
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA device and TRITON_INTERPRET is not 1", allow_module_level=True)
 
-import pni_fast.triton as pt  # noqa: E402  (registers torch.ops.pni_fast.*_triton)
-
-from oracle import CASES, Bounds, inputs  # noqa: E402
 from test_kernels_contract import own_and_oracle_z  # noqa: E402
 from test_kernels_rng import check_noise  # noqa: E402
 
+import pni_fast.triton as pt  # noqa: E402  (registers torch.ops.pni_fast.*_triton)
+
+from oracle import CASES, Bounds, inputs  # noqa: E402
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not pt.INTERPRETED:
-    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set: its kernels cannot run on CPU tensors",
-                allow_module_level=True)
+    pytest.skip(
+        "triton was imported before TRITON_INTERPRET=1 was set: its kernels cannot run on CPU tensors",
+        allow_module_level=True,
+    )
 ops = torch.ops.pni_fast
 SEED = 0x1234_5678_9ABC  # > 2^32: exercises the high key word
 OFFSET = 37
@@ -104,9 +108,14 @@ def test_kernels_compile_for_sm90_without_approx_math():
     if "nvidia" not in backends:
         pytest.skip("triton's NVIDIA backend is not installed")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "pni_fast.triton.compile_check", "90"], env=env,
-                          capture_output=True, text=True, timeout=600,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pni_fast.triton.compile_check", "90"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
 
@@ -116,8 +125,14 @@ def _subprocess_without_interpreter(code: str) -> subprocess.CompletedProcess:
     if "nvidia" not in backends:
         pytest.skip("triton's NVIDIA backend is not installed")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
 
 
 # ---------------------------------------------------------------------------

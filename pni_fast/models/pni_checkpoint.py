@@ -7,6 +7,7 @@ layer adds ``alpha_w``, whose shape says the PNI mode (``[1]`` layerwise, ``[O, 
 ``[O, 1]`` channelwise, the weight's shape elementwise). Mapping: ``0.X -> normalize.X`` and
 ``1.X -> X``. A ``module.`` prefix (DataParallel) and a ``{"state_dict": ...}`` wrapper are accepted.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,7 +44,7 @@ def _read(state_dict: Any) -> dict[str, torch.Tensor]:
     for k, v in state_dict.items():
         if not isinstance(k, str) or not isinstance(v, torch.Tensor):
             raise TypeError(f"state_dict entries must be str -> Tensor, got {k!r}: {type(v).__name__}")
-        out[k[len("module."):] if k.startswith("module.") else k] = v
+        out[k[len("module.") :] if k.startswith("module.") else k] = v
     return out
 
 
@@ -153,8 +154,9 @@ def _check_fits(model: nn.Module, mapped: Mapping[str, torch.Tensor]) -> None:
                 )
 
 
-def load_pni_checkpoint(model_or_arch: Union[nn.Module, str, None], state_dict: Any,
-                        strict: bool = True) -> CifarResNet:
+def load_pni_checkpoint(
+    model_or_arch: Union[nn.Module, str, None], state_dict: Any, strict: bool = True
+) -> CifarResNet:
     """Load an original-PNI CIFAR ResNet checkpoint; returns the model.
 
     Args:
@@ -172,17 +174,21 @@ def load_pni_checkpoint(model_or_arch: Union[nn.Module, str, None], state_dict: 
         depth = infer_depth(mapped)
         if isinstance(model_or_arch, str):
             if model_or_arch not in _ARCHS:
-                raise ValueError(f"model_or_arch must be one of {sorted(_ARCHS)}, an nn.Module or None, "
-                                 f"got {model_or_arch!r}")
+                raise ValueError(
+                    f"model_or_arch must be one of {sorted(_ARCHS)}, an nn.Module or None, got {model_or_arch!r}"
+                )
             if _ARCHS[model_or_arch] != depth:
-                raise ValueError(f"the checkpoint holds a ResNet-{depth} (stage_1 has {(depth - 2) // 6} blocks), "
-                                 f"not a {model_or_arch}")
+                raise ValueError(
+                    f"the checkpoint holds a ResNet-{depth} (stage_1 has {(depth - 2) // 6} blocks), "
+                    f"not a {model_or_arch}"
+                )
         model: nn.Module = _build(depth, mapped)
     elif isinstance(model_or_arch, nn.Module):
         model = model_or_arch
     else:
-        raise TypeError(f"model_or_arch must be an nn.Module, an architecture name or None, "
-                        f"got {type(model_or_arch).__name__}")
+        raise TypeError(
+            f"model_or_arch must be an nn.Module, an architecture name or None, got {type(model_or_arch).__name__}"
+        )
     _check_fits(model, mapped)
     own = model.state_dict()
     for k, v in list(mapped.items()):  # a layerwise alpha may be stored 0-d or [1]
@@ -190,16 +196,21 @@ def load_pni_checkpoint(model_or_arch: Union[nn.Module, str, None], state_dict: 
             mapped[k] = v.reshape(own[k].shape)
     for k, v in mapped.items():
         if k in own and tuple(v.shape) != tuple(own[k].shape):
-            raise ValueError(f"{k!r} has shape {list(v.shape)} in the checkpoint but {list(own[k].shape)} in the "
-                             f"model (wrong depth, width or number of classes?)")
+            raise ValueError(
+                f"{k!r} has shape {list(v.shape)} in the checkpoint but {list(own[k].shape)} in the "
+                f"model (wrong depth, width or number of classes?)"
+            )
     missing = [k for k in own if k not in mapped and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in mapped if k not in own]
     if strict and (missing or unexpected):
         parts = []
         if missing:
-            parts.append("missing from the checkpoint: " + ", ".join("1." + k if not k.startswith("normalize.")
-                                                                    else "0." + k[len("normalize."):]
-                                                                    for k in missing))
+            parts.append(
+                "missing from the checkpoint: "
+                + ", ".join(
+                    "1." + k if not k.startswith("normalize.") else "0." + k[len("normalize.") :] for k in missing
+                )
+            )
         if unexpected:
             parts.append("not in the model: " + ", ".join(unexpected))
         raise ValueError("checkpoint does not match the model; " + "; ".join(parts))

@@ -11,9 +11,11 @@ Inputs are images in [0, 1]; the model normalises them itself (CIFAR-10 mean/std
 ``normalize.mean`` / ``normalize.std``, shape ``[3, 1, 1]``), as the original wraps its network in
 a normalisation layer, so attacks can work in pixel space.
 """
+
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -22,8 +24,19 @@ import torch.nn.functional as F
 from ..convert import convert
 from ..modules import check_noise, check_pni
 
-__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "Normalize", "DownsampleA", "BasicBlock", "CifarResNet",
-           "cifar_resnet", "resnet20", "resnet32", "resnet44", "resnet56"]
+__all__ = [
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "Normalize",
+    "DownsampleA",
+    "BasicBlock",
+    "CifarResNet",
+    "cifar_resnet",
+    "resnet20",
+    "resnet32",
+    "resnet44",
+    "resnet56",
+]
 
 # the original PNI code's CIFAR-10 statistics (pixel values / 255)
 CIFAR10_MEAN: tuple[float, float, float] = (125.3 / 255, 123.0 / 255, 113.9 / 255)
@@ -85,8 +98,13 @@ class BasicBlock(nn.Module):
 class CifarResNet(nn.Module):
     """ResNet-(6n+2) for 32x32 inputs: 16/32/64 channels, ``n`` blocks per stage."""
 
-    def __init__(self, depth: int = 20, num_classes: int = 10,
-                 mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD) -> None:
+    def __init__(
+        self,
+        depth: int = 20,
+        num_classes: int = 10,
+        mean: Sequence[float] = CIFAR10_MEAN,
+        std: Sequence[float] = CIFAR10_STD,
+    ) -> None:
         super().__init__()
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6 != 0:
             raise ValueError(f"depth must be 6n+2 with n >= 1 (20, 32, 44, 56, ...), got {depth!r}")
@@ -130,8 +148,9 @@ class CifarResNet(nn.Module):
         return self.classifier(x)
 
 
-def cifar_resnet(depth: int, num_classes: int = 10, pni: Optional[str] = None, noise: str = "weight",
-                 alpha_init: float = 0.25) -> CifarResNet:
+def cifar_resnet(
+    depth: int, num_classes: int = 10, pni: Optional[str] = None, noise: str = "weight", alpha_init: float = 0.25
+) -> CifarResNet:
     """A CIFAR ResNet of ``depth``; with ``pni`` set, every conv and the classifier are PNI layers
     (as in the original PNI models), otherwise a plain network."""
     if pni is not None:
@@ -143,25 +162,29 @@ def cifar_resnet(depth: int, num_classes: int = 10, pni: Optional[str] = None, n
     return model
 
 
-def resnet20(num_classes: int = 10, pni: Optional[str] = None, noise: str = "weight",
-             alpha_init: float = 0.25) -> CifarResNet:
+def resnet20(
+    num_classes: int = 10, pni: Optional[str] = None, noise: str = "weight", alpha_init: float = 0.25
+) -> CifarResNet:
     """ResNet-20 (269,722 parameters for 10 classes, plain)."""
     return cifar_resnet(20, num_classes, pni, noise, alpha_init)
 
 
-def resnet32(num_classes: int = 10, pni: Optional[str] = None, noise: str = "weight",
-             alpha_init: float = 0.25) -> CifarResNet:
+def resnet32(
+    num_classes: int = 10, pni: Optional[str] = None, noise: str = "weight", alpha_init: float = 0.25
+) -> CifarResNet:
     """ResNet-32 (464,154 parameters for 10 classes, plain)."""
     return cifar_resnet(32, num_classes, pni, noise, alpha_init)
 
 
-def resnet44(num_classes: int = 10, pni: Optional[str] = None, noise: str = "weight",
-             alpha_init: float = 0.25) -> CifarResNet:
+def resnet44(
+    num_classes: int = 10, pni: Optional[str] = None, noise: str = "weight", alpha_init: float = 0.25
+) -> CifarResNet:
     """ResNet-44 (658,586 parameters for 10 classes, plain)."""
     return cifar_resnet(44, num_classes, pni, noise, alpha_init)
 
 
-def resnet56(num_classes: int = 10, pni: Optional[str] = None, noise: str = "weight",
-             alpha_init: float = 0.25) -> CifarResNet:
+def resnet56(
+    num_classes: int = 10, pni: Optional[str] = None, noise: str = "weight", alpha_init: float = 0.25
+) -> CifarResNet:
     """ResNet-56 (853,018 parameters for 10 classes, plain)."""
     return cifar_resnet(56, num_classes, pni, noise, alpha_init)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any
 
 from torch import nn
 
@@ -12,7 +12,7 @@ RESNETS = ("resnet20", "resnet32", "resnet44", "resnet56")
 ARCHS = ("digits_cnn",) + RESNETS
 
 
-def build_model(spec: Dict[str, Any]) -> nn.Module:
+def build_model(spec: dict[str, Any]) -> nn.Module:
     """The model ``spec`` describes: ``arch`` (one of `ARCHS`), ``pni`` (None/"none" = plain), ``noise``,
     ``num_classes``, and for digits_cnn ``in_channels`` and ``width``."""
     arch = spec.get("arch")

@@ -87,9 +87,7 @@ def _check_inputs(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor]) 
             raise ValueError(f"y must have shape [N] = {tuple(x.shape[:1])} to match x, got {tuple(y.shape)}")
 
 
-def resolve_targets(
-    model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor], targets: Targets
-) -> torch.Tensor:
+def resolve_targets(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor], targets: Targets) -> torch.Tensor:
     """Labels the attack moves away from: the true labels, or the model's own predictions.
 
     Using predictions (as the PNI paper does) avoids label leaking; for a noisy
@@ -359,8 +357,6 @@ def carlini_wagner_l2(
                     const * 10,
                 )
         return best_adv
-
-
 
 
 from .interop import autoattack_rand, square_attack  # noqa: E402  (they use this module's checks)

@@ -26,7 +26,8 @@ import pickle
 import random
 import re
 import warnings
-from typing import Any, Dict, Iterable, List, Optional, Union
+from collections.abc import Iterable
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -102,7 +103,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_orphan_temp_files(folder: str, names: Iterable[str], started: float, grace_s: float = 60.0) -> List[str]:
+def remove_orphan_temp_files(folder: str, names: Iterable[str], started: float, grace_s: float = 60.0) -> list[str]:
     """Delete ``<name>.tmp<pid>`` files an interrupted writer left in ``folder``; returns their paths.
 
     A temp file is an orphan when its writer process is gone, when it carries
@@ -117,7 +118,7 @@ def remove_orphan_temp_files(folder: str, names: Iterable[str], started: float, 
         return removed
     for name in names:
         for entry in entries:
-            m = _TMP.fullmatch(entry[len(name):]) if entry.startswith(name) else None
+            m = _TMP.fullmatch(entry[len(name) :]) if entry.startswith(name) else None
             if m is None:
                 continue
             path = os.path.join(folder, entry)
@@ -135,7 +136,7 @@ def remove_orphan_temp_files(folder: str, names: Iterable[str], started: float, 
     return removed
 
 
-def save_checkpoint(path: Union[str, os.PathLike], state: Dict[str, Any]) -> None:
+def save_checkpoint(path: Union[str, os.PathLike], state: dict[str, Any]) -> None:
     """Serialize ``state`` with torch.save, prepend the checksum header, write atomically."""
     buf = io.BytesIO()
     torch.save(state, buf)
@@ -153,7 +154,7 @@ def _payload(path: str, raw: bytes) -> bytes:
         if m is None:
             raise CheckpointError(f"checkpoint {path!r} has a damaged header (corrupted or truncated file)")
         digest, length = m.group(1).decode(), int(m.group(2))
-        payload = raw[m.end():]
+        payload = raw[m.end() :]
         if len(payload) != length:
             raise CheckpointError(
                 f"checkpoint {path!r} is {'truncated' if len(payload) < length else 'too long'}: "
@@ -183,7 +184,7 @@ def _describe_load_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {first[:200]}" if first else type(e).__name__
 
 
-def load_checkpoint(path: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
+def load_checkpoint(path: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu") -> dict[str, Any]:
     """Load a checkpoint written by `pni_fast.train.train` (a file, or a folder holding checkpoint.pt).
 
     Raises FileNotFoundError when it is missing and `CheckpointError` (a
@@ -205,8 +206,10 @@ def load_checkpoint(path: Union[str, os.PathLike], map_location: Union[str, torc
     if not isinstance(ckpt, dict) or "model" not in ckpt or "epoch" not in ckpt:
         raise CheckpointError(f"{path!r} is not a pni_fast training checkpoint (keys 'model' and 'epoch' missing)")
     if payload is raw:
-        warnings.warn(f"checkpoint {path!r} has no checksum (written by an older pni_fast); "
-                      "its integrity cannot be verified", stacklevel=2)
+        warnings.warn(
+            f"checkpoint {path!r} has no checksum (written by an older pni_fast); its integrity cannot be verified",
+            stacklevel=2,
+        )
     return ckpt
 
 
@@ -215,16 +218,22 @@ def load_checkpoint(path: Union[str, os.PathLike], map_location: Union[str, torc
 RUN_FILES = (CHECKPOINT_NAME, "history.json", "metrics.csv")  # what a run writes into out_dir
 
 
-def rng_state() -> Dict[str, Any]:
-    st: Dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+def rng_state() -> dict[str, Any]:
+    st: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
     np_state = np.random.get_state()
-    st["numpy"] = (np_state[0], torch.from_numpy(np_state[1].copy()), int(np_state[2]), int(np_state[3]), float(np_state[4]))
+    st["numpy"] = (
+        np_state[0],
+        torch.from_numpy(np_state[1].copy()),
+        int(np_state[2]),
+        int(np_state[3]),
+        float(np_state[4]),
+    )
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
 
 
-def set_rng_state(st: Dict[str, Any]) -> None:
+def set_rng_state(st: dict[str, Any]) -> None:
     torch.set_rng_state(st["torch"])
     if "python" in st:
         py = st["python"]
@@ -236,18 +245,28 @@ def set_rng_state(st: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def write_logs(out_dir: str, history: List[Dict[str, Any]]) -> None:
+def write_logs(out_dir: str, history: list[dict[str, Any]]) -> None:
     atomic_write_bytes(os.path.join(out_dir, "history.json"), json.dumps(history, indent=1).encode())
     cols = [
-        "epoch", "lr", "adversarial", "train_loss", "train_clean_acc", "train_adv_acc",
-        "test_clean_acc", "test_adv_acc", "alpha_mean", "time_s",
+        "epoch",
+        "lr",
+        "adversarial",
+        "train_loss",
+        "train_clean_acc",
+        "train_adv_acc",
+        "test_clean_acc",
+        "test_adv_acc",
+        "alpha_mean",
+        "time_s",
     ]
     alpha_names = sorted({k for h in history for k in h.get("alpha", {})})
     s = io.StringIO()
     w = csv.writer(s)
     w.writerow(cols + [f"alpha[{n}]" for n in alpha_names])
     for h in history:
-        w.writerow([h.get(c, "") if h.get(c) is not None else "" for c in cols] + [h["alpha"].get(n, "") for n in alpha_names])
+        w.writerow(
+            [h.get(c, "") if h.get(c) is not None else "" for c in cols] + [h["alpha"].get(n, "") for n in alpha_names]
+        )
     atomic_write_bytes(os.path.join(out_dir, "metrics.csv"), s.getvalue().encode())
 
 

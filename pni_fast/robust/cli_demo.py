@@ -15,7 +15,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Dict
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,39 +31,91 @@ __all__ = ["add_parser", "run_demo"]
 def add_parser(sub: Any, fmt: type) -> None:
     """The ``demo`` subcommand's options."""
     d = sub.add_parser(
-        "demo", formatter_class=fmt,
-        help="train plain / PGD / PGD+PNI-W CNNs on the bundled digits and compare robustness (27 s on 2 idle cores without the AutoAttack-rand and Square columns, which add ~45%% CPU time)",
+        "demo",
+        formatter_class=fmt,
+        help=(
+            "train plain / PGD / PGD+PNI-W CNNs on the bundled digits and compare robustness (27 s on 2 idle "
+            "cores without the AutoAttack-rand and Square columns, which add ~45%% CPU time)"
+        ),
         description="Train a small CNN on scikit-learn's bundled 8x8 digits three ways (plain, PGD adversarial "
         "training, PGD training + PNI-W via pni_fast.convert), then print clean / PGD / EOT-PGD accuracy, and "
         "AutoAttack-rand / Square accuracy when torchattacks is installed (mean +/- std over R noisy "
         "evaluations), and save a PNG to --out. Needs no download.",
     )
-    d.add_argument("--out", default="pni_demo_out",
-                   help="output folder for results.json, the PNG and the logs (a re-run replaces its contents)")
+    d.add_argument(
+        "--out",
+        default="pni_demo_out",
+        help="output folder for results.json, the PNG and the logs (a re-run replaces its contents)",
+    )
     d.add_argument("--epochs", type=cli_int(1, "a positive integer"), default=20, help="training epochs per model")
-    d.add_argument("--warmup-epochs", type=cli_int(0, "an integer >= 0"), default=2, help="clean epochs before PGD training starts")
-    d.add_argument("--eps", type=cli_fraction, default=0.2, help="L-inf radius for training and evaluation (images in [0,1])")
-    d.add_argument("--pgd-steps", type=cli_int(1, "a positive integer"), default=10, help="PGD steps of the evaluation attacks (training uses 7)")
-    d.add_argument("--eot-samples", type=cli_int(1, "a positive integer"), default=8, help="EOT-PGD: forward passes averaged per gradient step")
-    d.add_argument("--aa-steps", type=cli_int(1, "a positive integer"), default=10,
-                   help="AutoAttack-rand: steps per APGD run (AutoAttack uses 100; small keeps the demo fast)")
-    d.add_argument("--aa-eot-samples", type=cli_int(2, "an integer >= 2"), default=4,
-                   help="AutoAttack-rand: forward passes averaged per gradient (AutoAttack uses 20)")
-    d.add_argument("--square-queries", type=cli_int(1, "a positive integer"), default=200,
-                   help="Square: queries per example (AutoAttack uses 5000)")
-    d.add_argument("--no-torchattacks", action="store_true",
-                   help="skip the AutoAttack-rand and Square columns (they need torchattacks)")
-    d.add_argument("--repeats", type=cli_int(1, "a positive integer"), default=5, help="R: noisy evaluations behind each mean +/- std")
+    d.add_argument(
+        "--warmup-epochs", type=cli_int(0, "an integer >= 0"), default=2, help="clean epochs before PGD training starts"
+    )
+    d.add_argument(
+        "--eps", type=cli_fraction, default=0.2, help="L-inf radius for training and evaluation (images in [0,1])"
+    )
+    d.add_argument(
+        "--pgd-steps",
+        type=cli_int(1, "a positive integer"),
+        default=10,
+        help="PGD steps of the evaluation attacks (training uses 7)",
+    )
+    d.add_argument(
+        "--eot-samples",
+        type=cli_int(1, "a positive integer"),
+        default=8,
+        help="EOT-PGD: forward passes averaged per gradient step",
+    )
+    d.add_argument(
+        "--aa-steps",
+        type=cli_int(1, "a positive integer"),
+        default=10,
+        help="AutoAttack-rand: steps per APGD run (AutoAttack uses 100; small keeps the demo fast)",
+    )
+    d.add_argument(
+        "--aa-eot-samples",
+        type=cli_int(2, "an integer >= 2"),
+        default=4,
+        help="AutoAttack-rand: forward passes averaged per gradient (AutoAttack uses 20)",
+    )
+    d.add_argument(
+        "--square-queries",
+        type=cli_int(1, "a positive integer"),
+        default=200,
+        help="Square: queries per example (AutoAttack uses 5000)",
+    )
+    d.add_argument(
+        "--no-torchattacks",
+        action="store_true",
+        help="skip the AutoAttack-rand and Square columns (they need torchattacks)",
+    )
+    d.add_argument(
+        "--repeats",
+        type=cli_int(1, "a positive integer"),
+        default=5,
+        help="R: noisy evaluations behind each mean +/- std",
+    )
     d.add_argument("--pni", choices=PNI_CHOICES[1:], default="layerwise", help="alpha granularity of the PNI model")
-    d.add_argument("--width", type=cli_int(1, "a positive integer"), default=32, help="CNN width (channels of the first conv)")
-    d.add_argument("--seed", type=cli_int(0, "an integer >= 0"), default=0, help="random seed (data order, init, noise)")
-    d.add_argument("--threads", type=cli_int(1, "a positive integer"), default=None, help="torch CPU threads (default: torch's choice)")
-    d.add_argument("--quick", action="store_true", help="tiny run in seconds (for tests): 2 epochs, 256 images, 2-step attacks")
+    d.add_argument(
+        "--width", type=cli_int(1, "a positive integer"), default=32, help="CNN width (channels of the first conv)"
+    )
+    d.add_argument(
+        "--seed", type=cli_int(0, "an integer >= 0"), default=0, help="random seed (data order, init, noise)"
+    )
+    d.add_argument(
+        "--threads",
+        type=cli_int(1, "a positive integer"),
+        default=None,
+        help="torch CPU threads (default: torch's choice)",
+    )
+    d.add_argument(
+        "--quick", action="store_true", help="tiny run in seconds (for tests): 2 epochs, 256 images, 2-step attacks"
+    )
     d.add_argument("--no-plot", action="store_true", help="skip the PNG")
     d.add_argument("--no-progress", action="store_true", help="no tqdm bars")
 
 
-def run_demo(args: argparse.Namespace) -> Dict[str, Any]:
+def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     """Train the three digits models, evaluate them, print the table, save results + plot."""
     from ..convert import convert
     from .config import TrainConfig
@@ -76,7 +128,12 @@ def run_demo(args: argparse.Namespace) -> Dict[str, Any]:
     t_start = time.perf_counter()
     train_set, test_set = load_digits(seed=args.seed)
     epochs, warmup, steps, eot, repeats, width = (
-        args.epochs, args.warmup_epochs, args.pgd_steps, args.eot_samples, args.repeats, args.width
+        args.epochs,
+        args.warmup_epochs,
+        args.pgd_steps,
+        args.eot_samples,
+        args.repeats,
+        args.width,
     )
     aa = {"steps": args.aa_steps, "eot_samples": max(2, args.aa_eot_samples)}
     square = {"n_queries": args.square_queries}
@@ -89,8 +146,15 @@ def run_demo(args: argparse.Namespace) -> Dict[str, Any]:
     os.makedirs(args.out, exist_ok=True)
     eps = args.eps
     base_cfg = dict(
-        epochs=epochs, batch_size=128, warmup_epochs=warmup, adv_eps=eps, adv_alpha=eps / 4, adv_steps=7 if not args.quick else 2,
-        seed=args.seed, eval_samples=len(test_set), eval_pgd_steps=min(steps, 5),
+        epochs=epochs,
+        batch_size=128,
+        warmup_epochs=warmup,
+        adv_eps=eps,
+        adv_alpha=eps / 4,
+        adv_steps=7 if not args.quick else 2,
+        seed=args.seed,
+        eval_samples=len(test_set),
+        eval_pgd_steps=min(steps, 5),
     )
     runs = [
         ("plain", TrainConfig(adversarial=False, **base_cfg), None),
@@ -101,32 +165,57 @@ def run_demo(args: argparse.Namespace) -> Dict[str, Any]:
     if args.no_torchattacks:
         pass
     elif importlib.util.find_spec("torchattacks") is None:
-        print("[demo] torchattacks is not installed: no AutoAttack-rand and Square columns "
-              "(pip install --no-deps torchattacks; --no-torchattacks silences this note)", file=sys.stderr)
+        print(
+            "[demo] torchattacks is not installed: no AutoAttack-rand and Square columns "
+            "(pip install --no-deps torchattacks; --no-torchattacks silences this note)",
+            file=sys.stderr,
+        )
     else:
         attacks += ["autoattack-rand", "square"]
     specs = eval_specs(attacks, eps, eps / 4, steps, 1, eot, "labels", aa=aa, square=square)
-    table: Dict[str, list] = {}
-    histories: Dict[str, list] = {}
-    times: Dict[str, float] = {}
+    table: dict[str, list] = {}
+    histories: dict[str, list] = {}
+    times: dict[str, float] = {}
     for name, cfg, pni in runs:
         torch.manual_seed(args.seed)
         model: nn.Module = DigitsCNN(1, 10, width)
         if pni is not None:
             model = convert(model, pni=pni, noise="weight")
-        spec = {"arch": "digits_cnn", "width": width, "in_channels": 1, "num_classes": 10, "pni": pni,
-                "noise": "weight", "dataset": "digits", "seed": args.seed}
+        spec = {
+            "arch": "digits_cnn",
+            "width": width,
+            "in_channels": 1,
+            "num_classes": 10,
+            "pni": pni,
+            "noise": "weight",
+            "dataset": "digits",
+            "seed": args.seed,
+        }
         slug = name.split(" (")[0].replace(" ", "").replace("+", "_").replace("-", "").lower()
         t0 = time.perf_counter()
-        print(f"[demo] training {name}: {epochs} epochs{'' if not cfg.adversarial else f', PGD-{cfg.adv_steps} from epoch {warmup + 1}'}",
-              file=sys.stderr, flush=True)
-        hist = train(model, train_set, test_set, cfg, out_dir=os.path.join(args.out, slug), device="cpu",
-                     progress=not args.no_progress, model_spec=spec, overwrite=True)
+        print(
+            f"[demo] training {name}: {epochs} epochs"
+            f"{'' if not cfg.adversarial else f', PGD-{cfg.adv_steps} from epoch {warmup + 1}'}",
+            file=sys.stderr,
+            flush=True,
+        )
+        hist = train(
+            model,
+            train_set,
+            test_set,
+            cfg,
+            out_dir=os.path.join(args.out, slug),
+            device="cpu",
+            progress=not args.no_progress,
+            model_spec=spec,
+            overwrite=True,
+        )
         t_train = time.perf_counter() - t0
         print(f"[demo] evaluating {name}", file=sys.stderr, flush=True)
         # a model without noise answers identically every time: one evaluation is exact (std 0)
-        table[name] = evaluate(model, test_set, specs, repeats=repeats if pni is not None else 1,
-                               batch_size=512, device="cpu")
+        table[name] = evaluate(
+            model, test_set, specs, repeats=repeats if pni is not None else 1, batch_size=512, device="cpu"
+        )
         times[name] = time.perf_counter() - t0
         histories[name] = hist
         print(f"[demo] {name}: train {t_train:.1f} s, train+eval {times[name]:.1f} s", file=sys.stderr, flush=True)
@@ -134,7 +223,8 @@ def run_demo(args: argparse.Namespace) -> Dict[str, Any]:
     text = format_results(table)
     wall = time.perf_counter() - t_start
     header = (
-        f"pni_fast demo: small CNN on scikit-learn digits ({len(train_set)} train / {len(test_set)} test, 8x8 in [0,1]), "
+        f"pni_fast demo: small CNN on scikit-learn digits ({len(train_set)} train / {len(test_set)} test, "
+        "8x8 in [0,1]), "
         f"{epochs} epochs, {warmup} clean warm-up epochs; adversarial training PGD-{base_cfg['adv_steps']} "
         f"eps={eps:g} step={eps / 4:g}, loss 0.5 clean + 0.5 adv"
     )
@@ -168,7 +258,7 @@ def _layer_label(name: str) -> str:
     return name
 
 
-def _plot_demo(table: Dict[str, list], histories: Dict[str, list], path: str) -> str:
+def _plot_demo(table: dict[str, list], histories: dict[str, list], path: str) -> str:
     matplotlib = require("matplotlib", "the demo's plot (pass --no-plot to skip it)")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Any, Dict, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 from ..models.spec import build_model
 from .checks import cli_fraction, cli_int, cli_positive_fraction
@@ -20,15 +21,20 @@ NOISE_CHOICES = ("weight", "input", "both")
 def add_parser(sub: Any, fmt: type) -> None:
     """The ``eval`` subcommand's options."""
     e = sub.add_parser(
-        "eval", formatter_class=fmt, help="attack a checkpoint: clean / FGSM / PGD / EOT-PGD / CW accuracy, mean +/- std",
+        "eval",
+        formatter_class=fmt,
+        help="attack a checkpoint: clean / FGSM / PGD / EOT-PGD / CW accuracy, mean +/- std",
         description="Evaluate a checkpoint written by 'train' or 'demo' under attacks; reports mean +/- std over "
         "R noisy evaluations with every setting.",
     )
     e.add_argument("--checkpoint", required=True, help="checkpoint.pt (or its folder)")
     e.add_argument("--data-dir", default=None, help="CIFAR-10 folder (needed for CIFAR checkpoints)")
-    e.add_argument("--attacks", default="clean,pgd,eot-pgd",
-                   help="comma-separated from: clean, fgsm, pgd, eot-pgd, cw, autoattack-rand, square (the last two "
-                   "need: pip install --no-deps torchattacks)")
+    e.add_argument(
+        "--attacks",
+        default="clean,pgd,eot-pgd",
+        help="comma-separated from: clean, fgsm, pgd, eot-pgd, cw, autoattack-rand, square (the last two "
+        "need: pip install --no-deps torchattacks)",
+    )
     e.add_argument("--eps", type=cli_fraction, default=None, help="L-inf radius (default: the training eps)")
     e.add_argument("--step", type=cli_positive_fraction, default=None, help="PGD step (default: eps/4)")
     e.add_argument("--pgd-steps", type=cli_int(1, "a positive integer"), default=20)
@@ -37,23 +43,47 @@ def add_parser(sub: Any, fmt: type) -> None:
     e.add_argument("--targets", choices=("labels", "predictions"), default="labels")
     e.add_argument("--cw-c", type=cli_positive_fraction, default=1.0, help="CW: initial constant c (binary-searched)")
     e.add_argument("--cw-kappa", type=cli_fraction, default=0.0, help="CW: confidence margin kappa")
-    e.add_argument("--cw-steps", type=cli_int(1, "a positive integer"), default=100, help="CW: Adam steps per binary-search step")
-    e.add_argument("--aa-steps", type=cli_int(1, "a positive integer"), default=100, help="AutoAttack-rand: steps per APGD run")
-    e.add_argument("--aa-eot-samples", type=cli_int(1, "a positive integer"), default=20,
-                   help="AutoAttack-rand: forward passes averaged per gradient (>= 2)")
-    e.add_argument("--square-queries", type=cli_int(1, "a positive integer"), default=5000, help="Square: queries per example and restart")
+    e.add_argument(
+        "--cw-steps", type=cli_int(1, "a positive integer"), default=100, help="CW: Adam steps per binary-search step"
+    )
+    e.add_argument(
+        "--aa-steps", type=cli_int(1, "a positive integer"), default=100, help="AutoAttack-rand: steps per APGD run"
+    )
+    e.add_argument(
+        "--aa-eot-samples",
+        type=cli_int(1, "a positive integer"),
+        default=20,
+        help="AutoAttack-rand: forward passes averaged per gradient (>= 2)",
+    )
+    e.add_argument(
+        "--square-queries",
+        type=cli_int(1, "a positive integer"),
+        default=5000,
+        help="Square: queries per example and restart",
+    )
     e.add_argument("--square-p-init", type=cli_fraction, default=0.8, help="Square: initial fraction of pixels changed")
     e.add_argument("--repeats", type=cli_int(1, "a positive integer"), default=5, help="R noisy evaluations")
-    e.add_argument("--limit", type=cli_int(1, "a positive integer"), default=None, help="evaluate only the first N test images")
+    e.add_argument(
+        "--limit", type=cli_int(1, "a positive integer"), default=None, help="evaluate only the first N test images"
+    )
     e.add_argument("--batch-size", type=cli_int(1, "a positive integer"), default=256)
     e.add_argument("--no-noise", action="store_true", help="switch PNI noise off (deterministic model)")
     e.add_argument("--device", default="auto")
     e.add_argument("--json", default=None, help="also write the results to this JSON file")
 
 
-def eval_specs(names: Sequence[str], eps: float, step: float, steps: int, restarts: int, eot: int, targets: str,
-                cw: Optional[Dict[str, Any]] = None, aa: Optional[Dict[str, Any]] = None,
-                square: Optional[Dict[str, Any]] = None) -> list:
+def eval_specs(
+    names: Sequence[str],
+    eps: float,
+    step: float,
+    steps: int,
+    restarts: int,
+    eot: int,
+    targets: str,
+    cw: Optional[dict[str, Any]] = None,
+    aa: Optional[dict[str, Any]] = None,
+    square: Optional[dict[str, Any]] = None,
+) -> list:
     specs = []
     for n in names:
         if n == "clean":
@@ -63,8 +93,17 @@ def eval_specs(names: Sequence[str], eps: float, step: float, steps: int, restar
         elif n == "pgd":
             specs.append(AttackSpec("pgd", eps=eps, alpha=step, steps=steps, restarts=restarts, targets=targets))
         elif n == "eot-pgd":
-            specs.append(AttackSpec("eot-pgd", eps=eps, alpha=step, steps=steps, restarts=restarts,
-                                    eot_samples=max(2, eot), targets=targets))
+            specs.append(
+                AttackSpec(
+                    "eot-pgd",
+                    eps=eps,
+                    alpha=step,
+                    steps=steps,
+                    restarts=restarts,
+                    eot_samples=max(2, eot),
+                    targets=targets,
+                )
+            )
         elif n == "cw":
             specs.append(AttackSpec("cw", targets=targets, **(cw or {})))
         elif n == "autoattack-rand":
@@ -73,8 +112,9 @@ def eval_specs(names: Sequence[str], eps: float, step: float, steps: int, restar
         elif n == "square":
             specs.append(AttackSpec("square", eps=eps, restarts=restarts, targets=targets, **(square or {})))
         else:
-            raise ValueError(f"--attacks: unknown attack {n!r}; choose from clean, fgsm, pgd, eot-pgd, cw, "
-                             "autoattack-rand, square")
+            raise ValueError(
+                f"--attacks: unknown attack {n!r}; choose from clean, fgsm, pgd, eot-pgd, cw, autoattack-rand, square"
+            )
     return specs
 
 
@@ -87,7 +127,9 @@ def run_eval(args: argparse.Namespace) -> list:
     ckpt = load_checkpoint(args.checkpoint)
     spec = ckpt.get("model_spec")
     if not spec:
-        raise ValueError(f"{args.checkpoint}: checkpoint has no model_spec; it was not written by 'python -m pni_fast train/demo'")
+        raise ValueError(
+            f"{args.checkpoint}: checkpoint has no model_spec; it was not written by 'python -m pni_fast train/demo'"
+        )
     cfg = TrainConfig.from_dict(ckpt.get("config", {}))
     model = build_model(spec)
     model.load_state_dict(ckpt["model"])
@@ -99,10 +141,18 @@ def run_eval(args: argparse.Namespace) -> list:
     eps = cfg.adv_eps if args.eps is None else args.eps
     step = eps / 4 if args.step is None else args.step
     names = [n.strip() for n in args.attacks.split(",") if n.strip()]
-    specs = eval_specs(names, eps, step, args.pgd_steps, args.restarts, args.eot_samples, args.targets,
-                        cw={"cw_c": args.cw_c, "cw_kappa": args.cw_kappa, "cw_steps": args.cw_steps},
-                        aa={"steps": args.aa_steps, "eot_samples": max(2, args.aa_eot_samples)},
-                        square={"n_queries": args.square_queries, "p_init": args.square_p_init})
+    specs = eval_specs(
+        names,
+        eps,
+        step,
+        args.pgd_steps,
+        args.restarts,
+        args.eot_samples,
+        args.targets,
+        cw={"cw_c": args.cw_c, "cw_kappa": args.cw_kappa, "cw_steps": args.cw_steps},
+        aa={"steps": args.aa_steps, "eot_samples": max(2, args.aa_eot_samples)},
+        square={"n_queries": args.square_queries, "p_init": args.square_p_init},
+    )
     if args.no_noise:
         from ..control import set_noise
         from ..modules import is_noisy_module
@@ -114,5 +164,9 @@ def run_eval(args: argparse.Namespace) -> list:
     print(format_results({label: res}, args.repeats))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": label, "checkpoint": os.fspath(args.checkpoint), "results": [r.as_dict() for r in res]}, f, indent=1)
+            json.dump(
+                {"model": label, "checkpoint": os.fspath(args.checkpoint), "results": [r.as_dict() for r in res]},
+                f,
+                indent=1,
+            )
     return res

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -34,7 +34,7 @@ class TrainConfig:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 3e-4
-    lr_milestones: Tuple[float, ...] = (0.5, 0.75)  # fractions of `epochs`
+    lr_milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of `epochs`
     lr_gamma: float = 0.1
     warmup_epochs: int = 5  # clean epochs before adversarial training starts
     adversarial: bool = True
@@ -52,8 +52,14 @@ class TrainConfig:
     eval_pgd_steps: int = 7
 
     def __post_init__(self) -> None:
-        for name, minimum in (("epochs", 1), ("batch_size", 1), ("warmup_epochs", 0), ("adv_steps", 1),
-                              ("eval_pgd_steps", 1), ("seed", 0)):
+        for name, minimum in (
+            ("epochs", 1),
+            ("batch_size", 1),
+            ("warmup_epochs", 0),
+            ("adv_steps", 1),
+            ("eval_pgd_steps", 1),
+            ("seed", 0),
+        ):
             check_int(name, getattr(self, name), minimum)
         for name in ("lr", "adv_alpha"):
             check_real(name, getattr(self, name), positive=True)
@@ -70,11 +76,11 @@ class TrainConfig:
         if self.clean_weight + self.adv_weight == 0:
             raise ValueError("clean_weight and adv_weight are both 0: the loss would be zero")
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         """Build from a dict, ignoring unknown keys (checkpoints from other versions)."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: (tuple(v) if k == "lr_milestones" else v) for k, v in d.items() if k in names})

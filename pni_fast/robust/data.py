@@ -20,8 +20,9 @@ import codecs
 import importlib
 import os
 import pickle
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -48,7 +49,16 @@ __all__ = [
 CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR10_TEST_FILE = "test_batch"
 CIFAR10_CLASSES = (
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
 )
 
 
@@ -72,7 +82,7 @@ class Split:
     def num_classes(self) -> int:
         return int(self.y.max().item()) + 1 if len(self) else 0
 
-    def subset(self, n: Optional[int]) -> "Split":
+    def subset(self, n: Optional[int]) -> Split:
         """The first n examples (all when n is None)."""
         if n is None or n >= len(self):
             return self
@@ -80,7 +90,7 @@ class Split:
         return Split(self.x[:n], self.y[:n])
 
 
-def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Tuple[Split, Split]:
+def load_digits(test_fraction: float = 0.2, seed: int = 0) -> tuple[Split, Split]:
     """scikit-learn's digits as ([N,1,8,8] float32 in [0,1], int64 labels), stratified train/test split.
 
     The split depends only on ``test_fraction`` and ``seed`` (default 1,437
@@ -123,7 +133,7 @@ def _numpy_global(name: str) -> Callable[..., Any]:
 
 
 # (module, name) -> how to get the object. Nothing else may be loaded.
-_SAFE_GLOBALS: Dict[Tuple[str, str], Callable[[], Any]] = {
+_SAFE_GLOBALS: dict[tuple[str, str], Callable[[], Any]] = {
     ("numpy", "ndarray"): lambda: np.ndarray,
     ("numpy", "dtype"): lambda: np.dtype,
     ("_codecs", "encode"): lambda: _latin1_encode,
@@ -163,7 +173,7 @@ def safe_load_pickle(path: Union[str, os.PathLike], encoding: str = "bytes") -> 
             raise ValueError(f"{path}: cannot read it as a safe python pickle: {e}") from None
 
 
-def _read_cifar_batch(path: str) -> Tuple[np.ndarray, np.ndarray]:
+def _read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
     """One CIFAR-10 batch file -> (uint8 [N, 3, 32, 32], int64 [N] labels in [0, 10)), checked."""
     d = safe_load_pickle(path)
     if not isinstance(d, dict):
@@ -171,7 +181,9 @@ def _read_cifar_batch(path: str) -> Tuple[np.ndarray, np.ndarray]:
     data = d.get(b"data", d.get("data"))
     labels = d.get(b"labels", d.get("labels"))
     if data is None or labels is None:
-        raise ValueError(f"{path} is not a CIFAR-10 python batch (keys 'data' and 'labels' missing, has {sorted(map(str, d))})")
+        raise ValueError(
+            f"{path} is not a CIFAR-10 python batch (keys 'data' and 'labels' missing, has {sorted(map(str, d))})"
+        )
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
         what = f"array of dtype {data.dtype}" if isinstance(data, np.ndarray) else type(data).__name__
         raise ValueError(f"{path}: 'data' must be a uint8 numpy array, got {what}")
@@ -181,7 +193,9 @@ def _read_cifar_batch(path: str) -> Tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"{path}: 'data' must have shape [N, 3072] or [N, 3, 32, 32], got {list(data.shape)}")
     if isinstance(labels, np.ndarray):
         if labels.ndim != 1 or labels.dtype.kind not in "iu":
-            raise ValueError(f"{path}: 'labels' must be a 1-D integer array, got dtype {labels.dtype} shape {list(labels.shape)}")
+            raise ValueError(
+                f"{path}: 'labels' must be a 1-D integer array, got dtype {labels.dtype} shape {list(labels.shape)}"
+            )
     elif isinstance(labels, (list, tuple)):
         bad = next((v for v in labels if isinstance(v, bool) or not isinstance(v, int)), None)
         if bad is not None:
@@ -200,7 +214,7 @@ def _read_cifar_batch(path: str) -> Tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(data), np.asarray(labels, dtype=np.int64).reshape(-1)
 
 
-def load_cifar10(data_dir: Union[str, os.PathLike]) -> Tuple[Split, Split]:
+def load_cifar10(data_dir: Union[str, os.PathLike]) -> tuple[Split, Split]:
     """CIFAR-10 from the python-pickle batches in ``data_dir`` (the folder ``cifar-10-batches-py``).
 
     Returns (train, test) with ``x`` as uint8 [N, 3, 32, 32]. Raises
@@ -273,7 +287,7 @@ def iterate_batches(
     drop_last: bool = False,
     rank: int = 0,
     world_size: int = 1,
-) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (x float in [0,1], y int64) batches on ``device``; shuffling and augmentation use ``generator``.
 
     With ``world_size > 1`` (data-parallel training) ``batch_size`` is the global batch: the permutation is
@@ -286,8 +300,10 @@ def iterate_batches(
     check_int("world_size", world_size, 1)
     check_int("rank", rank, 0, world_size - 1)
     if batch_size % world_size:
-        raise ValueError(f"batch_size ({batch_size}) is the global batch and must be divisible by the number of "
-                         f"processes ({world_size})")
+        raise ValueError(
+            f"batch_size ({batch_size}) is the global batch and must be divisible by the number of "
+            f"processes ({world_size})"
+        )
     n = len(split)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     if world_size > 1:
@@ -314,36 +330,46 @@ def check_batch_source(data: Any, what: str) -> None:
         return
     tensors = isinstance(data, (tuple, list)) and data and all(isinstance(v, torch.Tensor) for v in data)
     if isinstance(data, torch.Tensor) or tensors:
-        raise TypeError(f"{what} looks like tensors, not batches: wrap an (x, y) pair as pni_fast.robust.data.Split(x, y), "
-                        "or pass an iterable of (x, y) batches (a list, a torch.utils.data.DataLoader)")
+        raise TypeError(
+            f"{what} looks like tensors, not batches: wrap an (x, y) pair as pni_fast.robust.data.Split(x, y), "
+            "or pass an iterable of (x, y) batches (a list, a torch.utils.data.DataLoader)"
+        )
     if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
-        raise TypeError(f"{what} is a Dataset of single examples; wrap it in a torch.utils.data.DataLoader "
-                        "(batch_size=..., shuffle=True, or a DistributedSampler under torchrun)")
+        raise TypeError(
+            f"{what} is a Dataset of single examples; wrap it in a torch.utils.data.DataLoader "
+            "(batch_size=..., shuffle=True, or a DistributedSampler under torchrun)"
+        )
     if not (hasattr(data, "__iter__") or hasattr(data, "__getitem__")):  # no iter(): it would start loader workers
-        raise TypeError(f"{what} must be a pni_fast.robust.data.Split or an iterable of (x, y) batches (e.g. a "
-                        f"torch.utils.data.DataLoader), got {type(data).__name__}")
+        raise TypeError(
+            f"{what} must be a pni_fast.robust.data.Split or an iterable of (x, y) batches (e.g. a "
+            f"torch.utils.data.DataLoader), got {type(data).__name__}"
+        )
 
 
 def iterate_user_batches(
     data: Iterable, what: str, device: Union[str, torch.device, None] = None
-) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield the ``(x, y)`` batches of any iterable (a DataLoader, a list, a generator), checked and moved to
     ``device``: ``x`` uint8 becomes float in [0, 1], floating ``x`` is kept as given; ``y`` integer class labels."""
     for i, item in enumerate(data):
         if not (isinstance(item, (tuple, list)) and len(item) == 2):
-            raise TypeError(f"{what} must yield (x, y) pairs; batch {i} is a {type(item).__name__}"
-                            + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else ""))
+            raise TypeError(
+                f"{what} must yield (x, y) pairs; batch {i} is a {type(item).__name__}"
+                + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else "")
+            )
         x, y = item
         if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-            raise TypeError(f"{what}: batch {i} must be a pair of tensors, got "
-                            f"({type(x).__name__}, {type(y).__name__})")
+            raise TypeError(
+                f"{what}: batch {i} must be a pair of tensors, got ({type(x).__name__}, {type(y).__name__})"
+            )
         if x.dtype != torch.uint8 and not x.is_floating_point():
             raise TypeError(f"{what}: batch {i} x must be uint8 or floating point (images in [0, 1]), got {x.dtype}")
         if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
             raise TypeError(f"{what}: batch {i} y must hold integer class labels, got {y.dtype}")
         if x.dim() < 2 or y.shape != x.shape[:1]:
-            raise ValueError(f"{what}: batch {i} must be x [N, ...] with y [N], got x {list(x.shape)}, "
-                             f"y {list(y.shape)}")
+            raise ValueError(
+                f"{what}: batch {i} must be x [N, ...] with y [N], got x {list(x.shape)}, y {list(y.shape)}"
+            )
         if x.dtype == torch.uint8:
             x = to_unit_float(x)
         y = y.long()

@@ -8,8 +8,9 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ from .modes import model_mode
 __all__ = ["alpha_means"]
 
 
-def alpha_means(model: nn.Module) -> Dict[str, float]:
+def alpha_means(model: nn.Module) -> dict[str, float]:
     """Mean value of every PNI alpha parameter, by parameter name (for logs and plots)."""
     return {
         n: float(p.detach().float().mean().item())
@@ -53,7 +54,7 @@ def _noise_ctx(model: nn.Module, on: bool):
         yield model
 
 
-def _first(batches: Iterator[Tuple[torch.Tensor, torch.Tensor]], limit: Optional[int]):
+def _first(batches: Iterator[tuple[torch.Tensor, torch.Tensor]], limit: Optional[int]):
     """The batches of ``batches`` up to ``limit`` examples in all (the last one cut), then stop reading."""
     left = limit
     for x, y in batches:
@@ -67,7 +68,7 @@ def _first(batches: Iterator[Tuple[torch.Tensor, torch.Tensor]], limit: Optional
 
 def _evaluate_epoch(
     model: nn.Module, test: Any, config: TrainConfig, device: torch.device
-) -> Tuple[float, Optional[float]]:
+) -> tuple[float, Optional[float]]:
     """Clean and PGD accuracy (one noisy pass each) on the first eval_samples test images."""
     if isinstance(test, Split):
         batches = iterate_batches(test.subset(config.eval_samples), max(config.batch_size, 256), device=device)
@@ -80,8 +81,16 @@ def _evaluate_epoch(
             with torch.no_grad():
                 clean += int((model(x).argmax(1) == y).sum())
             if config.adversarial:
-                xa = pgd(model, x, y, eps=config.adv_eps, alpha=config.adv_alpha, steps=config.eval_pgd_steps,
-                         random_start=True, targets=config.adv_targets)
+                xa = pgd(
+                    model,
+                    x,
+                    y,
+                    eps=config.adv_eps,
+                    alpha=config.adv_alpha,
+                    steps=config.eval_pgd_steps,
+                    random_start=True,
+                    targets=config.adv_targets,
+                )
                 with torch.no_grad():
                     adv += int((model(xa).argmax(1) == y).sum())
     if n == 0:
@@ -92,8 +101,11 @@ def _evaluate_epoch(
 def _set_epoch(data: Any, epoch: int) -> None:
     """``set_epoch`` on a DataLoader's sampler / batch sampler (DistributedSampler reshuffles per epoch)."""
     seen = set()
-    for s in (getattr(data, "sampler", None), getattr(getattr(data, "batch_sampler", None), "sampler", None),
-              getattr(data, "batch_sampler", None)):
+    for s in (
+        getattr(data, "sampler", None),
+        getattr(getattr(data, "batch_sampler", None), "sampler", None),
+        getattr(data, "batch_sampler", None),
+    ):
         if s is not None and id(s) not in seen and callable(getattr(s, "set_epoch", None)):
             seen.add(id(s))
             s.set_epoch(epoch)
@@ -117,10 +129,10 @@ class _Run:
     dev: torch.device
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    model_spec: Optional[Dict[str, Any]]
+    model_spec: Optional[dict[str, Any]]
     out_dir: Optional[str]
-    run_info: Optional[Dict[str, Any]]  # the noise streams of a data-parallel run, stored in the checkpoint
-    history: List[Dict[str, Any]] = field(default_factory=list)
+    run_info: Optional[dict[str, Any]]  # the noise streams of a data-parallel run, stored in the checkpoint
+    history: list[dict[str, Any]] = field(default_factory=list)
     start_epoch: int = 0
     progress: bool = False
 
@@ -140,7 +152,7 @@ def _progress_bar(run: _Run, batches, total: Optional[int], desc: str):
     return tqdm(batches, total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
-def _train_epoch(run: _Run, train_data: Any, epoch: int) -> Dict[str, Any]:
+def _train_epoch(run: _Run, train_data: Any, epoch: int) -> dict[str, Any]:
     """One epoch of (adversarial) training; returns its sums (over all ranks) for the epoch's record."""
     config, ctx, dev, model = run.config, run.ctx, run.dev, run.model
     t0 = time.perf_counter()
@@ -151,8 +163,16 @@ def _train_epoch(run: _Run, train_data: Any, epoch: int) -> Dict[str, Any]:
     clean_ok = adv_ok = 0
     if isinstance(train_data, Split):
         gen = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
-        batches = iterate_batches(train_data, config.batch_size, shuffle=True, augment=config.augment,
-                                  generator=gen, device=dev, rank=ctx.rank, world_size=ctx.world_size)
+        batches = iterate_batches(
+            train_data,
+            config.batch_size,
+            shuffle=True,
+            augment=config.augment,
+            generator=gen,
+            device=dev,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+        )
         n_batches = math.ceil((len(train_data) - len(train_data) % ctx.world_size) / config.batch_size)
     else:
         _set_epoch(train_data, epoch)
@@ -162,8 +182,16 @@ def _train_epoch(run: _Run, train_data: Any, epoch: int) -> Dict[str, Any]:
     for x, y in bar:
         if adv_on:
             with _noise_ctx(model, config.adv_noise):
-                x_adv = pgd(model, x, y, eps=config.adv_eps, alpha=config.adv_alpha, steps=config.adv_steps,
-                            random_start=config.adv_random_start, targets=config.adv_targets)
+                x_adv = pgd(
+                    model,
+                    x,
+                    y,
+                    eps=config.adv_eps,
+                    alpha=config.adv_alpha,
+                    steps=config.adv_steps,
+                    random_start=config.adv_random_start,
+                    targets=config.adv_targets,
+                )
         logits = run.fwd(x)
         loss = F.cross_entropy(logits, y)
         if adv_on:
@@ -185,11 +213,19 @@ def _train_epoch(run: _Run, train_data: Any, epoch: int) -> Dict[str, Any]:
     if not isinstance(train_data, Split) and n_seen == 0:
         raise ValueError(f"train_data yielded no batches in epoch {epoch + 1}")
     run.scheduler.step()
-    return {"epoch": epoch, "t0": t0, "adv_on": adv_on, "lr": lr, "n_seen": n_seen, "loss_sum": loss_sum,
-            "clean_ok": clean_ok, "adv_ok": adv_ok}
+    return {
+        "epoch": epoch,
+        "t0": t0,
+        "adv_on": adv_on,
+        "lr": lr,
+        "n_seen": n_seen,
+        "loss_sum": loss_sum,
+        "clean_ok": clean_ok,
+        "adv_ok": adv_ok,
+    }
 
 
-def _finish_epoch(run: _Run, test_data: Any, s: Dict[str, Any]) -> Dict[str, Any]:
+def _finish_epoch(run: _Run, test_data: Any, s: dict[str, Any]) -> dict[str, Any]:
     """Rank 0: evaluate on the test data, build the epoch's record, save checkpoint then logs."""
     test_clean, test_adv = (None, None)
     if test_data is not None:
@@ -213,7 +249,7 @@ def _finish_epoch(run: _Run, test_data: Any, s: Dict[str, Any]) -> Dict[str, Any
     return record
 
 
-def _save(run: _Run, record: Dict[str, Any]) -> None:
+def _save(run: _Run, record: dict[str, Any]) -> None:
     """Checkpoint of the epoch just finished, then the logs (which so never run ahead of it)."""
     state = {
         "model": run.model.state_dict(),

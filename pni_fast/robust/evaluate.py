@@ -148,23 +148,55 @@ class AttackSpec:
             return _attacks.fgsm(model, x, y, eps=self.eps, targets=self.targets, eot_samples=self.eot_samples)
         if self.kind == "cw":
             return _attacks.carlini_wagner_l2(
-                model, x, y, c=self.cw_c, kappa=self.cw_kappa, steps=self.cw_steps, lr=self.cw_lr,
-                search_steps=self.cw_search_steps, targets=self.targets,
+                model,
+                x,
+                y,
+                c=self.cw_c,
+                kappa=self.cw_kappa,
+                steps=self.cw_steps,
+                lr=self.cw_lr,
+                search_steps=self.cw_search_steps,
+                targets=self.targets,
             )
         if self.kind == "autoattack-rand":
             return _attacks.autoattack_rand(
-                model, x, y, eps=self.eps, norm=self.norm, steps=self.steps, eot_samples=self.eot_samples,
-                restarts=self.restarts, seed=self.seed, targets=self.targets,
+                model,
+                x,
+                y,
+                eps=self.eps,
+                norm=self.norm,
+                steps=self.steps,
+                eot_samples=self.eot_samples,
+                restarts=self.restarts,
+                seed=self.seed,
+                targets=self.targets,
             )
         if self.kind == "square":
             return _attacks.square_attack(
-                model, x, y, eps=self.eps, norm=self.norm, n_queries=self.n_queries, p_init=self.p_init,
-                restarts=self.restarts, seed=self.seed, targets=self.targets,
+                model,
+                x,
+                y,
+                eps=self.eps,
+                norm=self.norm,
+                n_queries=self.n_queries,
+                p_init=self.p_init,
+                restarts=self.restarts,
+                seed=self.seed,
+                targets=self.targets,
             )
         return _attacks.pgd(
-            model, x, y, eps=self.eps, alpha=self.alpha, steps=self.steps, norm=self.norm,
-            random_start=self.random_start, restarts=self.restarts, targets=self.targets,
-            eot_samples=self.eot_samples, generator=generator,
+            model,
+            x,
+            y,
+            eps=self.eps,
+            alpha=self.alpha,
+            steps=self.steps,
+            norm=self.norm,
+            random_start=self.random_start,
+            restarts=self.restarts,
+            targets=self.targets,
+            eot_samples=self.eot_samples,
+            generator=generator,
         )
 
 
@@ -336,8 +368,10 @@ def format_results(rows: dict[str, list[EvalResult]], repeats: Optional[int] = N
         lines.append(f"accuracy in % on {first[0].n_examples} test images, mean +/- std over R={r} noisy evaluations")
     else:
         per = ", ".join(f"{k}: R={v}" for k, v in rs.items())
-        lines.append(f"accuracy in % on {first[0].n_examples} test images, mean +/- std over R noisy evaluations "
-                     f"({per}; a model without noise gives the same answer every time, so R=1 and std 0 for it)")
+        lines.append(
+            f"accuracy in % on {first[0].n_examples} test images, mean +/- std over R noisy evaluations "
+            f"({per}; a model without noise gives the same answer every time, so R=1 and std 0 for it)"
+        )
     for res in first:
         lines.append(f"  {res.description}")
     return "\n".join(lines)

@@ -123,8 +123,9 @@ def square_attack(
     p_init = check_real("p_init", p_init, positive=True, maximum=1)
     check_int("restarts", restarts, 1)
     check_int("seed", seed, 0)
-    kw = dict(norm=_ta_norm(norm), eps=eps, n_queries=n_queries, n_restarts=restarts, p_init=p_init, seed=seed,
-              loss="margin")
+    kw = dict(
+        norm=_ta_norm(norm), eps=eps, n_queries=n_queries, n_restarts=restarts, p_init=p_init, seed=seed, loss="margin"
+    )
 
     def build(ta, m):
         return ta.Square(m, **kw)

@@ -30,7 +30,8 @@ import contextlib
 import os
 import sys
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional, Union
+from collections.abc import Callable, Iterable
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -77,12 +78,12 @@ def train(
     resume: Optional[Union[str, os.PathLike]] = None,
     device: Union[str, torch.device, None] = None,
     progress: bool = True,
-    model_spec: Optional[Dict[str, Any]] = None,
-    on_epoch: Optional[Callable[[Dict[str, Any]], None]] = None,
+    model_spec: Optional[dict[str, Any]] = None,
+    on_epoch: Optional[Callable[[dict[str, Any]], None]] = None,
     overwrite: bool = False,
     rank_noise: Optional[str] = None,
     distributed: Optional[bool] = None,
-) -> List[Dict[str, Any]]:
+) -> list[dict[str, Any]]:
     """Train ``model`` (plain or PNI) with clean warm-up then PGD adversarial training.
 
     Args:
@@ -151,10 +152,18 @@ def train(
         torch.cuda.set_device(dev)  # nccl's collectives (rank 0's record, metric sums) run on this GPU
     model.to(dev)
     optimizer = make_optimizer(model, config)
-    run = _Run(model=model, fwd=model, config=config, ctx=ctx, dev=dev, optimizer=optimizer,
-               scheduler=make_scheduler(optimizer, config), model_spec=model_spec,
-               out_dir=None if out_dir is None else os.fspath(out_dir),
-               run_info={"rank_noise": rank_noise, "world_size": ctx.world_size} if streams else None)
+    run = _Run(
+        model=model,
+        fwd=model,
+        config=config,
+        ctx=ctx,
+        dev=dev,
+        optimizer=optimizer,
+        scheduler=make_scheduler(optimizer, config),
+        model_spec=model_spec,
+        out_dir=None if out_dir is None else os.fspath(out_dir),
+        run_info={"rank_noise": rank_noise, "world_size": ctx.world_size} if streams else None,
+    )
     resume = None if resume is None else os.fspath(resume)
     if run.out_dir is not None:
         _dist.rank0_call(ctx, lambda: _prepare_out_dir(run.out_dir, resume, overwrite, started))
@@ -163,16 +172,23 @@ def train(
     else:
         torch.manual_seed(config.seed)
     if isinstance(train_data, collections.abc.Iterator) and config.epochs - run.start_epoch > 1:
-        raise ValueError(f"train_data is a one-shot iterator (e.g. a generator) but {config.epochs - run.start_epoch} "
-                         "epochs are to run: pass a re-iterable (a list, a DataLoader)")
-    if ctx.active and ctx.world_size > 1 and isinstance(train_data, torch.utils.data.DataLoader) and not isinstance(
-            train_data.sampler, torch.utils.data.distributed.DistributedSampler):
+        raise ValueError(
+            f"train_data is a one-shot iterator (e.g. a generator) but {config.epochs - run.start_epoch} "
+            "epochs are to run: pass a re-iterable (a list, a DataLoader)"
+        )
+    if (
+        ctx.active
+        and ctx.world_size > 1
+        and isinstance(train_data, torch.utils.data.DataLoader)
+        and not isinstance(train_data.sampler, torch.utils.data.distributed.DistributedSampler)
+    ):
         run.warn("train_data is a DataLoader without a DistributedSampler: every rank trains on the same batches")
     # bars redraw in place on a terminal; in a log file (CI, nohup) they would bury the results
     run.progress = progress and sys.stderr.isatty() and ctx.is_main
     if ctx.active:  # the training forwards go through DDP; PGD always attacks the unwrapped model
         run.fwd = nn.parallel.DistributedDataParallel(
-            model, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=False)
+            model, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=False
+        )
 
     with contextlib.ExitStack() as stack:
         if streams:
@@ -180,8 +196,9 @@ def train(
         for epoch in range(run.start_epoch, config.epochs):
             if streams:
                 torch.manual_seed(_dist.derived_seed(config.seed, "torch", epoch, ctx.rank))
-                _pni_manual_seed(_dist.derived_seed(config.seed, "pni", epoch,
-                                                    ctx.rank if rank_noise == "independent" else "all"))
+                _pni_manual_seed(
+                    _dist.derived_seed(config.seed, "pni", epoch, ctx.rank if rank_noise == "independent" else "all")
+                )
             stats = _train_epoch(run, train_data, epoch)
             # rank 0 evaluates and writes; the others wait for its record (an error there stops every rank)
             record = _dist.rank0_call(ctx, lambda: _finish_epoch(run, test_data, stats))
@@ -205,11 +222,15 @@ def _check_args(config, train_data, test_data, rank_noise, distributed):
         rank_noise = _dist.check_rank_noise(_dist.DEFAULT_RANK_NOISE if rank_noise is None else rank_noise)
     in_memory = isinstance(train_data, Split)
     if not in_memory and config.augment:
-        raise ValueError("config.augment (crop+flip) applies to Split data; with a DataLoader or another iterable, "
-                         "augment in its dataset/transforms and pass augment=False")
+        raise ValueError(
+            "config.augment (crop+flip) applies to Split data; with a DataLoader or another iterable, "
+            "augment in its dataset/transforms and pass augment=False"
+        )
     if in_memory and config.batch_size % ctx.world_size:
-        raise ValueError(f"batch_size ({config.batch_size}) is the global batch and must be divisible by the "
-                         f"number of processes ({ctx.world_size})")
+        raise ValueError(
+            f"batch_size ({config.batch_size}) is the global batch and must be divisible by the "
+            f"number of processes ({ctx.world_size})"
+        )
     return config, ctx, streams, rank_noise
 
 
@@ -218,8 +239,11 @@ def _resume(run: _Run, resume: str) -> None:
     config = run.config
     ckpt = load_checkpoint(resume, map_location=run.dev)
     old = ckpt.get("config", {})
-    diff = {k: (old.get(k), v) for k, v in config.to_dict().items()
-            if k != "epochs" and k in old and _norm(old.get(k)) != _norm(v)}
+    diff = {
+        k: (old.get(k), v)
+        for k, v in config.to_dict().items()
+        if k != "epochs" and k in old and _norm(old.get(k)) != _norm(v)
+    }
     if ckpt.get("streams") != run.run_info:
         diff["noise streams"] = (ckpt.get("streams"), run.run_info)
     if diff:
@@ -233,7 +257,7 @@ def _resume(run: _Run, resume: str) -> None:
     run.scheduler.milestones = fresh.milestones
     n_decays = sum(c for m, c in fresh.milestones.items() if m <= run.scheduler.last_epoch)
     for g in run.optimizer.param_groups:
-        g["lr"] = g["initial_lr"] * config.lr_gamma ** n_decays
+        g["lr"] = g["initial_lr"] * config.lr_gamma**n_decays
     run.history = list(ckpt.get("history", []))
     run.start_epoch = int(ckpt["epoch"])
     _set_rng_state(ckpt["rng"])
@@ -242,8 +266,9 @@ def _resume(run: _Run, resume: str) -> None:
     if run.out_dir is not None:  # logs of a crashed run may be ahead of its checkpoint
         _dist.rank0_call(run.ctx, lambda: _write_logs(run.out_dir, run.history))
     if run.start_epoch >= config.epochs:
-        run.warn(f"checkpoint {resume!r} already holds {run.start_epoch} epochs (epochs={config.epochs}): "
-                 "nothing to train")
+        run.warn(
+            f"checkpoint {resume!r} already holds {run.start_epoch} epochs (epochs={config.epochs}): nothing to train"
+        )
 
 
 def _norm(v: Any) -> Any:

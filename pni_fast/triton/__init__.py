@@ -3,6 +3,7 @@
 Importing this package needs triton; on CPU tensors the kernels run only when
 ``TRITON_INTERPRET=1`` was set before triton was first imported.
 """
+
 from .ops import (
     INTERPRETED,
     noise_triton,

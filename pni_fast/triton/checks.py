@@ -5,6 +5,7 @@ interpreter) and one device per list launch.
 Every check also works while ``torch.compile`` traces the ops: a condition on a SymInt (a drawn
 seed, a dynamic size) becomes a runtime assertion instead of a guard (``op_checks.require``).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -31,22 +32,42 @@ def check_device(op: str, name: str, t: torch.Tensor, interpreted: bool) -> None
     raise ValueError(f"{op}: {name} must be a CUDA tensor for the Triton backend, got device {t.device}{hint}")
 
 
-def check_noise(op: str, like: torch.Tensor, seed, offset, rng_state: Optional[torch.Tensor],
-                interpreted: bool) -> None:
+def check_noise(
+    op: str, like: torch.Tensor, seed, offset, rng_state: Optional[torch.Tensor], interpreted: bool
+) -> None:
     check_device(op, "like", like, interpreted)
     op_checks.check_noise(op, like, seed, offset, rng_state)
 
 
-def check_single(op: str, vname: str, v: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, seed, offset,
-                 inner, rng_state: Optional[torch.Tensor], interpreted: bool) -> None:
+def check_single(
+    op: str,
+    vname: str,
+    v: torch.Tensor,
+    alpha: torch.Tensor,
+    sigma: torch.Tensor,
+    seed,
+    offset,
+    inner,
+    rng_state: Optional[torch.Tensor],
+    interpreted: bool,
+) -> None:
     """perturb (``vname`` "v") / perturb_alpha_grad ("grad")."""
     check_device(op, vname, v, interpreted)
     op_checks.check_perturb(op, vname, v, alpha, sigma, seed, offset, inner, rng_state)
 
 
-def check_multi(op: str, vname: str, vs: Sequence[torch.Tensor], alphas: Sequence[torch.Tensor],
-                sigmas: Sequence[torch.Tensor], seed, offsets: Sequence, inners: Sequence,
-                rng_state: Optional[torch.Tensor], interpreted: bool) -> None:
+def check_multi(
+    op: str,
+    vname: str,
+    vs: Sequence[torch.Tensor],
+    alphas: Sequence[torch.Tensor],
+    sigmas: Sequence[torch.Tensor],
+    seed,
+    offsets: Sequence,
+    inners: Sequence,
+    rng_state: Optional[torch.Tensor],
+    interpreted: bool,
+) -> None:
     """The list ops: the contract's checks, then one device for the whole launch."""
     op_checks.check_perturb_multi(op, vname, vs, alphas, sigmas, seed, offsets, inners, rng_state)
     for i, v in enumerate(vs):

@@ -14,6 +14,7 @@ ones a launch would build: the "aligned" variants carry the specializations real
 Run as ``python -m pni_fast.triton.compile_check [sm] [--regs]`` with ``TRITON_INTERPRET`` unset;
 ``--regs`` also prints ptxas's register / spill count of every variant.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,8 +39,13 @@ def _tensor(dtype: str, numel: int, aligned: bool):
     """A CPU tensor standing in for a device pointer (only data_ptr and dtype are looked at)."""
     import torch
 
-    dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64,
-          "i64": torch.int64}[dtype]
+    dt = {
+        "fp32": torch.float32,
+        "fp16": torch.float16,
+        "bf16": torch.bfloat16,
+        "fp64": torch.float64,
+        "i64": torch.int64,
+    }[dtype]
     t = torch.empty(numel + 1, dtype=dt)
     return t[:numel] if aligned else t[1:]  # element offset 1: data_ptr % 16 != 0
 
@@ -53,17 +59,28 @@ def _configs():
     tl_dtype = {"fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16, "fp64": tl.float64}
     out = []
     # Sizes as real tensors have them: aligned (multiples of 16, fresh allocations) and odd.
-    sizes = {True: dict(n=65536, n_alpha=16, inner=4096, scan_inner=256, S=16, J=4, R=1),
-             False: dict(n=4099, n_alpha=3, inner=1367, scan_inner=37, S=3, J=3, R=1)}
+    sizes = {
+        True: dict(n=65536, n_alpha=16, inner=4096, scan_inner=256, S=16, J=4, R=1),
+        False: dict(n=4099, n_alpha=3, inner=1367, scan_inner=37, S=3, J=3, R=1),
+    }
     # Triton types an int by its value: noise covers seeds typed i32, u32 and i64, with and without state.
-    for seed, offset, aligned, has_state in ((7, 3, True, False), (2**31 + 5, 2**31 + 1, True, False),
-                                             (_SEED, 2**33, True, False), (_SEED, 0, True, True),
-                                             (_SEED, 5, False, False)):
+    for seed, offset, aligned, has_state in (
+        (7, 3, True, False),
+        (2**31 + 5, 2**31 + 1, True, False),
+        (_SEED, 2**33, True, False),
+        (_SEED, 0, True, True),
+        (_SEED, 5, False, False),
+    ):
         n = sizes[aligned]["n"]
         o, st = _tensor("fp32", n, aligned), _tensor("i64", 2, True)
-        out.append((f"noise seed={seed} aligned={aligned} state={has_state}", K._noise_kernel,
-                    (o, st if has_state else o, n, seed, offset),
-                    dict(BLOCK=_BLOCK, HAS_STATE=has_state, PRECISE=True)))
+        out.append(
+            (
+                f"noise seed={seed} aligned={aligned} state={has_state}",
+                K._noise_kernel,
+                (o, st if has_state else o, n, seed, offset),
+                dict(BLOCK=_BLOCK, HAS_STATE=has_state, PRECISE=True),
+            )
+        )
     for dt, adt in (("fp32", "fp32"), ("fp16", "fp32"), ("bf16", "bf16"), ("fp64", "fp64")):
         f64, acc = dt == "fp64", "fp64" if dt == "fp64" else "fp32"
         for aligned in (True, False) if dt != "bf16" else (True,):  # bf16 is laid out like fp16
@@ -75,49 +92,133 @@ def _configs():
             for has_state in (False, True) if aligned else (False,):
                 st = state if has_state else sigma
                 tag = f"{dt}/{adt} aligned={aligned} state={has_state}"
-                for mode, n_alpha, inner in (("layerwise", 1, 1), ("channelwise", z["n_alpha"], z["inner"]),
-                                             ("elementwise", n, 1)):
+                for mode, n_alpha, inner in (
+                    ("layerwise", 1, 1),
+                    ("channelwise", z["n_alpha"], z["inner"]),
+                    ("elementwise", n, 1),
+                ):
                     if has_state and mode != "channelwise":
                         continue
-                    for index64 in ((False, True) if mode == "channelwise" and aligned and not has_state
-                                    else (False,)):
+                    for index64 in (False, True) if mode == "channelwise" and aligned and not has_state else (False,):
                         a = _tensor(adt, n_alpha, aligned)
-                        out.append((f"perturb_fwd {mode} index64={index64} {tag}", K._perturb_fwd_kernel,
-                                    (v, o, a, sigma, st, n, n_alpha, inner, _SEED, 0),
-                                    dict(BLOCK=_BLOCK, LAYERWISE=n_alpha == 1, IS_F64=f64, INDEX64=index64,
-                                         HAS_STATE=has_state, PRECISE=True)))
+                        out.append(
+                            (
+                                f"perturb_fwd {mode} index64={index64} {tag}",
+                                K._perturb_fwd_kernel,
+                                (v, o, a, sigma, st, n, n_alpha, inner, _SEED, 0),
+                                dict(
+                                    BLOCK=_BLOCK,
+                                    LAYERWISE=n_alpha == 1,
+                                    IS_F64=f64,
+                                    INDEX64=index64,
+                                    HAS_STATE=has_state,
+                                    PRECISE=True,
+                                ),
+                            )
+                        )
                 a_out = _tensor(adt, z["n_alpha"], aligned)
                 part = _tensor(acc, z["J"] * z["S"], True)
                 for mode, inner, direct, index64 in (
-                        (K.SEG_ONE, 4096, False, False), (K.SEG_TWO, z["inner"], False, False),
-                        (K.SEG_SCAN, z["scan_inner"], False, False), (K.SEG_SCAN, z["scan_inner"], False, True),
-                        (K.SEG_ELEM, 1, False, False), (K.SEG_ELEM, 1, True, False)):
+                    (K.SEG_ONE, 4096, False, False),
+                    (K.SEG_TWO, z["inner"], False, False),
+                    (K.SEG_SCAN, z["scan_inner"], False, False),
+                    (K.SEG_SCAN, z["scan_inner"], False, True),
+                    (K.SEG_ELEM, 1, False, False),
+                    (K.SEG_ELEM, 1, True, False),
+                ):
                     if (has_state and (index64 or mode != K.SEG_SCAN)) or (index64 and not aligned):
                         continue
-                    out.append((f"perturb_bwd mode={mode} direct={direct} index64={index64} {tag}",
-                                K._perturb_bwd_kernel,
-                                (g, a_out if direct else part, a_out, sigma, st, n, inner, z["S"], _SEED, 0),
-                                dict(BLOCK=_BLOCK, SEG_MODE=mode, IS_F64=f64, DIRECT=direct, INDEX64=index64,
-                                     HAS_STATE=has_state, PRECISE=True)))
+                    out.append(
+                        (
+                            f"perturb_bwd mode={mode} direct={direct} index64={index64} {tag}",
+                            K._perturb_bwd_kernel,
+                            (g, a_out if direct else part, a_out, sigma, st, n, inner, z["S"], _SEED, 0),
+                            dict(
+                                BLOCK=_BLOCK,
+                                SEG_MODE=mode,
+                                IS_F64=f64,
+                                DIRECT=direct,
+                                INDEX64=index64,
+                                HAS_STATE=has_state,
+                                PRECISE=True,
+                            ),
+                        )
+                    )
             part = _tensor(acc, z["J"] * z["S"], True)
-            out.append((f"alpha_grad_reduce {dt}/{adt} aligned={aligned}", K._alpha_grad_reduce_kernel,
-                        (part, _tensor(adt, z["n_alpha"], aligned), _tensor("fp32", 1, True), z["S"], z["J"],
-                         z["n_alpha"], z["R"], z["scan_inner"], n),
-                        dict(BLOCK=_BLOCK, BLOCK_K=64, BLOCK_J=2, BLOCK_R=32, IS_F64=f64)))
+            out.append(
+                (
+                    f"alpha_grad_reduce {dt}/{adt} aligned={aligned}",
+                    K._alpha_grad_reduce_kernel,
+                    (
+                        part,
+                        _tensor(adt, z["n_alpha"], aligned),
+                        _tensor("fp32", 1, True),
+                        z["S"],
+                        z["J"],
+                        z["n_alpha"],
+                        z["R"],
+                        z["scan_inner"],
+                        n,
+                    ),
+                    dict(BLOCK=_BLOCK, BLOCK_K=64, BLOCK_J=2, BLOCK_R=32, IS_F64=f64),
+                )
+            )
         table, part, state = _tensor("i64", 64, True), _tensor(acc, 4096, True), _tensor("i64", 2, True)
         for t, has_state, index64 in ((1, False, False), (5, False, False), (5, False, True), (5, True, False)):
             if t == 1 and dt != "fp32":
                 continue  # T == 1 is folded to a constant: once is enough
             st, tag = state if has_state else table, f"{dt}/{adt} T={t} index64={index64} state={has_state}"
-            out.append((f"multi_fwd {tag}", K._perturb_multi_fwd_kernel, (table, st, t, _SEED),
-                        dict(T_POW2=8, BLOCK=_BLOCK, V_DTYPE=tl_dtype[dt], ALPHA_DTYPE=tl_dtype[adt],
-                             SIGMA_DTYPE=tl.float32, IS_F64=f64, INDEX64=index64, HAS_STATE=has_state, PRECISE=True)))
-            out.append((f"multi_bwd {tag}", K._perturb_multi_bwd_kernel, (table, part, st, t, _SEED),
-                        dict(T_POW2=8, BLOCK=_BLOCK, G_DTYPE=tl_dtype[dt], IS_F64=f64, INDEX64=index64,
-                             HAS_STATE=has_state, PRECISE=True)))
-        out.append((f"multi_reduce {dt}/{adt}", K._alpha_grad_multi_reduce_kernel, (table, part, 5),
-                    dict(T_POW2=8, BLOCK=_BLOCK, BLOCK_K=128, BLOCK_J=4, BLOCK_R=8, OUT_DTYPE=tl_dtype[adt],
-                         SIGMA_DTYPE=tl.float32, IS_F64=f64)))
+            out.append(
+                (
+                    f"multi_fwd {tag}",
+                    K._perturb_multi_fwd_kernel,
+                    (table, st, t, _SEED),
+                    dict(
+                        T_POW2=8,
+                        BLOCK=_BLOCK,
+                        V_DTYPE=tl_dtype[dt],
+                        ALPHA_DTYPE=tl_dtype[adt],
+                        SIGMA_DTYPE=tl.float32,
+                        IS_F64=f64,
+                        INDEX64=index64,
+                        HAS_STATE=has_state,
+                        PRECISE=True,
+                    ),
+                )
+            )
+            out.append(
+                (
+                    f"multi_bwd {tag}",
+                    K._perturb_multi_bwd_kernel,
+                    (table, part, st, t, _SEED),
+                    dict(
+                        T_POW2=8,
+                        BLOCK=_BLOCK,
+                        G_DTYPE=tl_dtype[dt],
+                        IS_F64=f64,
+                        INDEX64=index64,
+                        HAS_STATE=has_state,
+                        PRECISE=True,
+                    ),
+                )
+            )
+        out.append(
+            (
+                f"multi_reduce {dt}/{adt}",
+                K._alpha_grad_multi_reduce_kernel,
+                (table, part, 5),
+                dict(
+                    T_POW2=8,
+                    BLOCK=_BLOCK,
+                    BLOCK_K=128,
+                    BLOCK_J=4,
+                    BLOCK_R=8,
+                    OUT_DTYPE=tl_dtype[adt],
+                    SIGMA_DTYPE=tl.float32,
+                    IS_F64=f64,
+                ),
+            )
+        )
     return out
 
 
@@ -161,8 +262,18 @@ def _registers(ptx: str, arch: int) -> str:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        proc = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={sm_arch_from_capability(arch)}", src,
-                               "-o", os.path.join(tmp, "k.cubin")], capture_output=True, text=True)
+        proc = subprocess.run(
+            [
+                get_ptxas(arch).path,
+                "-v",
+                f"--gpu-name={sm_arch_from_capability(arch)}",
+                src,
+                "-o",
+                os.path.join(tmp, "k.cubin"),
+            ],
+            capture_output=True,
+            text=True,
+        )
     regs = re.search(r"Used (\d+) registers", proc.stderr)
     spills = re.search(r"(\d+) bytes spill stores", proc.stderr)
     return f"{regs.group(1) if regs else '?'} registers, {spills.group(1) if spills else '?'} bytes spilled"
@@ -210,7 +321,7 @@ def recompile_problems(arch: int = 90) -> list[str]:
         seen.add(fn)
         for arg in varying:
             i = names.index(arg)
-            keys = {_bind(fn, backend, args[:i] + (v,) + args[i + 1:], kwargs)[0] for v in (1, 16, 17, 2**20)}
+            keys = {_bind(fn, backend, args[:i] + (v,) + args[i + 1 :], kwargs)[0] for v in (1, 16, 17, 2**20)}
             if len(keys) != 1:
                 problems.append(f"{name}: {arg} = 1, 16, 17, 2**20 give {len(keys)} compiled variants, expected 1")
     return problems

@@ -23,6 +23,7 @@ by 16; ``seed`` and ``offset`` change from call to call, so every seeded kernel 
 ``do_not_specialize`` (one compiled kernel for every drawn seed). Sizes (n, inner, ...) keep the
 specialization: they are fixed per layer and n % 16 == 0 lets the masked accesses vectorize.
 """
+
 from __future__ import annotations
 
 import triton
@@ -36,7 +37,6 @@ SEG_ONE = 0  # inner % BLOCK == 0 (layerwise too): a block lies inside one segme
 SEG_TWO = 1  # inner > BLOCK: a block touches at most two segments -> two masked sums
 SEG_SCAN = 2  # any inner: segmented scan, the last element of each run stores its sum
 SEG_ELEM = 3  # inner == 1: every element is its own segment
-
 
 
 @triton.jit
@@ -102,9 +102,23 @@ def _alpha_index(start, n_alpha, inner, BLOCK: tl.constexpr, INDEX64: tl.constex
 
 
 @triton.jit
-def _perturb_block(v_ptr, out_ptr, alpha_ptr, sigma_ptr, n, n_alpha, inner, seed, offset, block,
-                   BLOCK: tl.constexpr, LAYERWISE: tl.constexpr, IS_F64: tl.constexpr,
-                   INDEX64: tl.constexpr, PRECISE: tl.constexpr):
+def _perturb_block(
+    v_ptr,
+    out_ptr,
+    alpha_ptr,
+    sigma_ptr,
+    n,
+    n_alpha,
+    inner,
+    seed,
+    offset,
+    block,
+    BLOCK: tl.constexpr,
+    LAYERWISE: tl.constexpr,
+    IS_F64: tl.constexpr,
+    INDEX64: tl.constexpr,
+    PRECISE: tl.constexpr,
+):
     """out = v + alpha[b(i)] * sigma * z for one block of BLOCK elements."""
     start = block * BLOCK
     offs = start + tl.arange(0, BLOCK).to(tl.int64)
@@ -124,8 +138,9 @@ def _perturb_block(v_ptr, out_ptr, alpha_ptr, sigma_ptr, n, n_alpha, inner, seed
 
 
 @triton.jit(do_not_specialize=["seed", "offset"])
-def _noise_kernel(out_ptr, state_ptr, n, seed, offset, BLOCK: tl.constexpr, HAS_STATE: tl.constexpr,
-                  PRECISE: tl.constexpr):
+def _noise_kernel(
+    out_ptr, state_ptr, n, seed, offset, BLOCK: tl.constexpr, HAS_STATE: tl.constexpr, PRECISE: tl.constexpr
+):
     """float32 z of n elements."""
     seed, offset = _rng_key(seed, offset, state_ptr, HAS_STATE)
     start = tl.program_id(0).to(tl.int64) * BLOCK
@@ -135,14 +150,44 @@ def _noise_kernel(out_ptr, state_ptr, n, seed, offset, BLOCK: tl.constexpr, HAS_
 
 
 @triton.jit(do_not_specialize=["seed", "offset"])
-def _perturb_fwd_kernel(v_ptr, out_ptr, alpha_ptr, sigma_ptr, state_ptr, n, n_alpha, inner, seed, offset,
-                        BLOCK: tl.constexpr, LAYERWISE: tl.constexpr, IS_F64: tl.constexpr,
-                        INDEX64: tl.constexpr, HAS_STATE: tl.constexpr, PRECISE: tl.constexpr):
+def _perturb_fwd_kernel(
+    v_ptr,
+    out_ptr,
+    alpha_ptr,
+    sigma_ptr,
+    state_ptr,
+    n,
+    n_alpha,
+    inner,
+    seed,
+    offset,
+    BLOCK: tl.constexpr,
+    LAYERWISE: tl.constexpr,
+    IS_F64: tl.constexpr,
+    INDEX64: tl.constexpr,
+    HAS_STATE: tl.constexpr,
+    PRECISE: tl.constexpr,
+):
     """One program per BLOCK elements (BLOCK / 4 Philox counters)."""
     seed, offset = _rng_key(seed, offset, state_ptr, HAS_STATE)
     block = tl.program_id(0).to(tl.int64)
-    _perturb_block(v_ptr, out_ptr, alpha_ptr, sigma_ptr, n, n_alpha, inner, seed, offset, block,
-                   BLOCK, LAYERWISE, IS_F64, INDEX64, PRECISE)
+    _perturb_block(
+        v_ptr,
+        out_ptr,
+        alpha_ptr,
+        sigma_ptr,
+        n,
+        n_alpha,
+        inner,
+        seed,
+        offset,
+        block,
+        BLOCK,
+        LAYERWISE,
+        IS_F64,
+        INDEX64,
+        PRECISE,
+    )
 
 
 @triton.jit
@@ -152,8 +197,7 @@ def _segsum_combine(flag_a, val_a, flag_b, val_b):
 
 
 @triton.jit
-def _grad_z_block(g_ptr, n, seed, offset, start, BLOCK: tl.constexpr, IS_F64: tl.constexpr,
-                  PRECISE: tl.constexpr):
+def _grad_z_block(g_ptr, n, seed, offset, start, BLOCK: tl.constexpr, IS_F64: tl.constexpr, PRECISE: tl.constexpr):
     """(offs, mask, g * z) for one block, in the accumulation dtype (0 outside the tensor)."""
     offs = start + tl.arange(0, BLOCK).to(tl.int64)
     mask = offs < n
@@ -198,10 +242,25 @@ def _scan_partials_block(part_ptr, vals, n, inner, S, block, BLOCK: tl.constexpr
 
 
 @triton.jit(do_not_specialize=["seed", "offset"])
-def _perturb_bwd_kernel(g_ptr, part_ptr, out_ptr, sigma_ptr, state_ptr, n, inner, S, seed, offset,
-                        BLOCK: tl.constexpr, SEG_MODE: tl.constexpr, IS_F64: tl.constexpr,
-                        DIRECT: tl.constexpr, INDEX64: tl.constexpr, HAS_STATE: tl.constexpr,
-                        PRECISE: tl.constexpr):
+def _perturb_bwd_kernel(
+    g_ptr,
+    part_ptr,
+    out_ptr,
+    sigma_ptr,
+    state_ptr,
+    n,
+    inner,
+    S,
+    seed,
+    offset,
+    BLOCK: tl.constexpr,
+    SEG_MODE: tl.constexpr,
+    IS_F64: tl.constexpr,
+    DIRECT: tl.constexpr,
+    INDEX64: tl.constexpr,
+    HAS_STATE: tl.constexpr,
+    PRECISE: tl.constexpr,
+):
     """Stage 1 of the alpha gradient: partial sums of g * z per (block, segment).
 
     With SEG_MODE == SEG_ELEM and DIRECT (elementwise alpha, n_alpha == n) the result
@@ -239,8 +298,20 @@ def _perturb_bwd_kernel(g_ptr, part_ptr, out_ptr, sigma_ptr, state_ptr, n, inner
 
 
 @triton.jit
-def _reduce_segments(part_ptr, k, S, J, n_alpha, R, inner, n, BLOCK: tl.constexpr, BLOCK_J: tl.constexpr,
-                     BLOCK_R: tl.constexpr, IS_F64: tl.constexpr):
+def _reduce_segments(
+    part_ptr,
+    k,
+    S,
+    J,
+    n_alpha,
+    R,
+    inner,
+    n,
+    BLOCK: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    IS_F64: tl.constexpr,
+):
     """Fixed-order sum of the stage-1 partials of the alpha indices ``k`` (a vector of BLOCK_K).
 
     Tiles are [BLOCK_J slots, BLOCK_R rows, BLOCK_K indices]; slot j of segment s exists when
@@ -274,9 +345,22 @@ def _reduce_segments(part_ptr, k, S, J, n_alpha, R, inner, n, BLOCK: tl.constexp
 
 
 @triton.jit
-def _alpha_grad_reduce_kernel(part_ptr, out_ptr, sigma_ptr, S, J, n_alpha, R, inner, n,
-                              BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr,
-                              BLOCK_R: tl.constexpr, IS_F64: tl.constexpr):
+def _alpha_grad_reduce_kernel(
+    part_ptr,
+    out_ptr,
+    sigma_ptr,
+    S,
+    J,
+    n_alpha,
+    R,
+    inner,
+    n,
+    BLOCK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    IS_F64: tl.constexpr,
+):
     """Stage 2 of the alpha gradient: dalpha[k] = sigma * sum_r sum_j part[j, r * n_alpha + k]."""
     k = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
     acc = _reduce_segments(part_ptr, k, S, J, n_alpha, R, inner, n, BLOCK, BLOCK_J, BLOCK_R, IS_F64)
@@ -304,10 +388,21 @@ def _find_tensor(table_ptr, pid, T, COLS: tl.constexpr, T_POW2: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _perturb_multi_fwd_kernel(table_ptr, state_ptr, T, seed, T_POW2: tl.constexpr, BLOCK: tl.constexpr,
-                              V_DTYPE: tl.constexpr, ALPHA_DTYPE: tl.constexpr, SIGMA_DTYPE: tl.constexpr,
-                              IS_F64: tl.constexpr, INDEX64: tl.constexpr, HAS_STATE: tl.constexpr,
-                              PRECISE: tl.constexpr):
+def _perturb_multi_fwd_kernel(
+    table_ptr,
+    state_ptr,
+    T,
+    seed,
+    T_POW2: tl.constexpr,
+    BLOCK: tl.constexpr,
+    V_DTYPE: tl.constexpr,
+    ALPHA_DTYPE: tl.constexpr,
+    SIGMA_DTYPE: tl.constexpr,
+    IS_F64: tl.constexpr,
+    INDEX64: tl.constexpr,
+    HAS_STATE: tl.constexpr,
+    PRECISE: tl.constexpr,
+):
     """Forward for T tensors; table row = (v, out, alpha, sigma, n, n_alpha, inner, offset, first block).
 
     INDEX64: some tensor of the launch needs int64 alpha-index arithmetic (host-chosen per group).
@@ -323,14 +418,40 @@ def _perturb_multi_fwd_kernel(table_ptr, state_ptr, T, seed, T_POW2: tl.constexp
     inner = tl.load(row + 6)
     seed, offset = _rng_key(seed, tl.load(row + 7), state_ptr, HAS_STATE)
     block = pid - tl.load(row + 8)
-    _perturb_block(v_ptr, out_ptr, alpha_ptr, sigma_ptr, n, n_alpha, inner, seed, offset, block,
-                   BLOCK, False, IS_F64, INDEX64, PRECISE)
+    _perturb_block(
+        v_ptr,
+        out_ptr,
+        alpha_ptr,
+        sigma_ptr,
+        n,
+        n_alpha,
+        inner,
+        seed,
+        offset,
+        block,
+        BLOCK,
+        False,
+        IS_F64,
+        INDEX64,
+        PRECISE,
+    )
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _perturb_multi_bwd_kernel(table_ptr, part_ptr, state_ptr, T, seed, T_POW2: tl.constexpr,
-                              BLOCK: tl.constexpr, G_DTYPE: tl.constexpr, IS_F64: tl.constexpr,
-                              INDEX64: tl.constexpr, HAS_STATE: tl.constexpr, PRECISE: tl.constexpr):
+def _perturb_multi_bwd_kernel(
+    table_ptr,
+    part_ptr,
+    state_ptr,
+    T,
+    seed,
+    T_POW2: tl.constexpr,
+    BLOCK: tl.constexpr,
+    G_DTYPE: tl.constexpr,
+    IS_F64: tl.constexpr,
+    INDEX64: tl.constexpr,
+    HAS_STATE: tl.constexpr,
+    PRECISE: tl.constexpr,
+):
     """Stage 1 for T tensors (segmented scan for every inner); row = (grad, sigma, part base, n,
     inner, S, offset, first block)."""
     pid = tl.program_id(0).to(tl.int64)
@@ -347,10 +468,19 @@ def _perturb_multi_bwd_kernel(table_ptr, part_ptr, state_ptr, T, seed, T_POW2: t
 
 
 @triton.jit
-def _alpha_grad_multi_reduce_kernel(table_ptr, part_ptr, T, T_POW2: tl.constexpr, BLOCK: tl.constexpr,
-                                    BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
-                                    OUT_DTYPE: tl.constexpr, SIGMA_DTYPE: tl.constexpr,
-                                    IS_F64: tl.constexpr):
+def _alpha_grad_multi_reduce_kernel(
+    table_ptr,
+    part_ptr,
+    T,
+    T_POW2: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    OUT_DTYPE: tl.constexpr,
+    SIGMA_DTYPE: tl.constexpr,
+    IS_F64: tl.constexpr,
+):
     """Stage 2 for T tensors; row = (part base, out, sigma, S, J, n_alpha, R, inner, n, first block)."""
     pid = tl.program_id(0).to(tl.int64)
     row = _find_tensor(table_ptr, pid, T, 10, T_POW2)

@@ -35,6 +35,7 @@ Notes:
   cannot be replayed by a CUDA graph, so they refuse stream capture with a clear error - capture
   the single ops or the CUDA backend's list op (kernel parameters only).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -153,8 +154,6 @@ def _launch_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-
-
 def _shapes_only(t: torch.Tensor) -> bool:
     """Under the interpreter the op is a custom_op whose fake kernel is the op body itself: on
     FakeTensors (no data) it only allocates the outputs and launches nothing."""
@@ -169,12 +168,14 @@ def _launch(kernel, grid, *args, **kwargs) -> None:
 
 def _single_op(name: str):
     """``triton_op`` on GPUs; under the interpreter an opaque ``custom_op`` (see the module docstring)."""
+
     def register(fn):
         if not INTERPRETED:
             return triton_op(name, mutates_args=())(fn)
         op = custom_op(name, mutates_args=())(fn)
         op.register_fake(fn)
         return op
+
     return register
 
 
@@ -189,8 +190,7 @@ def _state_args(rng_state: Optional[torch.Tensor], dummy: torch.Tensor) -> tuple
 
 
 @_single_op("pni_fast::noise_triton")
-def noise_triton(like: torch.Tensor, seed: int, offset: int,
-                 rng_state: Optional[torch.Tensor] = None) -> torch.Tensor:
+def noise_triton(like: torch.Tensor, seed: int, offset: int, rng_state: Optional[torch.Tensor] = None) -> torch.Tensor:
     """float32 z with ``like``'s shape: element i is output i % 4 of Philox counter offset + i // 4."""
     check_noise("noise_triton", like, seed, offset, rng_state, INTERPRETED)
     out = torch.empty(like.shape, dtype=torch.float32, device=like.device)
@@ -198,14 +198,32 @@ def noise_triton(like: torch.Tensor, seed: int, offset: int,
     if n == 0 or _shapes_only(like):
         return out
     state, has_state = _state_args(rng_state, like)
-    _launch(K._noise_kernel, (triton.cdiv(n, BLOCK),), out, state, n, seed, offset,
-            BLOCK=BLOCK, HAS_STATE=has_state, PRECISE=PRECISE, num_warps=NUM_WARPS)
+    _launch(
+        K._noise_kernel,
+        (triton.cdiv(n, BLOCK),),
+        out,
+        state,
+        n,
+        seed,
+        offset,
+        BLOCK=BLOCK,
+        HAS_STATE=has_state,
+        PRECISE=PRECISE,
+        num_warps=NUM_WARPS,
+    )
     return out
 
 
 @_single_op("pni_fast::perturb_triton")
-def perturb_triton(v: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, seed: int, offset: int,
-                   inner: int, rng_state: Optional[torch.Tensor] = None) -> torch.Tensor:
+def perturb_triton(
+    v: torch.Tensor,
+    alpha: torch.Tensor,
+    sigma: torch.Tensor,
+    seed: int,
+    offset: int,
+    inner: int,
+    rng_state: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """out = v + alpha[(i // inner) % alpha.numel()] * sigma * z_i in one pass (no stored noise)."""
     check_single("perturb_triton", "v", v, alpha, sigma, seed, offset, inner, rng_state, INTERPRETED)
     v = v.contiguous()
@@ -215,15 +233,40 @@ def perturb_triton(v: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, se
     if n == 0 or _shapes_only(v):
         return out
     state, has_state = _state_args(rng_state, sigma)
-    _launch(K._perturb_fwd_kernel, (triton.cdiv(n, BLOCK),), v, out, alpha, sigma, state, n, n_alpha, inner,
-            seed, offset, BLOCK=BLOCK, LAYERWISE=n_alpha == 1, IS_F64=v.dtype == torch.float64,
-            INDEX64=_index64(n_alpha, inner), HAS_STATE=has_state, PRECISE=PRECISE, num_warps=NUM_WARPS)
+    _launch(
+        K._perturb_fwd_kernel,
+        (triton.cdiv(n, BLOCK),),
+        v,
+        out,
+        alpha,
+        sigma,
+        state,
+        n,
+        n_alpha,
+        inner,
+        seed,
+        offset,
+        BLOCK=BLOCK,
+        LAYERWISE=n_alpha == 1,
+        IS_F64=v.dtype == torch.float64,
+        INDEX64=_index64(n_alpha, inner),
+        HAS_STATE=has_state,
+        PRECISE=PRECISE,
+        num_warps=NUM_WARPS,
+    )
     return out
 
 
 @_single_op("pni_fast::perturb_alpha_grad_triton")
-def perturb_alpha_grad_triton(grad: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, seed: int,
-                              offset: int, inner: int, rng_state: Optional[torch.Tensor] = None) -> torch.Tensor:
+def perturb_alpha_grad_triton(
+    grad: torch.Tensor,
+    alpha: torch.Tensor,
+    sigma: torch.Tensor,
+    seed: int,
+    offset: int,
+    inner: int,
+    rng_state: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """dL/dalpha[k] = sum over i with b(i) == k of grad_i * sigma * z_i, deterministic (two stages)."""
     check_single("perturb_alpha_grad_triton", "grad", grad, alpha, sigma, seed, offset, inner, rng_state, INTERPRETED)
     grad = grad.contiguous()
@@ -237,16 +280,54 @@ def perturb_alpha_grad_triton(grad: torch.Tensor, alpha: torch.Tensor, sigma: to
     plan = _grad_plan(n, n_alpha, inner)
     state, has_state = _state_args(rng_state, sigma)
     # The elementwise plan writes the gradient itself: part_ptr is unused, pass out.
-    part = out if plan.direct else torch.empty(plan.J * plan.S, dtype=torch.float64 if is_f64 else torch.float32,
-                                               device=grad.device)
-    _launch(K._perturb_bwd_kernel, (triton.cdiv(n, BLOCK),), grad, part, out, sigma, state, n, plan.inner,
-            plan.S, seed, offset, BLOCK=BLOCK, SEG_MODE=plan.seg_mode, IS_F64=is_f64, DIRECT=plan.direct,
-            INDEX64=_index64(1, plan.inner), HAS_STATE=has_state, PRECISE=PRECISE, num_warps=NUM_WARPS)
+    part = (
+        out
+        if plan.direct
+        else torch.empty(plan.J * plan.S, dtype=torch.float64 if is_f64 else torch.float32, device=grad.device)
+    )
+    _launch(
+        K._perturb_bwd_kernel,
+        (triton.cdiv(n, BLOCK),),
+        grad,
+        part,
+        out,
+        sigma,
+        state,
+        n,
+        plan.inner,
+        plan.S,
+        seed,
+        offset,
+        BLOCK=BLOCK,
+        SEG_MODE=plan.seg_mode,
+        IS_F64=is_f64,
+        DIRECT=plan.direct,
+        INDEX64=_index64(1, plan.inner),
+        HAS_STATE=has_state,
+        PRECISE=PRECISE,
+        num_warps=NUM_WARPS,
+    )
     if not plan.direct:
         block_k, block_j, block_r = _reduce_tiles(n_alpha, plan.J, plan.R)
-        _launch(K._alpha_grad_reduce_kernel, (triton.cdiv(n_alpha, block_k),), part, out, sigma, plan.S,
-                plan.J, n_alpha, plan.R, plan.inner, n, BLOCK=BLOCK, BLOCK_K=block_k, BLOCK_J=block_j,
-                BLOCK_R=block_r, IS_F64=is_f64, num_warps=NUM_WARPS)
+        _launch(
+            K._alpha_grad_reduce_kernel,
+            (triton.cdiv(n_alpha, block_k),),
+            part,
+            out,
+            sigma,
+            plan.S,
+            plan.J,
+            n_alpha,
+            plan.R,
+            plan.inner,
+            n,
+            BLOCK=BLOCK,
+            BLOCK_K=block_k,
+            BLOCK_J=block_j,
+            BLOCK_R=block_r,
+            IS_F64=is_f64,
+            num_warps=NUM_WARPS,
+        )
     return out
 
 
@@ -255,8 +336,9 @@ def perturb_alpha_grad_triton(grad: torch.Tensor, alpha: torch.Tensor, sigma: to
 # ---------------------------------------------------------------------------
 
 
-def _groups(tensors: Sequence[torch.Tensor], alphas: Sequence[torch.Tensor],
-            sigmas: Sequence[torch.Tensor]) -> dict[tuple, list[int]]:
+def _groups(
+    tensors: Sequence[torch.Tensor], alphas: Sequence[torch.Tensor], sigmas: Sequence[torch.Tensor]
+) -> dict[tuple, list[int]]:
     """Indices of the non-empty tensors, grouped by dtypes: one launch per group."""
     groups: dict[tuple, list[int]] = {}
     for i, (t, a, s) in enumerate(zip(tensors, alphas, sigmas)):
@@ -266,9 +348,15 @@ def _groups(tensors: Sequence[torch.Tensor], alphas: Sequence[torch.Tensor],
 
 
 @custom_op("pni_fast::perturb_multi_triton", mutates_args=())
-def perturb_multi_triton(vs: list[torch.Tensor], alphas: list[torch.Tensor], sigmas: list[torch.Tensor],
-                         seed: int, offsets: list[int], inners: list[int],
-                         rng_state: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
+def perturb_multi_triton(
+    vs: list[torch.Tensor],
+    alphas: list[torch.Tensor],
+    sigmas: list[torch.Tensor],
+    seed: int,
+    offsets: list[int],
+    inners: list[int],
+    rng_state: Optional[torch.Tensor] = None,
+) -> list[torch.Tensor]:
     """perturb_triton for every tensor of a list in one kernel launch (per dtype group)."""
     op = "perturb_multi_triton"
     check_multi(op, "v", vs, alphas, sigmas, seed, offsets, inners, rng_state, INTERPRETED)
@@ -279,8 +367,19 @@ def perturb_multi_triton(vs: list[torch.Tensor], alphas: list[torch.Tensor], sig
         rows, first, total = [], [], 0
         for i in idx:
             n = vs[i].numel()
-            rows.append([vs[i].data_ptr(), outs[i].data_ptr(), alphas[i].data_ptr(), sigmas[i].data_ptr(),
-                         n, alphas[i].numel(), inners[i], offsets[i], total])
+            rows.append(
+                [
+                    vs[i].data_ptr(),
+                    outs[i].data_ptr(),
+                    alphas[i].data_ptr(),
+                    sigmas[i].data_ptr(),
+                    n,
+                    alphas[i].numel(),
+                    inners[i],
+                    offsets[i],
+                    total,
+                ]
+            )
             first.append(total)
             total += triton.cdiv(n, BLOCK)
         device = vs[idx[0]].device
@@ -288,10 +387,20 @@ def perturb_multi_triton(vs: list[torch.Tensor], alphas: list[torch.Tensor], sig
         state, has_state = _state_args(rng_state, table)
         with _launch_guard(device):
             K._perturb_multi_fwd_kernel[(total,)](
-                table, state, len(idx), seed, T_POW2=triton.next_power_of_2(len(idx)), BLOCK=BLOCK,
-                V_DTYPE=_TL_DTYPE[dtype], ALPHA_DTYPE=_TL_DTYPE[alpha_dtype], SIGMA_DTYPE=_TL_DTYPE[sigma_dtype],
-                IS_F64=dtype == torch.float64, INDEX64=any(_index64(alphas[i].numel(), inners[i]) for i in idx),
-                HAS_STATE=has_state, PRECISE=PRECISE, num_warps=NUM_WARPS,
+                table,
+                state,
+                len(idx),
+                seed,
+                T_POW2=triton.next_power_of_2(len(idx)),
+                BLOCK=BLOCK,
+                V_DTYPE=_TL_DTYPE[dtype],
+                ALPHA_DTYPE=_TL_DTYPE[alpha_dtype],
+                SIGMA_DTYPE=_TL_DTYPE[sigma_dtype],
+                IS_F64=dtype == torch.float64,
+                INDEX64=any(_index64(alphas[i].numel(), inners[i]) for i in idx),
+                HAS_STATE=has_state,
+                PRECISE=PRECISE,
+                num_warps=NUM_WARPS,
             )
     return outs
 
@@ -303,16 +412,22 @@ def _(vs, alphas, sigmas, seed, offsets, inners, rng_state=None):
 
 
 @custom_op("pni_fast::perturb_alpha_grad_multi_triton", mutates_args=())
-def perturb_alpha_grad_multi_triton(grads: list[torch.Tensor], alphas: list[torch.Tensor],
-                                    sigmas: list[torch.Tensor], seed: int, offsets: list[int],
-                                    inners: list[int], rng_state: Optional[torch.Tensor] = None
-                                    ) -> list[torch.Tensor]:
+def perturb_alpha_grad_multi_triton(
+    grads: list[torch.Tensor],
+    alphas: list[torch.Tensor],
+    sigmas: list[torch.Tensor],
+    seed: int,
+    offsets: list[int],
+    inners: list[int],
+    rng_state: Optional[torch.Tensor] = None,
+) -> list[torch.Tensor]:
     """perturb_alpha_grad_triton for every tensor of a list: two launches per dtype group."""
     op = "perturb_alpha_grad_multi_triton"
     check_multi(op, "grad", grads, alphas, sigmas, seed, offsets, inners, rng_state, INTERPRETED)
     grads = [g.contiguous() for g in grads]
     outs = [
-        torch.empty(a.shape, dtype=a.dtype, device=a.device) if g.numel() > 0
+        torch.empty(a.shape, dtype=a.dtype, device=a.device)
+        if g.numel() > 0
         else torch.zeros(a.shape, dtype=a.dtype, device=a.device)
         for g, a in zip(grads, alphas)
     ]
@@ -328,14 +443,14 @@ def perturb_alpha_grad_multi_triton(grads: list[torch.Tensor], alphas: list[torc
         rows1, first1, total1 = [], [], 0
         rows2, first2, total2 = [], [], 0
         block_k, block_j, block_r = _reduce_tiles(
-            max(alphas[i].numel() for i in idx), max(p.J for p in plans), max(p.R for p in plans))
+            max(alphas[i].numel() for i in idx), max(p.J for p in plans), max(p.R for p in plans)
+        )
         for i, p, base in zip(idx, plans, bases):
             n, n_alpha = grads[i].numel(), alphas[i].numel()
             rows1.append([grads[i].data_ptr(), sigmas[i].data_ptr(), base, n, p.inner, p.S, offsets[i], total1])
             first1.append(total1)
             total1 += triton.cdiv(n, BLOCK)
-            rows2.append([base, outs[i].data_ptr(), sigmas[i].data_ptr(), p.S, p.J, n_alpha, p.R, p.inner, n,
-                          total2])
+            rows2.append([base, outs[i].data_ptr(), sigmas[i].data_ptr(), p.S, p.J, n_alpha, p.R, p.inner, n, total2])
             first2.append(total2)
             total2 += triton.cdiv(n_alpha, block_k)
         t = len(idx)
@@ -344,20 +459,40 @@ def perturb_alpha_grad_multi_triton(grads: list[torch.Tensor], alphas: list[torc
         state, has_state = _state_args(rng_state, table1)
         with _launch_guard(device):
             K._perturb_multi_bwd_kernel[(total1,)](
-                table1, part, state, t, seed, T_POW2=triton.next_power_of_2(t), BLOCK=BLOCK,
-                G_DTYPE=_TL_DTYPE[dtype], IS_F64=is_f64, INDEX64=any(_index64(1, p.inner) for p in plans),
-                HAS_STATE=has_state, PRECISE=PRECISE, num_warps=NUM_WARPS,
+                table1,
+                part,
+                state,
+                t,
+                seed,
+                T_POW2=triton.next_power_of_2(t),
+                BLOCK=BLOCK,
+                G_DTYPE=_TL_DTYPE[dtype],
+                IS_F64=is_f64,
+                INDEX64=any(_index64(1, p.inner) for p in plans),
+                HAS_STATE=has_state,
+                PRECISE=PRECISE,
+                num_warps=NUM_WARPS,
             )
             K._alpha_grad_multi_reduce_kernel[(total2,)](
-                table2, part, t, T_POW2=triton.next_power_of_2(t), BLOCK=BLOCK, BLOCK_K=block_k,
-                BLOCK_J=block_j, BLOCK_R=block_r, OUT_DTYPE=_TL_DTYPE[alpha_dtype],
-                SIGMA_DTYPE=_TL_DTYPE[sigma_dtype], IS_F64=is_f64, num_warps=NUM_WARPS,
+                table2,
+                part,
+                t,
+                T_POW2=triton.next_power_of_2(t),
+                BLOCK=BLOCK,
+                BLOCK_K=block_k,
+                BLOCK_J=block_j,
+                BLOCK_R=block_r,
+                OUT_DTYPE=_TL_DTYPE[alpha_dtype],
+                SIGMA_DTYPE=_TL_DTYPE[sigma_dtype],
+                IS_F64=is_f64,
+                num_warps=NUM_WARPS,
             )
     return outs
 
 
 @perturb_alpha_grad_multi_triton.register_fake
 def _(grads, alphas, sigmas, seed, offsets, inners, rng_state=None):
-    check_multi("perturb_alpha_grad_multi_triton", "grad", grads, alphas, sigmas, seed, offsets, inners, rng_state,
-                INTERPRETED)
+    check_multi(
+        "perturb_alpha_grad_multi_triton", "grad", grads, alphas, sigmas, seed, offsets, inners, rng_state, INTERPRETED
+    )
     return [torch.empty(a.shape, dtype=a.dtype, device=a.device) for a in alphas]
