@@ -402,10 +402,24 @@ def test_converted_model_draws_all_weight_noise_in_one_call_per_forward_and_back
 
     if "cpu" not in pni_fast.available_backends("cpu"):
         pytest.skip("the C++ CPU backend (list ops) is not available")
-    batched = counts(resnet20(pni="channelwise"))
+    from pni_fast import fused
+
+    # the general path (torch.compile / torch.func use it): one op of each kind per step
+    fused.ENABLED = False
+    try:
+        batched = counts(resnet20(pni="channelwise"))
+    finally:
+        fused.ENABLED = True
     assert batched.get("pni_fast::perturb_multi") == 1 and batched.get("pni_fast::perturb_alpha_grad_multi") == 1
     assert "pni_fast::perturb" not in batched and "pni_fast::perturb_alpha_grad" not in batched
     assert batched.get("pni_fast::sigma_multi") == 1 and "pni_fast::sigma" not in batched  # one sigma pass
+    # the eager fast path: one fused op per forward (one sigma pass inside), one C++ autograd node per backward
+    # (it reads the stored noise: no alpha-gradient op), nothing per layer
+    fast = counts(resnet20(pni="channelwise"))
+    assert fast.get("pni_fast::noisy_multi") == 1 and fast.get("pni_fast::sigma_multi") == 1, fast
+    assert not {"pni_fast::perturb", "pni_fast::perturb_alpha_grad", "pni_fast::noisy", "pni_fast::sigma"} & set(fast)
+    nodes = [k for k in fast if "NoisyMultiFunction" in k and "evaluate_function" in k]
+    assert len(nodes) == 1 and fast[nodes[0]] == 1, fast
     model = resnet20()
     pni_fast.convert(model, pni="channelwise", batch_noise=False)
     assert installed_batch(model) is None
