@@ -4,7 +4,8 @@
 fake kernels call the ``check_*`` functions below; the C++ kernels (CPU, CUDA, Meta) use the same
 messages through ``csrc/check_messages.h``, generated from :data:`RULES` by
 ``scripts/gen_check_messages.py`` (``tests/test_op_checks.py`` fails when that file is stale, and
-runs every bad input against every backend comparing exception type and message).
+``tests/test_op_checks_per_backend.py`` runs every bad input against every backend comparing
+exception type and message).
 
 Messages carry a ``prefix``: ``""`` for a single op, ``"vs[2]: "`` for one tensor of a list op, or
 ``"<op>: "`` for the checks that concern the whole call (lists, ``rng_state``). Values print as in

@@ -60,7 +60,7 @@ export OUT ROOT WORK PYTHON CPU_ONLY PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=
 # The GPU test files; the kernel contract files (parametrized by backend) run for the GPU backends
 # only (PNI_TEST_BACKENDS, tests/kernels.py): CI runs them for the CPU backends.
 GPU_TESTS="tests/test_kernels_rng.py tests/test_kernels_contract.py tests/test_kernels_lists.py tests/test_cuda.py"
-GPU_TESTS+=" tests/test_cuda_graphs.py tests/test_sigma.py tests/test_triton.py"
+GPU_TESTS+=" tests/test_cuda_api.py tests/test_cuda_graphs.py tests/test_sigma.py tests/test_triton.py"
 # compute-sanitizer runs these CUDA-backend tests (in $SAN_FILES): forward + alpha gradient (fp32 for
 # every stage-1 path of the kernel, and fp16), the deterministic alpha-grad reduction, multi-tensor
 # launches (> 32 tensors) and unaligned views.
@@ -177,7 +177,7 @@ stage_tests() {
   if [ "$CPU_ONLY" = 1 ]; then
     note "cpu-only: tests/test_cuda*.py (their CPU checks; GPU tests skip); the kernel contract runs in CI"
     # shellcheck disable=SC2046
-    PNI_FAST_NO_JIT=1 "$PYTHON" -m pytest tests/test_cuda.py tests/test_cuda_graphs.py $(pytest_opts)
+    PNI_FAST_NO_JIT=1 "$PYTHON" -m pytest tests/test_cuda.py tests/test_cuda_api.py tests/test_cuda_graphs.py $(pytest_opts)
     return
   fi
   # the sm_90 ahead-of-time compile check needs no GPU and takes long: CI runs it

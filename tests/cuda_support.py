@@ -1,4 +1,4 @@
-"""Shared set-up of the GPU test files (tests/test_cuda.py, tests/test_cuda_graphs.py).
+"""Shared set-up of the GPU test files (tests/test_cuda.py, tests/test_cuda_api.py, tests/test_cuda_graphs.py).
 
 Tests there skip with "no CUDA device" on machines without a GPU, unless marked ``runs_on_cpu``
 (checks of the helpers on the CPU backend). ``PNI_GPU_TESTS_ON_CPU=1`` on a machine without a

@@ -1,5 +1,6 @@
-"""NoisyConv2d / NoisyLinear / NoiseInjection: math against the reference, gradients, state_dict,
-noise control and bad input."""
+"""NoisyConv2d / NoisyLinear: math against the reference, gradients, state_dict, noise control and
+bad input. NoiseInjection (activation noise): tests/test_noise_injection.py; one weight-noise draw per
+forward (batch_weight_noise): tests/test_batch_noise.py."""
 
 import copy
 import io
@@ -12,11 +13,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import pni_fast
 import pni_fast.functional as fn
 from pni_fast.control import no_noise, noise_enabled, set_noise
-from pni_fast.modules import NoiseInjection, NoisyConv2d, NoisyLinear, alpha_parameters
+from pni_fast.modules import NoiseInjection, NoisyConv2d, NoisyLinear
 from pni_fast.reference import reference_inject_noise, reference_noisy_weight
+
+from modules_support import draw_seeds, randomize_alphas
 
 warnings.filterwarnings("ignore", message="pni_fast: no fused kernel")
 
@@ -24,21 +26,9 @@ MODES = ["layerwise", "channelwise", "elementwise"]
 NOISES = ["weight", "input", "both"]
 
 
-def _seeds(seed: int, n: int) -> list:
-    """The seeds a module draws for its n noise sources after torch.manual_seed(seed)."""
-    torch.manual_seed(seed)
-    return [fn.draw_seed() for _ in range(n)]
-
-
-def _randomize_alphas(m: nn.Module) -> None:
-    with torch.no_grad():
-        for a in alpha_parameters(m):
-            a.copy_(torch.rand_like(a) * 0.5 + 0.1)
-
-
 def _expected(m, x, seed):
     """Forward of ``m`` written with the paper-faithful reference and the contract's z."""
-    seeds = _seeds(seed, int(m.alpha_w is not None) + int(m.alpha_i is not None))
+    seeds = draw_seeds(seed, int(m.alpha_w is not None) + int(m.alpha_i is not None))
     w = m.weight
     if m.alpha_w is not None:
         z = fn.randn(w.shape, seed=seeds.pop(0))
@@ -61,7 +51,7 @@ def _make(kind, pni, noise, dtype=torch.float64):
     else:
         m = NoisyLinear(7, 5, pni=pni, noise=noise, dtype=dtype)
         x = torch.randn(3, 7, dtype=dtype)
-    _randomize_alphas(m)
+    randomize_alphas(m)
     return m, x
 
 
@@ -129,7 +119,7 @@ def test_conv_arguments_match_nn_conv2d(kwargs):
     noisy.noise_enabled = True
     torch.manual_seed(5)
     out = noisy(x)
-    (seed,) = _seeds(5, 1)
+    (seed,) = draw_seeds(5, 1)
     w = reference_noisy_weight(plain.weight, noisy.alpha_w, z=fn.randn(plain.weight.shape, seed=seed))
     torch.testing.assert_close(out, plain._conv_forward(x, w, plain.bias))
 
@@ -234,7 +224,7 @@ def test_plain_checkpoint_loads_with_strict_false():
 
 def test_state_dict_round_trip_and_wrong_alpha_shape():
     a = NoisyLinear(6, 3, pni="elementwise", noise="both")
-    _randomize_alphas(a)
+    randomize_alphas(a)
     b = NoisyLinear(6, 3, pni="elementwise", noise="both")
     b.load_state_dict(a.state_dict())
     for (n1, p1), (n2, p2) in zip(a.named_parameters(), b.named_parameters()):
@@ -265,32 +255,9 @@ def test_deepcopy_and_pickle():
 
 def test_reset_parameters_resets_alphas():
     m = NoisyLinear(3, 3, noise="both", alpha_init=0.2)
-    _randomize_alphas(m)
+    randomize_alphas(m)
     m.reset_parameters()
     assert torch.all(m.alpha_w == 0.2) and torch.all(m.alpha_i == 0.2)
-
-
-@pytest.mark.parametrize("pni", ["layerwise", "channelwise"])
-def test_noise_injection_matches_reference(pni):
-    torch.manual_seed(0)
-    m = NoiseInjection(4, pni=pni).double()
-    _randomize_alphas(m)
-    x = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
-    torch.manual_seed(7)
-    out = m(x)
-    (seed,) = _seeds(7, 1)
-    x2 = x.detach().clone().requires_grad_(True)
-    inner = 1 if pni == "layerwise" else 9
-    ref = reference_inject_noise(x2, m.alpha, inner=inner, z=fn.randn(x.shape, seed=seed))
-    torch.testing.assert_close(out, ref)
-    g = torch.randn_like(out)
-    got = torch.autograd.grad(out, [x, m.alpha], g)
-    want = torch.autograd.grad(ref, [x2, m.alpha], g)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b)
-    assert "pni=" in repr(m)
-    m.noise_enabled = False
-    assert m(x) is x
 
 
 def test_gradcheck_alpha_float64():
@@ -323,108 +290,8 @@ def test_bad_arguments(cls, args):
     cls(*args, alpha_init=0)  # zero is allowed (noise off until alpha is learned)
 
 
-def test_bad_noise_injection_and_conv_elementwise_input():
-    with pytest.raises(ValueError, match="needs num_channels"):
-        NoiseInjection(pni="channelwise")
-    with pytest.raises(ValueError, match="pni must be 'layerwise' or 'channelwise'"):
-        NoiseInjection(4, pni="elementwise")
-    with pytest.raises(ValueError, match="num_channels must be a positive int"):
-        NoiseInjection(0)
-    with pytest.raises(ValueError, match=r"expects input \[N, 4, \.\.\.\]"):
-        NoiseInjection(4, pni="channelwise")(torch.randn(2, 3, 5))
-    with pytest.raises(ValueError, match="elementwise' input noise on NoisyConv2d"):
-        NoisyConv2d(2, 2, 3, pni="elementwise", noise="both")
-
-
 def test_wrong_alpha_shape_assigned_by_hand():
     m = NoisyLinear(4, 3)
     m.alpha_w = nn.Parameter(torch.ones(2, 2))
     with pytest.raises(ValueError, match="alpha must have 1 element"):
         m(torch.randn(1, 4))
-
-
-@pytest.mark.parametrize("backend", ["torch", None])
-def test_batch_weight_noise_equals_per_layer_calls_with_offsets(backend, monkeypatch):
-    """One multi-tensor draw per forward: layer k gets noisy_weight(seed, offset = counters of layers < k)."""
-    from pni_fast.batching import batch_weight_noise
-
-    if backend:
-        monkeypatch.setenv("PNI_FAST_BACKEND", backend)
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        NoisyConv2d(2, 3, 3, pni="channelwise"),
-        nn.Flatten(),
-        NoisyLinear(3 * 16, 4, noise="both"),
-        NoisyLinear(4, 2, noise="input"),
-        NoisyLinear(2, 2),
-    )
-    model[4].noise_enabled = False
-    x = torch.randn(2, 2, 6, 6)
-    handle = batch_weight_noise(model)
-    torch.manual_seed(5)
-    out = model(x)
-    assert all(m.__dict__.get("_pni_pending_weight") is None for m in model), "pending draws are cleared"
-    grads = torch.autograd.grad(out.sum(), [model[0].alpha_w, model[2].alpha_w, model[2].alpha_i])
-
-    torch.manual_seed(5)
-    seed = fn.draw_seed()
-    w0 = fn.noisy_weight(model[0].weight, model[0].alpha_w, seed=seed, offset=0)
-    w2 = fn.noisy_weight(model[2].weight, model[2].alpha_w, seed=seed, offset=-(-model[0].weight.numel() // 4))
-    h = model[0]._conv_forward(x, w0, model[0].bias).flatten(1)
-    h = F.linear(fn.inject_noise(h, model[2].alpha_i), w2, model[2].bias)
-    h = F.linear(fn.inject_noise(h, model[3].alpha_i), model[3].weight, model[3].bias)
-    ref = F.linear(h, model[4].weight, model[4].bias)
-    torch.testing.assert_close(out, ref)
-    want = torch.autograd.grad(ref.sum(), [model[0].alpha_w, model[2].alpha_w, model[2].alpha_i])
-    for g, w in zip(grads, want):
-        torch.testing.assert_close(g, w)
-    handle.remove()
-    torch.manual_seed(5)
-    assert not torch.allclose(model(x), out), "after remove() each layer draws its own seed again"
-    with pytest.warns(UserWarning, match="no NoisyConv2d/NoisyLinear"):
-        batch_weight_noise(nn.Linear(2, 2)).remove()
-
-
-def test_converted_model_draws_all_weight_noise_in_one_call_per_forward_and_backward():
-    """convert() batches by default: one multi-tensor perturb per forward, one alpha-grad call per backward,
-    no per-layer perturb; batch_noise=False keeps one call per layer; strip removes the hooks."""
-    from torch.profiler import profile
-
-    from pni_fast.batching import installed_batch
-    from pni_fast.models import resnet20
-
-    def counts(model):
-        x = torch.rand(1, 3, 32, 32)
-        with profile() as prof:
-            model(x).sum().backward()
-        names = [e.key for e in prof.key_averages()]
-        return {k: sum(e.count for e in prof.key_averages() if e.key == k) for k in set(names) if "pni_fast::" in k}
-
-    if "cpu" not in pni_fast.available_backends("cpu"):
-        pytest.skip("the C++ CPU backend (list ops) is not available")
-    from pni_fast import fused
-
-    # the general path (torch.compile / torch.func use it): one op of each kind per step
-    fused.ENABLED = False
-    try:
-        batched = counts(resnet20(pni="channelwise"))
-    finally:
-        fused.ENABLED = True
-    assert batched.get("pni_fast::perturb_multi") == 1 and batched.get("pni_fast::perturb_alpha_grad_multi") == 1
-    assert "pni_fast::perturb" not in batched and "pni_fast::perturb_alpha_grad" not in batched
-    assert batched.get("pni_fast::sigma_multi") == 1 and "pni_fast::sigma" not in batched  # one sigma pass
-    # the eager fast path: one fused op per forward (one sigma pass inside), one C++ autograd node per backward
-    # (it reads the stored noise: no alpha-gradient op), nothing per layer
-    fast = counts(resnet20(pni="channelwise"))
-    assert fast.get("pni_fast::noisy_multi") == 1 and fast.get("pni_fast::sigma_multi") == 1, fast
-    assert not {"pni_fast::perturb", "pni_fast::perturb_alpha_grad", "pni_fast::noisy", "pni_fast::sigma"} & set(fast)
-    nodes = [k for k in fast if "NoisyMultiFunction" in k and "evaluate_function" in k]
-    assert len(nodes) == 1 and fast[nodes[0]] == 1, fast
-    model = resnet20()
-    pni_fast.convert(model, pni="channelwise", batch_noise=False)
-    assert installed_batch(model) is None
-    per_layer = counts(model)
-    assert per_layer.get("pni_fast::perturb") == 20 and "pni_fast::perturb_multi" not in per_layer
-    m2 = resnet20(pni="layerwise")
-    pni_fast.strip(m2)
-    assert installed_batch(m2) is None
