@@ -109,8 +109,9 @@ inline void check_state_counter(int64_t base, int64_t offset, int64_t n, const s
   PNI_CHECK_STATE_COUNTER_LIMIT(base + offset <= INT64_MAX - num_quads(n), prefix, base, offset, n);
 }
 
-// Checks for perturb / perturb_alpha_grad. `vname` is "v" or "grad".
-inline void check_perturb_args(const at::Tensor& v, const at::Tensor& alpha, const at::Tensor& sigma,
+// Checks for perturb / perturb_alpha_grad. `vname` is "v" or "grad". `sigma` nullptr: a sigma the
+// caller computed itself (the eager fast path, csrc/cpu/noisy_cpu.cpp), nothing to check.
+inline void check_perturb_args(const at::Tensor& v, const at::Tensor& alpha, const at::Tensor* sigma,
                                int64_t seed, int64_t offset, int64_t inner, const char* vname,
                                const std::string& prefix = "") {
   const at::ScalarType vt = v.scalar_type();
@@ -122,10 +123,12 @@ inline void check_perturb_args(const at::Tensor& v, const at::Tensor& alpha, con
   const int64_t n = v.numel();
   const int64_t na = alpha.numel();
   PNI_CHECK_ALPHA_EMPTY(na >= 1 || n == 0, prefix, vname, alpha.sizes());
-  PNI_CHECK_SIGMA_SHAPE(sigma.dim() == 0, prefix, sigma.sizes());
-  PNI_CHECK_SIGMA_DTYPE(sigma.scalar_type() == at::kFloat || sigma.scalar_type() == vt, prefix, vname,
-                        dtype_name(vt), dtype_name(sigma.scalar_type()));
-  PNI_CHECK_SIGMA_DEVICE(sigma.device() == v.device(), prefix, vname, v.device(), sigma.device());
+  if (sigma != nullptr) {
+    PNI_CHECK_SIGMA_SHAPE(sigma->dim() == 0, prefix, sigma->sizes());
+    PNI_CHECK_SIGMA_DTYPE(sigma->scalar_type() == at::kFloat || sigma->scalar_type() == vt, prefix, vname,
+                          dtype_name(vt), dtype_name(sigma->scalar_type()));
+    PNI_CHECK_SIGMA_DEVICE(sigma->device() == v.device(), prefix, vname, v.device(), sigma->device());
+  }
   check_seed_offset(seed, offset, prefix);
   check_offset_fits(offset, n, prefix);
   PNI_CHECK_INNER(inner >= 1 || (inner == 0 && n == 0), prefix, vname, inner);
@@ -142,6 +145,12 @@ inline void check_multi_lengths(const char* op, const char* list, size_t nv, siz
                                 size_t ni) {
   PNI_CHECK_LIST_LENGTHS(na == nv && ns == nv && no == nv && ni == nv, std::string(op) + ": ", list, nv, na, ns,
                          no, ni);
+}
+
+inline void check_perturb_args(const at::Tensor& v, const at::Tensor& alpha, const at::Tensor& sigma,
+                               int64_t seed, int64_t offset, int64_t inner, const char* vname,
+                               const std::string& prefix = "") {
+  check_perturb_args(v, alpha, &sigma, seed, offset, inner, vname, prefix);
 }
 
 inline std::string list_prefix(const char* vname, size_t i) {

@@ -98,21 +98,17 @@ Fwd noisy_impl(const Tensor& v, const Tensor& alpha, int64_t offset, int64_t inn
 
 struct FwdMulti {
   std::vector<Tensor> outs;
-  std::vector<Tensor> sigmas;
+  Tensor sigmas;  // 1-d, one value per tensor (sigma_multi's result)
   int64_t seed;
 };
 
-// `noise`: when not nullptr, also return the noise drawn (for a backward that reads it back).
+// `noise`: when not nullptr, also return the noise drawn (one float32 tensor for all, for a backward
+// that reads it back).
 FwdMulti noisy_multi_impl(at::TensorList vs, at::TensorList alphas, at::IntArrayRef offsets, at::IntArrayRef inners,
                           std::optional<int64_t> seed, const std::optional<at::Generator>& generator,
-                          c10::string_view name, std::vector<Tensor>* noise = nullptr) {
+                          c10::string_view name, Tensor* noise = nullptr) {
   static const auto sigma_multi_op =
       c10::Dispatcher::singleton().findSchemaOrThrow("pni_fast::sigma_multi", "").typed<Tensor(at::TensorList)>();
-  static const auto perturb_multi_op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("pni_fast::perturb_multi", "")
-          .typed<std::vector<Tensor>(at::TensorList, at::TensorList, at::TensorList, c10::SymInt, at::IntArrayRef,
-                                     at::IntArrayRef, const std::optional<Tensor>&)>();
   TORCH_CHECK_VALUE(!vs.empty() && alphas.size() == vs.size(), "pni_fast::noisy_multi: vs and alphas must hold the "
                     "same number (>= 1) of tensors, got ", vs.size(), " and ", alphas.size());
   check_cpu(vs[0], "noisy_multi");
@@ -120,11 +116,10 @@ FwdMulti noisy_multi_impl(at::TensorList vs, at::TensorList alphas, at::IntArray
   const Tensor sigmas = sigma_multi_op.call(vs);
   check_finite(sigmas, alphas, name);
   const int64_t s = seed.has_value() ? *seed : draw_seed(generator);
-  std::vector<Tensor> sigma_list = sigmas.unbind(0);
-  std::vector<Tensor> outs =
-      noise != nullptr ? cpu::perturb_multi_keeping_noise(vs, alphas, sigma_list, s, offsets, inners, *noise)
-                       : perturb_multi_op.call(vs, alphas, sigma_list, c10::SymInt(s), offsets, inners, std::nullopt);
-  return {std::move(outs), std::move(sigma_list), s};
+  // perturb_multi's checks and kernel, with the sigma values read from the one tensor (no op call
+  // and no 0-d tensor per layer)
+  std::vector<Tensor> outs = cpu::perturb_multi_sigma_values(vs, alphas, sigmas, s, offsets, inners, noise);
+  return {std::move(outs), sigmas, s};
 }
 
 // The alpha gradient in a backward: below the Autograd key normally; under create_graph through it,
@@ -183,20 +178,23 @@ struct NoisyFunction : public torch::autograd::Function<NoisyFunction> {
   }
 };
 
-// Small models keep the forward's noise for the backward (one float32 per weight: ~1 MB for a CIFAR
-// ResNet-20) instead of regenerating it, which costs as much as the forward's noise; the same bits
-// either way. Large ones (more than save_noise_max elements) store nothing.
+// Small models keep the forward's noise for the backward (one float32 per weight, all layers in one
+// tensor: ~1 MB for a CIFAR ResNet-20) instead of regenerating it, which costs as much as the
+// forward's noise; the same bits either way. Large ones (more than save_noise_max elements) store
+// nothing. Saved: the alphas, the sigmas (one tensor) and the noise when kept.
 struct NoisyMultiFunction : public torch::autograd::Function<NoisyMultiFunction> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, at::TensorList vs,
                                                 at::TensorList alphas, at::IntArrayRef offsets, at::IntArrayRef inners,
                                                 std::optional<int64_t> seed,
                                                 const std::optional<at::Generator>& generator,
                                                 c10::string_view name, bool keep_noise) {
-    std::vector<Tensor> noise;
+    Tensor noise;
     FwdMulti r = noisy_multi_impl(vs, alphas, offsets, inners, seed, generator, name, keep_noise ? &noise : nullptr);
     std::vector<Tensor> to_save(alphas.begin(), alphas.end());
-    to_save.insert(to_save.end(), r.sigmas.begin(), r.sigmas.end());
-    to_save.insert(to_save.end(), noise.begin(), noise.end());
+    to_save.push_back(r.sigmas);
+    if (keep_noise) {
+      to_save.push_back(noise);
+    }
     ctx->save_for_backward(std::move(to_save));
     ctx->saved_data["seed"] = r.seed;
     ctx->saved_data["offsets"] = offsets.vec();
@@ -207,7 +205,6 @@ struct NoisyMultiFunction : public torch::autograd::Function<NoisyMultiFunction>
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const size_t n = grads.size();
-    const auto saved = ctx->get_saved_variables();
     std::vector<Tensor> gs;
     gs.reserve(n);
     for (const Tensor& g : grads) {
@@ -221,22 +218,23 @@ struct NoisyMultiFunction : public torch::autograd::Function<NoisyMultiFunction>
       }
       any_alpha = any_alpha || ctx->needs_input_grad(n + k);
     }
-    if (any_alpha) {
-      const std::vector<Tensor> alphas(saved.begin(), saved.begin() + n);
-      const std::vector<Tensor> sigmas(saved.begin() + n, saved.begin() + 2 * n);
-      const std::vector<int64_t> inners = ctx->saved_data["inners"].toIntVector();
-      std::vector<Tensor> ga;
-      if (saved.size() == 3 * n && !at::GradMode::is_enabled()) {  // the stored noise (create_graph: the op)
-        const std::vector<Tensor> noise(saved.begin() + 2 * n, saved.end());
-        ga = cpu::alpha_grad_multi_from_noise(gs, alphas, sigmas, inners, noise);
-      } else {
-        ga = alpha_grad_multi(gs, alphas, sigmas, ctx->saved_data["seed"].toInt(),
-                              ctx->saved_data["offsets"].toIntVector(), inners);
-      }
-      for (size_t k = 0; k < n; ++k) {
-        if (ctx->needs_input_grad(n + k)) {
-          out[n + k] = ga[k];
-        }
+    if (!any_alpha) {
+      return out;
+    }
+    const auto saved = ctx->get_saved_variables();
+    const std::vector<Tensor> alphas(saved.begin(), saved.begin() + n);
+    const Tensor& sigmas = saved[n];
+    const std::vector<int64_t> inners = ctx->saved_data["inners"].toIntVector();
+    std::vector<Tensor> ga;
+    if (saved.size() == n + 2 && !at::GradMode::is_enabled()) {  // the stored noise (create_graph: the op)
+      ga = cpu::alpha_grad_multi_from_noise(gs, alphas, sigmas, inners, saved[n + 1]);
+    } else {
+      ga = alpha_grad_multi(gs, alphas, sigmas.unbind(0), ctx->saved_data["seed"].toInt(),
+                            ctx->saved_data["offsets"].toIntVector(), inners);
+    }
+    for (size_t k = 0; k < n; ++k) {
+      if (ctx->needs_input_grad(n + k)) {
+        out[n + k] = ga[k];
       }
     }
     return out;

@@ -36,11 +36,6 @@ using at::Tensor;
 // so small tensors run inline with no thread hand-off.
 constexpr int64_t kGrainBlocks = 64;
 
-template <typename T>
-T read_scalar(const Tensor& t) {
-  return t.item().to<T>();
-}
-
 // ---------------------------------------------------------------------------
 // forward
 // ---------------------------------------------------------------------------
@@ -85,9 +80,8 @@ void apply_block(const scalar_t* PNI_RESTRICT v, const opmath_t* PNI_RESTRICT al
 
 // float16: blocks converted with F16C (when present) to fp32 and back; same
 // values as the generic path (fp32 math, round-to-nearest-even result).
-void perturb_half(const Tensor& v, const Tensor& alpha_f, const Tensor& sigma, uint64_t seed, uint64_t offset,
-                  int64_t inner_eff, Tensor& out, float* zout) {
-  const float s = read_scalar<float>(sigma);
+void perturb_half(const Tensor& v, const Tensor& alpha_f, float s, uint64_t seed, uint64_t offset, int64_t inner_eff,
+                  Tensor& out, float* zout) {
   const int64_t n = v.numel();
   const int64_t na = alpha_f.numel();
   const int64_t nblocks = (n + kBlockElems - 1) / kBlockElems;
@@ -114,9 +108,17 @@ void perturb_half(const Tensor& v, const Tensor& alpha_f, const Tensor& sigma, u
 
 }  // namespace
 
+double sigma_value(const Tensor& sigma) {
+  switch (sigma.scalar_type()) {
+    case at::kFloat: return *sigma.const_data_ptr<float>();
+    case at::kDouble: return *sigma.const_data_ptr<double>();
+    default: return sigma.item().to<double>();  // float16 / bfloat16: exact in a double too
+  }
+}
+
 // Forward of checked arguments (see perturb_cpu.h).
-Tensor perturb_impl(const Tensor& v_in, const Tensor& alpha_in, const Tensor& sigma, uint64_t useed,
-                    uint64_t uoffset, int64_t inner, float* zout) {
+Tensor perturb_impl(const Tensor& v_in, const Tensor& alpha_in, double sigma, uint64_t useed, uint64_t uoffset,
+                    int64_t inner, float* zout) {
   const Tensor v = v_in.contiguous();
   Tensor out = at::empty(v.sizes(), v.options().memory_format(at::MemoryFormat::Contiguous));
   const int64_t n = v.numel();
@@ -129,12 +131,12 @@ Tensor perturb_impl(const Tensor& v_in, const Tensor& alpha_in, const Tensor& si
   const int64_t inner_eff = na == 1 ? n : inner;
   const int64_t nblocks = (n + kBlockElems - 1) / kBlockElems;
   if (v.scalar_type() == at::kHalf) {
-    perturb_half(v, alpha, sigma, useed, uoffset, inner_eff, out, zout);
+    perturb_half(v, alpha, static_cast<float>(sigma), useed, uoffset, inner_eff, out, zout);
     return out;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "pni_fast_perturb_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    const opmath_t s = read_scalar<opmath_t>(sigma);
+    const opmath_t s = static_cast<opmath_t>(sigma);  // exact: sigma is float32 or this dtype
     const scalar_t* vp = v.const_data_ptr<scalar_t>();
     const opmath_t* ap = alpha.const_data_ptr<opmath_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
@@ -158,19 +160,98 @@ Tensor perturb_impl(const Tensor& v_in, const Tensor& alpha_in, const Tensor& si
 // op entry points
 // ---------------------------------------------------------------------------
 
+MultiPlan check_multi(const char* op, const char* list, const char* vname, at::TensorList vs, at::TensorList alphas,
+                      std::optional<at::TensorList> sigmas, int64_t seed, at::IntArrayRef offsets,
+                      at::IntArrayRef inners, const std::optional<Tensor>& rng_state) {
+  check_multi_lengths(op, list, vs.size(), alphas.size(), sigmas ? sigmas->size() : vs.size(), offsets.size(),
+                      inners.size());
+  const RngBase r = rng_base(rng_state, seed, op);
+  MultiPlan plan{r.seed, std::vector<uint64_t>(vs.size())};
+  for (size_t i = 0; i < vs.size(); ++i) {
+    const std::string prefix = list_prefix(list, i);
+    check_perturb_args(vs[i], alphas[i], sigmas ? &(*sigmas)[i] : nullptr, seed, offsets[i], inners[i], vname,
+                       prefix);
+    plan.counters[i] = first_counter(r, offsets[i], vs[i].numel(), prefix);
+  }
+  return plan;
+}
+
 namespace {
 
+// The values of a 1-d sigma_multi result (float32, or float64 for float64 tensors), one per tensor.
+std::vector<double> sigma_list_values(const Tensor& sigmas, size_t count, const char* fn) {
+  TORCH_CHECK(sigmas.dim() == 1 && sigmas.size(0) == static_cast<int64_t>(count) && sigmas.is_contiguous() &&
+                  (sigmas.scalar_type() == at::kFloat || sigmas.scalar_type() == at::kDouble),
+              fn, ": sigmas must be a 1-d float32/float64 tensor with one value per tensor");
+  std::vector<double> out(count);
+  for (size_t i = 0; i < count; ++i) {
+    out[i] = sigmas.scalar_type() == at::kFloat ? sigmas.const_data_ptr<float>()[i]
+                                                : sigmas.const_data_ptr<double>()[i];
+  }
+  return out;
+}
+
+}  // namespace
+
+std::vector<Tensor> perturb_multi_sigma_values(at::TensorList vs, at::TensorList alphas, const Tensor& sigmas,
+                                               int64_t seed, at::IntArrayRef offsets, at::IntArrayRef inners,
+                                               Tensor* noise) {
+  const MultiPlan plan = check_multi("perturb_multi", "vs", "v", vs, alphas, std::nullopt, seed, offsets, inners,
+                                     std::nullopt);
+  const std::vector<double> sigma = sigma_list_values(sigmas, vs.size(), "perturb_multi_sigma_values");
+  int64_t total = 0;
+  for (const Tensor& v : vs) {
+    total += v.numel();
+  }
+  float* z = nullptr;
+  if (noise != nullptr) {
+    *noise = at::empty({total}, vs[0].options().dtype(at::kFloat));
+    z = noise->mutable_data_ptr<float>();
+  }
+  std::vector<Tensor> outs;
+  outs.reserve(vs.size());
+  for (size_t i = 0; i < vs.size(); ++i) {
+    outs.push_back(perturb_impl(vs[i], alphas[i], sigma[i], plan.seed,
+                                plan.counters[i], inners[i], z));
+    if (z != nullptr) {
+      z += vs[i].numel();
+    }
+  }
+  return outs;
+}
+
+std::vector<Tensor> alpha_grad_multi_from_noise(at::TensorList grads, at::TensorList alphas, const Tensor& sigmas,
+                                                at::IntArrayRef inners, const Tensor& noise) {
+  int64_t total = 0;
+  for (const Tensor& g : grads) {
+    total += g.numel();
+  }
+  TORCH_CHECK(alphas.size() == grads.size() && inners.size() == grads.size() && noise.is_contiguous() &&
+                  noise.scalar_type() == at::kFloat && noise.numel() == total,
+              "alpha_grad_multi_from_noise: the grads do not match the stored noise");
+  const std::vector<double> sigma = sigma_list_values(sigmas, grads.size(), "alpha_grad_multi_from_noise");
+  const float* z = noise.const_data_ptr<float>();
+  std::vector<Tensor> out;
+  out.reserve(grads.size());
+  for (size_t i = 0; i < grads.size(); ++i) {
+    out.push_back(alpha_grad_impl(grads[i], alphas[i], sigma[i], 0, 0, inners[i], z));
+    z += grads[i].numel();
+  }
+  return out;
+}
+
+namespace {
 
 using Impl = Tensor (*)(const Tensor&, const Tensor&, const Tensor&, uint64_t, uint64_t, int64_t);
 
 Tensor perturb_regen(const Tensor& v, const Tensor& alpha, const Tensor& sigma, uint64_t seed, uint64_t offset,
                      int64_t inner) {
-  return perturb_impl(v, alpha, sigma, seed, offset, inner, nullptr);
+  return perturb_impl(v, alpha, sigma_value(sigma), seed, offset, inner, nullptr);
 }
 
 Tensor alpha_grad_regen(const Tensor& grad, const Tensor& alpha, const Tensor& sigma, uint64_t seed, uint64_t offset,
                         int64_t inner) {
-  return alpha_grad_impl(grad, alpha, sigma, seed, offset, inner, nullptr);
+  return alpha_grad_impl(grad, alpha, sigma_value(sigma), seed, offset, inner, nullptr);
 }
 
 // perturb / perturb_alpha_grad: checks, rng_state, then `impl`.
@@ -186,18 +267,11 @@ Tensor single_op(Impl impl, const char* op, const char* vname, const Tensor& v, 
 std::vector<Tensor> multi_op(Impl impl, const char* op, const char* list, const char* vname, at::TensorList vs,
                              at::TensorList alphas, at::TensorList sigmas, int64_t seed, at::IntArrayRef offsets,
                              at::IntArrayRef inners, const std::optional<Tensor>& rng_state) {
-  check_multi_lengths(op, list, vs.size(), alphas.size(), sigmas.size(), offsets.size(), inners.size());
-  const RngBase r = rng_base(rng_state, seed, op);
-  std::vector<uint64_t> ctr(vs.size());
-  for (size_t i = 0; i < vs.size(); ++i) {
-    const std::string prefix = list_prefix(list, i);
-    check_perturb_args(vs[i], alphas[i], sigmas[i], seed, offsets[i], inners[i], vname, prefix);
-    ctr[i] = first_counter(r, offsets[i], vs[i].numel(), prefix);
-  }
+  const MultiPlan plan = check_multi(op, list, vname, vs, alphas, sigmas, seed, offsets, inners, rng_state);
   std::vector<Tensor> outs;
   outs.reserve(vs.size());
   for (size_t i = 0; i < vs.size(); ++i) {
-    outs.push_back(impl(vs[i], alphas[i], sigmas[i], r.seed, ctr[i], inners[i]));
+    outs.push_back(impl(vs[i], alphas[i], sigmas[i], plan.seed, plan.counters[i], inners[i]));
   }
   return outs;
 }
@@ -227,45 +301,6 @@ std::vector<Tensor> perturb_alpha_grad_multi_cpu(at::TensorList grads, at::Tenso
 }
 
 }  // namespace
-
-std::vector<Tensor> perturb_multi_keeping_noise(at::TensorList vs, at::TensorList alphas, at::TensorList sigmas,
-                                                int64_t seed, at::IntArrayRef offsets, at::IntArrayRef inners,
-                                                std::vector<Tensor>& noise) {
-  check_multi_lengths("perturb_multi", "vs", vs.size(), alphas.size(), sigmas.size(), offsets.size(), inners.size());
-  const RngBase r = rng_base(std::nullopt, seed, "perturb_multi");
-  std::vector<uint64_t> ctr(vs.size());
-  for (size_t i = 0; i < vs.size(); ++i) {
-    const std::string prefix = list_prefix("vs", i);
-    check_perturb_args(vs[i], alphas[i], sigmas[i], seed, offsets[i], inners[i], "v", prefix);
-    ctr[i] = first_counter(r, offsets[i], vs[i].numel(), prefix);
-  }
-  std::vector<Tensor> outs;
-  outs.reserve(vs.size());
-  noise.clear();
-  noise.reserve(vs.size());
-  for (size_t i = 0; i < vs.size(); ++i) {
-    Tensor z = at::empty({vs[i].numel()}, vs[i].options().dtype(at::kFloat));
-    outs.push_back(perturb_impl(vs[i], alphas[i], sigmas[i], r.seed, ctr[i], inners[i], z.mutable_data_ptr<float>()));
-    noise.push_back(std::move(z));
-  }
-  return outs;
-}
-
-std::vector<Tensor> alpha_grad_multi_from_noise(at::TensorList grads, at::TensorList alphas, at::TensorList sigmas,
-                                                at::IntArrayRef inners, at::TensorList noise) {
-  TORCH_CHECK(grads.size() == noise.size() && alphas.size() == noise.size() && sigmas.size() == noise.size() &&
-                  inners.size() == noise.size(),
-              "alpha_grad_multi_from_noise: one grad, alpha, sigma and inner per noise tensor");
-  std::vector<Tensor> out;
-  out.reserve(grads.size());
-  for (size_t i = 0; i < grads.size(); ++i) {
-    TORCH_CHECK(grads[i].numel() == noise[i].numel() && noise[i].is_contiguous() &&
-                    noise[i].scalar_type() == at::kFloat,
-                "alpha_grad_multi_from_noise: grads[", i, "] does not match its stored noise");
-    out.push_back(alpha_grad_impl(grads[i], alphas[i], sigmas[i], 0, 0, inners[i], noise[i].const_data_ptr<float>()));
-  }
-  return out;
-}
 
 TORCH_LIBRARY_IMPL(pni_fast, CPU, m) {
   m.impl("perturb", &perturb_cpu);

@@ -214,21 +214,25 @@ void alpha_grad_columns(const scalar_t* g, int64_t n, int64_t na, int64_t inner,
 
 // Alpha gradient of checked arguments; (seed, offset) already include rng_state. `stored`: the
 // forward's noise (perturb_impl's zout) for these counters, or nullptr to regenerate it.
-Tensor alpha_grad_impl(const Tensor& grad_in, const Tensor& alpha, const Tensor& sigma, uint64_t useed,
-                       uint64_t uoffset, int64_t inner, const float* stored) {
+// The sums are taken in the accumulation dtype (float32, float64 for float64), times sigma in that
+// dtype, then rounded once to alpha's dtype: written straight into the result, no ATen op per
+// call beyond its allocation (the eager fast path calls this for every layer of a model).
+Tensor alpha_grad_impl(const Tensor& grad_in, const Tensor& alpha, double sigma, uint64_t useed, uint64_t uoffset,
+                       int64_t inner, const float* stored) {
   const Tensor grad = grad_in.contiguous();
   const int64_t n = grad.numel();
   const int64_t na = alpha.numel();
+  Tensor out = at::empty(alpha.sizes(), alpha.options().memory_format(at::MemoryFormat::Contiguous));
   if (n == 0) {
-    return at::zeros(alpha.sizes(), alpha.options().memory_format(at::MemoryFormat::Contiguous));
+    return out.zero_();
   }
-  // sums of grad * z per alpha entry, in fp32 (fp64 for float64)
-  const at::ScalarType acc_type = opmath_dtype(grad.scalar_type());
-  Tensor acc = at::zeros({na}, grad.options().dtype(acc_type));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "pni_fast_alpha_grad_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const bool direct = alpha.scalar_type() == c10::CppTypeToScalarType<acc_t>::value;
+    std::vector<acc_t> buf(direct ? 0 : static_cast<size_t>(na));
+    acc_t* gsum = direct ? out.mutable_data_ptr<acc_t>() : buf.data();
+    std::fill(gsum, gsum + na, acc_t(0));
     const scalar_t* gp = grad.const_data_ptr<scalar_t>();
-    acc_t* gsum = acc.mutable_data_ptr<acc_t>();
     const NoiseSource src{useed, uoffset, stored};
     if (na == 1) {
       alpha_grad_rows<scalar_t, acc_t>(gp, n, 1, n, src, gsum);
@@ -237,11 +241,20 @@ Tensor alpha_grad_impl(const Tensor& grad_in, const Tensor& alpha, const Tensor&
     } else {
       alpha_grad_columns<scalar_t, acc_t>(gp, n, na, inner, src, gsum);
     }
+    const acc_t s = static_cast<acc_t>(sigma);  // exact: sigma is float32 or this dtype
+    for (int64_t k = 0; k < na; ++k) {
+      gsum[k] *= s;
+    }
+    if (!direct) {  // a float32 gradient into a float16 / bfloat16 alpha: one rounding
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, alpha.scalar_type(), "pni_fast_alpha_grad_out", [&] {
+        scalar_t* o = out.mutable_data_ptr<scalar_t>();
+        for (int64_t k = 0; k < na; ++k) {
+          o[k] = static_cast<scalar_t>(gsum[k]);
+        }
+      });
+    }
   });
-  // times sigma (in the accumulation dtype), then alpha's dtype (float32 alpha: no rounding
-  // to 16 bits, so no overflow) and shape
-  acc.mul_(sigma.to(acc_type));
-  return acc.to(alpha.scalar_type()).reshape(alpha.sizes());
+  return out;
 }
 
 }  // namespace cpu
