@@ -10,7 +10,9 @@ Two entry points share these formulas: the ``autograd.Function`` classes used by
 functions (they carry ``setup_context`` and ``vmap``, which ``torch.func`` needs), and
 ``torch.library.register_autograd`` on every op for users who call ``torch.ops.pni_fast.*``
 directly. Forward-mode AD (``jvp``) is refused with PyTorch's error: a custom ``jvp`` would make
-``torch.compile`` break the graph.
+``torch.compile`` break the graph. This file holds the single-tensor functions and the
+``register_autograd`` of every op; the list versions are in :mod:`pni_fast.autograd_multi`, the
+op-call helpers (``apply``, ``call``) in :mod:`pni_fast.op_call`.
 
 Under ``torch.func.vmap`` the noise is the same for every sample (``randomness="same"``, or
 "error" with an explicit seed); ``randomness="different"`` is refused.
@@ -24,47 +26,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .autograd_multi import AlphaGradMultiFn, PerturbMultiFn, _filled
 from .backends import REGISTRY, Backend
+from .op_call import apply, call, op_overload  # noqa: F401  (op_overload: pni_fast.fused imports it from here)
 from .ops_torch import opmath
 from .philox_torch import alpha_view
 
 __all__ = ["PerturbFn", "AlphaGradFn", "PerturbMultiFn", "AlphaGradMultiFn", "apply", "call", "register_op_autograd"]
-
-
-_C_APPLY = torch._C._FunctionBase.__dict__["apply"]  # the C++ entry point behind Function.apply
-
-
-def apply(fn: type, *args):
-    """``fn.apply(*args)`` without its per-call ``inspect.signature`` binding (~10 us, more than a small
-    layer's kernel) when neither torch.func nor torch.compile is active; callers pass every argument
-    positionally, so the binding has nothing to do. Under those transforms the regular ``apply`` runs."""
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-        return fn.apply(*args)
-    return _C_APPLY.__get__(None, fn)(*args)
-
-
-_OPS: dict = {}
-
-
-def op_overload(name: str):
-    """The OpOverload of ``pni_fast::<name>``, looked up once (``torch.ops`` attribute access costs ~1 us)."""
-    op = _OPS.get(name)
-    if op is None:
-        op = _OPS[name] = getattr(torch.ops.pni_fast, name).default
-    return op
-
-
-def call(name: str, *args, state: Optional[Tensor] = None, below_autograd: bool = True):
-    """Call op ``name``; ``rng_state`` is passed only when given (keeps the short schema usable).
-
-    The autograd functions below own the differentiation, so in eager mode the op is dispatched below
-    the Autograd key: its registered (Python) autograd kernel would only re-dispatch, at ~5 us a call."""
-    op = op_overload(name)
-    full = args if state is None else (*args, state)
-    if not below_autograd or torch.compiler.is_compiling():
-        return op(*full)
-    with torch._C._AutoDispatchBelowAutograd():
-        return op(*full)
 
 
 # ---------------------------------------------------------------------------
@@ -186,118 +154,6 @@ class AlphaGradFn(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------
-# List ops: tensors flattened into the argument list (autograd.Function takes no lists)
-# ---------------------------------------------------------------------------
-
-
-def _split(n: int, flat):
-    return list(flat[:n]), list(flat[n : 2 * n]), list(flat[2 * n : 3 * n])
-
-
-class PerturbMultiFn(torch.autograd.Function):
-    """perturb for ``n`` tensors in one op call: ``apply(n, seed, offsets, inners, state, backend, *vs, *alphas,
-    *sigmas)``."""
-
-    @staticmethod
-    def forward(n, seed, offsets, inners, state, backend, *flat):
-        vs, alphas, sigmas = _split(n, flat)
-        out = call(
-            REGISTRY[backend].perturb_multi,
-            [v.contiguous() for v in vs],
-            [a.contiguous() for a in alphas],
-            sigmas,
-            seed,
-            offsets,
-            inners,
-            state=state,
-        )
-        return tuple(out)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        n, seed, offsets, inners, state, backend, *flat = inputs
-        _, alphas, sigmas = _split(n, flat)
-        ctx.save_for_backward(state, *alphas, *sigmas)
-        ctx.rng = (n, seed, offsets, inners, backend)
-        ctx.meta = [(v.shape, v.dtype, v.device) for v in flat[:n]]
-
-    @staticmethod
-    def backward(ctx, *grads):
-        n, seed, offsets, inners, backend = ctx.rng
-        state, *rest = ctx.saved_tensors
-        alphas, sigmas = rest[:n], rest[n:]
-        grads = _filled(grads, ctx.meta)
-        needs_v = ctx.needs_input_grad[6 : 6 + n]
-        grad_alphas = [None] * n
-        if any(ctx.needs_input_grad[6 + n : 6 + 2 * n]) and torch.is_grad_enabled():  # create_graph: recorded
-            grad_alphas = list(
-                apply(AlphaGradMultiFn, n, seed, offsets, inners, state, backend, *grads, *alphas, *sigmas)
-            )
-        elif any(ctx.needs_input_grad[6 + n : 6 + 2 * n]):
-            grad_alphas = list(
-                call(
-                    REGISTRY[backend].alpha_grad_multi,
-                    grads,
-                    [a.contiguous() for a in alphas],
-                    list(sigmas),
-                    seed,
-                    offsets,
-                    inners,
-                    state=state,
-                )
-            )
-        grad_vs = [g if need else None for g, need in zip(grads, needs_v)]
-        return (None,) * 6 + tuple(grad_vs) + tuple(grad_alphas) + (None,) * n
-
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        raise RuntimeError("pni_fast.noisy_weights is not supported under vmap; call noisy_weight per tensor")
-
-
-class AlphaGradMultiFn(torch.autograd.Function):
-    """alpha_grad for ``n`` tensors: ``apply(n, seed, offsets, inners, state, backend, *grads, *alphas, *sigmas)``."""
-
-    @staticmethod
-    def forward(n, seed, offsets, inners, state, backend, *flat):
-        grads, alphas, sigmas = _split(n, flat)
-        out = call(
-            REGISTRY[backend].alpha_grad_multi,
-            [g.contiguous() for g in grads],
-            [a.contiguous() for a in alphas],
-            sigmas,
-            seed,
-            offsets,
-            inners,
-            state=state,
-        )
-        return tuple(out)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        n, seed, offsets, inners, state, backend, *flat = inputs
-        grads, alphas, sigmas = _split(n, flat)
-        ctx.save_for_backward(state, *sigmas)
-        ctx.rng = (n, seed, offsets, inners, backend)
-        ctx.meta = [(g.shape, g.dtype, g.device) for g in grads]
-        ctx.alpha_meta = [(a.shape, a.dtype, a.device) for a in alphas]
-
-    @staticmethod
-    def backward(ctx, *ggs):
-        n, seed, offsets, inners, backend = ctx.rng
-        state, *sigmas = ctx.saved_tensors
-        d_grads = [None] * n
-        if any(ctx.needs_input_grad[6 : 6 + n]):
-            ggs = _filled(ggs, ctx.alpha_meta)
-            zeros = [torch.zeros(s, dtype=d, device=dev) for s, d, dev in ctx.meta]
-            d_grads = list(apply(PerturbMultiFn, n, seed, offsets, inners, state, backend, *zeros, *ggs, *sigmas))
-        return (None,) * 6 + tuple(d_grads) + (None,) * (2 * n)
-
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        raise RuntimeError("pni_fast.noisy_weights is not supported under vmap; call noisy_weight per tensor")
-
-
-# ---------------------------------------------------------------------------
 # register_autograd on the ops themselves (direct torch.ops.pni_fast.* callers, opcheck)
 # ---------------------------------------------------------------------------
 
@@ -350,11 +206,6 @@ def _multi_setup(backend: str, keep_alphas: bool):
         ctx.meta = [(t.shape, t.dtype, t.device) for t in tensors]
 
     return setup_context
-
-
-def _filled(grads, meta) -> list[Tensor]:
-    """Gradients with None replaced by zeros of the recorded shape (the list ops take every tensor)."""
-    return [torch.zeros(s, dtype=d, device=dev) if g is None else g.contiguous() for g, (s, d, dev) in zip(grads, meta)]
 
 
 def _multi_backward(ctx, grads):

@@ -20,19 +20,34 @@ draws fresh noise when it runs. Under ``torch.export`` the seed is an RNG-state 
 exported program also draws fresh noise per call. ``torch.jit.trace`` would freeze one draw into
 constants and ``torch.jit.script`` cannot compile the Python op layer: both raise an error that
 names ``pni_fast.no_noise`` / ``pni_fast.strip``, as does ONNX export with noise on.
+
+The noise calls are in :mod:`pni_fast.noise_calls`; what the two noisy layers share (their
+arguments' checks, alphas, repr and state_dict hints) is ``_PNIMixin`` in :mod:`pni_fast.noise_mixin`.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import functional as _fn
-from .rng import SEED_LIMIT
+from .noise_calls import (
+    _refuse_frozen_capture,  # noqa: F401  (pni_fast.batching imports it from here)
+    _refuse_script,
+    noisy_input_call,
+    noisy_weight_call,
+)
+from .noise_mixin import (  # noqa: F401  (the layers' argument checks and mixin, imported from here too)
+    NOISE_TYPES,
+    PNI_MODES,
+    _PNIMixin,
+    check_alpha_init,
+    check_noise,
+    check_pni,
+    mode_of_alpha,
+)
 
 __all__ = [
     "PNI_MODES",
@@ -46,266 +61,9 @@ __all__ = [
     "noisy_input_call",
 ]
 
-PNI_MODES: tuple[str, ...] = ("layerwise", "channelwise", "elementwise")
-NOISE_TYPES: tuple[str, ...] = ("weight", "input", "both")
-
-
-def _alpha_for(alpha: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """alpha as the op takes it for a tensor of ``dtype``: a float32 alpha stays float32 with float16/bfloat16
-    activations (AMP keeps parameters fp32, and the alpha gradient is then reduced and returned in fp32, where
-    a half-precision gradient would overflow); other mismatches are cast."""
-    if alpha.dtype == dtype or (alpha.dtype == torch.float32 and dtype in (torch.float16, torch.bfloat16)):
-        return alpha
-    return alpha.to(dtype)
-
-
-def _quoted(options: tuple[str, ...]) -> str:
-    quoted = [repr(o) for o in options]
-    return ", ".join(quoted[:-1]) + " or " + quoted[-1]
-
-
-# ---------------------------------------------------------------------------
-# The noise calls of every PNI module: leaves for torch.fx, tensor seeds for torch.export
-# ---------------------------------------------------------------------------
-
-_DEPLOY_HINT = (
-    "For a deterministic model use `with pni_fast.no_noise(model): ...` or `pni_fast.strip(model)` "
-    "(plain layers, same weights); to keep fresh noise per call use torch.export.export(model, args) "
-    "or torch.fx.symbolic_trace(model)."
-)
-
-
-def _refuse_frozen_capture() -> None:
-    """jit.trace records tensors, not calls: the noise of the traced call would be replayed forever."""
-    if torch.jit.is_tracing():
-        if torch.onnx.is_in_onnx_export():
-            raise RuntimeError(
-                "pni_fast: ONNX export with PNI noise on is not supported (ONNX has no op for "
-                "it, and a traced draw would be frozen). " + _DEPLOY_HINT
-            )
-        raise RuntimeError(
-            "pni_fast: torch.jit.trace would freeze PNI's noise into constants (one draw, "
-            "replayed on every call). " + _DEPLOY_HINT
-        )
-    if torch.compiler.is_exporting() and torch.onnx.is_in_onnx_export():
-        raise RuntimeError(
-            "pni_fast: ONNX export with PNI noise on is not supported (ONNX has no op for PNI's "
-            "Philox noise). " + _DEPLOY_HINT
-        )
-
-
-def _graph_seed(t: torch.Tensor) -> Optional[torch.Tensor]:
-    """None (a host seed per call), or under torch.export an RNG state ``(seed, 0)`` drawn by a tensor op
-    that the exported program runs on every call (``torch.randint`` on torch's generator for the device)."""
-    if not torch.compiler.is_exporting():
-        return None
-    seed = torch.randint(0, SEED_LIMIT - 1, (1,), dtype=torch.int64, device=t.device)
-    return torch.cat([seed, torch.zeros(1, dtype=torch.int64, device=t.device)])
-
-
-def noisy_weight_call(weight: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """``noisy_weight(weight, alpha)`` with a fresh seed: what every PNI layer's forward calls."""
-    _refuse_frozen_capture()
-    return _fn.noisy_weight(weight, alpha, seed=_graph_seed(weight))
-
-
-def noisy_input_call(x: torch.Tensor, alpha: torch.Tensor, layout: int, num_channels: int = 0) -> torch.Tensor:
-    """Input noise of a layer with a fresh seed. ``layout``: ``-1`` features last (linear layers), ``n >= 1``
-    a conv input with ``n`` spatial dims (channel dim 1, or 0 when unbatched), ``0`` as given
-    (``NoiseInjection``; ``num_channels > 0`` checks dim 1)."""
-    _refuse_frozen_capture()
-    if num_channels and (x.dim() < 2 or x.shape[1] != num_channels):
-        raise ValueError(
-            f"NoiseInjection(num_channels={num_channels}) expects input [N, {num_channels}, ...], "
-            f"got shape {list(x.shape)}"
-        )
-    alpha = _alpha_for(alpha, x.dtype)
-    if layout < 0:
-        view = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x  # features last -> dim 1
-    elif layout > 0 and x.dim() == layout + 1:
-        view = x.unsqueeze(0)  # unbatched conv input [C, *spatial]
-    else:
-        view = x
-    return _fn.inject_noise(view, alpha, seed=_graph_seed(x)).reshape(x.shape)
-
-
+# NoiseInjection calls the noise through this module's names: torch.fx patches them here.
 torch.fx.wrap("noisy_weight_call")
 torch.fx.wrap("noisy_input_call")
-
-
-def _refuse_script(module: nn.Module) -> None:
-    raise RuntimeError(
-        f"pni_fast: torch.jit.script cannot compile {type(module).__name__} (PNI's noise runs in the Python op "
-        "layer). Script a plain copy: torch.jit.script(pni_fast.strip(copy.deepcopy(model))), or "
-        "torch.jit.trace the model inside `with pni_fast.no_noise(model):`; torch.export.export keeps the noise."
-    )
-
-
-def check_pni(pni: Any, allowed: tuple[str, ...] = PNI_MODES) -> str:
-    """Validate a ``pni=`` argument; the error lists the valid modes."""
-    if not isinstance(pni, str) or pni not in allowed:
-        raise ValueError(f"pni must be {_quoted(allowed)}, got {pni!r}")
-    return pni
-
-
-def check_noise(noise: Any) -> str:
-    """Validate a ``noise=`` argument; the error lists the valid noise types."""
-    if not isinstance(noise, str) or noise not in NOISE_TYPES:
-        raise ValueError(f"noise must be {_quoted(NOISE_TYPES)}, got {noise!r}")
-    return noise
-
-
-def check_alpha_init(alpha_init: Any) -> float:
-    """Validate ``alpha_init``: a finite number >= 0 (alpha scales a standard deviation)."""
-    if isinstance(alpha_init, bool) or not isinstance(alpha_init, (int, float)):
-        if isinstance(alpha_init, torch.Tensor) and alpha_init.numel() == 1:
-            alpha_init = float(alpha_init.item())
-        else:
-            raise TypeError(f"alpha_init must be a float, got {type(alpha_init).__name__} ({alpha_init!r})")
-    value = float(alpha_init)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"alpha_init must be a finite number >= 0, got {alpha_init!r}")
-    return value
-
-
-def mode_of_alpha(alpha_shape: tuple[int, ...], weight_shape: tuple[int, ...]) -> Optional[str]:
-    """Which PNI mode a weight-noise alpha of this shape encodes (None if it fits none)."""
-    alpha_shape, weight_shape = tuple(alpha_shape), tuple(weight_shape)
-    numel = math.prod(alpha_shape)
-    if numel == 1 and math.prod(weight_shape) != 1:
-        return "layerwise"
-    if alpha_shape == weight_shape:
-        return "elementwise"
-    if len(weight_shape) >= 1 and alpha_shape == (weight_shape[0],) + (1,) * (len(weight_shape) - 1):
-        return "channelwise"
-    if numel == 1:
-        return "layerwise"
-    return None
-
-
-class _PNIMixin:
-    """Shared state and checks of the noisy layers (not an ``nn.Module`` by itself).
-
-    Subclasses define ``_input_channels`` and ``_input_layout`` (see :func:`noisy_input_call`).
-    """
-
-    pni: str
-    noise: str
-    alpha_init: float
-    noise_enabled: bool
-    alpha_w: Optional[nn.Parameter]
-    alpha_i: Optional[nn.Parameter]
-
-    def _setup_noise(self, pni: str, noise: str, alpha_init: float, device: Any, dtype: Any) -> None:
-        self.pni = check_pni(pni)
-        self.noise = check_noise(noise)
-        self.alpha_init = check_alpha_init(alpha_init)
-        if self.noise != "weight" and self.pni == "elementwise" and isinstance(self, nn.modules.conv._ConvNd):
-            raise ValueError(
-                f"pni='elementwise' input noise on {type(self).__name__} needs the input's spatial size, "
-                "which is unknown "
-                "when the layer is built; use pni='layerwise' or 'channelwise' with noise='input'/'both', or "
-                "noise='weight'"
-            )
-        self.noise_enabled = True
-        self._make_alphas(device, dtype)
-
-    def _alpha_w_shape(self) -> tuple[int, ...]:
-        w_shape = tuple(self.weight.shape)  # type: ignore[attr-defined]
-        if self.pni == "layerwise":
-            return (1,)
-        if self.pni == "channelwise":
-            return (w_shape[0],) + (1,) * (len(w_shape) - 1)
-        return w_shape
-
-    def _alpha_i_shape(self) -> tuple[int, ...]:
-        return (1,) if self.pni == "layerwise" else (self._input_channels(),)
-
-    def _make_alphas(self, device: Any, dtype: Any) -> None:
-        """(Re)create the alpha parameters on ``device``/``dtype`` filled with ``alpha_init``."""
-        fk = {"device": device, "dtype": dtype}
-        alpha_w = alpha_i = None
-        if self.noise in ("weight", "both"):
-            alpha_w = nn.Parameter(torch.full(self._alpha_w_shape(), self.alpha_init, **fk))
-        if self.noise in ("input", "both"):
-            alpha_i = nn.Parameter(torch.full(self._alpha_i_shape(), self.alpha_init, **fk))
-        self.register_parameter("alpha_w", alpha_w)  # type: ignore[attr-defined]
-        self.register_parameter("alpha_i", alpha_i)  # type: ignore[attr-defined]
-
-    def _reset_alphas(self) -> None:
-        with torch.no_grad():
-            for a in (getattr(self, "alpha_w", None), getattr(self, "alpha_i", None)):
-                if a is not None:
-                    a.fill_(self.alpha_init)
-
-    def _noisy_weight(self) -> torch.Tensor:
-        weight = self.weight  # type: ignore[attr-defined]
-        pending = self.__dict__.get("_pni_pending_weight")
-        if pending is not None:  # drawn for the whole model by batch_weight_noise(); used once
-            self.__dict__["_pni_pending_weight"] = None
-            _refuse_frozen_capture()
-            return pending
-        if self.noise_enabled and self.alpha_w is not None:
-            weight = noisy_weight_call(weight, self.alpha_w)
-        return weight
-
-    def _noisy_input(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.noise_enabled or self.alpha_i is None:
-            return x
-        return noisy_input_call(x, self.alpha_i, self._input_layout())
-
-    def _input_channels(self) -> int:
-        raise NotImplementedError
-
-    def _input_layout(self) -> int:
-        raise NotImplementedError
-
-    def __prepare_scriptable__(self):
-        _refuse_script(self)
-
-    def _noise_repr(self) -> str:
-        s = f"pni={self.pni!r}, noise={self.noise!r}"
-        if self.alpha_init != 0.25:
-            s += f", alpha_init={self.alpha_init}"
-        if not self.noise_enabled:
-            s += ", noise_enabled=False"
-        return s
-
-    def _check_alpha_in_state_dict(self, state_dict: Any, prefix: str, error_msgs: list[str]) -> None:
-        """Add a hint to torch's size-mismatch error: which mode the checkpoint's alpha encodes."""
-        for name in ("alpha_w", "alpha_i"):
-            key = prefix + name
-            mine = getattr(self, name, None)
-            if key not in state_dict or mine is None:
-                continue
-            theirs = state_dict[key]
-            if not isinstance(theirs, torch.Tensor) or tuple(theirs.shape) == tuple(mine.shape):
-                continue
-            if name == "alpha_w":
-                mode = mode_of_alpha(tuple(theirs.shape), tuple(self.weight.shape))  # type: ignore[attr-defined]
-                hint = f"which is pni={mode!r}" if mode else "which fits no pni mode"
-            else:
-                hint = "which does not fit this layer's input noise"
-            error_msgs.append(
-                f"{key} in the checkpoint has shape {list(theirs.shape)} ({hint}), but this layer was built "
-                f"with pni={self.pni!r} and expects {list(mine.shape)}: rebuild it with the checkpoint's mode"
-            )
-
-    # Shared by both layers; the mixin comes first in their MRO, so super() is the torch layer.
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        self._reset_alphas()
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + ", " + self._noise_repr()
-
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ) -> None:
-        self._check_alpha_in_state_dict(state_dict, prefix, error_msgs)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
 
 
 class NoisyConv2d(_PNIMixin, nn.Conv2d):

@@ -1,0 +1,88 @@
+"""Argument checks of the public functions, and alpha's shape read as the op contract's ``inner``.
+
+The ops take ``inner`` (how many consecutive elements share one alpha value, docs/design.md
+section 1); the public functions take an alpha whose shape names the PNI mode. This file turns
+one into the other and refuses, with the argument's name, what fits no mode or dtype. It also
+holds the CPU finite check of sigma and alpha, which needs no device sync there.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .ops_torch import check_alpha_dtype
+from .rng import under_vmap
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _check_tensor(name: str, t) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
+
+
+def _check_alpha(alpha, ref: Tensor, ref_name: str) -> None:
+    if not isinstance(alpha, Tensor):
+        raise TypeError(f"alpha must be a torch.Tensor, got {type(alpha).__name__}")
+    if alpha.device != ref.device:
+        raise ValueError(f"alpha must be on {ref_name}'s device {ref.device}, got {alpha.device}")
+    check_alpha_dtype(alpha, ref.dtype, ref_name)
+    if alpha.numel() == 0:
+        raise ValueError("alpha must have at least one element, got an empty tensor")
+
+
+def _weight_inner(weight: Tensor, alpha: Tensor) -> int:
+    """The contract's ``inner`` for a weight's alpha, inferred from alpha's shape (>= 1, also for empty weights)."""
+    if alpha.numel() == 1 or tuple(alpha.shape) == tuple(weight.shape):
+        return 1
+    out = weight.shape[0] if weight.dim() > 0 else 1
+    channel_shapes = {(out,) + (1,) * k for k in range(weight.dim())}
+    if tuple(alpha.shape) in channel_shapes:
+        return max(1, weight.numel() // max(out, 1))
+    raise ValueError(
+        f"alpha must have 1 element (layerwise), shape {[out] + [1] * (weight.dim() - 1)} (channelwise) "
+        f"or the weight's shape {list(weight.shape)} (elementwise), got {list(alpha.shape)}"
+    )
+
+
+def _activation_inner(x: Tensor, alpha: Tensor) -> int:
+    """``inner`` for activation noise: scalar, per channel (dim 1) or per feature (``x.shape[1:]``)."""
+    if alpha.numel() == 1:
+        return 1
+    if x.dim() >= 2:
+        if tuple(alpha.shape) == tuple(x.shape[1:]):
+            return 1
+        c = x.shape[1]
+        ones = (1,) * max(0, x.dim() - 2)
+        per_channel = {(c,)} | {(c,) + ones[:k] for k in range(len(ones) + 1)} | {(1, c) + ones}
+        if tuple(alpha.shape) in per_channel:
+            return max(math.prod(x.shape[2:]), 1)
+    raise ValueError(
+        "alpha for activation noise must have 1 element (layerwise), x.shape[1] elements (per channel, "
+        f"dim 1) or shape x.shape[1:] (per feature); got alpha {list(alpha.shape)} for x {list(x.shape)}"
+    )
+
+
+def _check_finite(sigma: Tensor, name: str, alphas: Sequence[Tensor] = ()) -> None:
+    """Refuse NaN/Inf in the tensor and in alpha on CPU, where the check costs no device sync (one
+    ``.item()`` in the common case); on GPU they propagate. ``alpha * sigma`` must be finite: an infinite
+    alpha would turn even a constant tensor (sigma 0) into NaN."""
+    if sigma.device.type != "cpu" or torch.compiler.is_compiling() or under_vmap():
+        return
+    values = [sigma.item()] if sigma.dim() == 0 else sigma.reshape(-1).tolist()  # CPU: no sync
+    if not all(map(math.isfinite, values)):
+        raise ValueError(
+            f"{name} contains NaN or Inf, so its std (PNI's noise scale) is not finite; "
+            "fix the tensor before injecting noise"
+        )
+    for a in alphas:
+        a = a.detach()
+        finite = all(map(math.isfinite, a.reshape(-1).tolist())) if a.numel() <= 16 else bool(a.isfinite().all())
+        if not finite:
+            raise ValueError("alpha must be finite (PNI's noise scale), got NaN or Inf")

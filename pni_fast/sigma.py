@@ -1,0 +1,97 @@
+"""sigma, PNI's noise scale ``std(v)``: one definition per (device, dtype), whichever backend runs.
+
+Computed on the tensor's device as a detached 0-d tensor (no ``.item()``, no host sync). On CPU the
+C++ ``sigma`` / ``sigma_multi`` ops compute it in one deterministic pass; without the compiled
+library ``_sigma_torch`` gives the same value with tensor ops (docs/design.md section 2.2).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _ext
+from .arg_checks import _check_tensor
+from .op_registration import _trace_constant
+from .ops_torch import opmath
+from .rng import under_vmap
+
+
+def _std_scaled(t: Tensor) -> Tensor:
+    """Unbiased std of a float64 tensor whose squares may overflow: scale by max|t - mean| first."""
+    m = t.mean()
+    d = t - m
+    scale = d.abs().amax()
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (d / safe).std() * safe
+
+
+def _sigma_torch(t: Tensor) -> Tensor:
+    """The pure-PyTorch sigma. CPU: float64 two-pass, rounded once (the C++ ``sigma`` op's definition)."""
+    if t.device.type == "cpu" or t.dtype == torch.float64:
+        d = t.to(torch.float64)
+        if t.dtype == torch.float64:
+            s = d.std()
+            if (
+                t.device.type == "cpu"
+                and not torch.compiler.is_compiling()
+                and not under_vmap()
+                and not math.isfinite(float(s))
+            ):
+                s = _std_scaled(d)  # finite tensors whose squares overflow float64
+            return s
+        m = d.mean()
+        return torch.sqrt(((d - m) ** 2).sum() / (d.numel() - 1)).to(torch.float32)
+    return t.to(torch.float32).std()
+
+
+def weight_sigma(t: Tensor) -> Tensor:
+    """Detached unbiased ``std`` as a 0-d tensor on ``t``'s device (float32, float64 for float64).
+
+    A tensor with fewer than 2 elements has no spread: sigma is 0 and the op returns it unchanged.
+    On CPU, float16/bfloat16/float32 sigma is the float64 two-pass std rounded once to float32 on every
+    backend (so the first call in a process equals later ones); float64 sigma is ``torch.std``.
+    """
+    t = t.detach()
+    if t.numel() < 2:
+        return torch.zeros((), dtype=opmath(t.dtype), device=t.device)
+    if t.device.type == "cpu" and t.dtype != torch.float64 and not under_vmap() and _cpp_sigma_available():
+        return torch.ops.pni_fast.sigma(t)  # the same definition in one fused pass
+    return _sigma_torch(t)
+
+
+def weight_sigmas(ts: Sequence[Tensor]) -> list[Tensor]:
+    """:func:`weight_sigma` of many tensors, bit-identical per tensor; on CPU one ``sigma_multi`` call per dtype
+    (one pass over all of them) instead of a call per tensor."""
+    ts = list(ts)
+    for k, t in enumerate(ts):
+        _check_tensor(f"ts[{k}]", t)
+    ts = [t.detach() for t in ts]
+    if not ts or ts[0].device.type != "cpu" or under_vmap() or not _cpp_sigma_multi_available():
+        return [weight_sigma(t) for t in ts]
+    out: list[Optional[Tensor]] = [None] * len(ts)
+    groups: dict[torch.dtype, list[int]] = {}
+    for k, t in enumerate(ts):
+        if t.dtype == torch.float64 or t.numel() < 2:
+            out[k] = weight_sigma(t)
+        else:
+            groups.setdefault(t.dtype, []).append(k)
+    for idx in groups.values():
+        for k, s in zip(idx, torch.ops.pni_fast.sigma_multi([ts[k] for k in idx]).unbind(0)):
+            out[k] = s
+    return out  # type: ignore[return-value]
+
+
+@_trace_constant
+def _cpp_sigma_multi_available() -> bool:
+    return _ext.load() and _ext.has_op("sigma_multi", "cpu")
+
+
+@_trace_constant
+def _cpp_sigma_available() -> bool:
+    """The compiled library (loaded now if it can be) has pni_fast::sigma: a trace-time constant."""
+    return _ext.load() and _ext.has_op("sigma", "cpu")
