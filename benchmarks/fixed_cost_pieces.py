@@ -31,7 +31,7 @@ PIECES = [
     ),
     ("pni_fast", "  of which Python", "forward total minus the fused op with its autograd node (checks, dispatch)"),
     ("pni_fast", "backward total", "autograd.grad(noisy_weight(w, a), (w, a), g) minus forward total"),
-    ("pni_fast forward", "argument checks", "_check_tensor + _check_alpha + _weight_inner"),
+    ("pni_fast forward", "argument checks", "checked_weight_inner(w, a) (memoized by shape, dtype, device)"),
     ("pni_fast forward", "backend resolve", "_backend_for(None, device_type)"),
     ("pni_fast forward", "sigma", "weight_sigma(w)"),
     ("pni_fast forward", "finite check", "_check_finite(sigma, 'weight', (alpha,))"),
@@ -96,9 +96,7 @@ def piece_fns(w: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> tuple[dict[t
         return lambda: op(wt, at, 0, inner, None, None, "weight")
 
     def checks() -> None:
-        F._check_tensor("weight", w)
-        F._check_alpha(a, w, "weight")
-        F._weight_inner(w, a)
+        F.checked_weight_inner(w, a)
 
     def ref_std() -> float:
         with torch.no_grad():

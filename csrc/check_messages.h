@@ -61,6 +61,14 @@
 #define PNI_CHECK_LIST_LENGTHS(cond, prefix, lists, n_v, n_alpha, n_sigma, n_offset, n_inner) \
   TORCH_CHECK_VALUE(cond, prefix, lists, ", alphas, sigmas, offsets and inners must have the same length, got ", n_v, ", ", n_alpha, ", ", n_sigma, ", ", n_offset, ", ", n_inner)
 
+// tensor_finite: ValueError
+#define PNI_CHECK_TENSOR_FINITE(cond, prefix, name) \
+  TORCH_CHECK_VALUE(cond, prefix, name, " contains NaN or Inf, so its std (PNI's noise scale) is not finite; fix the tensor before injecting noise")
+
+// alpha_finite: ValueError
+#define PNI_CHECK_ALPHA_FINITE(cond, prefix) \
+  TORCH_CHECK_VALUE(cond, prefix, "alpha must be finite (PNI's noise scale), got NaN or Inf")
+
 // rng_state_dtype: TypeError
 #define PNI_CHECK_RNG_STATE_DTYPE(cond, prefix, dtype) \
   TORCH_CHECK_TYPE(cond, prefix, "rng_state must be an int64 tensor (seed, counter base), got ", dtype)

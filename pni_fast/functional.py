@@ -26,7 +26,15 @@ from torch import Tensor
 
 from . import fused
 from . import rng as _rng
-from .arg_checks import _activation_inner, _check_alpha, _check_finite, _check_tensor, _weight_inner
+from .arg_checks import (
+    _activation_inner,
+    _check_alpha,
+    _check_finite,
+    _check_tensor,
+    _weight_inner,  # noqa: F401  (benchmarks/fixed_cost_pieces.py reads it here)
+    checked_weight_inner,
+    weight_plan,
+)
 from .autograd import PerturbFn, PerturbMultiFn, apply, call
 from .backends import REGISTRY
 from .op_registration import _backend_for
@@ -87,9 +95,7 @@ def noisy_weight(
         offset: Philox counter offset (element ``i`` uses counter ``offset + i // 4``).
         backend: "cpu", "cuda", "triton", "torch" or None (``$PNI_FAST_BACKEND``, else automatic).
     """
-    _check_tensor("weight", weight)
-    _check_alpha(alpha, weight, "weight")
-    return _perturb("weight", weight, alpha, _weight_inner(weight, alpha), seed, offset, backend)
+    return _perturb("weight", weight, alpha, checked_weight_inner(weight, alpha), seed, offset, backend)
 
 
 def inject_noise(
@@ -127,17 +133,8 @@ def noisy_weights(
         raise ValueError(f"weights and alphas must have the same length, got {len(weights)} and {len(alphas)}")
     if not weights:
         return []
-    offsets, inners = [], []
-    counter = 0
-    device = weights[0].device if isinstance(weights[0], Tensor) else None
-    for k, (w, a) in enumerate(zip(weights, alphas)):
-        _check_tensor(f"weights[{k}]", w)
-        if w.device != device:
-            raise ValueError(f"weights must all be on one device, weights[{k}] is on {w.device}, not {device}")
-        _check_alpha(a, w, f"weights[{k}]")
-        inners.append(_weight_inner(w, a))
-        offsets.append(counter)
-        counter += _quads(w.numel())
+    offsets, inners, counter = weight_plan(weights, alphas)
+    device = weights[0].device
     chosen = _backend_for(backend, device.type)
     if fused.usable(chosen, weights[0], seed) and fused.multi_dtype_ok(weights):
         seed = _rng.checked_seed(seed)

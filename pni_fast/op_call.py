@@ -36,7 +36,9 @@ def op_overload(name: str):
     """The OpOverload of ``pni_fast::<name>``, looked up once (``torch.ops`` attribute access costs ~1 us)."""
     op = _OPS.get(name)
     if op is None:
-        op = _OPS[name] = getattr(torch.ops.pni_fast, name).default
+        op = getattr(torch.ops.pni_fast, name).default
+        if not torch.compiler.is_compiling():  # dynamo refuses a traced write to this module's dict
+            _OPS[name] = op
     return op
 
 

@@ -49,11 +49,14 @@ _HALF = (torch.float16, torch.bfloat16)
 
 @dataclass(frozen=True)
 class Rule:
-    """One check: ``error`` raised with ``prefix + template.format(**fields)``."""
+    """One check: ``error`` raised with ``prefix + template.format(**fields)``. ``scope``: ``"op"`` for the
+    ops' own arguments (every backend checks them), ``"public"`` for the public functions' checks that
+    the eager fast path (``pni_fast::noisy``, C++) makes too."""
 
     name: str
     error: type
     template: str
+    scope: str = "op"
 
     @property
     def fields(self) -> list[str]:
@@ -100,6 +103,16 @@ RULES: dict[str, Rule] = {
             "{lists}, alphas, sigmas, offsets and inners must have the same length, got {n_v}, {n_alpha}, {n_sigma}, "
             "{n_offset}, {n_inner}",
         ),
+        # the public functions' finite checks on CPU (pni_fast.arg_checks._check_finite and the fast
+        # path's C++ twin in csrc/cpu/noisy_cpu.cpp)
+        Rule(
+            "tensor_finite",
+            ValueError,
+            "{name} contains NaN or Inf, so its std (PNI's noise scale) is not finite; fix the tensor before "
+            "injecting noise",
+            "public",
+        ),
+        Rule("alpha_finite", ValueError, "alpha must be finite (PNI's noise scale), got NaN or Inf", "public"),
         # rng_state: the tensor, then (CPU only: read on the host) its values
         Rule("rng_state_dtype", TypeError, "rng_state must be an int64 tensor (seed, counter base), got {dtype}"),
         Rule("rng_state_shape", ValueError, "rng_state must have shape [2] (seed, counter base), got {shape}"),

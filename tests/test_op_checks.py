@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import sys
 
+import pytest
 import torch
 
+import pni_fast
 from pni_fast.op_checks import RULES, message
 
 from op_check_cases import CASES
@@ -20,7 +22,28 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_every_rule_has_a_case():
     """A new rule without a bad input in tests/op_check_cases.py would go untested on the backends."""
-    assert {c.rule for c in CASES if c.rule} == set(RULES)
+    assert {c.rule for c in CASES if c.rule} == {name for name, r in RULES.items() if r.scope == "op"}
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-path", "general-path"])
+def test_public_rules_raise_their_messages(monkeypatch, fast):
+    """The public functions' finite checks (scope "public"): the Python path and the C++ fast path raise
+    RULES' type and message (the fast path through the generated header)."""
+    from pni_fast import fused
+
+    monkeypatch.setattr(fused, "ENABLED", fast)
+    public = {name for name, r in RULES.items() if r.scope == "public"}
+    assert public == {"tensor_finite", "alpha_finite"}
+    w = torch.tensor([[1.0, float("nan")], [2.0, 3.0]])
+    with pytest.raises(RULES["tensor_finite"].error) as e:
+        pni_fast.noisy_weight(w, torch.tensor([0.1]))
+    assert str(e.value) == message("tensor_finite", name="weight")
+    with pytest.raises(RULES["tensor_finite"].error) as e:
+        pni_fast.noisy_weights([torch.ones(4), w], [torch.tensor([0.1])] * 2)
+    assert str(e.value) == message("tensor_finite", name="weights")
+    with pytest.raises(RULES["alpha_finite"].error) as e:
+        pni_fast.noisy_weight(torch.randn(2, 2), torch.tensor([float("inf")]))
+    assert str(e.value) == message("alpha_finite")
 
 
 def test_messages_read_as_documented():
