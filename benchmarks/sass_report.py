@@ -1,8 +1,11 @@
 """SASS instructions per element of the CUDA kernels' hot loops, without a GPU.
 
-Compiles ``csrc/cuda/perturb_cuda.cu`` for one architecture (``nvcc -cubin -arch=sm_90``, torch's
-include paths, as tests/test_cuda_compile.py does; never fast math), disassembles it with
-``cuobjdump -sass`` and, for every kernel, finds the hot loop and counts its instructions.
+Compiles the perturb-family kernels (``csrc/cuda/perturb_cuda.cu``, ``perturb_alpha_grad_cuda.cu``,
+``rng_cuda.cu``) for one architecture (``nvcc -cubin -arch=sm_90``, torch's include paths, as
+tests/test_cuda_compile.py does; never fast math), disassembles them with ``cuobjdump -sass`` and,
+for every kernel, finds the hot loop and counts its instructions. The parts: benchmarks/sass_tools.py
+(tools, compilation, disassembly), benchmarks/sass_loops.py (control flow and the counting rule
+below); this file names the hot loops and writes the report.
 
 How a loop is counted (a static count; no GPU, no profile):
 
@@ -21,383 +24,43 @@ How a loop is counted (a static count; no GPU, no profile):
 
 Registers, stack and spills come from ``ptxas -v``. ``--csrc DIR`` points at another copy of the
 sources (laid out like ``csrc/``: ``DIR/cuda/perturb_cuda.cu``, ``DIR/philox.h``, ...), which is how
-the numbers of an older version are taken. Output: a Markdown table on stdout, ``--md FILE`` /
-``--json FILE``, or ``--out DIR`` (writes ``DIR/sass.md`` and ``DIR/sass.json``).
+the numbers of an older version are taken (whichever of the three .cu files it has are compiled).
+Output: a Markdown table on stdout, ``--md FILE`` / ``--json FILE``, or ``--out DIR`` (writes
+``DIR/sass.md`` and ``DIR/sass.json``).
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
 import json
-import os
 import re
 import shutil
 import subprocess
 import sys
-import sysconfig
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
-PHILOX_M0 = 0xD2511F53
-# Immediates of the Philox multiply as cuobjdump prints them (signed or unsigned hex).
-_M0_IMM = {hex(PHILOX_M0), "-" + hex((1 << 32) - PHILOX_M0)}
+if __package__ in (None, ""):
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.sass_loops import analyse_function  # noqa: E402
+from benchmarks.sass_tools import (  # noqa: E402
+    compile_cubin,
+    compile_cubins,
+    disassemble,
+    find_tool,
+    parse_ptxas,
+    tool_version,
+)
+
 # Opcodes (first dot-part) that are forbidden in the accurate-math kernels.
 # (accurate logf/sincosf/sqrtf use none of them; sqrtf's MUFU.RSQ is refined to a correctly rounded result)
 FAST_MATH_MUFU = ("MUFU.SIN", "MUFU.COS", "MUFU.LG2", "MUFU.EX2")
 
 __all__ = ["find_tool", "compile_cubin", "disassemble", "analyse_function", "report", "main"]
-
-
-# ---------------------------------------------------------------------------
-# Tools and compilation
-# ---------------------------------------------------------------------------
-
-
-def find_tool(name: str) -> Optional[str]:
-    """Path of a CUDA binary tool (nvcc, cuobjdump): PATH, CUDA_HOME, /usr/local/cuda, or the copies
-    that the triton and nvidia-cuda-* wheels ship in site-packages."""
-    found = shutil.which(name)
-    if found:
-        return found
-    dirs = [os.path.join(os.environ.get(v, ""), "bin") for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
-    dirs.append("/usr/local/cuda/bin")
-    site = sysconfig.get_paths()["purelib"]
-    dirs += [os.path.join(site, "triton", "backends", "nvidia", "bin")]
-    dirs += sorted(glob.glob(os.path.join(site, "nvidia", "*", "bin")))
-    for d in dirs:
-        p = os.path.join(d, name)
-        if os.path.isfile(p) and os.access(p, os.X_OK):
-            return p
-    return None
-
-
-def nvcc_command(src: Path, out: Path, arch: str, stub: Path) -> list[str]:
-    """nvcc -cubin for one .cu file against torch's headers (the flags of tests/test_cuda_compile.py)."""
-    import torch
-    import torch.utils.cpp_extension as cpp_extension
-
-    nvcc = find_tool("nvcc")
-    if nvcc is None:
-        raise FileNotFoundError("nvcc not found (no CUDA toolkit)")
-    cmd = [nvcc, "-std=c++20", "-cubin", f"-arch={arch}", str(src), "-o", str(out), "-Xptxas", "-v"]
-    cmd += [f"-I{p}" for p in cpp_extension.include_paths()]
-    cmd += [f"-I{sysconfig.get_paths()['include']}", f"-I{stub}"]
-    cmd += list(cpp_extension.COMMON_NVCC_FLAGS)
-    cmd += [f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
-    return cmd  # never --use_fast_math (design.md section 3)
-
-
-def compile_cubin(csrc: Path, workdir: Path, arch: str = "sm_90") -> tuple[Path, str]:
-    """Compiles csrc/cuda/perturb_cuda.cu into workdir; returns (cubin, ptxas -v log)."""
-    stub = workdir / "stub"
-    macros = stub / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"  # missing from CPU torch builds
-    macros.parent.mkdir(parents=True, exist_ok=True)
-    macros.write_text("#pragma once\n")
-    cubin = workdir / "perturb_cuda.cubin"
-    cmd = nvcc_command(csrc / "cuda" / "perturb_cuda.cu", cubin, arch, stub)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        raise RuntimeError(f"nvcc failed:\n{' '.join(cmd)}\n{proc.stderr[-4000:]}")
-    return cubin, proc.stdout + proc.stderr
-
-
-def parse_ptxas(log: str) -> dict[str, dict[str, int]]:
-    """{mangled name: registers, stack, spill_stores, spill_loads} from ptxas -v."""
-    res: dict[str, dict[str, int]] = {}
-    cur = None
-    for line in log.splitlines():
-        m = re.search(r"Function properties for (\S+)", line)
-        if m:
-            cur = res.setdefault(m.group(1), {})
-            continue
-        if cur is None:
-            continue
-        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
-        if m:
-            cur.update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
-        m = re.search(r"Used (\d+) registers", line)
-        if m:
-            cur["registers"] = int(m.group(1))
-    return res
-
-
-# ---------------------------------------------------------------------------
-# Disassembly and control flow
-# ---------------------------------------------------------------------------
-
-
-@dataclass
-class Instr:
-    addr: int
-    pred: str  # guard predicate ("" when none)
-    op: str  # full opcode with modifiers, e.g. "IMAD.WIDE.U32"
-    args: str
-
-    @property
-    def text(self) -> str:
-        return f"{self.pred + ' ' if self.pred else ''}{self.op} {self.args}".strip()
-
-
-_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
-
-
-def disassemble(cubin: Path) -> dict[str, list[Instr]]:
-    """{mangled kernel name: instructions} from cuobjdump -sass."""
-    tool = find_tool("cuobjdump")
-    if tool is None:
-        raise FileNotFoundError("cuobjdump not found (CUDA toolkit or the triton wheel's copy)")
-    out = subprocess.run([tool, "-sass", str(cubin)], capture_output=True, text=True, timeout=300, check=True).stdout
-    funcs: dict[str, list[Instr]] = {}
-    cur: Optional[list[Instr]] = None
-    for line in out.splitlines():
-        m = re.search(r"Function : (\S+)", line)
-        if m:
-            cur = funcs.setdefault(m.group(1), [])
-            continue
-        m = _LINE.match(line)
-        if m and cur is not None:
-            cur.append(Instr(int(m.group(1), 16), (m.group(2) or "").strip(), m.group(3), m.group(4).strip()))
-    return funcs
-
-
-def _branch_target(ins: Instr) -> Optional[int]:
-    m = re.search(r"(?:^|[ ,])(0x[0-9a-f]+)\s*$", ins.args)
-    return int(m.group(1), 16) if m else None
-
-
-def _conditional(ins: Instr) -> bool:
-    # a guard predicate other than PT, or a predicate operand (BRA P1, target)
-    return (ins.pred not in ("", "@PT")) or bool(re.match(r"!?P[0-6]\s*,", ins.args))
-
-
-@dataclass
-class Block:
-    start: int
-    instrs: list[Instr]
-    succ: list[int] = field(default_factory=list)
-
-
-def build_cfg(instrs: list[Instr]) -> dict[int, Block]:
-    if not instrs:
-        return {}
-    leaders = {instrs[0].addr}
-    for i, ins in enumerate(instrs):
-        base = ins.op.split(".")[0]
-        if base in ("BRA", "EXIT", "RET", "BREAK", "JMP", "BRX", "CALL"):
-            if base in ("BRA", "JMP", "BREAK"):
-                t = _branch_target(ins)
-                if t is not None:
-                    leaders.add(t)
-            if i + 1 < len(instrs):
-                leaders.add(instrs[i + 1].addr)
-    blocks: dict[int, Block] = {}
-    cur: list[Instr] = []
-    for ins in instrs:
-        if ins.addr in leaders and cur:
-            blocks[cur[0].addr] = Block(cur[0].addr, cur)
-            cur = []
-        cur.append(ins)
-    if cur:
-        blocks[cur[0].addr] = Block(cur[0].addr, cur)
-    starts = sorted(blocks)
-    nxt = {s: (starts[i + 1] if i + 1 < len(starts) else None) for i, s in enumerate(starts)}
-    for s, b in blocks.items():
-        last = b.instrs[-1]
-        base = last.op.split(".")[0]
-        cond = _conditional(last)
-        fall = nxt[s]
-        if base in ("BRA", "JMP"):
-            t = _branch_target(last)
-            if t is not None and t in blocks:
-                b.succ.append(t)
-            if cond and fall is not None:
-                b.succ.append(fall)
-        elif base in ("EXIT", "RET", "BREAK"):
-            if base == "BREAK":  # leaves a loop: continues at the matching BSYNC, modelled as fall-through
-                if fall is not None:
-                    b.succ.append(fall)
-            elif cond and fall is not None:
-                b.succ.append(fall)
-        elif fall is not None:
-            b.succ.append(fall)
-    return blocks
-
-
-def back_edges(blocks: dict[int, Block], entry: int) -> set[tuple[int, int]]:
-    """Edges to a block on the depth-first stack."""
-    result: set[tuple[int, int]] = set()
-    state: dict[int, int] = {}  # 1 on stack, 2 done
-    stack = [(entry, iter(blocks[entry].succ))]
-    state[entry] = 1
-    while stack:
-        node, it = stack[-1]
-        for s in it:
-            if state.get(s) == 1:
-                result.add((node, s))
-            elif s not in state:
-                state[s] = 1
-                stack.append((s, iter(blocks[s].succ)))
-                break
-        else:
-            state[node] = 2
-            stack.pop()
-    return result
-
-
-def natural_loop(blocks: dict[int, Block], header: int, latches: list[int]) -> set[int]:
-    preds: dict[int, list[int]] = {s: [] for s in blocks}
-    for s, b in blocks.items():
-        for t in b.succ:
-            preds[t].append(s)
-    body = {header}
-    work = [x for x in latches if x != header]
-    body.update(work)
-    while work:
-        n = work.pop()
-        for p in preds[n]:
-            if p not in body:
-                body.add(p)
-                work.append(p)
-    return body
-
-
-def _is_m0(ins: Instr) -> bool:
-    return ins.op.startswith(("IMAD.WIDE.U32", "IMAD.HI.U32")) and any(
-        re.search(rf"(?<![0-9a-fx]){re.escape(c)}(?![0-9a-f])", ins.args) for c in _M0_IMM
-    )
-
-
-def _global_bytes(ins: Instr, kind: str) -> int:
-    """Bytes moved by a global load (kind 'LDG') or store ('STG')."""
-    if not ins.op.startswith(kind):
-        return 0
-    for part, n in ((".128", 16), (".64", 8), (".U16", 2), (".S16", 2), (".U8", 1), (".S8", 1)):
-        if part in ins.op:
-            return n
-    return 4
-
-
-@dataclass
-class LoopCount:
-    header: int
-    path_instrs: int  # instructions on the counted iteration path
-    quads: int  # Philox calls on that path (4 elements each)
-    per_element: float
-    static_instrs: int  # all instructions of the loop's blocks
-    static_per_element: float
-    mufu: list[str]  # MUFU opcodes on the path
-    memory: list[str]  # global loads/stores on the path (e.g. LDG.E.128, STG.E.128)
-    calls: int  # CALLs anywhere in the loop (slow paths of sqrtf, integer division, ...)
-    path_blocks: list[int]
-
-
-def analyse_function(instrs: list[Instr], elem_bytes: int) -> Optional[LoopCount]:
-    """The hot loop of one kernel (see the module docstring), or None when it has none."""
-    blocks = build_cfg(instrs)
-    if not blocks:
-        return None
-    entry = instrs[0].addr
-    backs = back_edges(blocks, entry)
-    by_header: dict[int, list[int]] = {}
-    for src, dst in backs:
-        by_header.setdefault(dst, []).append(src)
-    best = None
-    for header, latches in by_header.items():
-        body = natural_loop(blocks, header, latches)
-        m0 = sum(_is_m0(i) for b in body for i in blocks[b].instrs)
-        if m0 >= 10 and (best is None or len(body) < len(best[1])):
-            best = (header, body, latches)
-    if best is None:
-        return None
-    header, body, latches = best
-    stores = any(_global_bytes(i, "STG") for b in body for i in blocks[b].instrs)
-    kind = "STG" if stores else "LDG"
-    # DP over the loop's DAG (back edges removed): state (block, bytes moved, M0 multiplies) -> fewest
-    # instructions from the header through the end of the block, with the path that achieved it.
-    order = _topo(blocks, body, header, backs)
-    cap_b, cap_m = 1024, 200
-    best_state: dict[tuple[int, int, int], tuple[int, tuple[int, ...]]] = {}
-
-    by_addr = {i.addr: k for k, i in enumerate(instrs)}
-
-    def callee_len(ins: Instr) -> int:
-        """Instructions of a called subroutine, from its entry to the first RET."""
-        k = by_addr.get(_branch_target(ins) or -1)
-        if k is None:
-            return 0
-        n = 0
-        for j in range(k, len(instrs)):
-            n += 1
-            if instrs[j].op.startswith("RET"):
-                break
-        return n
-
-    def block_stats(b: int) -> tuple[int, int, int]:
-        ins = blocks[b].instrs
-        calls = sum(callee_len(i) for i in ins if i.op.startswith("CALL"))
-        return len(ins) + calls, sum(_global_bytes(i, kind) for i in ins), sum(_is_m0(i) for i in ins)
-
-    n0, b0, m0 = block_stats(header)
-    best_state[(header, min(b0, cap_b), min(m0, cap_m))] = (n0, (header,))
-    for node in order:
-        for (nd, by, mu), (cnt, path) in list(best_state.items()):
-            if nd != node:
-                continue
-            for s in blocks[node].succ:
-                if s not in body or (node, s) in backs:
-                    continue
-                n1, b1, m1 = block_stats(s)
-                key = (s, min(by + b1, cap_b), min(mu + m1, cap_m))
-                val = (cnt + n1, path + (s,))
-                if key not in best_state or val[0] < best_state[key][0]:
-                    best_state[key] = val
-    result = None
-    for (nd, by, mu), (cnt, path) in best_state.items():
-        if nd not in latches:
-            continue
-        quads = mu // 10
-        if quads < 1 or by < 4 * quads * elem_bytes:
-            continue
-        if result is None or cnt / quads < result[0] / result[1]:
-            result = (cnt, quads, path)
-    if result is None:
-        return None
-    cnt, quads, path = result
-    static = sum(len(blocks[b].instrs) for b in body)
-    static_quads = max(1, sum(_is_m0(i) for b in body for i in blocks[b].instrs) // 10)
-    mufu = sorted({i.op for b in path for i in blocks[b].instrs if i.op.startswith("MUFU")})
-    memory = sorted({i.op for b in path for i in blocks[b].instrs if i.op.startswith(("LDG", "STG"))})
-    calls = sum(i.op.startswith("CALL") for b in body for i in blocks[b].instrs)
-    return LoopCount(
-        header, cnt, quads, cnt / (4 * quads), static, static / (4 * static_quads), mufu, memory, calls, list(path)
-    )
-
-
-def _topo(blocks: dict[int, Block], body: set[int], header: int, backs: set[tuple[int, int]]) -> list[int]:
-    indeg = {b: 0 for b in body}
-    for b in body:
-        for s in blocks[b].succ:
-            if s in body and (b, s) not in backs:
-                indeg[s] += 1
-    order, ready = [], [b for b in body if indeg[b] == 0]
-    while ready:
-        n = ready.pop()
-        order.append(n)
-        for s in blocks[n].succ:
-            if s in body and (n, s) not in backs:
-                indeg[s] -= 1
-                if indeg[s] == 0:
-                    ready.append(s)
-    return order
-
-
-# ---------------------------------------------------------------------------
-# Report
-# ---------------------------------------------------------------------------
 
 
 def demangle(names: list[str]) -> dict[str, str]:
@@ -461,9 +124,11 @@ def report(csrc: Path, arch: str = "sm_90", workdir: Optional[Path] = None) -> d
         tmp = tempfile.TemporaryDirectory(prefix="pni_sass_")
         workdir = Path(tmp.name)
     try:
-        cubin, log = compile_cubin(csrc, workdir, arch)
+        cubins, log = compile_cubins(csrc, workdir, arch)
         res_usage = parse_ptxas(log)
-        funcs = disassemble(cubin)
+        funcs = {}
+        for cubin in cubins:
+            funcs.update(disassemble(cubin))
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -484,16 +149,9 @@ def report(csrc: Path, arch: str = "sm_90", workdir: Optional[Path] = None) -> d
         "csrc": str(csrc),
         "kernels": kernels,
         "hot_loops": hot,
-        "nvcc": _version(find_tool("nvcc")),
-        "cuobjdump": _version(find_tool("cuobjdump")),
+        "nvcc": tool_version(find_tool("nvcc")),
+        "cuobjdump": tool_version(find_tool("cuobjdump")),
     }
-
-
-def _version(tool: Optional[str]) -> str:
-    if tool is None:
-        return "absent"
-    out = subprocess.run([tool, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
-    return out[-1] if out else "?"
 
 
 def _row(k: dict[str, Any]) -> list[str]:
