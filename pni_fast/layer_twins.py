@@ -42,6 +42,24 @@ def _copy_module_state(src: nn.Module, dst: nn.Module) -> None:
     dst.train(src.training)
 
 
+def _conv_args(layer: nn.Conv2d) -> tuple:
+    return layer.in_channels, layer.out_channels, layer.kernel_size
+
+
+def _conv_kwargs(layer: nn.Conv2d) -> dict:
+    """The constructor arguments that rebuild ``layer``'s geometry, on the meta device (the twin then
+    takes the original's Parameters)."""
+    return dict(
+        stride=layer.stride,
+        padding=layer.padding,
+        dilation=layer.dilation,
+        groups=layer.groups,
+        bias=layer.bias is not None,
+        padding_mode=layer.padding_mode,
+        device="meta",
+    )
+
+
 def noisy_from(
     layer: nn.Module, pni: str = "layerwise", noise: str = "weight", alpha_init: float = 0.25
 ) -> Union[NoisyConv2d, NoisyLinear]:
@@ -56,19 +74,7 @@ def noisy_from(
         )
     if isinstance(layer, nn.Conv2d):
         new: Union[NoisyConv2d, NoisyLinear] = NoisyConv2d(
-            layer.in_channels,
-            layer.out_channels,
-            layer.kernel_size,
-            stride=layer.stride,
-            padding=layer.padding,
-            dilation=layer.dilation,
-            groups=layer.groups,
-            bias=layer.bias is not None,
-            padding_mode=layer.padding_mode,
-            device="meta",
-            pni=pni,
-            noise=noise,
-            alpha_init=alpha_init,
+            *_conv_args(layer), **_conv_kwargs(layer), pni=pni, noise=noise, alpha_init=alpha_init
         )
     elif isinstance(layer, nn.Linear):
         new = NoisyLinear(
@@ -97,18 +103,7 @@ def plain_from(layer: nn.Module) -> nn.Module:
             "(a parametrized layer?): use pni_fast.strip, which converts such layers in place"
         )
     if isinstance(layer, NoisyConv2d):
-        new: nn.Module = nn.Conv2d(
-            layer.in_channels,
-            layer.out_channels,
-            layer.kernel_size,
-            stride=layer.stride,
-            padding=layer.padding,
-            dilation=layer.dilation,
-            groups=layer.groups,
-            bias=layer.bias is not None,
-            padding_mode=layer.padding_mode,
-            device="meta",
-        )
+        new: nn.Module = nn.Conv2d(*_conv_args(layer), **_conv_kwargs(layer))
     elif isinstance(layer, NoisyLinear):
         new = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
     elif isinstance(layer, NoiseInjection):
