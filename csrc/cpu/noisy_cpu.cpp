@@ -21,6 +21,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include "../check_messages.h"
 #include "perturb_cpu.h"
 
 #include <cmath>
@@ -56,13 +57,11 @@ bool all_finite(const Tensor& t) {
   return ok;
 }
 
-// pni_fast.functional._check_finite, message for message.
+// pni_fast.arg_checks._check_finite: the same rules (op_checks.RULES, generated check_messages.h).
 void check_finite(const Tensor& sigmas, at::TensorList alphas, c10::string_view name) {
-  TORCH_CHECK_VALUE(all_finite(sigmas), name,
-                    " contains NaN or Inf, so its std (PNI's noise scale) is not finite; fix the tensor before "
-                    "injecting noise");
+  PNI_CHECK_TENSOR_FINITE(all_finite(sigmas), "", name);
   for (const Tensor& a : alphas) {
-    TORCH_CHECK_VALUE(all_finite(a), "alpha must be finite (PNI's noise scale), got NaN or Inf");
+    PNI_CHECK_ALPHA_FINITE(all_finite(a), "");
   }
 }
 
