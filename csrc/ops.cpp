@@ -4,7 +4,7 @@
 // autograd, opcheck and torch.compile all see the same values. Autograd
 // (torch.library.register_autograd, so torch.func and double backward work)
 // and the fake (meta) kernels are registered from Python
-// (pni_fast/functional.py), except sigma's fake kernels
+// (pni_fast/op_registration.py), except sigma's fake kernels
 // (csrc/cpu/sigma_cpu.cpp). The contract: docs/ops.md.
 //
 // rng_state (optional, every RNG op): int64 [2] = (seed, counter base) on the

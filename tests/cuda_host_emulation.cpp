@@ -1,4 +1,4 @@
-// Host emulation of the CUDA kernels in csrc/cuda/perturb_cuda.cu, for machines
+// Host emulation of the CUDA kernels in csrc/cuda/perturb_cuda.cu and perturb_alpha_grad_cuda.cu, for machines
 // without a GPU (tests/test_cuda_compile.py builds it with the host compiler and
 // calls it through ctypes).
 //
