@@ -22,7 +22,12 @@ def _fresh_memo():
 def _layers():
     torch.manual_seed(0)
     ws = [torch.randn(16, 3, 3, 3), torch.randn(32, 16, 3, 3), torch.randn(10, 64), torch.randn(7)]
-    alphas = [torch.full((16, 1, 1, 1), 0.25), torch.full((1,), 0.25), torch.full((10, 64), 0.25), torch.full((1,), 0.1)]
+    alphas = [
+        torch.full((16, 1, 1, 1), 0.25),
+        torch.full((1,), 0.25),
+        torch.full((10, 64), 0.25),
+        torch.full((1,), 0.1),
+    ]
     return ws, alphas
 
 
