@@ -90,6 +90,22 @@ _PLANS: dict = {}
 _PLANS_MAX = 256
 
 
+def _memoized(key: tuple, compute):
+    """``compute()``, remembered under ``key`` (a raise is never remembered); the memo is bounded."""
+    value = _PLANS.get(key)
+    if value is None:
+        value = compute()
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        _PLANS[key] = value
+    return value
+
+
+def _memo_off(tensors) -> bool:
+    """Check without the memo: while dynamo traces (no Python state), or when a non-tensor must get its error."""
+    return torch.compiler.is_compiling() or not all(isinstance(t, Tensor) for t in tensors)
+
+
 def weight_plan(weights: Sequence[Tensor], alphas: Sequence[Tensor]) -> tuple[list[int], list[int], int]:
     """``noisy_weights``' checks of every ``(weights[k], alphas[k])`` and the contract's arguments for
     them: each tensor's counter offset, its ``inner``, and the counters all use together.
@@ -97,31 +113,20 @@ def weight_plan(weights: Sequence[Tensor], alphas: Sequence[Tensor]) -> tuple[li
     The checks read only each tensor's type, shape, dtype and device, so in eager mode the result is
     memoized by those: a converted model's forward then costs one tuple of metadata instead of ~10 us
     of checks per layer. Bad input is never memoized, so it raises the same error on every call."""
-    if torch.compiler.is_compiling() or not all(isinstance(t, Tensor) for t in (*weights, *alphas)):
+    if _memo_off((*weights, *alphas)):
         return _weight_plan(weights, alphas)
-    key = tuple([(w.shape, w.dtype, w.device, a.shape, a.dtype, a.device) for w, a in zip(weights, alphas)])
-    plan = _PLANS.get(key)
-    if plan is None:
-        plan = _weight_plan(weights, alphas)
-        if len(_PLANS) >= _PLANS_MAX:
-            _PLANS.clear()
-        _PLANS[key] = plan
+    key = ("plan",) + tuple([(w.shape, w.dtype, w.device, a.shape, a.dtype, a.device) for w, a in zip(weights, alphas)])
+    plan = _memoized(key, lambda: _weight_plan(weights, alphas))
     return plan[0].copy(), plan[1].copy(), plan[2]
 
 
 def checked_weight_inner(weight: Tensor, alpha: Tensor) -> int:
     """``noisy_weight``'s checks of ``(weight, alpha)`` and the contract's ``inner``, memoized like
     :func:`weight_plan` (a per-layer forward runs this on every call)."""
-    if torch.compiler.is_compiling() or not (isinstance(weight, Tensor) and isinstance(alpha, Tensor)):
+    if _memo_off((weight, alpha)):
         return _checked_weight_inner(weight, alpha)
-    key = (weight.shape, weight.dtype, weight.device, alpha.shape, alpha.dtype, alpha.device)
-    inner = _PLANS.get(key)
-    if inner is None:
-        inner = _checked_weight_inner(weight, alpha)
-        if len(_PLANS) >= _PLANS_MAX:
-            _PLANS.clear()
-        _PLANS[key] = inner
-    return inner
+    key = ("inner", weight.shape, weight.dtype, weight.device, alpha.shape, alpha.dtype, alpha.device)
+    return _memoized(key, lambda: _checked_weight_inner(weight, alpha))
 
 
 def _checked_weight_inner(weight: Tensor, alpha: Tensor) -> int:
