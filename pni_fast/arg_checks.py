@@ -34,8 +34,8 @@ def _check_alpha(alpha, ref: Tensor, ref_name: str) -> None:
     if alpha.device != ref.device:
         raise ValueError(f"alpha must be on {ref_name}'s device {ref.device}, got {alpha.device}")
     check_alpha_dtype(alpha, ref.dtype, ref_name)
-    if alpha.numel() == 0:
-        raise ValueError("alpha must have at least one element, got an empty tensor")
+    # a zero-size tensor (a layer with 0 output channels) takes the zero-size alpha of its layer's shape
+    op_checks.require(alpha.numel() > 0 or ref.numel() == 0, "alpha_empty", vname=ref_name, alpha_shape=alpha.shape)
 
 
 def _weight_inner(weight: Tensor, alpha: Tensor) -> int:

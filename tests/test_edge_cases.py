@@ -100,6 +100,70 @@ def test_zero_size_weight_with_channelwise_alpha(backend, monkeypatch):
     assert torch.equal(layer.alpha_w.grad, torch.zeros(4, 1))
 
 
+ALL_BACKENDS = pni_fast.available_backends("cpu")  # with triton's interpreter (tests/conftest.py)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS + ["auto"])
+@pytest.mark.parametrize("pni", ["channelwise", "elementwise"])
+def test_zero_output_layers_take_their_zero_size_alpha(backend, pni, monkeypatch):
+    """docs/ops.md: a zero-size tensor is valid with any alpha shape its layer would have, here the
+    zero-size alpha of a layer with 0 output channels; forward and backward run, alpha's gradient is
+    zero-size too."""
+    if backend == "auto":
+        monkeypatch.delenv("PNI_FAST_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("PNI_FAST_BACKEND", backend)
+    layer = pni_fast.NoisyLinear(4, 0, pni=pni, noise="both")
+    assert layer.alpha_w.numel() == 0
+    x = torch.randn(2, 4, requires_grad=True)
+    out = layer(x)
+    assert out.shape == torch.nn.Linear(4, 0)(x).shape == (2, 0)
+    (out.sum() + x.sum()).backward()
+    assert layer.alpha_w.grad.shape == layer.alpha_w.shape and layer.alpha_i.grad is not None
+
+    chosen = None if backend == "auto" else backend
+    w = torch.randn(0, 3, 3, 3, requires_grad=True)
+    a = torch.full((0, 1, 1, 1) if pni == "channelwise" else (0, 3, 3, 3), 0.25, requires_grad=True)
+    out = pni_fast.noisy_weight(w, a, seed=5, backend=chosen)
+    assert out.shape == w.shape
+    out.sum().backward()
+    assert a.grad.shape == a.shape and w.grad.shape == w.shape
+
+    w1, a1 = torch.randn(5, 3, requires_grad=True), torch.full((5, 1), 0.25, requires_grad=True)
+    a.grad = None
+    outs = pni_fast.noisy_weights([w1, w], [a1, a], seed=5, backend=chosen)
+    assert [o.shape for o in outs] == [w1.shape, w.shape]
+    sum(o.sum() for o in outs).backward()
+    assert a.grad.shape == a.shape and a1.grad.shape == a1.shape
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 0))
+    pni_fast.convert(model, pni=pni)  # batched weight noise: one multi-tensor call for both layers
+    model(torch.randn(2, 4)).sum().backward()
+    assert model[1].alpha_w.grad.shape == model[1].alpha_w.shape == (0, 1 if pni == "channelwise" else 3)
+
+
+def test_zero_output_conv_behaves_like_nn_conv2d():
+    """NoisyConv2d(3, 0, 3) does what nn.Conv2d(3, 0, 3) does (torch 2.13 on CPU: its own conv error, not
+    pni_fast's alpha check)."""
+    x = torch.rand(1, 3, 5, 5)
+    try:
+        expected = torch.nn.Conv2d(3, 0, 3)(x).shape
+    except RuntimeError as e:
+        expected = e
+    layer = pni_fast.NoisyConv2d(3, 0, 3, pni="channelwise")
+    if isinstance(expected, Exception):
+        with pytest.raises(type(expected)) as got:
+            layer(x)
+        assert str(got.value) == str(expected)
+    else:
+        assert layer(x).shape == expected
+
+
+def test_empty_alpha_still_refused_for_a_nonempty_tensor():
+    with pytest.raises(ValueError, match=r"alpha must have at least one element \(unless weight is zero-size\)"):
+        pni_fast.noisy_weight(torch.randn(2, 3), torch.empty(0, 1), seed=1)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_counter_limit_is_one_rule(backend):
     w = torch.randn(8)  # 2 counters
