@@ -11,6 +11,11 @@ sys.path, or the active VIRTUAL_ENV / CONDA_PREFIX) and appends its folder to sy
 setup.py builds against exactly that torch. Packages of the build environment (setuptools,
 wheel, ninja) keep precedence. Without any torch, setup.py installs pure Python (the kernels
 then compile just in time on first use). Details and measurements: docs/install.md.
+
+pip shows a backend's output only with ``-v`` or when the build fails. What a successful build
+left out (no torch, a failed optional compile, CUDA kernels not built) is still printed in pip's
+normal output: setup.py hands that one line over (``PNI_FAST_BUILD_NOTICE``) and build_wheel /
+build_editable write it to the terminal pip runs in (``/dev/tty``) as well as to the log.
 """
 
 from __future__ import annotations
@@ -28,6 +33,40 @@ from setuptools.build_meta import build_sdist, get_requires_for_build_sdist  # n
 
 def _log(msg: str) -> None:
     print(f"pni_fast build: {msg}", file=sys.stderr, flush=True)
+
+
+NOTICE_ENV = "PNI_FAST_BUILD_NOTICE"  # pni_fast/_build_config.py NOTICE_ENV (setup.py sets it)
+
+
+def announce(msg: str, tty_path: str = "/dev/tty") -> bool:
+    """Print `msg` where the user sees it: the log (stderr) and, when pip captures that, the terminal.
+
+    pip (show_stdout=False) keeps a successful backend's output for `-v` only; the controlling
+    terminal is the one channel its normal output shares. Returns whether the terminal got it
+    (never under CI without a terminal: there `pip install -v` shows the log line).
+    """
+    line = f"pni_fast: NOTE: {msg}"
+    print(line, file=sys.stderr, flush=True)
+    try:
+        if sys.stderr.isatty():
+            return True  # already on the terminal
+    except (AttributeError, ValueError):
+        pass
+    try:
+        with open(tty_path, "w", encoding="utf-8") as tty:
+            tty.write(f"\n{line}\n")  # pip's spinner line has no newline yet
+        return True
+    except OSError:
+        return False
+
+
+def _build_announced(build, *args):
+    os.environ.pop(NOTICE_ENV, None)  # only what this build says
+    result = build(*args)
+    msg = os.environ.pop(NOTICE_ENV, None)
+    if msg:
+        announce(msg)
+    return result
 
 
 def _site_dirs_of_prefix(prefix: str) -> list[str]:
@@ -109,9 +148,9 @@ def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
     # why; they compile just in time later) instead of failing. Editable (developer) builds fail.
     os.environ.setdefault("PNI_FAST_BUILD_OPTIONAL", "1")
     expose_target_torch()
-    return _setuptools.build_wheel(wheel_directory, config_settings, metadata_directory)
+    return _build_announced(_setuptools.build_wheel, wheel_directory, config_settings, metadata_directory)
 
 
 def build_editable(wheel_directory, config_settings=None, metadata_directory=None):
     expose_target_torch()
-    return _setuptools.build_editable(wheel_directory, config_settings, metadata_directory)
+    return _build_announced(_setuptools.build_editable, wheel_directory, config_settings, metadata_directory)

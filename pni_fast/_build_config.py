@@ -13,13 +13,19 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shlex
+import subprocess
 import sys
 from typing import Optional
 
 # Written next to the built library: the torch it was compiled against. _ext.py refuses to
 # load a library whose stamp names another torch (the C++ ABI is not stable across versions).
 STAMP_NAME = "_C_build.json"
+
+# setup.py puts what it left out of a build (and why) here; the build backend prints it once, where
+# pip's normal output shows it (build_backend/pni_fast_build.py)
+NOTICE_ENV = "PNI_FAST_BUILD_NOTICE"
 
 
 def env_flag(name: str) -> bool:
@@ -79,6 +85,10 @@ def include_dirs(src_dir: str) -> list[str]:
     return [src_dir]
 
 
+class BuildError(RuntimeError):
+    """A build the user asked for cannot be done; the message says why and what to set."""
+
+
 def want_cuda(
     src_dir: str, cuda_available: bool, cuda_home: Optional[str], torch_cuda: Optional[str]
 ) -> tuple[bool, str]:
@@ -86,31 +96,287 @@ def want_cuda(
 
     cuda_available: torch.cuda.is_available(); cuda_home: torch.utils.cpp_extension.CUDA_HOME;
     torch_cuda: torch.version.cuda (None for a CPU-only torch).
+
+    FORCE_CUDA=1 means CUDA kernels or an error: every case that cannot build them raises
+    BuildError with the reason and what to change, never a quiet CPU-only build.
     """
+    force = env_flag("FORCE_CUDA")
+    if force and env_flag("FORCE_ONLY_CPU"):
+        raise BuildError("FORCE_CUDA=1 and FORCE_ONLY_CPU=1 are both set: unset one of them")
     if env_flag("FORCE_ONLY_CPU"):
         return False, "FORCE_ONLY_CPU=1"
     if not cuda_sources(src_dir):
+        if force:
+            raise BuildError(f"FORCE_CUDA=1, but there are no CUDA sources under {os.path.join(src_dir, 'cuda')}")
         return False, "no CUDA sources under csrc/cuda"
     if torch_cuda is None:
-        return False, "this torch has no CUDA support"
-    if env_flag("FORCE_CUDA"):
+        if force:
+            raise BuildError(
+                "FORCE_CUDA=1, but the installed torch is a CPU-only build (torch.version.cuda is None), so no "
+                "CUDA kernels can be compiled against it. Install a CUDA build of torch first (e.g. `pip install "
+                "torch --index-url https://download.pytorch.org/whl/cu130`), or unset FORCE_CUDA for a CPU build."
+            )
+        return False, "this torch has no CUDA support (a CPU-only build)"
+    if cuda_home is None:
+        if force:
+            raise BuildError(
+                "FORCE_CUDA=1, but nvcc was not found: set CUDA_HOME to the CUDA toolkit "
+                f"(the folder holding bin/nvcc, matching torch's CUDA {torch_cuda}) or put nvcc on PATH."
+            )
+        return False, "nvcc not found (set CUDA_HOME)"
+    if force:
         return True, "FORCE_CUDA=1"
     if not cuda_available:
-        return False, "torch sees no GPU (FORCE_CUDA=1 builds the CUDA kernels anyway)"
-    if cuda_home is None:
-        return False, "nvcc not found (CUDA_HOME)"
+        return False, "torch sees no GPU (FORCE_CUDA=1 builds them anyway, for the default architectures)"
     return True, "GPU and nvcc found"
 
 
-def stamp(torch_version: str, with_cuda: bool) -> dict:
-    """What the library was built against (written to STAMP_NAME beside it)."""
-    return {"torch": torch_version, "cuda_kernels": bool(with_cuda), "python": "{}.{}".format(*sys.version_info[:2])}
+# --- CUDA architectures ---------------------------------------------------------------------------
+# Built when no GPU is visible and TORCH_CUDA_ARCH_LIST is unset (e.g. FORCE_CUDA=1 on a build
+# machine): A100 (8.0), RTX 30xx/A10/A40 (8.6), L4/L40/RTX 40xx (8.9), H100/H200 (9.0), B200/GB200
+# (10.0), each as machine code (SASS), plus the PTX of the highest one, which the driver compiles
+# at first use for newer GPUs (B300 10.3, RTX 50xx 12.0, ...). Entries the installed nvcc cannot
+# build are dropped (and recorded). Older GPUs (T4: 7.5, V100: 7.0) need TORCH_CUDA_ARCH_LIST.
+DEFAULT_CUDA_ARCHS = ("8.0", "8.6", "8.9", "9.0", "10.0")
+
+# the family names TORCH_CUDA_ARCH_LIST also accepts (the numbers torch's documentation gives them)
+_NAMED_ARCHS = {
+    "Volta": "7.0+PTX",
+    "Turing": "7.5+PTX",
+    "Ampere": "8.0;8.6+PTX",
+    "Ada": "8.9+PTX",
+    "Hopper": "9.0+PTX",
+    "Blackwell": "10.0;10.3;12.0;12.1+PTX",
+}
+_ARCH_RE = re.compile(r"^(\d+)\.(\d)([af]?)(\+PTX)?$")
 
 
-def write_stamp(lib_dir: str, torch_version: str, with_cuda: bool) -> str:
+def parse_arch_list(text: str) -> list[tuple[str, bool]]:
+    """TORCH_CUDA_ARCH_LIST ("8.0;9.0+PTX", "8.6 9.0", "Hopper") -> [(code, ptx)], e.g. [("80", False), ("90", True)].
+
+    code: major and minor digits plus an optional arch-specific suffix ("90a"); raises BuildError
+    on anything else.
+    """
+    for name, value in _NAMED_ARCHS.items():
+        text = re.sub(rf"\b{name}\b", value, text)
+    out: list[tuple[str, bool]] = []
+    for item in re.split(r"[;\s,]+", text.strip()):
+        if not item:
+            continue
+        m = _ARCH_RE.match(item)
+        if m is None:
+            raise BuildError(
+                f"TORCH_CUDA_ARCH_LIST: cannot read {item!r}; write compute capabilities like "
+                "'8.0;8.6;9.0+PTX' (the GPU's is in `nvidia-smi --query-gpu=compute_cap --format=csv`)"
+            )
+        code = f"{m.group(1)}{m.group(2)}{m.group(3)}"
+        entry = (code, bool(m.group(4)))
+        if entry not in out:
+            out.append(entry)
+    if not out:
+        raise BuildError("TORCH_CUDA_ARCH_LIST is set but names no architecture")
+    return out
+
+
+def _code_number(code: str) -> int:
+    return int(re.match(r"\d+", code).group(0))
+
+
+def _code_text(code: str) -> str:
+    """The compute capability of an arch code: 90 -> 9.0, 100a -> 10.0a."""
+    m = re.match(r"(\d+)(\d)([af]?)$", code)
+    return f"{m.group(1)}.{m.group(2)}{m.group(3)}"
+
+
+def nvcc_path(cuda_home: Optional[str]) -> Optional[str]:
+    if not cuda_home:
+        return None
+    path = os.path.join(cuda_home, "bin", "nvcc.exe" if sys.platform == "win32" else "nvcc")
+    return path if os.path.isfile(path) else None
+
+
+def nvcc_gpu_codes(nvcc: Optional[str]) -> Optional[set[str]]:
+    """The sm_ codes `nvcc --list-gpu-code` can build ({"75", "80", ..., "90a"}); None if unknown."""
+    if nvcc is None:
+        return None
+    try:
+        res = subprocess.run([nvcc, "--list-gpu-code"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    codes = set(re.findall(r"\bsm_(\d+[af]?)\b", res.stdout))
+    return codes if res.returncode == 0 and codes else None
+
+
+def nvcc_version(nvcc: Optional[str]) -> Optional[str]:
+    """The release of `nvcc --version` (e.g. 13.0), None if unknown."""
+    if nvcc is None:
+        return None
+    try:
+        res = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release (\d+\.\d+)", res.stdout)
+    return m.group(1) if m else None
+
+
+def cuda_arch_plan(
+    env_list: Optional[str],
+    visible_caps: list[tuple[int, int]],
+    nvcc_codes: Optional[set[str]],
+    torch_archs: Optional[list[str]] = None,
+) -> dict:
+    """Which architectures the CUDA kernels are compiled for, and why.
+
+    env_list: TORCH_CUDA_ARCH_LIST (None/empty: not set; "native": the visible GPUs);
+    visible_caps: the compute capabilities torch sees ([(9, 0)]); nvcc_codes: nvcc_gpu_codes();
+    torch_archs: torch.cuda.get_arch_list() (["sm_80", ..., "compute_90"]; empty: unknown).
+    Order: TORCH_CUDA_ARCH_LIST, else the visible GPUs, else DEFAULT_CUDA_ARCHS; the default list
+    is filtered by what nvcc builds and by what torch itself runs on.
+    Returns {"arch_list": "8.0;9.0+PTX", "sass": ["sm_80", "sm_90"], "ptx": ["compute_90"],
+    "source": ..., "dropped": [...]}; raises BuildError if nothing is left or an explicitly
+    requested architecture cannot be built.
+    """
+    env_list = (env_list or "").strip()
+    dropped: list[str] = []
+    if env_list and env_list != "native":
+        entries = parse_arch_list(env_list)
+        if nvcc_codes is not None:
+            bad = [_code_text(c) for c, _ in entries if c not in nvcc_codes]
+            if bad:
+                raise BuildError(
+                    f"TORCH_CUDA_ARCH_LIST={env_list} asks for {', '.join(bad)}, which this nvcc cannot build "
+                    f"(it builds {', '.join(_code_text(c) for c in sorted(nvcc_codes, key=_code_number))}): "
+                    "remove them or use a CUDA toolkit that supports them"
+                )
+        source = f"TORCH_CUDA_ARCH_LIST={env_list}"
+    elif visible_caps:
+        codes: list[str] = []
+        for major, minor in visible_caps:
+            code = f"{major}{minor}"
+            if nvcc_codes is not None and code not in nvcc_codes:
+                lower = [c for c in nvcc_codes if c.isdigit() and int(c) <= int(code)]
+                if not lower:
+                    raise BuildError(
+                        f"the visible GPU is {major}.{minor}, which this nvcc cannot build for: use a newer "
+                        "CUDA toolkit (CUDA_HOME) or set TORCH_CUDA_ARCH_LIST"
+                    )
+                dropped.append(f"{major}.{minor} (not built by this nvcc; its PTX of a lower one is used)")
+                code = max(lower, key=int)
+            if code not in codes:
+                codes.append(code)
+        codes.sort(key=_code_number)
+        entries = [(c, i == len(codes) - 1) for i, c in enumerate(codes)]
+        source = "the visible GPU" + ("s" if len(visible_caps) > 1 else "")
+        if env_list == "native":
+            source += " (TORCH_CUDA_ARCH_LIST=native)"
+    else:
+        codes = []
+        for arch in DEFAULT_CUDA_ARCHS:
+            code = arch.replace(".", "")
+            if nvcc_codes is not None and code not in nvcc_codes:
+                dropped.append(f"{arch} (not built by this nvcc)")
+            elif torch_archs and _torch_runs_on(torch_archs, _code_number(code)) is False:
+                dropped.append(f"{arch} (this torch has no kernels for it)")
+            else:
+                codes.append(code)
+        if not codes:
+            raise BuildError(
+                f"no GPU is visible and this nvcc builds none of the default architectures "
+                f"{';'.join(DEFAULT_CUDA_ARCHS)}: set TORCH_CUDA_ARCH_LIST (e.g. TORCH_CUDA_ARCH_LIST=9.0)"
+            )
+        entries = [(c, i == len(codes) - 1) for i, c in enumerate(codes)]
+        source = "the default list (no GPU visible, TORCH_CUDA_ARCH_LIST not set)"
+    return {
+        "arch_list": ";".join(_code_text(c) + ("+PTX" if ptx else "") for c, ptx in entries),
+        "sass": [f"sm_{c}" for c, _ in entries],
+        "ptx": [f"compute_{c}" for c, ptx in entries if ptx],
+        "source": source,
+        "dropped": dropped,
+    }
+
+
+def _torch_runs_on(torch_archs: list[str], code: int) -> bool:
+    """Whether a torch built for `torch_archs` (sm_80, compute_90, ...) runs on a GPU of arch `code`."""
+    plan = {
+        "sass": [a for a in torch_archs if a.startswith("sm_")],
+        "ptx": [a for a in torch_archs if a.startswith("compute_")],
+    }
+    return runs_on(plan, (code // 10, code % 10))[0] != "none"
+
+
+def gencode_flags(plan: dict) -> list[str]:
+    """nvcc -gencode flags of an arch plan: machine code for each entry, PTX for the +PTX ones.
+
+    Passing them explicitly also keeps torch's own arch detection out of the build (without a
+    visible GPU and TORCH_CUDA_ARCH_LIST it raises IndexError in torch <= 2.14).
+    """
+    flags = []
+    for sm in plan["sass"]:
+        code = sm[len("sm_") :]
+        flags.append(f"-gencode=arch=compute_{code},code=sm_{code}")
+    for ptx in plan["ptx"]:
+        code = ptx[len("compute_") :]
+        flags.append(f"-gencode=arch=compute_{code},code=compute_{code}")
+    return flags
+
+
+def nvcc_thread_flags(n_targets: int, n_files: int, cpus: Optional[int]) -> list[str]:
+    """nvcc --threads: compile the architectures of one file in parallel, sharing the CPUs among the files."""
+    threads = max(1, min(n_targets, (cpus or 1) // max(1, n_files)))
+    return [f"--threads={threads}"] if threads > 1 else []
+
+
+def runs_on(plan_or_stamp: dict, capability: tuple[int, int]) -> tuple[str, str]:
+    """How a library with these architectures runs on a GPU of `capability`: (kind, text).
+
+    kind: "sass" (machine code for it, or for a lower minor of the same major: binary compatible),
+    "ptx" (no machine code: the driver JIT-compiles PTX of a lower architecture at first use) or
+    "none" (no kernel image: the CUDA ops fail there).
+    """
+    major, minor = capability
+    target = major * 10 + minor
+    sass = [s[len("sm_") :] for s in plan_or_stamp.get("sass", [])]
+    ptx = [p[len("compute_") :] for p in plan_or_stamp.get("ptx", [])]
+    exact = [c for c in sass if re.fullmatch(rf"{target}[af]?", c)]
+    if exact:
+        return "sass", f"sm_{major}{minor} machine code"
+    compatible = [c for c in sass if c.isdigit() and int(c) // 10 == major and int(c) % 10 <= minor]
+    if compatible:
+        best = max(compatible, key=int)
+        return "sass", f"sm_{best} machine code (binary compatible with sm_{major}{minor})"
+    jit = [c for c in ptx if c.isdigit() and int(c) <= target]
+    if jit:
+        best = max(jit, key=int)
+        return "ptx", (
+            f"no sm_{major}{minor} machine code: the driver JIT-compiles the compute_{best} PTX at first use "
+            f"(a slower first call; rebuild with TORCH_CUDA_ARCH_LIST={major}.{minor} to avoid it)"
+        )
+    return "none", (
+        f"no kernel image for sm_{major}{minor} (built for {', '.join(plan_or_stamp.get('sass', [])) or 'nothing'}): "
+        f"the CUDA kernels cannot run on this GPU; rebuild with TORCH_CUDA_ARCH_LIST={major}.{minor}"
+    )
+
+
+def stamp(torch_version: str, with_cuda: bool, cuda: Optional[dict] = None, not_built: Optional[str] = None) -> dict:
+    """What the library was built against (written to STAMP_NAME beside it).
+
+    cuda: {"arch_list", "sass", "ptx", "source", "dropped", "nvcc"} of a CUDA build (cuda_arch_plan
+    plus the nvcc version); not_built: what was left out and why (e.g. the CUDA kernels without a GPU).
+    """
+    data = {"torch": torch_version, "cuda_kernels": bool(with_cuda), "python": "{}.{}".format(*sys.version_info[:2])}
+    if with_cuda and cuda:
+        data["cuda"] = dict(cuda)
+    if not_built:
+        data["not_built"] = not_built
+    return data
+
+
+def write_stamp(
+    lib_dir: str, torch_version: str, with_cuda: bool, cuda: Optional[dict] = None, not_built: Optional[str] = None
+) -> str:
     path = os.path.join(lib_dir, STAMP_NAME)
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(stamp(torch_version, with_cuda), f)
+        json.dump(stamp(torch_version, with_cuda, cuda, not_built), f)
         f.write("\n")
     return path
 
