@@ -28,10 +28,20 @@ from typing import Optional
 
 from . import _build_config
 
-__all__ = ["load", "is_loaded", "available", "has_cuda", "has_op", "status_message", "source_dir"]
+__all__ = [
+    "load",
+    "is_loaded",
+    "available",
+    "has_cuda",
+    "has_op",
+    "status_message",
+    "source_dir",
+    "build_archs",
+    "gpu_arch_warnings",
+]
 
 _lock = threading.Lock()
-_state: dict = {"loaded": None, "msg": "not loaded yet", "warned": False}
+_state: dict = {"loaded": None, "msg": "not loaded yet", "warned": False, "lib_dir": None, "jit_cuda": None}
 _op_cache: dict = {}
 
 
@@ -154,9 +164,11 @@ def _load_aot() -> tuple[bool, str]:
             return False, f"{reason}; installed {path} failed to load ({type(exc2).__name__}: {exc2})"
         if not _ops_registered():
             return False, f"{reason}; installed {path} registered no CPU kernels"
+        _state["lib_dir"] = os.path.dirname(path)
         return True, f"installed ahead-of-time build {path}"
     if not _ops_registered():
         return False, "pni_fast._C imported but registered no CPU kernels"
+    _state["lib_dir"] = here
     return True, "pni_fast._C (ahead-of-time build)"
 
 
@@ -165,6 +177,25 @@ def _jit_name(with_cuda: bool) -> str:
 
     tag = re.sub(r"[^0-9A-Za-z]+", "_", torch.__version__)
     return f"pni_fast_C_torch{tag}" + ("_cuda" if with_cuda else "_cpu")
+
+
+def _cuda_arch_plan(cuda_home: Optional[str]) -> dict:
+    """The GPU architectures of a CUDA build (the same rule as setup.py: pni_fast/_build_config.py)."""
+    import torch
+
+    nvcc = _build_config.nvcc_path(cuda_home)
+    caps = []
+    if torch.cuda.is_available():
+        caps = [tuple(torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())]
+    try:
+        torch_archs = list(torch.cuda.get_arch_list())
+    except Exception:  # noqa: BLE001
+        torch_archs = []
+    plan = _build_config.cuda_arch_plan(
+        os.environ.get("TORCH_CUDA_ARCH_LIST"), caps, _build_config.nvcc_gpu_codes(nvcc), torch_archs
+    )
+    plan["nvcc"] = _build_config.nvcc_version(nvcc)
+    return plan
 
 
 def _load_jit() -> tuple[bool, str]:
@@ -181,8 +212,12 @@ def _load_jit() -> tuple[bool, str]:
             src, torch.cuda.is_available(), cpp_extension.CUDA_HOME, torch.version.cuda
         )[0]
         sources = _build_config.cpu_sources(src)
+        cuda_flags = _build_config.nvcc_flags()
         if with_cuda:
             sources += _build_config.cuda_sources(src)
+            plan = _cuda_arch_plan(cpp_extension.CUDA_HOME)
+            cuda_flags = cuda_flags + _build_config.gencode_flags(plan)
+            _state["jit_cuda"] = plan
         name = _jit_name(with_cuda)
         print(
             f"pni_fast: compiling the C++ kernels ({'CPU + CUDA' if with_cuda else 'CPU'}) for torch "
@@ -194,7 +229,7 @@ def _load_jit() -> tuple[bool, str]:
             name=name,
             sources=sources,
             extra_cflags=_build_config.cxx_flags() + [f"-D{k}={v}" for k, v in _build_config.define_macros(with_cuda)],
-            extra_cuda_cflags=_build_config.nvcc_flags(),
+            extra_cuda_cflags=cuda_flags,
             extra_ldflags=_build_config.ld_flags(),
             extra_include_paths=_build_config.include_dirs(src),
             with_cuda=with_cuda,
@@ -289,13 +324,69 @@ def has_op(name: str, device: str = "cpu") -> bool:
     return found
 
 
+def build_archs() -> Optional[dict]:
+    """The GPU architectures of the loaded CUDA kernels ({"arch_list", "sass", "ptx", "source", ...}).
+
+    From the build stamp of the ahead-of-time library, or the plan of this process's JIT build;
+    None without CUDA kernels or for a library without that record (an older build).
+    """
+    if not has_cuda():
+        return None
+    if _state["jit_cuda"] is not None:
+        return _state["jit_cuda"]
+    data = _build_config.read_stamp(_state["lib_dir"]) if _state["lib_dir"] else None
+    cuda = (data or {}).get("cuda")
+    return cuda if isinstance(cuda, dict) else None
+
+
+def _not_built_note() -> str:
+    data = _build_config.read_stamp(_state["lib_dir"]) if _state["lib_dir"] else None
+    note = (data or {}).get("not_built")
+    return f" ({note})" if note else ""
+
+
+def gpu_arch_warnings() -> list[str]:
+    """One line per visible GPU that has no machine code in the loaded CUDA kernels.
+
+    PTX of a lower architecture still runs there (the driver compiles it at first use, a slower
+    first call); without that the CUDA ops cannot run on it. Initializes CUDA: called by
+    status_message (``python -m pni_fast info``), never at import.
+    """
+    archs = build_archs()
+    if archs is None:
+        return []
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    out = []
+    for i in range(torch.cuda.device_count()):
+        kind, text = _build_config.runs_on(archs, tuple(torch.cuda.get_device_capability(i)))
+        if kind != "sass":
+            out.append(f"WARNING: cuda:{i} ({torch.cuda.get_device_name(i)}): {text}")
+    return out
+
+
 def status_message() -> str:
-    """One line saying where the C++ ops came from, or why they are unavailable."""
+    """One line saying where the C++ ops came from, or why they are unavailable.
+
+    With CUDA kernels it names their GPU architectures and warns about a visible GPU without
+    machine code among them (see :func:`gpu_arch_warnings`).
+    """
     load()
     extra = ""
     if _state["loaded"]:
         if has_cuda():
-            extra += " with CUDA kernels"
+            archs = build_archs()
+            if archs is None:
+                extra += " with CUDA kernels (architectures not recorded: an older build)"
+            else:
+                ptx = f" + PTX {', '.join(archs.get('ptx', []))}" if archs.get("ptx") else ""
+                extra += f" with CUDA kernels for {', '.join(archs.get('sass', []))}{ptx} ({archs.get('source', '?')})"
+            for line in gpu_arch_warnings():
+                extra += f"; {line}"
+        else:
+            extra += _not_built_note()
         try:
             import torch
 
