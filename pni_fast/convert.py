@@ -49,6 +49,13 @@ SUPPORTED_LAYERS: tuple[type, ...] = (nn.Linear, nn.modules.conv._ConvNd)
 SkipSpec = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
 
 
+def _check_flags(**flags: Any) -> None:
+    """Refuse a non-bool flag (``batch_noise="no"`` is truthy: it would install batching), naming it."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"convert: {name} must be True or False, got {value!r} ({type(value).__name__})")
+
+
 def _skip_predicate(skip: SkipSpec) -> Callable[[str, nn.Module], bool]:
     """``skip`` as a predicate on (qualified name, module).
 
@@ -193,6 +200,7 @@ def convert(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    _check_flags(report=report, verbose=verbose, batch_noise=batch_noise)
     check_pni(pni)
     check_noise(noise)
     check_alpha_init(alpha_init)

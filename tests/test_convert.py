@@ -188,6 +188,18 @@ def test_convert_bad_input_and_warnings():
         convert(nn.Sequential(nn.Conv2d(1, 1, 1)), layers=nn.Linear)
 
 
+@pytest.mark.parametrize("flag", ["report", "verbose", "batch_noise"])
+@pytest.mark.parametrize("value", ["no", "yes", 1, 0, None])
+def test_convert_refuses_non_bool_flags(flag, value):
+    """``batch_noise="no"`` is truthy: it would install batching. Every flag must be a bool, and the
+    check comes before any change to the model."""
+    model = nn.Sequential(nn.Linear(2, 2))
+    with pytest.raises(TypeError, match=f"convert: {flag} must be True or False, got {value!r}"):
+        convert(model, **{flag: value})
+    assert type(model[0]) is nn.Linear and not model._forward_pre_hooks
+    convert(model, **{flag: False})  # a bool passes
+
+
 def test_strip_noise_injection_and_deepcopy_of_converted():
     model = nn.Sequential(nn.Conv2d(1, 2, 3), NoiseInjection(2, pni="channelwise"))
     convert(model)
