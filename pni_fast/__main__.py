@@ -1,4 +1,4 @@
-"""``python -m pni_fast``: see pni_fast/cli.py (demo, train, eval, info, bench)."""
+"""``python -m pni_fast``: see pni_fast/cli.py (demo, train, eval, rng-stream, info, bench)."""
 
 import sys
 

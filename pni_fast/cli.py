@@ -1,7 +1,8 @@
-"""Command line: ``python -m pni_fast {demo,train,eval,info,bench}``.
+"""Command line: ``python -m pni_fast {demo,train,eval,rng-stream,info,bench}``.
 
 The toolkit's subcommands live in `pni_fast.robust` (``cli_demo``, ``cli_train``, ``cli_eval``: each
-adds its options and runs); this module builds the parser, runs ``info`` and ``bench`` and
+adds its options and runs;
+``rng-stream`` is `pni_fast.robust.rng_stream`); this module builds the parser, runs ``info`` and ``bench`` and
 dispatches. ``demo`` is the one-command tour (see `pni_fast.robust.cli_demo`).
 """
 
@@ -17,10 +18,11 @@ from typing import Optional
 import torch
 
 from .models import DigitsCNN, build_model
-from .robust import cli_demo, cli_eval, cli_train
+from .robust import cli_demo, cli_eval, cli_train, rng_stream
 from .robust.cli_demo import run_demo
 from .robust.cli_eval import run_eval
 from .robust.cli_train import run_train
+from .robust.rng_stream import run_rng_stream
 
 __all__ = ["main", "build_parser", "DigitsCNN", "build_model", "run_demo", "run_train", "run_eval"]
 
@@ -58,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for command in (cli_demo, cli_train, cli_eval):
+    for command in (cli_demo, cli_train, cli_eval, rng_stream):
         command.add_parser(sub, _HelpFormatter)
     sub.add_parser(
         "info",
@@ -116,7 +118,13 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"demo": run_demo, "train": run_train, "eval": run_eval, "info": run_info}
+_COMMANDS = {
+    "demo": run_demo,
+    "train": run_train,
+    "eval": run_eval,
+    "info": run_info,
+    "rng-stream": run_rng_stream,
+}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
