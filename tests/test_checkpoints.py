@@ -366,3 +366,22 @@ def test_ctrl_c_names_the_checkpoint_and_the_exact_resume_command(tmp_path, caps
     hist = json.loads((out / "history.json").read_text())
     strip = lambda hs: [{k: v for k, v in h.items() if k != "time_s"} for h in hs]  # noqa: E731
     assert strip(hist) == strip(ref), "the resumed run differs from an uninterrupted one"
+
+
+def test_resume_with_another_noise_kind_is_a_one_line_error(tmp_path, capsys):
+    """--noise both adds alpha_i parameters: resuming a weight-noise run with it is the same one-line
+    error as a --pni/--model mismatch, not load_state_dict's traceback (and back)."""
+    out = str(tmp_path / "run")
+    common = ["train", "--limit-train", "64", "--eval-samples", "8", "--no-adv", "--no-progress", "--out", out]
+    assert main([*common, "--epochs", "1", "--pni", "layerwise"]) == 0
+    capsys.readouterr()
+    resume = [*common, "--epochs", "2", "--resume", out]
+    err = _one_line_error(capsys, [*resume, "--pni", "layerwise", "--noise", "both"])
+    assert "holds digits_cnn pni=layerwise noise=weight, but --model digits_cnn --pni layerwise --noise both" in err
+    err = _one_line_error(capsys, [*resume, "--pni", "channelwise"])
+    assert "holds digits_cnn pni=layerwise noise=weight, but --model digits_cnn --pni channelwise" in err
+    assert main([*common, "--epochs", "1", "--pni", "layerwise", "--noise", "both", "--overwrite"]) == 0
+    capsys.readouterr()
+    err = _one_line_error(capsys, [*resume, "--pni", "layerwise", "--noise", "weight"])
+    assert "pni=layerwise noise=both, but --model digits_cnn --pni layerwise --noise weight" in err
+    assert main([*resume, "--pni", "layerwise", "--noise", "both"]) == 0  # the matching flags resume

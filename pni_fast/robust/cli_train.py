@@ -172,10 +172,13 @@ def _run_train(args: argparse.Namespace, device: torch.device, main_rank: bool) 
     if args.resume:
         ckpt = load_checkpoint(args.resume)
         old = ckpt.get("model_spec") or {}
-        if old and (old.get("arch"), old.get("pni")) != (spec["arch"], spec["pni"]):
+        # the noise kind only matters with PNI: "both" adds alpha_i parameters the state_dict must hold
+        held = (old.get("arch"), old.get("pni"), old.get("noise", "weight") if old.get("pni") else None)
+        if old and held != (spec["arch"], spec["pni"], spec["noise"] if spec["pni"] else None):
             raise ValueError(
-                f"--resume checkpoint holds {old.get('arch')} pni={old.get('pni')}, "
-                f"but --model {spec['arch']} --pni {args.pni} was asked"
+                f"--resume checkpoint holds {held[0]} pni={held[1]}{f' noise={held[2]}' if held[2] else ''}, "
+                f"but --model {spec['arch']} --pni {args.pni}{f' --noise {args.noise}' if spec['pni'] else ''} "
+                "was asked"
             )
         if int(ckpt["epoch"]) >= args.epochs:
             say(
