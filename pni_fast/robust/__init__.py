@@ -8,16 +8,19 @@ extra (``pip install 'pni_fast[robust]'``: scikit-learn, tqdm, matplotlib), Auto
 Square need torchattacks (``pip install --no-deps torchattacks``). A missing one is an ImportError
 that names the install.
 
-Modules: `attacks` (FGSM, PGD, EOT-PGD, CW), `interop` (torchattacks' AutoAttack-rand and Square),
-`evaluate`, `train` (+ `config`, `epoch`), `data`, `checkpoint`, `modes` (train/eval switching),
-`checks` (argument rules), and the subcommands `cli_demo`, `cli_train`, `cli_eval`.
+Modules: `attacks` (FGSM, PGD, EOT-PGD, CW), `interop` (torchattacks' AutoAttack-rand and Square, and
+EOT-Square), `evaluate` (mean +/- std and worst-of-k accuracy), `montecarlo` (`predict`: Monte-Carlo
+prediction, and its accuracy against k), `train` (+ `config`, `epoch`), `data`, `checkpoint`, `modes`
+(train/eval switching), `checks` (argument rules), and the subcommands `cli_demo`, `cli_train`,
+`cli_eval` and `rng_stream` (the raw Philox words for outside test batteries).
 """
 
 from . import attacks, checkpoint, data, evaluate, interop, train
-from .attacks import autoattack_rand, carlini_wagner_l2, eot_pgd, fgsm, pgd, square_attack
+from .attacks import autoattack_rand, carlini_wagner_l2, eot_pgd, eot_square_attack, fgsm, pgd, square_attack
 from .config import TrainConfig
 from .evaluate import AttackSpec, EvalResult, format_results
 from .modes import attack_mode, model_mode
+from .montecarlo import SamplesCurve, accuracy_vs_samples, predict
 
 __all__ = [
     "attacks",
@@ -32,6 +35,10 @@ __all__ = [
     "carlini_wagner_l2",
     "autoattack_rand",
     "square_attack",
+    "eot_square_attack",
+    "predict",
+    "accuracy_vs_samples",
+    "SamplesCurve",
     "AttackSpec",
     "EvalResult",
     "format_results",

@@ -22,7 +22,7 @@ batch). All attacks:
   ``param.grad``) and every buffer (BatchNorm running statistics are put back
   even if a ``"train"``/``"current"`` attack ran train-mode forwards).
 
-AutoAttack-rand and Square (through torchattacks) live in `pni_fast.robust.interop`
+AutoAttack-rand, Square and EOT-Square (through torchattacks) live in `pni_fast.robust.interop`
 under the same rules; they are re-exported here.
 """
 
@@ -44,6 +44,7 @@ __all__ = [
     "carlini_wagner_l2",
     "autoattack_rand",
     "square_attack",
+    "eot_square_attack",
     "attack_mode",
     "model_mode",
     "resolve_targets",
@@ -359,4 +360,4 @@ def carlini_wagner_l2(
         return best_adv
 
 
-from .interop import autoattack_rand, square_attack  # noqa: E402  (they use this module's checks)
+from .interop import autoattack_rand, eot_square_attack, square_attack  # noqa: E402  (they use this module's checks)

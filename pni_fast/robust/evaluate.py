@@ -10,9 +10,19 @@ random starts and searches of AutoAttack-rand and Square) is seeded with the
 spec's fixed seed in every repeat, so the spread comes from the model's noise
 alone; a deterministic model gets std exactly 0.
 
+Worst-of-k: a noisy model can classify one adversarial example correctly on one
+pass and wrongly on the next. Next to the mean (each attacked example classified
+by one noisy pass), every result carries the worst-of-k accuracy: the attacked
+example is classified by k noisy passes (``worst_of=k``, default 10; the first is
+the pass behind the mean) and counts as correct only if all k are correct. It
+applies to every attack and to clean accuracy, so AutoAttack-rand's final
+verdict is re-evaluated over k draws too. A deterministic model gets the same
+number twice; for a randomized one, worst-of-k <= mean in every repeat.
+
 Randomized defenses are judged with AutoAttack's ``rand`` version (APGD-CE +
-APGD-DLR with EOT) and the gradient-free Square attack, next to PGD and
-EOT-PGD; both run through torchattacks, an optional dependency.
+APGD-DLR with EOT), the gradient-free Square attack and EOT-Square (Square
+deciding on the margin averaged over m noisy passes), next to PGD and EOT-PGD;
+the last three run through torchattacks, an optional dependency.
 """
 
 from __future__ import annotations
@@ -35,7 +45,8 @@ from .modes import model_mode
 
 __all__ = ["AttackSpec", "EvalResult", "evaluate", "format_results", "accuracy"]
 
-_KINDS = ("clean", "fgsm", "pgd", "eot-pgd", "cw", "autoattack-rand", "square")
+_KINDS = ("clean", "fgsm", "pgd", "eot-pgd", "cw", "autoattack-rand", "square", "eot-square")
+WORST_OF = 10  # evaluate's default k: noisy passes behind the worst-of-k accuracy
 
 
 def _fmt_eps(v: float) -> str:
@@ -48,13 +59,14 @@ def _fmt_eps(v: float) -> str:
 
 @dataclass(frozen=True)
 class AttackSpec:
-    """One attack with all of its settings; ``kind`` in clean, fgsm, pgd, eot-pgd, cw, autoattack-rand, square.
+    """One attack with all of its settings; ``kind`` in clean, fgsm, pgd, eot-pgd, cw, autoattack-rand, square,
+    eot-square.
 
     ``seed`` seeds the attack's own randomness, the same in every repeat (PGD: the generator of the
     random start; autoattack-rand and square: torchattacks' seed). autoattack-rand uses ``steps``,
     ``restarts`` and ``eot_samples`` (>= 2; AutoAttack uses 100 steps x 20 samples); square uses
-    ``n_queries``, ``p_init`` and ``restarts``. Both need ``pip install torchattacks`` and image batches
-    [N, C, H, W].
+    ``n_queries``, ``p_init`` and ``restarts``; eot-square those and ``eot_samples`` (m >= 2, the noisy
+    passes behind each margin). These three need ``pip install torchattacks`` and image batches [N, C, H, W].
     """
 
     kind: str = "pgd"
@@ -79,6 +91,11 @@ class AttackSpec:
         check_choice("kind", self.kind, _KINDS)
         if self.kind == "eot-pgd" and self.eot_samples < 2:
             raise ValueError(f"eot-pgd needs eot_samples >= 2, got {self.eot_samples}")
+        if self.kind == "eot-square" and self.eot_samples < 2:
+            raise ValueError(
+                f"eot-square needs eot_samples >= 2 (m noisy passes per margin; m=1 is kind='square'), "
+                f"got {self.eot_samples}"
+            )
         if self.kind == "autoattack-rand" and self.eot_samples < 2:
             raise ValueError(
                 f"autoattack-rand needs eot_samples >= 2 (AutoAttack's rand version uses 20), got {self.eot_samples}"
@@ -101,6 +118,8 @@ class AttackSpec:
             return f"AA-rand-{self.steps}x{self.eot_samples}"
         if self.kind == "square":
             return f"Square-{self.n_queries}"
+        if self.kind == "eot-square":
+            return f"EOT-Square-{self.n_queries}x{self.eot_samples}"
         base = f"PGD-{self.steps}"
         return f"EOT-{base}x{self.eot_samples}" if self.kind == "eot-pgd" else base
 
@@ -130,6 +149,13 @@ class AttackSpec:
                 f"{self.name}: Square (gradient-free, margin loss; torchattacks): {norm} eps={eps}, "
                 f"queries={self.n_queries}, p_init={self.p_init:g}, restarts={self.restarts}, seed={self.seed}, "
                 f"targets={self.targets}"
+            )
+        if self.kind == "eot-square":
+            return (
+                f"{self.name}: EOT-Square (Square whose acceptance test, stopping rule and restart verdicts use the "
+                f"margin averaged over m={self.eot_samples} noisy passes; torchattacks' search): {norm} eps={eps}, "
+                f"queries={self.n_queries} (x{self.eot_samples} forward passes), p_init={self.p_init:g}, "
+                f"restarts={self.restarts}, seed={self.seed}, targets={self.targets}"
             )
         step = _fmt_eps(self.alpha) if self.norm == "linf" else f"{self.alpha:g}"
         return (
@@ -171,6 +197,20 @@ class AttackSpec:
                 seed=self.seed,
                 targets=self.targets,
             )
+        if self.kind == "eot-square":
+            return _attacks.eot_square_attack(
+                model,
+                x,
+                y,
+                eps=self.eps,
+                norm=self.norm,
+                n_queries=self.n_queries,
+                eot_samples=self.eot_samples,
+                p_init=self.p_init,
+                restarts=self.restarts,
+                seed=self.seed,
+                targets=self.targets,
+            )
         if self.kind == "square":
             return _attacks.square_attack(
                 model,
@@ -200,21 +240,43 @@ class AttackSpec:
         )
 
 
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    mean = float(statistics.fmean(values)) if values else math.nan
+    return mean, float(statistics.pstdev(values)) if len(values) > 1 else 0.0
+
+
 @dataclass
 class EvalResult:
-    """Accuracy of one attack over R noisy evaluations, with the attack's settings."""
+    """Accuracy of one attack over R noisy evaluations, with the attack's settings.
+
+    ``accuracies[r]``: repeat r's accuracy, each attacked example classified by one noisy pass;
+    ``worst_accuracies[r]``: repeat r's worst-of-k accuracy (``worst_of`` = k passes, all correct). Without
+    ``worst_accuracies`` (k = 1) the two are the same. ``mean``/``std`` and ``worst``/``worst_std`` summarize them.
+    """
 
     attack: str
     settings: dict[str, object]
     description: str
     accuracies: list[float]
     n_examples: int
+    worst_accuracies: Optional[list[float]] = None
+    worst_of: int = 1
     mean: float = field(init=False)
     std: float = field(init=False)
+    worst: float = field(init=False)
+    worst_std: float = field(init=False)
 
     def __post_init__(self) -> None:
-        self.mean = float(statistics.fmean(self.accuracies)) if self.accuracies else math.nan
-        self.std = float(statistics.pstdev(self.accuracies)) if len(self.accuracies) > 1 else 0.0
+        if self.worst_accuracies is None:
+            if self.worst_of != 1:
+                raise ValueError(f"worst_accuracies is required when worst_of={self.worst_of} > 1")
+            self.worst_accuracies = list(self.accuracies)
+        if len(self.worst_accuracies) != len(self.accuracies):
+            raise ValueError(
+                f"worst_accuracies has {len(self.worst_accuracies)} values for {len(self.accuracies)} repeats"
+            )
+        self.mean, self.std = _mean_std(self.accuracies)
+        self.worst, self.worst_std = _mean_std(self.worst_accuracies)
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -275,13 +337,16 @@ def evaluate(
     repeats: int = 5,
     batch_size: int = 256,
     device: Union[str, torch.device, None] = None,
+    worst_of: int = WORST_OF,
 ) -> list[EvalResult]:
     """Accuracy of ``model`` on ``data`` under each attack, repeated ``repeats`` times.
 
     The model runs in eval mode (PNI noise stays on unless switched off by the
     caller), attacks included, and every submodule's mode is restored afterwards. In each repeat every batch is
-    attacked afresh and the adversarial batch is classified by one more noisy
-    forward pass. Batches are streamed: one is on the device at a time.
+    attacked afresh and the adversarial batch is classified by ``worst_of`` = k more noisy
+    forward passes: the first gives the accuracy behind mean +/- std, all k together the
+    worst-of-k accuracy (an example counts as correct only if all k passes classify it
+    correctly). Batches are streamed: one is on the device at a time.
 
     Args:
         data: a `Split` or an (x, y) pair of tensors (cut into ``batch_size`` batches), or a re-iterable of
@@ -291,8 +356,12 @@ def evaluate(
             stream (not the validity) relative to the same batches held in memory.
         attacks: AttackSpec list; ``AttackSpec("clean")`` for clean accuracy.
         repeats: R, the number of noisy evaluations behind mean +/- std.
+        worst_of: k, the noisy passes that classify each attacked example for the worst-of-k accuracy
+            (default 10; 1 leaves it equal to the mean). They cost k forward passes per batch, little next to
+            an attack.
     """
     check_int("repeats", repeats, 1)
+    check_int("worst_of", worst_of, 1)
     check_int("batch_size", batch_size, 1)
     for a in attacks:
         if not isinstance(a, AttackSpec):
@@ -324,14 +393,18 @@ def evaluate(
     n: Optional[int] = None
     with model_mode(model, "eval"):
         for spec in attacks:
-            accs = []
+            accs, worst_accs = [], []
             for _ in range(repeats):
                 gen = torch.Generator(device="cpu").manual_seed(spec.seed)
-                correct = seen = 0
+                correct = all_correct = seen = 0
                 for xb, yb in _batches(data, batch_size, device):
                     xa = spec.run(model, xb, yb, gen)
                     with torch.no_grad():
-                        correct += int((model(xa).argmax(1) == yb).sum().item())
+                        ok = model(xa).argmax(1) == yb
+                        correct += int(ok.sum().item())
+                        for _ in range(worst_of - 1):
+                            ok &= model(xa).argmax(1) == yb
+                        all_correct += int(ok.sum().item())
                     seen += int(yb.shape[0])
                 if n is None:
                     if seen == 0:
@@ -343,19 +416,37 @@ def evaluate(
                         "examples on every pass (a DataLoader with drop_last or a changing sampler?)"
                     )
                 accs.append(correct / n)
+                worst_accs.append(all_correct / n)
             settings = asdict(spec)
-            results.append(EvalResult(spec.name, settings, spec.describe(), accs, n))
+            results.append(EvalResult(spec.name, settings, spec.describe(), accs, n, worst_accs, worst_of))
     return results
 
 
-def format_results(rows: dict[str, list[EvalResult]], repeats: Optional[int] = None) -> str:
-    """A plain-text table: one row per model, one column per attack, cells 'mean +/- std' in %."""
+def format_results(
+    rows: dict[str, list[EvalResult]], repeats: Optional[int] = None, worst: Optional[bool] = None
+) -> str:
+    """A plain-text table: one row per model; per attack a column 'mean +/- std' in % and, when any result was
+    classified over k > 1 noisy passes (or ``worst=True``), a column 'worst-k' with the worst-of-k accuracy;
+    the definitions and every attack's settings are printed under it."""
     if not rows:
         return "(no results)"
     first = next(iter(rows.values()))
-    cols = [r.attack for r in first]
+    ks = sorted({r.worst_of for v in rows.values() for r in v})
+    show_worst = ks != [1] if worst is None else bool(worst)
+    worst_title = f"worst-{ks[0]}" if len(ks) == 1 else "worst-k"
+    cols: list[str] = []
+    for r in first:
+        cols.append(r.attack)
+        if show_worst:
+            cols.append(worst_title)
     name_w = max(len("model"), *(len(k) for k in rows))
-    cells = {k: [f"{100 * r.mean:5.1f} +/- {100 * r.std:4.1f}" for r in v] for k, v in rows.items()}
+    cells: dict[str, list[str]] = {}
+    for k, v in rows.items():
+        cells[k] = []
+        for r in v:
+            cells[k].append(f"{100 * r.mean:5.1f} +/- {100 * r.std:4.1f}")
+            if show_worst:
+                cells[k].append(f"{100 * r.worst:5.1f}")
     col_w = [max(len(c), *(len(cells[k][i]) for k in rows)) for i, c in enumerate(cols)]
     lines = ["  ".join(["model".ljust(name_w)] + [c.rjust(w) for c, w in zip(cols, col_w)])]
     lines.append("  ".join(["-" * name_w] + ["-" * w for w in col_w]))
@@ -371,6 +462,16 @@ def format_results(rows: dict[str, list[EvalResult]], repeats: Optional[int] = N
         lines.append(
             f"accuracy in % on {first[0].n_examples} test images, mean +/- std over R noisy evaluations "
             f"({per}; a model without noise gives the same answer every time, so R=1 and std 0 for it)"
+        )
+    if show_worst:
+        k = str(ks[0]) if len(ks) == 1 else "k"
+        lines.append(
+            f"{worst_title}: worst-of-{k} accuracy (mean over R): an attacked example counts as correct only if all "
+            f"{k} noisy passes that classify it are correct"
+        )
+        lines.append(
+            "  (the first of them gives mean +/- std); for clean accuracy and every attack, AA-rand's final verdict "
+            "included; a model without noise scores the same in both"
         )
     for res in first:
         lines.append(f"  {res.description}")
