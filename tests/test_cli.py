@@ -41,7 +41,7 @@ def test_demo_quick_end_to_end(tmp_path):
     assert (out / "pgdat_pniw" / "checkpoint.pt").is_file()
     cols = [r_["attack"] for r_ in plain]
     if importlib.util.find_spec("torchattacks") is not None:  # AutoAttack-rand and Square at --quick's sizes
-        assert cols == ["clean", "PGD-2", "EOT-PGD-2x2", "AA-rand-2x2", "Square-10"]
+        assert cols == ["clean", "PGD-2", "EOT-PGD-2x2", "AA-rand-2x2", "Square-10", "EOT-Square-10x2"]
         assert "APGD-CE, then APGD-DLR" in r.stdout and "queries=10" in r.stdout
     else:
         assert cols == ["clean", "PGD-2", "EOT-PGD-2x2"] and "torchattacks is not installed" in r.stderr
