@@ -61,6 +61,14 @@
 #define PNI_CHECK_LIST_LENGTHS(cond, prefix, lists, n_v, n_alpha, n_sigma, n_offset, n_inner) \
   TORCH_CHECK_VALUE(cond, prefix, lists, ", alphas, sigmas, offsets and inners must have the same length, got ", n_v, ", ", n_alpha, ", ", n_sigma, ", ", n_offset, ", ", n_inner)
 
+// seeds_length: ValueError
+#define PNI_CHECK_SEEDS_LENGTH(cond, prefix, n_v, n_seeds) \
+  TORCH_CHECK_VALUE(cond, prefix, "seeds must hold 1 seed or one per tensor (", n_v, "), got ", n_seeds)
+
+// seeds_rng_state: ValueError
+#define PNI_CHECK_SEEDS_RNG_STATE(cond, prefix, n_seeds) \
+  TORCH_CHECK_VALUE(cond, prefix, "seeds must hold 1 seed when rng_state is given (rng_state[0] is every tensor's key), got ", n_seeds)
+
 // tensor_finite: ValueError
 #define PNI_CHECK_TENSOR_FINITE(cond, prefix, name) \
   TORCH_CHECK_VALUE(cond, prefix, name, " contains NaN or Inf, so its std (PNI's noise scale) is not finite; fix the tensor before injecting noise")

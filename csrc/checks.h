@@ -147,6 +147,16 @@ inline void check_multi_lengths(const char* op, const char* list, size_t nv, siz
                          no, ni);
 }
 
+// The seeds of a list op: one shared by every tensor, or one per tensor (nv); exactly one with
+// rng_state (whose seed is then every tensor's key).
+inline void check_multi_seeds(const char* op, size_t nv, size_t n_seeds, bool has_state) {
+  PNI_CHECK_SEEDS_LENGTH(n_seeds == 1 || n_seeds == nv, std::string(op) + ": ", nv, n_seeds);
+  PNI_CHECK_SEEDS_RNG_STATE(!has_state || n_seeds == 1, std::string(op) + ": ", n_seeds);
+}
+
+// Tensor i's seed of a list op (seeds checked by check_multi_seeds).
+inline int64_t seed_of(at::IntArrayRef seeds, size_t i) { return seeds.size() == 1 ? seeds[0] : seeds[i]; }
+
 inline void check_perturb_args(const at::Tensor& v, const at::Tensor& alpha, const at::Tensor& sigma,
                                int64_t seed, int64_t offset, int64_t inner, const char* vname,
                                const std::string& prefix = "") {

@@ -54,12 +54,15 @@ TORCH_LIBRARY(pni_fast, m) {
       "perturb_alpha_grad(Tensor grad, Tensor alpha, Tensor sigma, SymInt seed, int offset, int inner, "
       "Tensor? rng_state=None) -> Tensor",
       tags);
+  // perturb / perturb_alpha_grad of each tensor k with counters offsets[k].. and the Philox key
+  // seeds[k], or seeds[0] for every tensor when seeds holds one seed (rng_state given: exactly one
+  // seed, unused; the state's seed is every tensor's key).
   m.def(
-      "perturb_multi(Tensor[] vs, Tensor[] alphas, Tensor[] sigmas, SymInt seed, int[] offsets, int[] inners, "
+      "perturb_multi(Tensor[] vs, Tensor[] alphas, Tensor[] sigmas, SymInt[] seeds, int[] offsets, int[] inners, "
       "Tensor? rng_state=None) -> Tensor[]",
       tags);
   m.def(
-      "perturb_alpha_grad_multi(Tensor[] grads, Tensor[] alphas, Tensor[] sigmas, SymInt seed, int[] offsets, "
+      "perturb_alpha_grad_multi(Tensor[] grads, Tensor[] alphas, Tensor[] sigmas, SymInt[] seeds, int[] offsets, "
       "int[] inners, Tensor? rng_state=None) -> Tensor[]",
       tags);
   // Unbiased std of all of v's elements as a 0-d tensor (float32; float64 for float64
@@ -73,7 +76,8 @@ TORCH_LIBRARY(pni_fast, m) {
   m.def("sigma_multi(Tensor[] vs) -> Tensor", tags);
   // The eager fast path of the Python layer on CPU (csrc/cpu/noisy_cpu.cpp): sigma, the finite
   // checks, a seed (given, or drawn from `generator` / torch's default CPU generator like
-  // torch.randint), then perturb / perturb_multi, with a C++ autograd node whose backward is
+  // torch.randint; noisy_multi: seeds as perturb_multi's, or None: one drawn seed shared by every
+  // tensor), then perturb / perturb_multi, with a C++ autograd node whose backward is
   // perturb_alpha_grad(_multi). noisy_multi keeps the noise for the backward when the tensors hold
   // at most save_noise_max elements in all (same results; pni_fast/fused.py sets the limit). Not
   // pure (it advances a generator): no tag, no fake kernel; torch.compile and torch.func use the
@@ -82,7 +86,7 @@ TORCH_LIBRARY(pni_fast, m) {
       "noisy(Tensor v, Tensor alpha, int offset, int inner, int? seed=None, Generator? generator=None, "
       "str name=\"weight\") -> Tensor");
   m.def(
-      "noisy_multi(Tensor[] vs, Tensor[] alphas, int[] offsets, int[] inners, int? seed=None, "
+      "noisy_multi(Tensor[] vs, Tensor[] alphas, int[] offsets, int[] inners, int[]? seeds=None, "
       "Generator? generator=None, str name=\"weights\", int save_noise_max=0) -> Tensor[]");
   // The SIMD variant the CPU kernels run: "avx512", "avx2" or "generic" (csrc/cpu/isa_cpu.cpp).
   // Not a tensor op: no tags, one kernel for every device.

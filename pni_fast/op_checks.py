@@ -36,6 +36,7 @@ __all__ = [
     "check_state_counter",
     "check_perturb_args",
     "check_multi_lengths",
+    "check_multi_seeds",
     "list_prefix",
     "check_noise",
     "check_perturb",
@@ -102,6 +103,12 @@ RULES: dict[str, Rule] = {
             ValueError,
             "{lists}, alphas, sigmas, offsets and inners must have the same length, got {n_v}, {n_alpha}, {n_sigma}, "
             "{n_offset}, {n_inner}",
+        ),
+        Rule("seeds_length", ValueError, "seeds must hold 1 seed or one per tensor ({n_v}), got {n_seeds}"),
+        Rule(
+            "seeds_rng_state",
+            ValueError,
+            "seeds must hold 1 seed when rng_state is given (rng_state[0] is every tensor's key), got {n_seeds}",
         ),
         # the public functions' finite checks on CPU (pni_fast.arg_checks._check_finite and the fast
         # path's C++ twin in csrc/cpu/noisy_cpu.cpp)
@@ -258,6 +265,12 @@ def check_multi_lengths(op: str, lists: str, nv: int, na: int, ns: int, no: int,
     )
 
 
+def check_multi_seeds(op: str, nv: int, n_seeds: int, has_state: bool) -> None:
+    """A list op's seeds: one shared by every tensor, or one per tensor; exactly one with rng_state."""
+    require(n_seeds == 1 or n_seeds == nv, "seeds_length", f"{op}: ", n_v=nv, n_seeds=n_seeds)
+    require(not has_state or n_seeds == 1, "seeds_rng_state", f"{op}: ", n_seeds=n_seeds)
+
+
 def list_prefix(lists: str, i: int) -> str:
     return f"{lists}[{i}]: "
 
@@ -292,18 +305,22 @@ def check_perturb_multi(
     vs: Sequence[Tensor],
     alphas: Sequence[Tensor],
     sigmas: Sequence[Tensor],
-    seed,
+    seeds: Sequence,
     offsets: Sequence,
     inners: Sequence,
     rng_state: Optional[Tensor],
 ) -> None:
-    """perturb_multi (``vname`` "v": lists ``vs``) / perturb_alpha_grad_multi ("grad": ``grads``)."""
+    """perturb_multi (``vname`` "v": lists ``vs``) / perturb_alpha_grad_multi ("grad": ``grads``).
+
+    ``seeds``: one seed for every tensor, or seeds[i] for tensor i (checked with tensor i's prefix)."""
     lists = vname + "s"
     check_multi_lengths(op, lists, len(vs), len(alphas), len(sigmas), len(offsets), len(inners))
+    check_multi_seeds(op, len(vs), len(seeds), rng_state is not None)
     device = vs[0].device if len(vs) else (rng_state.device if rng_state is not None else torch.device("cpu"))
     base = check_rng_state(op, rng_state, device)
     for i in range(len(vs)):
         p = list_prefix(lists, i)
+        seed = seeds[0] if len(seeds) == 1 else seeds[i]
         check_perturb_args(vs[i], alphas[i], sigmas[i], seed, offsets[i], inners[i], vname, p)
         if base is not None:
             check_state_counter(base, offsets[i], vs[i].numel(), p)

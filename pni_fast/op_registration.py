@@ -50,13 +50,13 @@ def _register_cpp_fakes() -> None:
         op_checks.check_perturb("perturb_alpha_grad", "grad", grad, alpha, sigma, seed, offset, inner, rng_state)
         return alpha.new_empty(alpha.shape)
 
-    def perturb_multi(vs, alphas, sigmas, seed, offsets, inners, rng_state=None):
-        op_checks.check_perturb_multi("perturb_multi", "v", vs, alphas, sigmas, seed, offsets, inners, rng_state)
+    def perturb_multi(vs, alphas, sigmas, seeds, offsets, inners, rng_state=None):
+        op_checks.check_perturb_multi("perturb_multi", "v", vs, alphas, sigmas, seeds, offsets, inners, rng_state)
         return [v.new_empty(v.shape) for v in vs]
 
-    def alpha_grad_multi(grads, alphas, sigmas, seed, offsets, inners, rng_state=None):
+    def alpha_grad_multi(grads, alphas, sigmas, seeds, offsets, inners, rng_state=None):
         op_checks.check_perturb_multi(
-            "perturb_alpha_grad_multi", "grad", grads, alphas, sigmas, seed, offsets, inners, rng_state
+            "perturb_alpha_grad_multi", "grad", grads, alphas, sigmas, seeds, offsets, inners, rng_state
         )
         return [a.new_empty(a.shape) for a in alphas]
 

@@ -149,13 +149,13 @@ def test_multi_checks():
     v = torch.randn(5)
     a, s = torch.tensor(0.25), torch.tensor(1.0)
     with pytest.raises(ValueError, match="same length"):
-        ops.perturb_multi([v, v], [a], [s, s], 1, [0, 0], [1, 1])
+        ops.perturb_multi([v, v], [a], [s, s], [1], [0, 0], [1, 1])
     with pytest.raises(ValueError, match="same length"):
-        ops.perturb_alpha_grad_multi([v], [a], [s], 1, [0, 1], [1])
+        ops.perturb_alpha_grad_multi([v], [a], [s], [1], [0, 1], [1])
     with pytest.raises(TypeError, match=r"vs\[1\]: alpha must have dtype"):
-        ops.perturb_multi([v, v], [a, a.double()], [s, s], 1, [0, 2], [1, 1])
+        ops.perturb_multi([v, v], [a, a.double()], [s, s], [1], [0, 2], [1, 1])
     with pytest.raises(ValueError, match=r"grads\[0\]: offset must be >= 0"):
-        ops.perturb_alpha_grad_multi([v], [a], [s], 1, [-1], [1])
+        ops.perturb_alpha_grad_multi([v], [a], [s], [1], [-1], [1])
 
 
 @pytest.mark.parametrize(
@@ -180,7 +180,7 @@ def test_rng_state_checks(op, state, match):
         if op in ("noise", "rng_words"):
             getattr(ops, op)(v, 0, 5, state)
         elif op == "perturb_multi":
-            ops.perturb_multi([v], [a], [s], 0, [5], [1], state)
+            ops.perturb_multi([v], [a], [s], [0], [5], [1], state)
         else:
             getattr(ops, op)(v, a, s, 0, 5, 1, state)
 

@@ -197,7 +197,7 @@ def test_unaligned_views(kernel, dtype):
             z_oracle = oracle.z64(n, SEED, OFFSET)
             kernel.bounds.check_perturb(out, v, alpha, sigma, inner, z_oracle, what=f"out, offset {off}, {shape}")
             if kernel.has_multi:
-                (out_multi,) = kernel.perturb_multi([v], [alpha], [sigma], SEED, [OFFSET], [inner])
+                (out_multi,) = kernel.perturb_multi([v], [alpha], [sigma], [SEED], [OFFSET], [inner])
                 assert torch.equal(out_multi, out), (off, shape)
             grad = kernel.alpha_grad(g, alpha, sigma, SEED, OFFSET, inner)
             aligned = kernel.alpha_grad(g.clone(), alpha.clone(), sigma, SEED, OFFSET, inner)
@@ -276,7 +276,7 @@ def test_opcheck(kernel, with_state):
     torch.library.opcheck(kernel.alpha_grad.default, (g.clone().requires_grad_(), alpha, sigma) + args)
     torch.library.opcheck(kernel.noise.default, (v, 1, 0) + state)
     if kernel.has_multi:
-        lists = ([v, v[:2]], [alpha, alpha[:1]], [sigma, sigma], 1, [0, 100], [27, 1]) + state
+        lists = ([v, v[:2]], [alpha, alpha[:1]], [sigma, sigma], [1], [0, 100], [27, 1]) + state
         torch.library.opcheck(kernel.perturb_multi.default, lists)
         torch.library.opcheck(kernel.alpha_grad_multi.default, lists)
 
@@ -290,8 +290,8 @@ def test_outputs_are_fresh_tensors(kernel):
         kernel.noise(v, 1, 0),
     ]
     if kernel.has_multi:
-        results += kernel.perturb_multi([v], [alpha], [sigma], 1, [0], [6])
-        results += kernel.alpha_grad_multi([g], [alpha], [sigma], 1, [0], [6])
+        results += kernel.perturb_multi([v], [alpha], [sigma], [1], [0], [6])
+        results += kernel.alpha_grad_multi([g], [alpha], [sigma], [1], [0], [6])
     inputs_ = {t.untyped_storage().data_ptr() for t in (v, g, alpha, sigma)}
     for r in results:
         assert r.untyped_storage().data_ptr() not in inputs_

@@ -82,7 +82,7 @@ def _args(case: Case, op: str) -> list:
         return [a["like"], a["seed"], a["offset"], a["rng_state"]]
     if case.family == "perturb":
         return [a["v"], a["alpha"], a["sigma"], a["seed"], a["offset"], a["inner"], a["rng_state"]]
-    return [a["vs"], a["alphas"], a["sigmas"], a["seed"], a["offsets"], a["inners"], a["rng_state"]]
+    return [a["vs"], a["alphas"], a["sigmas"], a["seeds"], a["offsets"], a["inners"], a["rng_state"]]
 
 
 def _call(backend: Backend, op: str, args: list):

@@ -5,15 +5,16 @@
 // more than the original code's std().item() + normal_().
 //
 //   noisy(v, alpha, offset, inner, seed?, generator?, name) -> out
-//   noisy_multi(vs, alphas, offsets, inners, seed?, generator?, name) -> outs
+//   noisy_multi(vs, alphas, offsets, inners, seeds?, generator?, name) -> outs
 //
 // = sigma (the sigma op's definition), then the Python layer's finite checks (same messages as
 // pni_fast.functional._check_finite), then a seed (the given one, or the draw torch.randint(0,
 // 2**63 - 1, ()) makes from the generator: the same value, so seed=None still follows
-// torch.manual_seed), then perturb / perturb_multi. The backward regenerates the noise from the
-// saved sigma and seed with perturb_alpha_grad(_multi). Not a pure function (it advances a
-// generator), so no fake kernel and no pt2_compliant tag: torch.compile and torch.func use the
-// separate ops (pni_fast/fused.py decides).
+// torch.manual_seed; noisy_multi: the given seeds, one shared or one per tensor as perturb_multi
+// takes them, or one drawn seed shared by every tensor), then perturb / perturb_multi. The backward
+// regenerates the noise from the saved sigma and seed(s) with perturb_alpha_grad(_multi). Not a
+// pure function (it advances a generator), so no fake kernel and no pt2_compliant tag:
+// torch.compile and torch.func use the separate ops (pni_fast/fused.py decides).
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -97,14 +98,14 @@ Fwd noisy_impl(const Tensor& v, const Tensor& alpha, int64_t offset, int64_t inn
 
 struct FwdMulti {
   std::vector<Tensor> outs;
-  Tensor sigmas;  // 1-d, one value per tensor (sigma_multi's result)
-  int64_t seed;
+  Tensor sigmas;               // 1-d, one value per tensor (sigma_multi's result)
+  std::vector<int64_t> seeds;  // as perturb_multi takes them: one shared seed, or one per tensor
 };
 
 // `noise`: when not nullptr, also return the noise drawn (one float32 tensor for all, for a backward
 // that reads it back).
 FwdMulti noisy_multi_impl(at::TensorList vs, at::TensorList alphas, at::IntArrayRef offsets, at::IntArrayRef inners,
-                          std::optional<int64_t> seed, const std::optional<at::Generator>& generator,
+                          at::OptionalIntArrayRef seeds, const std::optional<at::Generator>& generator,
                           c10::string_view name, Tensor* noise = nullptr) {
   static const auto sigma_multi_op =
       c10::Dispatcher::singleton().findSchemaOrThrow("pni_fast::sigma_multi", "").typed<Tensor(at::TensorList)>();
@@ -114,11 +115,11 @@ FwdMulti noisy_multi_impl(at::TensorList vs, at::TensorList alphas, at::IntArray
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Tensor sigmas = sigma_multi_op.call(vs);
   check_finite(sigmas, alphas, name);
-  const int64_t s = seed.has_value() ? *seed : draw_seed(generator);
-  // perturb_multi's checks and kernel, with the sigma values read from the one tensor (no op call
-  // and no 0-d tensor per layer)
+  std::vector<int64_t> s = seeds.has_value() ? seeds->vec() : std::vector<int64_t>{draw_seed(generator)};
+  // perturb_multi's checks (the seeds' length too) and kernel, with the sigma values read from the
+  // one tensor (no op call and no 0-d tensor per layer)
   std::vector<Tensor> outs = cpu::perturb_multi_sigma_values(vs, alphas, sigmas, s, offsets, inners, noise);
-  return {std::move(outs), sigmas, s};
+  return {std::move(outs), sigmas, std::move(s)};
 }
 
 // The alpha gradient in a backward: below the Autograd key normally; under create_graph through it,
@@ -138,17 +139,18 @@ Tensor alpha_grad(const Tensor& grad, const Tensor& alpha, const Tensor& sigma, 
 }
 
 std::vector<Tensor> alpha_grad_multi(at::TensorList grads, at::TensorList alphas, at::TensorList sigmas,
-                                     int64_t seed, at::IntArrayRef offsets, at::IntArrayRef inners) {
+                                     at::IntArrayRef seeds, at::IntArrayRef offsets, at::IntArrayRef inners) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("pni_fast::perturb_alpha_grad_multi", "")
-          .typed<std::vector<Tensor>(at::TensorList, at::TensorList, at::TensorList, c10::SymInt, at::IntArrayRef,
-                                     at::IntArrayRef, const std::optional<Tensor>&)>();
+          .typed<std::vector<Tensor>(at::TensorList, at::TensorList, at::TensorList, c10::SymIntArrayRef,
+                                     at::IntArrayRef, at::IntArrayRef, const std::optional<Tensor>&)>();
+  const c10::SymIntArrayRef sym_seeds = c10::fromIntArrayRefSlow(seeds);
   if (at::GradMode::is_enabled()) {
-    return op.call(grads, alphas, sigmas, c10::SymInt(seed), offsets, inners, std::nullopt);
+    return op.call(grads, alphas, sigmas, sym_seeds, offsets, inners, std::nullopt);
   }
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return op.call(grads, alphas, sigmas, c10::SymInt(seed), offsets, inners, std::nullopt);
+  return op.call(grads, alphas, sigmas, sym_seeds, offsets, inners, std::nullopt);
 }
 
 // Autograd in C++: this op is eager-only (torch.func and torch.compile use the separate ops, whose
@@ -184,18 +186,18 @@ struct NoisyFunction : public torch::autograd::Function<NoisyFunction> {
 struct NoisyMultiFunction : public torch::autograd::Function<NoisyMultiFunction> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, at::TensorList vs,
                                                 at::TensorList alphas, at::IntArrayRef offsets, at::IntArrayRef inners,
-                                                std::optional<int64_t> seed,
+                                                at::OptionalIntArrayRef seeds,
                                                 const std::optional<at::Generator>& generator,
                                                 c10::string_view name, bool keep_noise) {
     Tensor noise;
-    FwdMulti r = noisy_multi_impl(vs, alphas, offsets, inners, seed, generator, name, keep_noise ? &noise : nullptr);
+    FwdMulti r = noisy_multi_impl(vs, alphas, offsets, inners, seeds, generator, name, keep_noise ? &noise : nullptr);
     std::vector<Tensor> to_save(alphas.begin(), alphas.end());
     to_save.push_back(r.sigmas);
     if (keep_noise) {
       to_save.push_back(noise);
     }
     ctx->save_for_backward(std::move(to_save));
-    ctx->saved_data["seed"] = r.seed;
+    ctx->saved_data["seeds"] = r.seeds;
     ctx->saved_data["offsets"] = offsets.vec();
     ctx->saved_data["inners"] = inners.vec();
     return r.outs;
@@ -228,7 +230,7 @@ struct NoisyMultiFunction : public torch::autograd::Function<NoisyMultiFunction>
     if (saved.size() == n + 2 && !at::GradMode::is_enabled()) {  // the stored noise (create_graph: the op)
       ga = cpu::alpha_grad_multi_from_noise(gs, alphas, sigmas, inners, saved[n + 1]);
     } else {
-      ga = alpha_grad_multi(gs, alphas, sigmas.unbind(0), ctx->saved_data["seed"].toInt(),
+      ga = alpha_grad_multi(gs, alphas, sigmas.unbind(0), ctx->saved_data["seeds"].toIntVector(),
                             ctx->saved_data["offsets"].toIntVector(), inners);
     }
     for (size_t k = 0; k < n; ++k) {
@@ -247,10 +249,10 @@ Tensor noisy_cpu(const Tensor& v, const Tensor& alpha, int64_t offset, int64_t i
 }
 
 std::vector<Tensor> noisy_multi_cpu(at::TensorList vs, at::TensorList alphas, at::IntArrayRef offsets,
-                                    at::IntArrayRef inners, std::optional<int64_t> seed,
+                                    at::IntArrayRef inners, at::OptionalIntArrayRef seeds,
                                     const std::optional<at::Generator>& generator, c10::string_view name,
                                     int64_t /*save_noise_max*/) {
-  return noisy_multi_impl(vs, alphas, offsets, inners, seed, generator, name).outs;
+  return noisy_multi_impl(vs, alphas, offsets, inners, seeds, generator, name).outs;
 }
 
 Tensor noisy_autograd(const Tensor& v, const Tensor& alpha, int64_t offset, int64_t inner,
@@ -260,7 +262,7 @@ Tensor noisy_autograd(const Tensor& v, const Tensor& alpha, int64_t offset, int6
 }
 
 std::vector<Tensor> noisy_multi_autograd(at::TensorList vs, at::TensorList alphas, at::IntArrayRef offsets,
-                                         at::IntArrayRef inners, std::optional<int64_t> seed,
+                                         at::IntArrayRef inners, at::OptionalIntArrayRef seeds,
                                          const std::optional<at::Generator>& generator, c10::string_view name,
                                          int64_t save_noise_max) {
   bool alpha_grad_wanted = false;
@@ -270,7 +272,7 @@ std::vector<Tensor> noisy_multi_autograd(at::TensorList vs, at::TensorList alpha
     alpha_grad_wanted = alpha_grad_wanted || (k < alphas.size() && alphas[k].requires_grad());
   }
   const bool keep = at::GradMode::is_enabled() && alpha_grad_wanted && total <= save_noise_max;
-  return NoisyMultiFunction::apply(vs, alphas, offsets, inners, seed, generator, name, keep);
+  return NoisyMultiFunction::apply(vs, alphas, offsets, inners, seeds, generator, name, keep);
 }
 
 }  // namespace

@@ -161,16 +161,19 @@ Tensor perturb_impl(const Tensor& v_in, const Tensor& alpha_in, double sigma, ui
 // ---------------------------------------------------------------------------
 
 MultiPlan check_multi(const char* op, const char* list, const char* vname, at::TensorList vs, at::TensorList alphas,
-                      std::optional<at::TensorList> sigmas, int64_t seed, at::IntArrayRef offsets,
+                      std::optional<at::TensorList> sigmas, at::IntArrayRef seeds, at::IntArrayRef offsets,
                       at::IntArrayRef inners, const std::optional<Tensor>& rng_state) {
   check_multi_lengths(op, list, vs.size(), alphas.size(), sigmas ? sigmas->size() : vs.size(), offsets.size(),
                       inners.size());
-  const RngBase r = rng_base(rng_state, seed, op);
-  MultiPlan plan{r.seed, std::vector<uint64_t>(vs.size())};
+  check_multi_seeds(op, vs.size(), seeds.size(), rng_state.has_value());
+  const RngBase r = rng_base(rng_state, seeds.empty() ? 0 : seeds[0], op);  // seeds[0]: unused with a state
+  MultiPlan plan{std::vector<uint64_t>(vs.size()), std::vector<uint64_t>(vs.size())};
   for (size_t i = 0; i < vs.size(); ++i) {
     const std::string prefix = list_prefix(list, i);
+    const int64_t seed = seed_of(seeds, i);
     check_perturb_args(vs[i], alphas[i], sigmas ? &(*sigmas)[i] : nullptr, seed, offsets[i], inners[i], vname,
                        prefix);
+    plan.seeds[i] = rng_state.has_value() ? r.seed : static_cast<uint64_t>(seed);
     plan.counters[i] = first_counter(r, offsets[i], vs[i].numel(), prefix);
   }
   return plan;
@@ -194,9 +197,9 @@ std::vector<double> sigma_list_values(const Tensor& sigmas, size_t count, const 
 }  // namespace
 
 std::vector<Tensor> perturb_multi_sigma_values(at::TensorList vs, at::TensorList alphas, const Tensor& sigmas,
-                                               int64_t seed, at::IntArrayRef offsets, at::IntArrayRef inners,
+                                               at::IntArrayRef seeds, at::IntArrayRef offsets, at::IntArrayRef inners,
                                                Tensor* noise) {
-  const MultiPlan plan = check_multi("perturb_multi", "vs", "v", vs, alphas, std::nullopt, seed, offsets, inners,
+  const MultiPlan plan = check_multi("perturb_multi", "vs", "v", vs, alphas, std::nullopt, seeds, offsets, inners,
                                      std::nullopt);
   const std::vector<double> sigma = sigma_list_values(sigmas, vs.size(), "perturb_multi_sigma_values");
   int64_t total = 0;
@@ -211,8 +214,7 @@ std::vector<Tensor> perturb_multi_sigma_values(at::TensorList vs, at::TensorList
   std::vector<Tensor> outs;
   outs.reserve(vs.size());
   for (size_t i = 0; i < vs.size(); ++i) {
-    outs.push_back(perturb_impl(vs[i], alphas[i], sigma[i], plan.seed,
-                                plan.counters[i], inners[i], z));
+    outs.push_back(perturb_impl(vs[i], alphas[i], sigma[i], plan.seeds[i], plan.counters[i], inners[i], z));
     if (z != nullptr) {
       z += vs[i].numel();
     }
@@ -265,13 +267,13 @@ Tensor single_op(Impl impl, const char* op, const char* vname, const Tensor& v, 
 
 // perturb_multi / perturb_alpha_grad_multi: every tensor checked before any work.
 std::vector<Tensor> multi_op(Impl impl, const char* op, const char* list, const char* vname, at::TensorList vs,
-                             at::TensorList alphas, at::TensorList sigmas, int64_t seed, at::IntArrayRef offsets,
-                             at::IntArrayRef inners, const std::optional<Tensor>& rng_state) {
-  const MultiPlan plan = check_multi(op, list, vname, vs, alphas, sigmas, seed, offsets, inners, rng_state);
+                             at::TensorList alphas, at::TensorList sigmas, at::IntArrayRef seeds,
+                             at::IntArrayRef offsets, at::IntArrayRef inners, const std::optional<Tensor>& rng_state) {
+  const MultiPlan plan = check_multi(op, list, vname, vs, alphas, sigmas, seeds, offsets, inners, rng_state);
   std::vector<Tensor> outs;
   outs.reserve(vs.size());
   for (size_t i = 0; i < vs.size(); ++i) {
-    outs.push_back(impl(vs[i], alphas[i], sigmas[i], plan.seed, plan.counters[i], inners[i]));
+    outs.push_back(impl(vs[i], alphas[i], sigmas[i], plan.seeds[i], plan.counters[i], inners[i]));
   }
   return outs;
 }
@@ -287,16 +289,16 @@ Tensor perturb_alpha_grad_cpu(const Tensor& grad, const Tensor& alpha, const Ten
                    rng_state);
 }
 
-std::vector<Tensor> perturb_multi_cpu(at::TensorList vs, at::TensorList alphas, at::TensorList sigmas, int64_t seed,
-                                      at::IntArrayRef offsets, at::IntArrayRef inners,
+std::vector<Tensor> perturb_multi_cpu(at::TensorList vs, at::TensorList alphas, at::TensorList sigmas,
+                                      at::IntArrayRef seeds, at::IntArrayRef offsets, at::IntArrayRef inners,
                                       const std::optional<Tensor>& rng_state) {
-  return multi_op(&perturb_regen, "perturb_multi", "vs", "v", vs, alphas, sigmas, seed, offsets, inners, rng_state);
+  return multi_op(&perturb_regen, "perturb_multi", "vs", "v", vs, alphas, sigmas, seeds, offsets, inners, rng_state);
 }
 
 std::vector<Tensor> perturb_alpha_grad_multi_cpu(at::TensorList grads, at::TensorList alphas, at::TensorList sigmas,
-                                                 int64_t seed, at::IntArrayRef offsets, at::IntArrayRef inners,
+                                                 at::IntArrayRef seeds, at::IntArrayRef offsets, at::IntArrayRef inners,
                                                  const std::optional<Tensor>& rng_state) {
-  return multi_op(&alpha_grad_regen, "perturb_alpha_grad_multi", "grads", "grad", grads, alphas, sigmas, seed, offsets,
+  return multi_op(&alpha_grad_regen, "perturb_alpha_grad_multi", "grads", "grad", grads, alphas, sigmas, seeds, offsets,
                   inners, rng_state);
 }
 

@@ -34,21 +34,23 @@ at::Tensor alpha_grad_impl(const at::Tensor& grad, const at::Tensor& alpha, doub
                            uint64_t uoffset, int64_t inner, const float* stored = nullptr);
 
 // The checks of a list op (perturb_multi, perturb_alpha_grad_multi, the fast path's noisy_multi)
-// before any work, and each tensor's first Philox counter. `sigmas` nullopt: sigmas the caller
-// computed itself (nothing to check). `list` / `vname` name the arguments in messages ("vs"/"v").
+// before any work, and each tensor's Philox key and first counter. `sigmas` nullopt: sigmas the
+// caller computed itself (nothing to check). `list` / `vname` name the arguments in messages
+// ("vs"/"v"). `seeds`: one seed for every tensor or one per tensor (rng_state: its seed for all).
 struct MultiPlan {
-  uint64_t seed;
+  std::vector<uint64_t> seeds;     // Philox key of each tensor
   std::vector<uint64_t> counters;  // first Philox counter of each tensor
 };
 MultiPlan check_multi(const char* op, const char* list, const char* vname, at::TensorList vs, at::TensorList alphas,
-                      std::optional<at::TensorList> sigmas, int64_t seed, at::IntArrayRef offsets,
+                      std::optional<at::TensorList> sigmas, at::IntArrayRef seeds, at::IntArrayRef offsets,
                       at::IntArrayRef inners, const std::optional<at::Tensor>& rng_state);
 
 // perturb_multi with sigmas[i] (a 1-d tensor, one value per tensor, from sigma_multi), checked here.
 // `noise` not nullptr: also return the noise drawn, all tensors' in one float32 tensor (tensor i's
 // elements after those of tensors 0..i-1), for a backward that reads it back.
 std::vector<at::Tensor> perturb_multi_sigma_values(at::TensorList vs, at::TensorList alphas,
-                                                   const at::Tensor& sigmas, int64_t seed, at::IntArrayRef offsets,
+                                                   const at::Tensor& sigmas, at::IntArrayRef seeds,
+                                                   at::IntArrayRef offsets,
                                                    at::IntArrayRef inners, at::Tensor* noise);
 
 // perturb_alpha_grad_multi from the noise perturb_multi_sigma_values returned (the same bits as
