@@ -8,9 +8,12 @@ model in ``DistributedDataParallel`` once a process group exists) and calls :fun
 
 * ``"same"`` (default): every rank seeds PNI's own generator (:func:`pni_fast.manual_seed`) with the same
   value, so all ranks draw the same noise for each step. The model is then one random function per step,
-  DDP's gradient average is an unbiased gradient estimate of that one noisy model over the global batch,
-  and N ranks compute what one process computes over the same global batch (up to the rounding of the
-  average). This is what the paper's single-GPU training does.
+  DDP's gradient average is an unbiased gradient estimate of that one noisy model over the global batch
+  (what the paper's single-GPU training does). Without BatchNorm and PGD random starts, N ranks compute
+  what one process computes over the same global batch (up to the rounding of the average). BatchNorm
+  normalizes each rank's share with its own statistics (rank 0's running statistics are kept;
+  ``SyncBatchNorm`` refuses CPU tensors) and random starts come from each rank's PyTorch stream, so with
+  them the step depends on N (tests/test_distributed.py).
 * ``"independent"``: each rank draws its own noise stream (the seed is derived from the run's seed and the
   rank). The alpha gradient then averages N noise samples per step (lower variance), but the step is no
   longer the step of one process, and the result depends on the number of ranks.

@@ -19,6 +19,7 @@ import traceback
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pni_fast.distributed import derived_seed
@@ -93,6 +94,13 @@ def _worker(rank: int, world: int, port: int, tmp: str, queue) -> None:
         model = _no_bn_plain_model()
         train(model, tr, None, _cfg(epochs=1), progress=False)
         out["plain"] = _params(model)
+        model = _bn_pni_model()  # BatchNorm: each rank normalizes its own shard
+        train(model, tr, None, _cfg(epochs=1), rank_noise="same", progress=False)
+        out["bn_same"] = _params(model)
+        for start in (True, False):  # PGD training: random starts come from each rank's PyTorch stream
+            model = _no_bn_pni_model()
+            train(model, tr, None, _cfg(adversarial=True, adv_random_start=start), rank_noise="same", progress=False)
+            out[f"adv_start_{start}"] = _params(model)
         # adversarial training with BatchNorm and noise-free PGD (no_noise on the unwrapped model inside a
         # DDP run), rank-0 evaluation and files; then resume from the epoch-1 checkpoint
         full, part = os.path.join(tmp, "full"), os.path.join(tmp, "resumed")
@@ -194,7 +202,7 @@ def _assert_same_params(a: dict, b: dict, exact: bool = True, **tol) -> None:
 
 
 def test_ranks_end_with_identical_parameters(two_ranks):
-    for key in ("same", "independent", "plain", "adv", "resumed"):
+    for key in ("same", "independent", "plain", "bn_same", "adv_start_True", "adv_start_False", "adv", "resumed"):
         _assert_same_params(two_ranks[0][key], two_ranks[1][key])
 
 
@@ -216,6 +224,76 @@ def test_same_noise_equals_one_process_over_the_global_batch(two_ranks):
     model = _no_bn_pni_model()
     train(model, tr, None, _cfg(epochs=1), rank_noise="independent", distributed=False, progress=False)
     assert any(not torch.allclose(model.state_dict()[k], ref[k], **TOL) for k in ref)
+
+
+class _ShardBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d that normalizes each rank's shard ``x[r::world]`` of the global batch with that shard's
+    statistics, and keeps rank 0's running statistics: one process computing what ``world`` DDP
+    processes with plain BatchNorm compute (DDP broadcasts rank 0's buffers before every forward)."""
+
+    world = 2
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        self.num_batches_tracked.add_(1)
+        outs = [
+            F.batch_norm(
+                x[r :: self.world].contiguous(),
+                self.running_mean if r == 0 else None,
+                self.running_var if r == 0 else None,
+                self.weight,
+                self.bias,
+                True,
+                self.momentum,
+                self.eps,
+            )
+            for r in range(self.world)
+        ]
+        return torch.stack(outs, 1).reshape(x.shape)  # back in global-batch order: x[0], x[1], ...
+
+
+def test_same_noise_with_batchnorm_is_one_process_with_per_shard_batchnorm(two_ranks):
+    """What README's --rank-noise same claims for BatchNorm models: N ranks compute one process's step over
+    the global batch with each rank's shard normalized by its own statistics (not the global batch's), and
+    rank 0's running statistics."""
+    tr, _ = _data()
+    model = _bn_pni_model()
+    for m in model.modules():
+        if type(m) is nn.BatchNorm2d:
+            m.__class__ = _ShardBatchNorm2d
+    train(model, tr, None, _cfg(epochs=1), rank_noise="same", distributed=False, progress=False)
+    ref = _params(model)
+    _assert_same_params(two_ranks[0]["bn_same"], ref, exact=False, **TOL)
+    # BatchNorm over the whole global batch (one process's plain run) is another step
+    model = _bn_pni_model()
+    train(model, tr, None, _cfg(epochs=1), rank_noise="same", distributed=False, progress=False)
+    far = [k for k in ref if not torch.allclose(model.state_dict()[k].double(), ref[k].double(), **TOL)]
+    assert any(k.endswith(".weight") for k in far), far
+
+
+def test_pgd_training_equals_one_process_without_random_starts(two_ranks):
+    """PGD's random starts are drawn from each rank's PyTorch generator: with them the step is another
+    draw than one process's; without them (and without BatchNorm) it is one process's step."""
+    tr, _ = _data()
+    for start in (True, False):
+        model = _no_bn_pni_model()
+        cfg = _cfg(adversarial=True, adv_random_start=start)
+        train(model, tr, None, cfg, rank_noise="same", distributed=False, progress=False)
+        got, ref = two_ranks[0][f"adv_start_{start}"], _params(model)
+        if start:
+            assert any(not torch.allclose(got[k], ref[k], **TOL) for k in ref)
+        else:
+            _assert_same_params(got, ref, exact=False, **TOL)
+
+
+def test_readme_states_what_same_rank_noise_makes_equal():
+    """The claims the tests above check, as README.md words them."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        text = " ".join(f.read().split())
+    claim = text[text.index("`--rank-noise same` (the default)") :][:900]
+    for needle in ("without BatchNorm", "its own statistics", "rank 0's running statistics", "random starts"):
+        assert needle in claim, needle
 
 
 def test_plain_model_equals_the_default_one_process_path(two_ranks):

@@ -92,8 +92,9 @@ def add_parser(sub: Any, fmt: type) -> None:
         default=None,
         help="multi-process runs (torchrun --nproc_per_node N -m pni_fast train ...): 'same' (the default "
         "under torchrun) = every rank draws the same PNI noise per step, so the step is one noisy model's "
-        "step over the global batch (equal to one process's); 'independent' = per-rank noise streams, N "
-        "noise samples per step for the alpha gradient, results depend on N. --batch-size is the global "
+        "step over the global batch (one process's without BatchNorm and PGD random starts: see README); "
+        "'independent' = per-rank noise streams, N noise samples per step for the alpha gradient, results "
+        "depend on N. --batch-size is the global "
         "batch. Given in a single process, that process uses the per-epoch noise streams of a "
         "multi-process run (a reference run); not given, it keeps its usual stream",
     )

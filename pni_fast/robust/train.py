@@ -138,7 +138,8 @@ def train(
     rank's batch statistics, as in any DDP run. PyTorch's and PNI's generators are reseeded every epoch
     from ``(config.seed, epoch, rank)`` -- PNI's from ``(config.seed, epoch)`` only under
     ``rank_noise='same'`` (the default: every rank draws the same noise, so the step is one noisy
-    model's step over the global batch, equal to one process's up to the rounding of DDP's average;
+    model's step over the global batch, equal to one process's up to the rounding of DDP's average
+    when the model has no BatchNorm and PGD no random start;
     ``'independent'`` gives each rank its own noise, N noise samples per step for the alpha gradient,
     at the price of a result that depends on N). A `no_noise` forward through a DDP model leaves the
     alphas without a gradient, which DDP reports at the next step; run such forwards through
