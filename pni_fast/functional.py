@@ -120,34 +120,54 @@ def noisy_weights(
     weights: Sequence[Tensor],
     alphas: Sequence[Tensor],
     *,
-    seed: Seed = None,
+    seed: Union[Seed, Sequence[int]] = None,
     backend: Optional[str] = None,
 ) -> list[Tensor]:
     """:func:`noisy_weight` for many tensors at once (one launch where the backend supports it).
 
-    Tensor ``k`` uses the counters after those of tensors ``0..k-1`` under one seed, so the
-    result equals calling :func:`noisy_weight` per tensor with those offsets.
+    ``seed`` an int, None or an RNG state: tensor ``k`` uses the counters after those of tensors
+    ``0..k-1`` under that one seed, so the result equals calling :func:`noisy_weight` per tensor with
+    those offsets. ``seed`` a list of ints, one per tensor: tensor ``k`` uses ``seed[k]`` from counter 0,
+    so the result equals ``[noisy_weight(w, a, seed=s) for w, a, s in zip(weights, alphas, seed)]`` bit
+    for bit, forward and backward (what whole-model batching uses, :mod:`pni_fast.batching`).
     """
     weights, alphas = list(weights), list(alphas)
     if len(weights) != len(alphas):
         raise ValueError(f"weights and alphas must have the same length, got {len(weights)} and {len(alphas)}")
+    per_tensor = isinstance(seed, (list, tuple))
+    if per_tensor:
+        if len(seed) != len(weights):
+            raise ValueError(f"seed as a list must hold one seed per tensor ({len(weights)}), got {len(seed)}")
+        seeds = [_rng.checked_seed(s) for s in seed]
     if not weights:
         return []
     offsets, inners, counter = weight_plan(weights, alphas)
     device = weights[0].device
     chosen = _backend_for(backend, device.type)
-    if fused.usable(chosen, weights[0], seed) and fused.multi_dtype_ok(weights):
+    if per_tensor:
+        offsets = [0] * len(weights)  # each tensor's own key from counter 0
+    if fused.usable(chosen, weights[0], None if per_tensor else seed) and fused.multi_dtype_ok(weights):
+        if per_tensor:
+            return fused.noisy_multi(weights, alphas, offsets, inners, seeds, "weights", None)
         seed = _rng.checked_seed(seed)
         _rng.checked_offset(0, counter)
-        return fused.noisy_multi(weights, alphas, offsets, inners, seed, "weights", _rng.seed_generator())
+        generator = _rng.seed_generator()
+        return fused.noisy_multi(
+            weights, alphas, offsets, inners, None if seed is None else [seed], "weights", generator
+        )
     sigmas = weight_sigmas(weights)
-    rng = rng_args(seed, 0, device, counter)
+    if per_tensor:
+        rng = _rng.RngArgs(0, 0, None, None, 0)
+    else:
+        rng = rng_args(seed, 0, device, counter)
+        seeds = [rng.seed]
     _check_finite(torch.stack(sigmas), "weights", alphas)
     multi = REGISTRY[chosen].perturb_multi
     if multi is None:
+        per = seeds if per_tensor else seeds * len(weights)
         outs = [
-            apply(PerturbFn, w, a, s, rng.seed, o, i, rng.state, chosen)
-            for w, a, s, o, i in zip(weights, alphas, sigmas, offsets, inners)
+            apply(PerturbFn, w, a, s, k, o, i, rng.state, chosen)
+            for w, a, s, k, o, i in zip(weights, alphas, sigmas, per, offsets, inners)
         ]
     elif torch.compiler.is_compiling():  # dynamo traces the op's registered autograd, not the flattened Function
         outs = list(
@@ -156,7 +176,7 @@ def noisy_weights(
                 [w.contiguous() for w in weights],
                 [a.contiguous() for a in alphas],
                 sigmas,
-                rng.seed,
+                seeds,
                 offsets,
                 inners,
                 state=rng.state,
@@ -164,9 +184,7 @@ def noisy_weights(
         )
     else:
         outs = list(
-            apply(
-                PerturbMultiFn, len(weights), rng.seed, offsets, inners, rng.state, chosen, *weights, *alphas, *sigmas
-            )
+            apply(PerturbMultiFn, len(weights), seeds, offsets, inners, rng.state, chosen, *weights, *alphas, *sigmas)
         )
     rng.advance()
     return outs

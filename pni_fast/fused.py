@@ -85,11 +85,19 @@ def noisy_multi(
     alphas: Sequence[Tensor],
     offsets: list[int],
     inners: list[int],
-    seed: Optional[int],
+    seeds: Optional[list[int]],
     name: str,
     generator: Optional[torch.Generator],
 ) -> list[Tensor]:
-    """The fast path of :func:`pni_fast.functional.noisy_weights` (arguments already checked)."""
+    """The fast path of :func:`pni_fast.functional.noisy_weights` (arguments already checked): ``seeds``
+    None draws one seed shared by all tensors, else one seed shared (length 1) or one per tensor."""
     return op_overload("noisy_multi")(
-        list(vs), list(alphas), offsets, inners, seed, generator, name, SAVE_NOISE_MAX_ELEMENTS
+        list(vs),
+        list(alphas),
+        offsets,
+        inners,
+        seeds,
+        generator,
+        name,
+        SAVE_NOISE_MAX_ELEMENTS,
     )

@@ -33,12 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .noise_calls import (
-    _refuse_frozen_capture,  # noqa: F401  (pni_fast.batching imports it from here)
-    _refuse_script,
-    noisy_input_call,
-    noisy_weight_call,
-)
+from .noise_calls import _refuse_script, noisy_input_call, noisy_weight_call
 from .noise_mixin import (  # noqa: F401  (the layers' argument checks and mixin, imported from here too)
     NOISE_TYPES,
     PNI_MODES,

@@ -9,15 +9,16 @@ draw (``torch.jit.trace``, ``torch.jit.script``, ONNX export) are refused here w
 
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
 from . import functional as _fn
-from .rng import SEED_LIMIT
+from .rng import SEED_LIMIT, draw_seed
 
-__all__ = ["noisy_weight_call", "noisy_input_call"]
+__all__ = ["noisy_weight_call", "noisy_input_call", "ForwardDraws", "active_draws", "drawn_weight"]
 
 
 def _alpha_for(alpha: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -96,3 +97,56 @@ def _refuse_script(module: nn.Module) -> None:
         "layer). Script a plain copy: torch.jit.script(pni_fast.strip(copy.deepcopy(model))), or "
         "torch.jit.trace the model inside `with pni_fast.no_noise(model):`; torch.export.export keeps the noise."
     )
+
+
+# ---------------------------------------------------------------------------
+# Weight noise drawn ahead for a whole forward (pni_fast.batching)
+# ---------------------------------------------------------------------------
+
+
+class ForwardDraws:
+    """The weight noise one forward of a batched model drew ahead, in one multi-tensor call.
+
+    ``entries`` maps a layer to ``(seed, noisy weight)``: ``seed`` is the value the layer's own
+    :func:`~pni_fast.rng.draw_seed` is predicted to return at its call, and the noisy weight is
+    ``noisy_weight(weight, alpha, seed=seed)`` bit for bit. It lives on a per-thread stack for the
+    duration of that forward only, never on a module, so threads, re-entrant calls and recomputes
+    cannot see each other's draws.
+    """
+
+    __slots__ = ("owner", "entries", "grad_enabled")
+
+    def __init__(self, owner: object, entries: dict, grad_enabled: bool) -> None:
+        self.owner = owner
+        self.entries = entries
+        self.grad_enabled = grad_enabled
+
+
+_local = threading.local()
+
+
+def active_draws() -> list[ForwardDraws]:
+    """This thread's stack of forwards with pre-drawn weights (empty outside a batched forward)."""
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    return stack
+
+
+def drawn_weight(layer: nn.Module, weight: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """A layer's noisy weight inside a batched forward: the layer draws its seed as an unbatched layer
+    would, and takes the pre-drawn tensor only when the prediction was right, so the numbers never
+    depend on batching. A recompute (activation checkpointing restores torch's generator) draws the same
+    seed and recomputes the same bits with a per-layer call."""
+    _refuse_frozen_capture()
+    seed = draw_seed()
+    for draws in reversed(active_draws()):
+        entry = draws.entries.get(layer)
+        if entry is None or entry[0] != seed:
+            continue
+        if torch.is_grad_enabled() and not draws.grad_enabled:
+            break  # drawn without a graph: alpha needs one now
+        if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+            break  # saved-tensor hooks (non-reentrant checkpoint): do what the recompute will do
+        return entry[1]
+    return _fn.noisy_weight(weight, alpha, seed=seed)

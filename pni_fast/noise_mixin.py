@@ -14,7 +14,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from .noise_calls import _refuse_frozen_capture, _refuse_script, noisy_input_call, noisy_weight_call
+from .noise_calls import _refuse_script, active_draws, drawn_weight, noisy_input_call, noisy_weight_call
 
 __all__ = ["PNI_MODES", "NOISE_TYPES", "check_pni", "check_noise", "check_alpha_init", "mode_of_alpha"]
 
@@ -131,12 +131,9 @@ class _PNIMixin:
 
     def _noisy_weight(self) -> torch.Tensor:
         weight = self.weight  # type: ignore[attr-defined]
-        pending = self.__dict__.get("_pni_pending_weight")
-        if pending is not None:  # drawn for the whole model by batch_weight_noise(); used once
-            self.__dict__["_pni_pending_weight"] = None
-            _refuse_frozen_capture()
-            return pending
         if self.noise_enabled and self.alpha_w is not None:
+            if active_draws():  # inside a batched forward (pni_fast.batching): maybe drawn ahead
+                return drawn_weight(self, weight, self.alpha_w)
             weight = noisy_weight_call(weight, self.alpha_w)
         return weight
 

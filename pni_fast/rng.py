@@ -28,6 +28,7 @@ from torch import Tensor
 __all__ = [
     "SEED_LIMIT",
     "draw_seed",
+    "predict_seeds",
     "manual_seed",
     "own_generator",
     "make_rng_state",
@@ -48,9 +49,36 @@ _own_generator: Optional[torch.Generator] = None
 def draw_seed() -> int:
     """A seed in [0, 2**63) from PyTorch's default CPU generator, or from PNI's own generator after
     :func:`manual_seed` (advances it; no GPU sync)."""
-    if _own_generator is not None:
-        return int(torch.randint(0, SEED_LIMIT - 1, (), dtype=torch.int64, generator=_own_generator).item())
+    gen = seed_generator()
+    if under_vmap():
+        _check_vmap_randomness()
+    if gen is not None:
+        return int(torch.randint(0, SEED_LIMIT - 1, (), dtype=torch.int64, generator=gen).item())
     return int(torch.randint(0, SEED_LIMIT - 1, (), dtype=torch.int64).item())
+
+
+def predict_seeds(n: int) -> list[int]:
+    """The next ``n`` values :func:`draw_seed` will return, read from a copy of the generator (which is not
+    advanced): whole-model batching draws a forward's weight noise ahead with them (pni_fast.batching)."""
+    source = _own_generator if _own_generator is not None else torch.default_generator
+    copy = source.clone_state()
+    return torch.randint(0, SEED_LIMIT - 1, (n,), dtype=torch.int64, generator=copy).tolist()
+
+
+def _check_vmap_randomness() -> None:
+    """Host-drawn seeds are one value per call: a per-sample draw under vmap cannot exist."""
+    from torch._functorch.pyfunctorch import coerce_cinterpreter
+
+    for level in torch._C._functorch.get_interpreter_stack() or ():
+        interp = coerce_cinterpreter(level)
+        randomness = getattr(interp, "randomness", None)
+        if randomness is not None and randomness() != "same":
+            raise RuntimeError(
+                f"pni_fast: PNI noise under torch.func.vmap(randomness={randomness()!r}) is not supported: "
+                "each noisy call draws one seed on the host, so every sample of the vmapped batch shares one "
+                "noise draw. Pass randomness='same' (per-sample gradients of one noisy model), or loop over "
+                "the samples for independent noise per sample."
+            )
 
 
 def manual_seed(seed: Optional[int]) -> None:
@@ -178,7 +206,18 @@ def checked_seed(seed) -> Optional[int]:
 
 
 def seed_generator() -> Optional[torch.Generator]:
-    """The generator host seeds come from: PNI's own after :func:`manual_seed`, else None (torch's default)."""
+    """The generator host seeds come from: PNI's own after :func:`manual_seed`, else None (torch's default).
+
+    A forward that runs inside a backward pass is a recompute (activation checkpointing): torch restores
+    its own generators for it, so the recompute draws the seeds of the original forward, but it does not
+    know PNI's own generator, whose next draw would give the recompute different noise: refused."""
+    if _own_generator is not None and torch._C._current_graph_task_id() != -1:
+        raise RuntimeError(
+            "pni_fast: a PNI forward is running inside a backward pass (activation checkpointing recomputing a "
+            "forward?) while pni_fast.manual_seed / own_generator is active; torch.utils.checkpoint restores "
+            "torch's generators for the recompute but not PNI's own, so the recompute would draw different "
+            "noise than the forward. Use torch.manual_seed (pni_fast.manual_seed(None)) with checkpointing."
+        )
     return _own_generator
 
 

@@ -35,7 +35,7 @@ from .modules import _PNIMixin
 __all__ = ["WrappedPNI", "wrap_layer", "unwrap_layer", "plain_class", "is_wrapped"]
 
 _OVERRIDE = "_pni_weight_now"  # instance attribute holding the noisy weight during a forward
-_NOISE_ATTRS = ("pni", "noise", "alpha_init", "noise_enabled", _OVERRIDE, "_pni_pending_weight")
+_NOISE_ATTRS = ("pni", "noise", "alpha_init", "noise_enabled", _OVERRIDE)
 _CLASSES: dict[type, type] = {}
 
 

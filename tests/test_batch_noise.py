@@ -15,46 +15,96 @@ from pni_fast.modules import NoisyConv2d, NoisyLinear
 warnings.filterwarnings("ignore", message="pni_fast: no fused kernel")
 
 
-@pytest.mark.parametrize("backend", ["torch", None])
-def test_batch_weight_noise_equals_per_layer_calls_with_offsets(backend, monkeypatch):
-    """One multi-tensor draw per forward: layer k gets noisy_weight(seed, offset = counters of layers < k)."""
-    from pni_fast.batching import batch_weight_noise
-
-    if backend:
-        monkeypatch.setenv("PNI_FAST_BACKEND", backend)
+def _mixed_model():
     torch.manual_seed(0)
     model = nn.Sequential(
         NoisyConv2d(2, 3, 3, pni="channelwise"),
         nn.Flatten(),
         NoisyLinear(3 * 16, 4, noise="both"),
+        pni_fast.NoiseInjection(4),
         NoisyLinear(4, 2, noise="input"),
         NoisyLinear(2, 2),
+        NoisyLinear(2, 2, pni="elementwise"),
     )
-    model[4].noise_enabled = False
-    x = torch.randn(2, 2, 6, 6)
-    handle = batch_weight_noise(model)
-    torch.manual_seed(5)
-    out = model(x)
-    assert all(m.__dict__.get("_pni_pending_weight") is None for m in model), "pending draws are cleared"
-    grads = torch.autograd.grad(out.sum(), [model[0].alpha_w, model[2].alpha_w, model[2].alpha_i])
+    model[5].noise_enabled = False
+    return model
 
+
+def _run(model, x, seed):
+    torch.manual_seed(seed)
+    out = model(x)
+    params = [p for p in model.parameters()]
+    grads = torch.autograd.grad(out.sum(), params, allow_unused=True)  # a switched-off layer's alpha: None
+    return out, [torch.zeros(()) if g is None else g for g in grads]
+
+
+@pytest.mark.parametrize("backend", ["torch", None])
+def test_batching_never_changes_the_numbers(backend, monkeypatch):
+    """Batched and unbatched forwards give the same bits for the same generator state: each layer's noise is
+    noisy_weight(weight, alpha, seed=the seed it draws at its call), the batch only computes it ahead."""
+    from pni_fast.batching import batch_weight_noise
+
+    if backend:
+        monkeypatch.setenv("PNI_FAST_BACKEND", backend)
+    model = _mixed_model()
+    x = torch.randn(2, 2, 6, 6)
+    plain_out, plain_grads = _run(model, x, 5)
+    handle = batch_weight_noise(model)
+    out, grads = _run(model, x, 5)
+    assert torch.equal(out, plain_out)
+    for g, want in zip(grads, plain_grads):
+        assert torch.equal(g, want)
+    # by hand: every noise source draws its own seed at its call, in call order, weight before input noise
     torch.manual_seed(5)
-    seed = fn.draw_seed()
-    w0 = fn.noisy_weight(model[0].weight, model[0].alpha_w, seed=seed, offset=0)
-    w2 = fn.noisy_weight(model[2].weight, model[2].alpha_w, seed=seed, offset=-(-model[0].weight.numel() // 4))
-    h = model[0]._conv_forward(x, w0, model[0].bias).flatten(1)
-    h = F.linear(fn.inject_noise(h, model[2].alpha_i), w2, model[2].bias)
-    h = F.linear(fn.inject_noise(h, model[3].alpha_i), model[3].weight, model[3].bias)
-    ref = F.linear(h, model[4].weight, model[4].bias)
-    torch.testing.assert_close(out, ref)
-    want = torch.autograd.grad(ref.sum(), [model[0].alpha_w, model[2].alpha_w, model[2].alpha_i])
-    for g, w in zip(grads, want):
-        torch.testing.assert_close(g, w)
+    s = [fn.draw_seed() for _ in range(6)]
+    m = model
+    h = m[0]._conv_forward(x, fn.noisy_weight(m[0].weight, m[0].alpha_w, seed=s[0]), m[0].bias).flatten(1)
+    w2 = fn.noisy_weight(m[2].weight, m[2].alpha_w, seed=s[1])
+    h = F.linear(fn.inject_noise(h, m[2].alpha_i, seed=s[2]), w2, m[2].bias)
+    h = fn.inject_noise(h, m[3].alpha, seed=s[3])
+    h = F.linear(fn.inject_noise(h, m[4].alpha_i, seed=s[4]), m[4].weight, m[4].bias)
+    h = F.linear(h, m[5].weight, m[5].bias)
+    ref = F.linear(h, fn.noisy_weight(m[6].weight, m[6].alpha_w, seed=s[5]), m[6].bias)
+    assert torch.equal(out, ref)
+    torch.manual_seed(6)
+    assert not torch.equal(model(x), out), "a new generator state draws new noise"
     handle.remove()
-    torch.manual_seed(5)
-    assert not torch.allclose(model(x), out), "after remove() each layer draws its own seed again"
     with pytest.warns(UserWarning, match="no NoisyConv2d/NoisyLinear"):
         batch_weight_noise(nn.Linear(2, 2)).remove()
+
+
+def test_batched_forward_takes_every_predicted_draw(monkeypatch):
+    """The prediction holds for a model whose modules draw in module order: no layer makes its own call."""
+    from pni_fast import noise_calls
+    from pni_fast.batching import batch_weight_noise
+
+    model = _mixed_model()
+    batch_weight_noise(model)
+    own_calls = []
+    real = noise_calls._fn.noisy_weight
+    monkeypatch.setattr(noise_calls._fn, "noisy_weight", lambda *a, **k: own_calls.append(1) or real(*a, **k))
+    model(torch.randn(2, 2, 6, 6)).sum().backward()
+    assert own_calls == []
+
+    # a layer called twice in one forward: its second call draws the seed predicted for the next layer, so
+    # from there on the layers make their own calls; the numbers are those of the unbatched model
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = NoisyLinear(3, 3), NoisyLinear(3, 3)
+
+        def forward(self, x):
+            return self.b(self.a(self.a(x)))
+
+    twice = Twice()
+    handle = batch_weight_noise(twice)
+    own_calls.clear()
+    torch.manual_seed(3)
+    out = twice(torch.ones(1, 3))
+    assert len(own_calls) == 2, "a's second call and b's call"
+    handle.remove()
+    torch.manual_seed(3)
+    assert torch.equal(twice(torch.ones(1, 3)), out)
 
 
 def test_converted_model_draws_all_weight_noise_in_one_call_per_forward_and_backward():
