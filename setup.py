@@ -168,6 +168,9 @@ def _ext_modules_and_cmdclass():
         )
         return [], cmdclass
 
+    support = cfg.torch_support_note(torch.__version__)
+    if support.startswith("WARNING"):
+        _log(f"{support}: the build may fail or the library misbehave; upgrade torch")
     src = "csrc"  # relative paths: setuptools wants sources relative to setup.py
     try:
         with_cuda, why = cfg.want_cuda(src, torch.cuda.is_available(), CUDA_HOME, torch.version.cuda)

@@ -28,6 +28,44 @@ STAMP_NAME = "_C_build.json"
 NOTICE_ENV = "PNI_FAST_BUILD_NOTICE"
 
 
+# The torch (and Triton) versions pni_fast supports. The GPU image it targets first has torch 2.11
+# (+cu130) with Triton 3.6; development and CI use torch 2.13 / 2.14 with Triton 3.7 / 3.8.
+# pyproject.toml declares torch>=TORCH_MIN and, for the `triton` extra, triton>=TRITON_MIN
+# (tests/test_build_cuda_flags.py checks they agree). No upper bound there: the kernels are
+# compiled against whatever torch is installed, and a bound would make pip replace a newer torch.
+TORCH_MIN = (2, 11)
+TORCH_TESTED = ("2.13", "2.14")  # 2.11: first run on the GPU image (scripts/gpu_check.sh, env.txt)
+TRITON_MIN = (3, 6)
+TRITON_TESTED = ("3.7", "3.8")
+
+
+def _major_minor(version: Optional[str]) -> Optional[tuple[int, int]]:
+    m = re.match(r"(\d+)\.(\d+)", version or "")
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def torch_support_note(torch_version: str, triton_version: Optional[str] = None) -> str:
+    """One line: is this torch (and Triton) in the supported range, and was that version tested."""
+    parts = []
+    for name, version, low, tested in (
+        ("torch", torch_version, TORCH_MIN, TORCH_TESTED),
+        ("triton", triton_version, TRITON_MIN, TRITON_TESTED),
+    ):
+        mm = _major_minor(version)
+        if mm is None:
+            if name == "torch":
+                parts.append(f"torch {version}: version not understood")
+            continue
+        text = f"{mm[0]}.{mm[1]}"
+        if mm < low:
+            parts.append(f"WARNING: {name} {version} is older than the supported {low[0]}.{low[1]}")
+        elif text in tested:
+            parts.append(f"{name} {version} supported (tested: {', '.join(tested)})")
+        else:
+            parts.append(f"{name} {version} supported but untested (tested: {', '.join(tested)})")
+    return "; ".join(parts)
+
+
 def env_flag(name: str) -> bool:
     """True if the environment variable `name` is 1/true/yes/on (case-insensitive)."""
     return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")

@@ -3,7 +3,7 @@
 What is checked: every stage runs and is recorded in summary.txt with its status, exit code and
 wall time; OUTDIR holds at most 8 plain files (what a device run can bring back); a failing
 stage is reported, the stages after it still run, and the exit code says so; the fixed stage
-limits fit the 7.5-minute budget. No timing assertions: CI machines are shared and noisy.
+limits fit the 400 s budget. No timing assertions: CI machines are shared and noisy.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ FILES = {
     "sanitizer.log",
     "tests_rest.log",
 }
-BUDGET_S = 450  # 7.5 minutes
+BUDGET_S = 400  # 6 min 40 s: over 60 s spare in an 8-minute device slot
 
 
 def _run(out: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
@@ -128,7 +128,7 @@ def test_bad_usage_exits_2(tmp_path):
 
 
 def test_stage_limits_fit_the_budget():
-    """The fixed limits leave the whole run (build to sanitizer, then `rest` in what is left) under 7.5 minutes."""
+    """The fixed limits leave the whole run (build to sanitizer, then `rest` in what is left) within 400 s."""
     text = SCRIPT.read_text()
     limits = {name: int(limit) for name, limit in re.findall(r"^run_stage (\w+) (\d+) ", text, re.M)}
     assert list(limits) == STAGES[:-1]
