@@ -439,3 +439,23 @@ def test_status_of_a_cpu_only_build_says_what_was_not_built(tmp_path, monkeypatc
     monkeypatch.setitem(_ext._state, "lib_dir", str(tmp_path))
     monkeypatch.setattr(_ext, "has_cuda", lambda: False)
     assert "(CUDA kernels not built: torch sees no GPU)" in _ext.status_message()
+
+
+# --- the supported torch range ------------------------------------------------------------------------------
+
+
+def test_pyproject_declares_the_supported_torch_and_triton_range():
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        project = tomllib.load(f)["project"]
+    assert project["dependencies"] == ["torch>={}.{}".format(*cfg.TORCH_MIN)]
+    assert project["optional-dependencies"]["triton"] == ["triton>={}.{}".format(*cfg.TRITON_MIN)]
+    assert cfg.TORCH_MIN == (2, 11) and cfg.TRITON_MIN == (3, 6)  # the GPU image targeted first
+
+
+def test_the_running_torch_is_in_the_supported_range():
+    note = cfg.torch_support_note(torch.__version__)
+    assert note.startswith(f"torch {torch.__version__} supported"), note
+    assert cfg.torch_support_note("2.10.1", "3.5.0").count("WARNING") == 2
+    assert "untested" in cfg.torch_support_note("2.15.0")
