@@ -380,7 +380,7 @@ def test_cuda_graph_multi_tensor():
 def test_triton_multi_refuses_graph_capture():
     _, _, _, multi, _ = gpu_ops("triton")
     v = torch.randn(100, device=DEV)
-    args = ([v], [torch.ones(1, device=DEV)], [torch.tensor(1.0, device=DEV)], 1, [0], [1])
+    args = ([v], [torch.ones(1, device=DEV)], [torch.tensor(1.0, device=DEV)], [1], [0], [1])
     multi(*args)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):

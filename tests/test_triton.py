@@ -86,7 +86,7 @@ def test_argument_errors():
     with pytest.raises(ValueError, match="does not fit v"):
         ops.perturb_triton(v, alpha, sigma, 1, 0, 5)
     with pytest.raises(ValueError, match="same length"):
-        ops.perturb_multi_triton([v], [alpha, alpha], [sigma], 1, [0], [6])
+        ops.perturb_multi_triton([v], [alpha, alpha], [sigma], [1], [0], [6])
     if DEVICE == "cpu":
         assert pt.INTERPRETED
 
@@ -159,7 +159,7 @@ def test_seed_and_offset_are_not_specialized():
             if arg in params:
                 assert arg in set(dns or ()), f"{name}: {arg} is not in do_not_specialize"
                 checked += 1
-    assert checked == 8  # noise, fwd, bwd: seed + offset; multi fwd / bwd: seed
+    assert checked == 6  # noise, fwd, bwd: seed + offset (the list kernels read both from their table)
 
 
 @pytest.mark.slow
@@ -198,8 +198,8 @@ def test_torch_compile_with_drawn_seed_fullgraph():
         out = ops.perturb_triton(v, alpha, sigma, seed, OFFSET, inner)
         grad = ops.perturb_alpha_grad_triton(g, alpha, sigma, seed, OFFSET, inner)
         z = ops.noise_triton(v, seed, OFFSET)
-        outs = ops.perturb_multi_triton([v], [alpha], [sigma], seed, [OFFSET], [inner])
-        grads = ops.perturb_alpha_grad_multi_triton([g], [alpha], [sigma], seed, [OFFSET], [inner])
+        outs = ops.perturb_multi_triton([v], [alpha], [sigma], [seed], [OFFSET], [inner])
+        grads = ops.perturb_alpha_grad_multi_triton([g], [alpha], [sigma], [seed], [OFFSET], [inner])
         return out, grad, z, outs[0], grads[0]
 
     torch._dynamo.reset()
@@ -230,14 +230,14 @@ def test_rng_state_errors():
     with pytest.raises(ValueError, match="rng_state must be contiguous"):
         ops.perturb_alpha_grad_triton(v, alpha, sigma, 0, 0, 6, torch.zeros(4, dtype=torch.int64, device=DEVICE)[::2])
     with pytest.raises(ValueError, match="rng_state must have shape"):
-        ops.perturb_multi_triton([v], [alpha], [sigma], 0, [0], [6], torch.zeros(1, dtype=torch.int64, device=DEVICE))
+        ops.perturb_multi_triton([v], [alpha], [sigma], [0], [0], [6], torch.zeros(1, dtype=torch.int64, device=DEVICE))
     if DEVICE == "cpu":  # on CUDA the values stay on the device and are not checked (no host sync)
         with pytest.raises(ValueError, match=r"rng_state\[0\] \(the seed\) must be in"):
             ops.perturb_triton(v, alpha, sigma, 0, 0, 6, _state(-1, 0))
         with pytest.raises(ValueError, match="counter base"):
             ops.noise_triton(v, 0, 0, _state(1, -5))
         with pytest.raises(ValueError, match="offset \\+ ceil"):
-            ops.perturb_alpha_grad_multi_triton([v], [alpha], [sigma], 0, [4], [6], _state(1, 2**63 - 8))
+            ops.perturb_alpha_grad_multi_triton([v], [alpha], [sigma], [0], [4], [6], _state(1, 2**63 - 8))
 
 
 def test_counter_limit():

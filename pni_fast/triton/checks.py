@@ -62,14 +62,14 @@ def check_multi(
     vs: Sequence[torch.Tensor],
     alphas: Sequence[torch.Tensor],
     sigmas: Sequence[torch.Tensor],
-    seed,
+    seeds: Sequence,
     offsets: Sequence,
     inners: Sequence,
     rng_state: Optional[torch.Tensor],
     interpreted: bool,
 ) -> None:
     """The list ops: the contract's checks, then one device for the whole launch."""
-    op_checks.check_perturb_multi(op, vname, vs, alphas, sigmas, seed, offsets, inners, rng_state)
+    op_checks.check_perturb_multi(op, vname, vs, alphas, sigmas, seeds, offsets, inners, rng_state)
     for i, v in enumerate(vs):
         check_device(op, f"{vname}s[{i}]", v, interpreted)
     if vs and any(v.device != vs[0].device for v in vs):

@@ -172,7 +172,7 @@ def _configs():
                 (
                     f"multi_fwd {tag}",
                     K._perturb_multi_fwd_kernel,
-                    (table, st, t, _SEED),
+                    (table, st, t),
                     dict(
                         T_POW2=8,
                         BLOCK=_BLOCK,
@@ -190,7 +190,7 @@ def _configs():
                 (
                     f"multi_bwd {tag}",
                     K._perturb_multi_bwd_kernel,
-                    (table, part, st, t, _SEED),
+                    (table, part, st, t),
                     dict(
                         T_POW2=8,
                         BLOCK=_BLOCK,

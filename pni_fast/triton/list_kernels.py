@@ -27,12 +27,11 @@ def _find_tensor(table_ptr, pid, T, COLS: tl.constexpr, T_POW2: tl.constexpr):
     return table_ptr + owner * COLS
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _perturb_multi_fwd_kernel(
     table_ptr,
     state_ptr,
     T,
-    seed,
     T_POW2: tl.constexpr,
     BLOCK: tl.constexpr,
     V_DTYPE: tl.constexpr,
@@ -43,12 +42,12 @@ def _perturb_multi_fwd_kernel(
     HAS_STATE: tl.constexpr,
     PRECISE: tl.constexpr,
 ):
-    """Forward for T tensors; table row = (v, out, alpha, sigma, n, n_alpha, inner, offset, first block).
+    """Forward for T tensors; table row = (v, out, alpha, sigma, n, n_alpha, inner, offset, seed, first block).
 
     INDEX64: some tensor of the launch needs int64 alpha-index arithmetic (host-chosen per group).
     """
     pid = tl.program_id(0).to(tl.int64)
-    row = _find_tensor(table_ptr, pid, T, 9, T_POW2)
+    row = _find_tensor(table_ptr, pid, T, 10, T_POW2)
     v_ptr = tl.load(row + 0).to(tl.pointer_type(V_DTYPE))
     out_ptr = tl.load(row + 1).to(tl.pointer_type(V_DTYPE))
     alpha_ptr = tl.load(row + 2).to(tl.pointer_type(ALPHA_DTYPE))
@@ -56,8 +55,8 @@ def _perturb_multi_fwd_kernel(
     n = tl.load(row + 4)
     n_alpha = tl.load(row + 5)
     inner = tl.load(row + 6)
-    seed, offset = _rng_key(seed, tl.load(row + 7), state_ptr, HAS_STATE)
-    block = pid - tl.load(row + 8)
+    seed, offset = _rng_key(tl.load(row + 8), tl.load(row + 7), state_ptr, HAS_STATE)
+    block = pid - tl.load(row + 9)
     _perturb_block(
         v_ptr,
         out_ptr,
@@ -77,13 +76,12 @@ def _perturb_multi_fwd_kernel(
     )
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _perturb_multi_bwd_kernel(
     table_ptr,
     part_ptr,
     state_ptr,
     T,
-    seed,
     T_POW2: tl.constexpr,
     BLOCK: tl.constexpr,
     G_DTYPE: tl.constexpr,
@@ -93,16 +91,16 @@ def _perturb_multi_bwd_kernel(
     PRECISE: tl.constexpr,
 ):
     """Stage 1 for T tensors (segmented scan for every inner); row = (grad, sigma, part base, n,
-    inner, S, offset, first block)."""
+    inner, S, offset, seed, first block)."""
     pid = tl.program_id(0).to(tl.int64)
-    row = _find_tensor(table_ptr, pid, T, 8, T_POW2)
+    row = _find_tensor(table_ptr, pid, T, 9, T_POW2)
     g_ptr = tl.load(row + 0).to(tl.pointer_type(G_DTYPE))
     base = tl.load(row + 2)
     n = tl.load(row + 3)
     inner = tl.load(row + 4)
     S = tl.load(row + 5)
-    seed, offset = _rng_key(seed, tl.load(row + 6), state_ptr, HAS_STATE)
-    block = pid - tl.load(row + 7)
+    seed, offset = _rng_key(tl.load(row + 7), tl.load(row + 6), state_ptr, HAS_STATE)
+    block = pid - tl.load(row + 8)
     _, _, vals = _grad_z_block(g_ptr, n, seed, offset, block * BLOCK, BLOCK, IS_F64, PRECISE)
     _scan_partials_block(part_ptr + base, vals, n, inner, S, block, BLOCK, INDEX64)
 

@@ -6,9 +6,10 @@ into a graph, so both are opaque ``torch.library.custom_op``s with fake kernels 
 ``fullgraph``-compatible).
 
 * Tensors are grouped by (dtype, alpha dtype, sigma dtype): one forward launch and two
-  alpha-gradient launches per group. Forward results are bit-identical to the single op; alpha
-  gradients use one segmented-scan reduction for every tensor, so they agree with the single op
-  to fp32 rounding.
+  alpha-gradient launches per group. Each tensor's row carries its Philox key (``seeds[i]``, or the
+  one shared seed; with ``rng_state`` the kernel reads the state's seed). Forward results are
+  bit-identical to the single op; alpha gradients use one segmented-scan reduction for every
+  tensor, so they agree with the single op to fp32 rounding.
 * The pointer table is copied from pinned memory (non-blocking, no host sync); that copy cannot be
   replayed by a CUDA graph, so these ops refuse stream capture with a clear error - capture the
   single ops or the CUDA backend's list op (kernel parameters only).
@@ -63,6 +64,11 @@ def _device_table(rows: list[list[int]], tail: list[int], device: torch.device, 
     return host
 
 
+def _seed_of(seeds: Sequence[int], i: int) -> int:
+    """Tensor i's Philox key: ``seeds[i]``, or the one seed every tensor shares (checked lengths)."""
+    return int(seeds[0] if len(seeds) == 1 else seeds[i])
+
+
 def _groups(
     tensors: Sequence[torch.Tensor], alphas: Sequence[torch.Tensor], sigmas: Sequence[torch.Tensor]
 ) -> dict[tuple, list[int]]:
@@ -79,14 +85,14 @@ def perturb_multi_triton(
     vs: list[torch.Tensor],
     alphas: list[torch.Tensor],
     sigmas: list[torch.Tensor],
-    seed: int,
+    seeds: list[int],
     offsets: list[int],
     inners: list[int],
     rng_state: Optional[torch.Tensor] = None,
 ) -> list[torch.Tensor]:
     """perturb_triton for every tensor of a list in one kernel launch (per dtype group)."""
     op = "perturb_multi_triton"
-    check_multi(op, "v", vs, alphas, sigmas, seed, offsets, inners, rng_state, INTERPRETED)
+    check_multi(op, "v", vs, alphas, sigmas, seeds, offsets, inners, rng_state, INTERPRETED)
     vs = [v.contiguous() for v in vs]
     alphas = [a.contiguous() for a in alphas]
     outs = [torch.empty(v.shape, dtype=v.dtype, device=v.device) for v in vs]
@@ -104,6 +110,7 @@ def perturb_multi_triton(
                     alphas[i].numel(),
                     inners[i],
                     offsets[i],
+                    _seed_of(seeds, i),
                     total,
                 ]
             )
@@ -117,7 +124,6 @@ def perturb_multi_triton(
                 table,
                 state,
                 len(idx),
-                seed,
                 T_POW2=triton.next_power_of_2(len(idx)),
                 BLOCK=BLOCK,
                 V_DTYPE=_TL_DTYPE[dtype],
@@ -133,8 +139,8 @@ def perturb_multi_triton(
 
 
 @perturb_multi_triton.register_fake
-def _(vs, alphas, sigmas, seed, offsets, inners, rng_state=None):
-    check_multi("perturb_multi_triton", "v", vs, alphas, sigmas, seed, offsets, inners, rng_state, INTERPRETED)
+def _(vs, alphas, sigmas, seeds, offsets, inners, rng_state=None):
+    check_multi("perturb_multi_triton", "v", vs, alphas, sigmas, seeds, offsets, inners, rng_state, INTERPRETED)
     return [torch.empty(v.shape, dtype=v.dtype, device=v.device) for v in vs]
 
 
@@ -143,14 +149,14 @@ def perturb_alpha_grad_multi_triton(
     grads: list[torch.Tensor],
     alphas: list[torch.Tensor],
     sigmas: list[torch.Tensor],
-    seed: int,
+    seeds: list[int],
     offsets: list[int],
     inners: list[int],
     rng_state: Optional[torch.Tensor] = None,
 ) -> list[torch.Tensor]:
     """perturb_alpha_grad_triton for every tensor of a list: two launches per dtype group."""
     op = "perturb_alpha_grad_multi_triton"
-    check_multi(op, "grad", grads, alphas, sigmas, seed, offsets, inners, rng_state, INTERPRETED)
+    check_multi(op, "grad", grads, alphas, sigmas, seeds, offsets, inners, rng_state, INTERPRETED)
     grads = [g.contiguous() for g in grads]
     outs = [
         torch.empty(a.shape, dtype=a.dtype, device=a.device)
@@ -174,7 +180,19 @@ def perturb_alpha_grad_multi_triton(
         )
         for i, p, base in zip(idx, plans, bases):
             n, n_alpha = grads[i].numel(), alphas[i].numel()
-            rows1.append([grads[i].data_ptr(), sigmas[i].data_ptr(), base, n, p.inner, p.S, offsets[i], total1])
+            rows1.append(
+                [
+                    grads[i].data_ptr(),
+                    sigmas[i].data_ptr(),
+                    base,
+                    n,
+                    p.inner,
+                    p.S,
+                    offsets[i],
+                    _seed_of(seeds, i),
+                    total1,
+                ]
+            )
             first1.append(total1)
             total1 += triton.cdiv(n, BLOCK)
             rows2.append([base, outs[i].data_ptr(), sigmas[i].data_ptr(), p.S, p.J, n_alpha, p.R, p.inner, n, total2])
@@ -190,7 +208,6 @@ def perturb_alpha_grad_multi_triton(
                 part,
                 state,
                 t,
-                seed,
                 T_POW2=triton.next_power_of_2(t),
                 BLOCK=BLOCK,
                 G_DTYPE=_TL_DTYPE[dtype],
@@ -218,8 +235,8 @@ def perturb_alpha_grad_multi_triton(
 
 
 @perturb_alpha_grad_multi_triton.register_fake
-def _(grads, alphas, sigmas, seed, offsets, inners, rng_state=None):
+def _(grads, alphas, sigmas, seeds, offsets, inners, rng_state=None):
     check_multi(
-        "perturb_alpha_grad_multi_triton", "grad", grads, alphas, sigmas, seed, offsets, inners, rng_state, INTERPRETED
+        "perturb_alpha_grad_multi_triton", "grad", grads, alphas, sigmas, seeds, offsets, inners, rng_state, INTERPRETED
     )
     return [torch.empty(a.shape, dtype=a.dtype, device=a.device) for a in alphas]

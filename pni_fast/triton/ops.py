@@ -9,8 +9,8 @@ Signatures are those of docs/ops.md (op contract v2), suffixed ``_triton``:
 * ``noise_triton(like, seed, offset, rng_state=None) -> Tensor``
 * ``perturb_triton(v, alpha, sigma, seed, offset, inner, rng_state=None) -> Tensor``
 * ``perturb_alpha_grad_triton(grad, alpha, sigma, seed, offset, inner, rng_state=None) -> Tensor``
-* ``perturb_multi_triton(vs, alphas, sigmas, seed, offsets, inners, rng_state=None) -> Tensor[]``
-* ``perturb_alpha_grad_multi_triton(grads, alphas, sigmas, seed, offsets, inners, rng_state=None)``
+* ``perturb_multi_triton(vs, alphas, sigmas, seeds, offsets, inners, rng_state=None) -> Tensor[]``
+* ``perturb_alpha_grad_multi_triton(grads, alphas, sigmas, seeds, offsets, inners, rng_state=None)``
 
 ``rng_state`` (int64 [2] on the op's device: seed, counter base) is read by the kernels from
 device memory: no host sync, so on CUDA its values are not range-checked (they are the bits of a
