@@ -13,7 +13,8 @@ plain checkpoints stop loading, and it recomputes (here: redraws) the weight on 
 so a forward that reads ``self.weight`` twice would see two different noises. The swap keeps the
 state_dict keys (``weight``, ``bias`` plus ``alpha_w``/``alpha_i``), draws once per forward, and the
 original forward runs unchanged: the layer's math stays its own. The swap is a property on the
-generated class that returns the noisy tensor while the forward runs and the stored weight
+generated class that returns the noisy tensor while the forward runs (held per thread, never on the
+module, so threads sharing a layer each see their own draw) and the stored weight
 otherwise (the parametrized weight for a parametrized layer); ``torch.export`` and ``torch.compile``
 see ordinary attribute reads. ``torch.fx`` treats the generated class as it would the original: a
 torch.nn layer stays a leaf (called, with fresh noise, when the GraphModule runs) and a user's class
@@ -25,6 +26,7 @@ Removing a parametrization that existed *before* ``convert`` needs ``strip`` fir
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch.nn as nn
@@ -34,8 +36,19 @@ from .modules import _PNIMixin
 
 __all__ = ["WrappedPNI", "wrap_layer", "unwrap_layer", "plain_class", "is_wrapped"]
 
-_OVERRIDE = "_pni_weight_now"  # instance attribute holding the noisy weight during a forward
-_NOISE_ATTRS = ("pni", "noise", "alpha_init", "noise_enabled", _OVERRIDE)
+_NOISE_ATTRS = ("pni", "noise", "alpha_init", "noise_enabled")
+# the noisy weight of each wrapped layer whose forward is running, per thread (never on the module: two
+# threads running one layer each see their own draw)
+_running = threading.local()
+
+
+def _overrides() -> dict:
+    table = getattr(_running, "weights", None)
+    if table is None:
+        table = _running.weights = {}
+    return table
+
+
 _CLASSES: dict[type, type] = {}
 
 
@@ -74,11 +87,16 @@ class WrappedPNI(_PNIMixin):
                 raise TypeError(f"{type(self).__name__}: input noise needs the input as the first argument")
         if noisy is None:
             return super().forward(*args, **kwargs)
-        self.__dict__[_OVERRIDE] = noisy
+        table = _overrides()
+        outer = table.get(self)  # a re-entrant call of the same layer restores the outer call's weight
+        table[self] = noisy
         try:
             return super().forward(*args, **kwargs)
         finally:
-            self.__dict__[_OVERRIDE] = None
+            if outer is None:
+                del table[self]
+            else:
+                table[self] = outer
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         """Pickle/deepcopy by the original class (the generated class has no importable name)."""
@@ -103,7 +121,7 @@ def _weight_property(base: type) -> property:
             break
 
     def fget(self):
-        now = self.__dict__.get(_OVERRIDE)
+        now = _overrides().get(self)
         if now is not None:
             return now
         if inherited is not None:

@@ -147,12 +147,13 @@ def test_threads_training_one_model_take_only_their_own_draws(threads, monkeypat
     """Every step's loss and gradients equal a single-thread replay with the seeds that thread's layers
     drew: no draw lost or taken by another thread, no exception."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    # a Conv1d is converted in place (its own forward reads a per-thread noisy weight), the Linear swapped
+    model = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.ReLU(), nn.Linear(4, 3))
     pni_fast.convert(model, pni="channelwise", noise="weight")
     log = _record_seeds(monkeypatch)
     params = list(model.parameters())
     steps, results, errors = 300, {}, []
-    x = torch.randn(5, 4)
+    x = torch.randn(5, 1, 4)
 
     def work(t: int) -> None:
         log.seeds = []
@@ -174,14 +175,14 @@ def test_threads_training_one_model_take_only_their_own_draws(threads, monkeypat
         th.join()
     assert not errors, errors
     monkeypatch.undo()
-    l0, l2 = model[0], model[2]
+    l0, l2 = model[0], model[3]
     for t in range(threads):
         assert len(results[t]) == steps
         for seeds, loss, grads in results[t][:: max(1, steps // 50)]:
             assert len(seeds) == 2, "each layer drew exactly one seed per step"
             w0 = fn.noisy_weight(l0.weight, l0.alpha_w, seed=seeds[0])
             w2 = fn.noisy_weight(l2.weight, l2.alpha_w, seed=seeds[1])
-            ref = F.linear(F.relu(F.linear(x, w0, l0.bias)), w2, l2.bias).square().mean()
+            ref = F.linear(F.relu(F.conv1d(x, w0, l0.bias).flatten(1)), w2, l2.bias).square().mean()
             assert torch.equal(loss, ref.detach())
             for g, w in zip(grads, torch.autograd.grad(ref, params)):
                 torch.testing.assert_close(g, w, rtol=0, atol=0)
