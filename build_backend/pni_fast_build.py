@@ -15,7 +15,8 @@ then compile just in time on first use). Details and measurements: docs/install.
 pip shows a backend's output only with ``-v`` or when the build fails. What a successful build
 left out (no torch, a failed optional compile, CUDA kernels not built) is still printed in pip's
 normal output: setup.py hands that one line over (``PNI_FAST_BUILD_NOTICE``) and build_wheel /
-build_editable write it to the terminal pip runs in (``/dev/tty``) as well as to the log.
+build_editable raise it as a UserWarning, which pip >= 25.3 shows for a local project, or (older
+pip) write it to the terminal pip runs in (``/dev/tty``); always also to the log.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import os
 import site
 import sys
 import sysconfig
+import warnings
 from importlib import metadata
 from typing import Optional
 
@@ -38,26 +40,45 @@ def _log(msg: str) -> None:
 NOTICE_ENV = "PNI_FAST_BUILD_NOTICE"  # pni_fast/_build_config.py NOTICE_ENV (setup.py sets it)
 
 
-def announce(msg: str, tty_path: str = "/dev/tty") -> bool:
-    """Print `msg` where the user sees it: the log (stderr) and, when pip captures that, the terminal.
+def frontend_shows_warnings() -> bool:
+    """Whether the frontend running this hook shows the hook's UserWarnings in its normal output.
 
-    pip (show_stdout=False) keeps a successful backend's output for `-v` only; the controlling
-    terminal is the one channel its normal output shares. Returns whether the terminal got it
-    (never under CI without a terminal: there `pip install -v` shows the log line).
+    pip >= 25.3 runs hooks through pyproject_hooks' in-process script, which records warnings
+    (`catch_warnings(record=True)`) and hands them to pip, which logs them at WARNING level for a
+    local project (`pip install .`). Older runners drop them.
+    """
+    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return "catch_warnings(record=True)" in f.read()
+    except (OSError, TypeError):
+        return False
+
+
+def announce(msg: str, tty_path: str = "/dev/tty") -> str:
+    """Print `msg` where the user sees it in pip's normal output; returns the channel used.
+
+    pip keeps a successful backend's output (stdout, stderr) for `-v` only. Always: the log
+    (stderr). Then "warning" when the frontend shows the hook's warnings (pip >= 25.3, see
+    frontend_shows_warnings), else "tty": the controlling terminal pip runs in, or "log" (no
+    terminal, e.g. CI: `pip install -v` shows the log line).
     """
     line = f"pni_fast: NOTE: {msg}"
     print(line, file=sys.stderr, flush=True)
+    if frontend_shows_warnings():
+        warnings.warn(line, UserWarning, stacklevel=2)
+        return "warning"
     try:
         if sys.stderr.isatty():
-            return True  # already on the terminal
+            return "tty"  # already on the terminal
     except (AttributeError, ValueError):
         pass
     try:
         with open(tty_path, "w", encoding="utf-8") as tty:
             tty.write(f"\n{line}\n")  # pip's spinner line has no newline yet
-        return True
+        return "tty"
     except OSError:
-        return False
+        return "log"
 
 
 def _build_announced(build, *args):

@@ -367,27 +367,55 @@ def _load_backend():
     return module
 
 
-def test_backend_prints_what_the_build_left_out_once_on_the_terminal(tmp_path, clean_env, capsys):
+def test_backend_hands_what_the_build_left_out_to_pip_as_a_warning(clean_env, capsys):
     backend = _load_backend()
     assert backend.NOTICE_ENV == cfg.NOTICE_ENV
-    tty = tmp_path / "tty"
-    announce = backend.announce
-    clean_env.setattr(backend, "announce", lambda msg: announce(msg, tty_path=str(tty)))
+    clean_env.setattr(backend, "frontend_shows_warnings", lambda: True)  # pip >= 25.3
     clean_env.setenv(cfg.NOTICE_ENV, "stale notice of an earlier build")
+    note = "built the CPU kernels only; CUDA kernels not built: torch sees no GPU"
 
     def build(name):
-        os.environ[cfg.NOTICE_ENV] = "built the CPU kernels only; CUDA kernels not built: torch sees no GPU"
+        os.environ[cfg.NOTICE_ENV] = note
         return name
 
-    assert backend._build_announced(build, "x.whl") == "x.whl"
-    assert (
-        tty.read_text() == "\npni_fast: NOTE: built the CPU kernels only; CUDA kernels not built: torch sees no GPU\n"
-    )
-    assert "pni_fast: NOTE: built the CPU kernels only" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match=f"^pni_fast: NOTE: {note}$"):
+        assert backend._build_announced(build, "x.whl") == "x.whl"
+    assert f"pni_fast: NOTE: {note}" in capsys.readouterr().err
     assert cfg.NOTICE_ENV not in os.environ
-    tty.unlink()
-    assert backend._build_announced(lambda: "quiet.whl") == "quiet.whl" and not tty.exists()
-    assert announce("x", tty_path=str(tmp_path / "no" / "tty")) is False  # no terminal: log only
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a build with nothing left out says nothing
+        assert backend._build_announced(lambda: "quiet.whl") == "quiet.whl"
+
+
+def test_backend_falls_back_to_the_terminal_for_older_pip(tmp_path, clean_env):
+    backend = _load_backend()
+    clean_env.setattr(backend, "frontend_shows_warnings", lambda: False)
+    tty = tmp_path / "tty"
+    assert backend.announce("x y", tty_path=str(tty)) == "tty"
+    assert tty.read_text() == "\npni_fast: NOTE: x y\n"
+    assert backend.announce("x", tty_path=str(tmp_path / "no" / "tty")) == "log"  # no terminal (CI): log only
+
+
+def test_pips_hook_runner_is_recognized():
+    """The check looks for what pyproject_hooks' in-process runner does with a hook's warnings."""
+    backend = _load_backend()
+    pip_dir = Path(importlib.util.find_spec("pip").origin).parent
+    runner = pip_dir / "_vendor" / "pyproject_hooks" / "_in_process" / "_in_process.py"
+    if not runner.is_file():
+        pytest.skip("this pip has no vendored pyproject_hooks runner")
+    shows = "catch_warnings(record=True)" in runner.read_text()
+    main = sys.modules["__main__"]
+    old = getattr(main, "__file__", None)
+    try:
+        main.__file__ = str(runner)
+        assert backend.frontend_shows_warnings() is shows
+    finally:
+        if old is None:
+            del main.__file__
+        else:
+            main.__file__ = old
 
 
 # --- python -m pni_fast info: the architectures and a GPU without machine code -------------------------------
