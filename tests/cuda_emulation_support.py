@@ -53,8 +53,8 @@ def emulation_library(tmp_path_factory) -> ctypes.CDLL:
     so.emu_stage2_block.restype = ctypes.c_int
     for fn in (so.emu_perturb, so.emu_alpha_grad):
         fn.restype = ctypes.c_int
-        # dtype, count, 9 pointers (in, out, alpha, sigma, sigma_float, n, n_alpha, inner, offset), seed, state
-        fn.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 9 + [ctypes.c_uint64, ctypes.c_void_p]
+        # dtype, count, 10 pointers (in, out, alpha, sigma, sigma_float, n, n_alpha, inner, offset, seeds), state
+        fn.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 10 + [ctypes.c_void_p]
     _LIBRARY["so"] = so
     return so
 
@@ -65,6 +65,13 @@ def _ptrs(arrays) -> ctypes.Array:
 
 def _i64(values) -> ctypes.Array:
     return (ctypes.c_int64 * max(1, len(values)))(*values)
+
+
+def _seeds(seed, count: int) -> ctypes.Array:
+    """Each tensor's Philox key: ``seed`` (an int shared by all, or one per tensor) as a uint64 array."""
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * count
+    assert len(seeds) == count
+    return (ctypes.c_uint64 * max(1, count))(*seeds)
 
 
 def _state(state):
@@ -93,7 +100,7 @@ def run_emulation(so, fn_name, ins, alphas, sigmas, offsets, inners, seed, out_l
         _i64([a.size for a in alphas]),
         _i64(inners),
         _i64(offsets),
-        ctypes.c_uint64(seed),
+        _seeds(seed, len(ins)),
         _state(state),
     )
     assert rc == 0
@@ -134,7 +141,7 @@ def run_emulation_torch(so, fn_name, ins, alphas, sigmas, offsets, inners, seed,
         _i64([t.numel() for t in alphas]),
         _i64(inners),
         _i64(offsets),
-        ctypes.c_uint64(seed),
+        _seeds(seed, len(ins)),
         _state(state),
     )
     assert rc == 0

@@ -39,7 +39,7 @@ A warp_sum_emulated(A (&v)[kWarpSize]) {
 }
 
 // alpha (perturb) and the alpha gradient (emu_alpha_grad's out) are in acc_t<T>, as the
-// CUDA launcher passes them; state is the rng_state pointer (nullptr: none).
+// CUDA launcher passes them; seed: each tensor's Philox key.
 struct Args {
   int count;
   const void* const* in;
@@ -51,6 +51,7 @@ struct Args {
   const int64_t* n_alpha;
   const int64_t* inner;
   const int64_t* offset;
+  const uint64_t* seed;
   size_t elem;      // bytes per element of in
   size_t out_elem;  // bytes per element of out
 };
@@ -65,6 +66,7 @@ Desc make_desc(const Args& a, int i) {
   d.n_alpha = a.n_alpha[i];
   d.inner = a.inner[i];
   d.offset = a.offset[i];
+  d.seed = a.seed[i];
   d.flags = make_flags(a.sigma_float[i] != 0, d.in, a.elem, d.out, a.out_elem);
   return d;
 }
@@ -90,18 +92,21 @@ int g_index_bits = 0;
 
 bool use_int32(const Pack& p) { return g_index_bits == 0 ? fits_int32(p) : g_index_bits == 32; }
 
-// Every thread of every unit of one forward launch, with the launcher's kernel choice.
+// Every thread of every unit of one forward launch, with the launcher's kernel choice; each
+// tensor's key as the kernels take it (make_rng_key of its Desc and the state).
 template <typename T, typename I>
-void perturb_pack(const Pack& pack, const RngKey& rk) {
+void perturb_pack(const Pack& pack, const int64_t* state) {
   const int kind = forward_kind(pack);
   if (kind == kFwdList) {
     for (int64_t unit = 0; unit < pack.start[pack.count]; ++unit) {
       const int t = find_desc(pack, unit);
+      const RngKey rk = make_rng_key(pack.d[t], state);
       for (int tid = 0; tid < kThreads; ++tid) perturb_unit_thread<T, I>(pack.d[t], unit - pack.start[t], tid, rk);
     }
     return;
   }
   // one tensor: the grid-stride loop over quads; every quad once, order irrelevant (disjoint writes)
+  const RngKey rk = make_rng_key(pack.d[0], state);
   const Fwd<T, I> f = fwd_prepare<T, I>(pack.d[0], rk);
   const I nq = static_cast<I>((static_cast<int64_t>(f.n) + 3) >> 2);
   for (I q = 0; q < nq; ++q) {
@@ -114,7 +119,7 @@ void perturb_pack(const Pack& pack, const RngKey& rk) {
 }
 
 template <typename T>
-void perturb(const Args& a, const RngKey& rk) {
+void perturb(const Args& a, const int64_t* state) {
   for (const auto& idx : packs_of(a)) {
     Pack pack{};
     pack.count = static_cast<int32_t>(idx.size());
@@ -127,20 +132,21 @@ void perturb(const Args& a, const RngKey& rk) {
     pack.start[idx.size()] = units;
     for (size_t j = 0; j < idx.size(); ++j) plan_forward(pack.d[j]);
     if (use_int32(pack)) {
-      perturb_pack<T, int32_t>(pack, rk);
+      perturb_pack<T, int32_t>(pack, state);
     } else {
-      perturb_pack<T, int64_t>(pack, rk);
+      perturb_pack<T, int64_t>(pack, state);
     }
   }
 }
 
 // Stage 1 of one pack: every lane of every warp unit.
 template <typename T, typename I>
-void stage1_pack(const Pack& stage1, int64_t units1, const RngKey& rk, std::vector<acc_t<T>>& part) {
+void stage1_pack(const Pack& stage1, int64_t units1, const int64_t* state, std::vector<acc_t<T>>& part) {
   using A = acc_t<T>;
   for (int64_t unit = 0; unit < units1; ++unit) {
     const int t = find_desc(stage1, unit);
     const Desc& d = stage1.d[t];
+    const RngKey rk = make_rng_key(d, state);
     const int64_t u = unit - stage1.start[t];
     if (d.mode == kWarpMode) {
       A v[kWarpSize];
@@ -184,7 +190,7 @@ void stage2_pack(const Pack& stage2, int64_t total2, const std::vector<acc_t<T>>
 }
 
 template <typename T>
-void alpha_grad(const Args& a, const RngKey& rk) {
+void alpha_grad(const Args& a, const int64_t* state) {
   using A = acc_t<T>;
   for (const auto& idx : packs_of(a)) {
     Pack stage1{};
@@ -195,9 +201,9 @@ void alpha_grad(const Args& a, const RngKey& rk) {
     // NaN-filled: a partial that stage 2 reads but stage 1 never wrote shows up in the result.
     std::vector<A> part(total.parts > 0 ? total.parts : 1, static_cast<A>(0.0 / 0.0));
     if (use_int32(stage1)) {
-      stage1_pack<T, int32_t>(stage1, total.units1, rk, part);
+      stage1_pack<T, int32_t>(stage1, total.units1, state, part);
     } else {
-      stage1_pack<T, int64_t>(stage1, total.units1, rk, part);
+      stage1_pack<T, int64_t>(stage1, total.units1, state, part);
     }
     stage2_pack<T>(stage2, total.units2, part);
   }
@@ -209,21 +215,21 @@ extern "C" {
 
 // dtype: 0 = float32, 1 = float64, 2 = float16, 3 = bfloat16 (2 and 3 only when built with
 // PNI_EMU_WITH_C10). alpha is float64 for dtype 1, else float32; so is emu_alpha_grad's out.
-// state: nullptr, or the two int64 values of an rng_state (seed, counter base) that replace
-// `seed` and add to every offset, read the way the kernels read them (make_rng_key).
+// seed: one Philox key per tensor (a list op's seeds, or its one seed repeated). state: nullptr,
+// or the two int64 values of an rng_state (seed, counter base) that replace every tensor's seed
+// and add to every offset, read the way the kernels read them (make_rng_key).
 // Returns 0 on success, 1 for an unsupported dtype.
 int emu_perturb(int dtype, int count, const void* const* in, void* const* out, const void* const* alpha,
                 const void* const* sigma, const int32_t* sigma_float, const int64_t* n, const int64_t* n_alpha,
-                const int64_t* inner, const int64_t* offset, uint64_t seed, const int64_t* state) {
+                const int64_t* inner, const int64_t* offset, const uint64_t* seed, const int64_t* state) {
   const size_t elem = dtype == 1 ? 8u : dtype == 0 ? 4u : 2u;
-  Args a{count, in, out, alpha, sigma, sigma_float, n, n_alpha, inner, offset, elem, elem};
-  const RngKey rk = make_rng_key(seed, state);
+  Args a{count, in, out, alpha, sigma, sigma_float, n, n_alpha, inner, offset, seed, elem, elem};
   switch (dtype) {
-    case 0: perturb<float>(a, rk); return 0;
-    case 1: perturb<double>(a, rk); return 0;
+    case 0: perturb<float>(a, state); return 0;
+    case 1: perturb<double>(a, state); return 0;
 #ifdef PNI_EMU_WITH_C10
-    case 2: perturb<c10::Half>(a, rk); return 0;
-    case 3: perturb<c10::BFloat16>(a, rk); return 0;
+    case 2: perturb<c10::Half>(a, state); return 0;
+    case 3: perturb<c10::BFloat16>(a, state); return 0;
 #endif
     default: return 1;
   }
@@ -231,16 +237,15 @@ int emu_perturb(int dtype, int count, const void* const* in, void* const* out, c
 
 int emu_alpha_grad(int dtype, int count, const void* const* grad, void* const* out, const void* const* alpha,
                    const void* const* sigma, const int32_t* sigma_float, const int64_t* n, const int64_t* n_alpha,
-                   const int64_t* inner, const int64_t* offset, uint64_t seed, const int64_t* state) {
+                   const int64_t* inner, const int64_t* offset, const uint64_t* seed, const int64_t* state) {
   const size_t elem = dtype == 1 ? 8u : dtype == 0 ? 4u : 2u;
-  Args a{count, grad, out, alpha, sigma, sigma_float, n, n_alpha, inner, offset, elem, dtype == 1 ? 8u : 4u};
-  const RngKey rk = make_rng_key(seed, state);
+  Args a{count, grad, out, alpha, sigma, sigma_float, n, n_alpha, inner, offset, seed, elem, dtype == 1 ? 8u : 4u};
   switch (dtype) {
-    case 0: alpha_grad<float>(a, rk); return 0;
-    case 1: alpha_grad<double>(a, rk); return 0;
+    case 0: alpha_grad<float>(a, state); return 0;
+    case 1: alpha_grad<double>(a, state); return 0;
 #ifdef PNI_EMU_WITH_C10
-    case 2: alpha_grad<c10::Half>(a, rk); return 0;
-    case 3: alpha_grad<c10::BFloat16>(a, rk); return 0;
+    case 2: alpha_grad<c10::Half>(a, state); return 0;
+    case 3: alpha_grad<c10::BFloat16>(a, state); return 0;
 #endif
     default: return 1;
   }

@@ -64,7 +64,7 @@ def test_emulated_unaligned_pointers_and_sigma_dtype(emu):
 
 
 def test_emulated_multi_equals_single_bitwise(emu):
-    """A list of 40 tensors (two packs of at most 32) gives the single-tensor bits for every tensor."""
+    """A list of 40 tensors (two packs of at most 31) gives the single-tensor bits for every tensor."""
     rng = np.random.default_rng(2)
     specs = [(16 * 27, 16, 27), (16 * 144, 1, 1), (32 * 144, 32 * 144, 1), (10 * 64, 10, 64), (0, 1, 1)]
     ins, alphas, sigmas, offsets, inners = [], [], [], [], []
@@ -96,6 +96,40 @@ def test_emulated_multi_equals_single_bitwise(emu):
             rtol=0,
             atol=2e-6,
         )
+
+
+def test_emulated_per_tensor_seeds_equal_single_bitwise(emu):
+    """One seed per tensor (Desc::seed): 36 tensors (two packs) at offset 0 each give the single-tensor bits
+    of their own seed; with an rng_state every tensor takes the state's seed instead."""
+    rng = np.random.default_rng(5)
+    specs = [(16 * 27, 16, 27), (601, 1, 1), (231, 231, 1), (3 * 5000, 3, 5000)]
+    ins, alphas, sigmas, inners, seeds = [], [], [], [], []
+    for i in range(36):
+        n, n_alpha, inner = specs[i % len(specs)]
+        ins.append(rng.standard_normal(n).astype(np.float32))
+        alphas.append((rng.random(n_alpha) + 0.1).astype(np.float32))
+        sigmas.append(np.array(0.5 + i / 36, dtype=np.float32))
+        inners.append(inner)
+        seeds.append(int(SEED) + 7919 * i if i % 3 else 2**63 - 1 - i)
+    zeros = [0] * len(ins)
+    outs = run_emulation(emu, "emu_perturb", ins, alphas, sigmas, zeros, inners, seeds, ins)
+    grads = run_emulation(emu, "emu_alpha_grad", ins, alphas, sigmas, zeros, inners, seeds, alphas)
+    for i in range(len(ins)):
+        one = ([ins[i]], [alphas[i]], [sigmas[i]], [0], [inners[i]], seeds[i])
+        (single,) = run_emulation(emu, "emu_perturb", *one, [ins[i]])
+        np.testing.assert_array_equal(outs[i], single)
+        (single_g,) = run_emulation(emu, "emu_alpha_grad", *one, [alphas[i]])
+        np.testing.assert_array_equal(grads[i], single_g)
+    np.testing.assert_allclose(
+        outs[1], oracle_expected("out", ins[1], alphas[1], sigmas[1], inners[1], seeds[1], 0), rtol=0, atol=2e-6
+    )
+    state = (SEED, 40)
+    with_state = run_emulation(
+        emu, "emu_perturb", ins[:3], alphas[:3], sigmas[:3], zeros[:3], inners[:3], seeds[:3], ins[:3], state=state
+    )
+    shared = run_emulation(emu, "emu_perturb", ins[:3], alphas[:3], sigmas[:3], [40] * 3, inners[:3], SEED, ins[:3])
+    for a, b in zip(with_state, shared):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -87,9 +87,9 @@ inline std::vector<std::vector<size_t>> make_groups(const std::vector<at::Tensor
 }
 
 // One tensor's entry of a launch table (input, output, alpha in the math dtype, sigma, contract
-// inner and offset).
+// inner, offset and seed).
 inline Desc make_tensor_desc(const at::Tensor& in, const at::Tensor& out, const at::Tensor& alpha,
-                             const at::Tensor& sigma, int64_t inner, int64_t offset) {
+                             const at::Tensor& sigma, int64_t inner, int64_t offset, int64_t seed) {
   Desc d{};
   d.in = in.data_ptr();
   d.out = out.data_ptr();
@@ -99,22 +99,24 @@ inline Desc make_tensor_desc(const at::Tensor& in, const at::Tensor& out, const 
   d.n_alpha = alpha.numel();
   d.inner = inner;
   d.offset = offset;
+  d.seed = static_cast<uint64_t>(seed);
   d.flags = make_flags(sigma.scalar_type() == at::kFloat, d.in, in.element_size(), d.out, out.element_size());
   return d;
 }
 
 // Checks all arguments of a single or list op (a single op is a list of one with list == "").
-// `elem` names one tensor ("v", "grad").
+// `elem` names one tensor ("v", "grad"). `seeds`: one seed for every tensor, or one per tensor.
 inline void check_args(const char* op, const char* list, const char* elem, at::TensorList vs,
-                       at::TensorList alphas, at::TensorList sigmas, int64_t seed, at::IntArrayRef offsets,
+                       at::TensorList alphas, at::TensorList sigmas, at::IntArrayRef seeds, at::IntArrayRef offsets,
                        at::IntArrayRef inners, const std::optional<at::Tensor>& rng_state) {
   check_multi_lengths(op, list, vs.size(), alphas.size(), sigmas.size(), offsets.size(), inners.size());
+  check_multi_seeds(op, vs.size(), seeds.size(), rng_state.has_value());
   if (vs.empty()) return;
   check_rng_state(rng_state, vs[0].device(), op);
   for (size_t i = 0; i < vs.size(); ++i) {
     const std::string prefix = *list ? list_prefix(list, i) : std::string();
     check_cuda(vs[i], prefix + elem);
-    check_perturb_args(vs[i], alphas[i], sigmas[i], seed, offsets[i], inners[i], elem, prefix);
+    check_perturb_args(vs[i], alphas[i], sigmas[i], seed_of(seeds, i), offsets[i], inners[i], elem, prefix);
     TORCH_CHECK(vs[i].device() == vs[0].device(), op, ": all ", list, " must be on one device, got ",
                 vs[0].device(), " and ", vs[i].device(), " (", prefix, ")");
   }

@@ -56,9 +56,8 @@ __device__ __forceinline__ A warp_sum(A v) {
 // Stage 1: one unit = one warp (see perturb_impl.cuh for the three modes).
 template <typename T, typename I>
 __global__ void __launch_bounds__(kThreads)
-    alpha_grad_partials_kernel(const __grid_constant__ Pack pack, uint64_t seed, const int64_t* __restrict__ state,
+    alpha_grad_partials_kernel(const __grid_constant__ Pack pack, const int64_t* __restrict__ state,
                                acc_t<T>* __restrict__ part) {
-  const RngKey rk = make_rng_key(seed, state);
   const int lane = threadIdx.x % kWarpSize;
   const int64_t total = pack.start[pack.count];
   const int64_t step = static_cast<int64_t>(gridDim.x) * kWarps;
@@ -66,6 +65,7 @@ __global__ void __launch_bounds__(kThreads)
        unit += step) {
     const int t = find_desc(pack, unit);
     const Desc& d = pack.d[t];
+    const RngKey rk = make_rng_key(d, state);
     const int64_t u = unit - pack.start[t];
     if (d.mode == kWarpMode) {  // warp-uniform branch: every lane reaches the shuffles
       const acc_t<T> sum = warp_sum(stage1_lane_value<T, I>(d, u, lane, rk));
@@ -112,7 +112,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // Alpha gradient of already checked, contiguous grads into outs[i] (alphas[i]'s shape, math dtype).
 void alpha_grad_launch(const std::vector<at::Tensor>& grads, const std::vector<at::Tensor>& alphas,
-                       const std::vector<at::Tensor>& sigmas, int64_t seed, const int64_t* state,
+                       const std::vector<at::Tensor>& sigmas, at::IntArrayRef seeds, const int64_t* state,
                        const std::vector<int64_t>& offsets, const std::vector<int64_t>& inners,
                        const std::vector<at::Tensor>& outs) {
   for (const auto& idx : make_groups(grads)) {
@@ -123,7 +123,7 @@ void alpha_grad_launch(const std::vector<at::Tensor>& grads, const std::vector<a
       const size_t i = idx[j];
       Desc& d = stage1.d[j];
       // the op's inner; plan_alpha_grad_pack replaces it by the effective one
-      d = make_tensor_desc(grads[i], outs[i], alphas[i], sigmas[i], inners[i], offsets[i]);
+      d = make_tensor_desc(grads[i], outs[i], alphas[i], sigmas[i], inners[i], offsets[i], seed_of(seeds, i));
     }
     Pack stage2{};
     const GradPlan total = plan_alpha_grad_pack(stage1, stage2);
@@ -139,7 +139,7 @@ void alpha_grad_launch(const std::vector<at::Tensor>& grads, const std::vector<a
       auto stage1_kernel = fits_int32(stage1) ? alpha_grad_partials_kernel<scalar_t, int32_t>
                                               : alpha_grad_partials_kernel<scalar_t, int64_t>;
       stage1_kernel<<<grid_size(cdiv64(units1, kWarps), device), kThreads, 0, stream>>>(
-          stage1, static_cast<uint64_t>(seed), state, part_ptr);
+          stage1, state, part_ptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (total2 > 0) {
         alpha_grad_reduce_kernel<scalar_t><<<grid_size(total2, device), kThreads, 0, stream>>>(stage2, part_ptr);
@@ -154,9 +154,9 @@ void alpha_grad_launch(const std::vector<at::Tensor>& grads, const std::vector<a
 // ---------------------------------------------------------------------------
 
 std::vector<at::Tensor> alpha_grad_list(const char* op, const char* list, at::TensorList grads, at::TensorList alphas,
-                                        at::TensorList sigmas, int64_t seed, at::IntArrayRef offsets,
+                                        at::TensorList sigmas, at::IntArrayRef seeds, at::IntArrayRef offsets,
                                         at::IntArrayRef inners, const std::optional<at::Tensor>& rng_state) {
-  check_args(op, list, "grad", grads, alphas, sigmas, seed, offsets, inners, rng_state);
+  check_args(op, list, "grad", grads, alphas, sigmas, seeds, offsets, inners, rng_state);
   std::vector<at::Tensor> gc, ac, sc, acc;
   for (size_t i = 0; i < grads.size(); ++i) {
     gc.push_back(grads[i].contiguous());
@@ -167,7 +167,7 @@ std::vector<at::Tensor> alpha_grad_list(const char* op, const char* list, at::Te
   }
   if (!grads.empty()) {
     c10::cuda::CUDAGuard guard(grads[0].device());
-    alpha_grad_launch(gc, ac, sc, seed, state_ptr(rng_state), offsets.vec(), inners.vec(), acc);
+    alpha_grad_launch(gc, ac, sc, seeds, state_ptr(rng_state), offsets.vec(), inners.vec(), acc);
   }
   std::vector<at::Tensor> outs;
   for (size_t i = 0; i < grads.size(); ++i) {
@@ -179,14 +179,14 @@ std::vector<at::Tensor> alpha_grad_list(const char* op, const char* list, at::Te
 at::Tensor perturb_alpha_grad_cuda(const at::Tensor& grad, const at::Tensor& alpha, const at::Tensor& sigma,
                                    int64_t seed, int64_t offset, int64_t inner,
                                    const std::optional<at::Tensor>& rng_state) {
-  return alpha_grad_list("perturb_alpha_grad", "", {grad}, {alpha}, {sigma}, seed, {offset}, {inner}, rng_state)[0];
+  return alpha_grad_list("perturb_alpha_grad", "", {grad}, {alpha}, {sigma}, {seed}, {offset}, {inner}, rng_state)[0];
 }
 
 std::vector<at::Tensor> perturb_alpha_grad_multi_cuda(at::TensorList grads, at::TensorList alphas,
-                                                      at::TensorList sigmas, int64_t seed, at::IntArrayRef offsets,
-                                                      at::IntArrayRef inners,
+                                                      at::TensorList sigmas, at::IntArrayRef seeds,
+                                                      at::IntArrayRef offsets, at::IntArrayRef inners,
                                                       const std::optional<at::Tensor>& rng_state) {
-  return alpha_grad_list("perturb_alpha_grad_multi", "grads", grads, alphas, sigmas, seed, offsets, inners,
+  return alpha_grad_list("perturb_alpha_grad_multi", "grads", grads, alphas, sigmas, seeds, offsets, inners,
                          rng_state);
 }
 

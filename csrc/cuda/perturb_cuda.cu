@@ -47,15 +47,15 @@ using namespace cuda_ops;
 // tensor has fewer than kMaxInt32Elems elements (chosen at launch), else int64_t.
 template <typename T, typename I, int kKind>
 __global__ void __launch_bounds__(kThreads)
-    perturb_kernel(const __grid_constant__ Pack pack, uint64_t seed, const int64_t* __restrict__ state) {
-  const RngKey rk = make_rng_key(seed, state);
+    perturb_kernel(const __grid_constant__ Pack pack, const int64_t* __restrict__ state) {
   if constexpr (kKind == kFwdList) {
     const int64_t total = pack.start[pack.count];
     for (int64_t unit = blockIdx.x; unit < total; unit += gridDim.x) {
       const int t = find_desc(pack, unit);
-      perturb_unit_thread<T, I>(pack.d[t], unit - pack.start[t], threadIdx.x, rk);
+      perturb_unit_thread<T, I>(pack.d[t], unit - pack.start[t], threadIdx.x, make_rng_key(pack.d[t], state));
     }
   } else {
+    const RngKey rk = make_rng_key(pack.d[0], state);
     const Fwd<T, I> f = fwd_prepare<T, I>(pack.d[0], rk);
     const I nq = static_cast<I>((static_cast<int64_t>(f.n) + 3) >> 2);
     const I stride = static_cast<I>(gridDim.x) * kThreads;
@@ -69,9 +69,10 @@ __global__ void __launch_bounds__(kThreads)
 // Host side
 // ---------------------------------------------------------------------------
 
-// Forward of already checked, contiguous tensors; alphas in the math dtype.
+// Forward of already checked, contiguous tensors; alphas in the math dtype; seeds: one for every
+// tensor or one per tensor (checked).
 void perturb_launch(const std::vector<at::Tensor>& vs, const std::vector<at::Tensor>& alphas,
-                    const std::vector<at::Tensor>& sigmas, int64_t seed, const int64_t* state,
+                    const std::vector<at::Tensor>& sigmas, at::IntArrayRef seeds, const int64_t* state,
                     const std::vector<int64_t>& offsets, const std::vector<int64_t>& inners,
                     const std::vector<at::Tensor>& outs) {
   for (const auto& idx : make_groups(vs)) {
@@ -81,7 +82,7 @@ void perturb_launch(const std::vector<at::Tensor>& vs, const std::vector<at::Ten
     for (size_t j = 0; j < idx.size(); ++j) {
       const size_t i = idx[j];
       Desc& d = pack.d[j];
-      d = make_tensor_desc(vs[i], outs[i], alphas[i], sigmas[i], inners[i], offsets[i]);
+      d = make_tensor_desc(vs[i], outs[i], alphas[i], sigmas[i], inners[i], offsets[i], seed_of(seeds, i));
       pack.start[j] = units;
       units += forward_units(d);
     }
@@ -94,7 +95,7 @@ void perturb_launch(const std::vector<at::Tensor>& vs, const std::vector<at::Ten
     const bool i32 = fits_int32(pack);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "perturb_cuda", [&] {
       auto launch = [&](auto kernel) {
-        kernel<<<grid, kThreads, 0, stream>>>(pack, static_cast<uint64_t>(seed), state);
+        kernel<<<grid, kThreads, 0, stream>>>(pack, state);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
       if (i32) {
@@ -115,9 +116,9 @@ void perturb_launch(const std::vector<at::Tensor>& vs, const std::vector<at::Ten
 // ---------------------------------------------------------------------------
 
 std::vector<at::Tensor> perturb_list(const char* op, const char* list, at::TensorList vs, at::TensorList alphas,
-                                     at::TensorList sigmas, int64_t seed, at::IntArrayRef offsets,
+                                     at::TensorList sigmas, at::IntArrayRef seeds, at::IntArrayRef offsets,
                                      at::IntArrayRef inners, const std::optional<at::Tensor>& rng_state) {
-  check_args(op, list, "v", vs, alphas, sigmas, seed, offsets, inners, rng_state);
+  check_args(op, list, "v", vs, alphas, sigmas, seeds, offsets, inners, rng_state);
   std::vector<at::Tensor> vc, ac, sc, outs;
   for (size_t i = 0; i < vs.size(); ++i) {
     vc.push_back(vs[i].contiguous());
@@ -127,19 +128,19 @@ std::vector<at::Tensor> perturb_list(const char* op, const char* list, at::Tenso
   }
   if (vs.empty()) return outs;
   c10::cuda::CUDAGuard guard(vs[0].device());
-  perturb_launch(vc, ac, sc, seed, state_ptr(rng_state), offsets.vec(), inners.vec(), outs);
+  perturb_launch(vc, ac, sc, seeds, state_ptr(rng_state), offsets.vec(), inners.vec(), outs);
   return outs;
 }
 
 at::Tensor perturb_cuda(const at::Tensor& v, const at::Tensor& alpha, const at::Tensor& sigma, int64_t seed,
                         int64_t offset, int64_t inner, const std::optional<at::Tensor>& rng_state) {
-  return perturb_list("perturb", "", {v}, {alpha}, {sigma}, seed, {offset}, {inner}, rng_state)[0];
+  return perturb_list("perturb", "", {v}, {alpha}, {sigma}, {seed}, {offset}, {inner}, rng_state)[0];
 }
 
 std::vector<at::Tensor> perturb_multi_cuda(at::TensorList vs, at::TensorList alphas, at::TensorList sigmas,
-                                           int64_t seed, at::IntArrayRef offsets, at::IntArrayRef inners,
+                                           at::IntArrayRef seeds, at::IntArrayRef offsets, at::IntArrayRef inners,
                                            const std::optional<at::Tensor>& rng_state) {
-  return perturb_list("perturb_multi", "vs", vs, alphas, sigmas, seed, offsets, inners, rng_state);
+  return perturb_list("perturb_multi", "vs", vs, alphas, sigmas, seeds, offsets, inners, rng_state);
 }
 
 }  // namespace

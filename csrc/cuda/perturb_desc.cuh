@@ -16,8 +16,9 @@ namespace cuda_impl {
 constexpr int kThreads = 256;
 constexpr int kWarpSize = 32;
 constexpr int kWarps = kThreads / kWarpSize;
-// Tensors per launch of a list op: the pack must fit the 4 KiB kernel-parameter limit.
-constexpr int kMaxPack = 32;
+// Tensors per launch of a list op: the pack must fit the 4 KiB kernel-parameter limit
+// (31 descriptors of 120 bytes and their 32 starts: 3984 bytes).
+constexpr int kMaxPack = 31;
 // Elements per warp task in stage 1 of the alpha gradient.
 constexpr int64_t kChunk = 2048;
 // Segments shorter than this are summed by one lane each (thread mode).
@@ -56,6 +57,7 @@ struct Desc {
   int64_t n_alpha;
   int64_t inner;      // alpha gradient: effective inner (layerwise: n)
   int64_t offset;     // first Philox counter (before the launch's counter base)
+  uint64_t seed;      // Philox key of this tensor (unused with an rng_state: the state's seed)
   int64_t segs;       // alpha gradient: number of segments
   int64_t chunks;     // alpha gradient: partials per segment
   int64_t part_base;  // alpha gradient: first partial of this tensor
@@ -91,10 +93,10 @@ struct alignas(4 * sizeof(T)) Vec4 {
   T v[4];
 };
 
-// The Philox key and the counter base of one launch: (seed, 0), or the two values of
-// the op's rng_state read from device memory by every thread (no host sync, so a CUDA
-// graph replay sees the state as the stream left it). Element i of a tensor uses
-// counter base + d.offset + i / 4.
+// The Philox key and the counter base of one tensor: (seed, 0), or the two values of the
+// op's rng_state read from device memory by every thread (no host sync, so a CUDA graph
+// replay sees the state as the stream left it). Element i of a tensor uses counter
+// base + d.offset + i / 4.
 struct RngKey {
   uint64_t seed;
   uint64_t base;
@@ -104,6 +106,10 @@ PNI_HD RngKey make_rng_key(uint64_t seed, const int64_t* state) {
   if (state == nullptr) return RngKey{seed, 0};
   return RngKey{static_cast<uint64_t>(state[0]), static_cast<uint64_t>(state[1])};
 }
+
+// The key of tensor d of a pack: its own seed (a list op's seeds[i], or the one seed every
+// tensor shares), or the rng_state's seed for every tensor.
+PNI_HD RngKey make_rng_key(const Desc& d, const int64_t* state) { return make_rng_key(d.seed, state); }
 
 // The four normals of quad q of tensor d.
 PNI_HD NormalQuad quad_normals(const RngKey& r, const Desc& d, int64_t q) {
