@@ -162,11 +162,46 @@ def want_cuda(
                 f"(the folder holding bin/nvcc, matching torch's CUDA {torch_cuda}) or put nvcc on PATH."
             )
         return False, "nvcc not found (set CUDA_HOME)"
+    problem = cuda_toolkit_problem(cuda_home)
+    if problem is not None:
+        if force:
+            raise BuildError(f"FORCE_CUDA=1, but {problem}")
+        return False, problem
     if force:
         return True, "FORCE_CUDA=1"
     if not cuda_available:
         return False, "torch sees no GPU (FORCE_CUDA=1 builds them anyway, for the default architectures)"
     return True, "GPU and nvcc found"
+
+
+def _cudart_dir(cuda_home: str) -> Optional[str]:
+    """The folder torch's CUDAExtension links libcudart from (lib64, else lib), if libcudart.so is there."""
+    lib = os.path.join(cuda_home, "lib64")
+    if not os.path.isdir(lib) and os.path.isdir(os.path.join(cuda_home, "lib")):
+        lib = os.path.join(cuda_home, "lib")
+    return lib if os.path.exists(os.path.join(lib, "libcudart.so")) else None
+
+
+def cuda_toolkit_problem(
+    cuda_home: str, platform: str = sys.platform, candidates: tuple[str, ...] = ("/usr/local/cuda", "/opt/cuda")
+) -> Optional[str]:
+    """Why the toolkit at `cuda_home` cannot link the CUDA kernels, or None (checked on Linux only).
+
+    torch takes CUDA_HOME from the folder above the first nvcc on PATH; a wrapper script such as
+    /usr/local/bin/nvcc then gives CUDA_HOME=/usr/local, where the compile works (minutes per
+    architecture) and only the final link fails, on -lcudart. Checked before anything is compiled.
+    """
+    if not platform.startswith("linux") or _cudart_dir(cuda_home) is not None:
+        return None
+    good = next(
+        (c for c in candidates if c != cuda_home and os.path.isfile(os.path.join(c, "bin", "nvcc")) and _cudart_dir(c)),
+        None,
+    )
+    fix = f"set CUDA_HOME={good}" if good else "set CUDA_HOME to the CUDA toolkit's root folder"
+    return (
+        f"CUDA_HOME={cuda_home} has nvcc but no lib64/libcudart.so or lib/libcudart.so, which linking the CUDA "
+        f"kernels needs: {fix}"
+    )
 
 
 # --- CUDA architectures ---------------------------------------------------------------------------

@@ -28,6 +28,7 @@
 #                         list (e.g. "9.0+PTX") makes the build several times faster
 #   WORKTREE=1            build the working tree's tracked files instead of HEAD
 #   MAX_JOBS              parallel compile jobs (torch's BuildExtension; default: all CPUs)
+#   CUDA_HOME             the CUDA toolkit (default: /usr/local/cuda or /opt/cuda, else torch's guess)
 #   CUOBJDUMP             cuobjdump to use (default: PATH, $CUDA_HOME/bin, then the one Triton ships)
 # Measured times: docs/install.md ("The CUDA build without a GPU").
 set -uo pipefail
@@ -37,11 +38,17 @@ WORK=${1:-$(mktemp -d "${TMPDIR:-/tmp}/pni_cuda_build_check.XXXXXX")}
 mkdir -p "$WORK" && WORK=$(cd "$WORK" && pwd)
 TORCH_SPEC=${TORCH_SPEC:-torch==2.14.1}
 PYTHON=${PYTHON:-python3}
+if [ -z "${CUDA_HOME:-}" ]; then  # torch's own guess (the folder above nvcc on PATH) may be a wrapper's
+  for c in /usr/local/cuda /opt/cuda; do
+    if [ -x "$c/bin/nvcc" ]; then export CUDA_HOME=$c; break; fi
+  done
+fi
 SUMMARY="$WORK/summary.txt"
 FAILED=()
 T0=$SECONDS
 echo "# pni_fast scripts/cuda_build_check.sh ($(date -u +%Y-%m-%dT%H:%M:%SZ)), $(nproc) CPUs, work dir $WORK" >"$SUMMARY"
-echo "TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-<unset: the default list>} MAX_JOBS=${MAX_JOBS:-<unset>}" >>"$SUMMARY"
+echo "TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-<unset: the default list>} MAX_JOBS=${MAX_JOBS:-<unset>}" \
+  "CUDA_HOME=${CUDA_HOME:-<unset>}" >>"$SUMMARY"
 
 step() {  # name command...: runs the command, logs to WORK/<name>.log, records status and seconds
   local name=$1 t=$SECONDS rc
