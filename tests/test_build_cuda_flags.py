@@ -50,27 +50,49 @@ def clean_env(monkeypatch):
 # --- the FORCE_CUDA decision ----------------------------------------------------------------------
 
 
-def test_force_cuda_never_yields_a_cpu_only_build(clean_env):
+def test_force_cuda_never_yields_a_cpu_only_build(clean_env, tmp_path):
+    home = str(_stub_nvcc(tmp_path).parent.parent)
     clean_env.setenv("FORCE_CUDA", "1")
     with pytest.raises(cfg.BuildError, match=r"CPU-only build.*Install a CUDA build of torch"):
-        cfg.want_cuda("csrc", False, "/usr/local/cuda", None)
+        cfg.want_cuda("csrc", False, home, None)
     with pytest.raises(cfg.BuildError, match=r"nvcc was not found: set CUDA_HOME"):
         cfg.want_cuda("csrc", False, None, "13.0")
     with pytest.raises(cfg.BuildError, match="no CUDA sources"):
-        cfg.want_cuda(str(ROOT / "no_such_dir"), True, "/usr/local/cuda", "13.0")
-    assert cfg.want_cuda(str(ROOT / "csrc"), False, "/usr/local/cuda", "13.0") == (True, "FORCE_CUDA=1")
+        cfg.want_cuda(str(ROOT / "no_such_dir"), True, home, "13.0")
+    if sys.platform.startswith("linux"):
+        with pytest.raises(cfg.BuildError, match=r"FORCE_CUDA=1, but CUDA_HOME=.* has nvcc but no .*libcudart"):
+            cfg.want_cuda(str(ROOT / "csrc"), False, str(tmp_path / "bare"), "13.0")
+    assert cfg.want_cuda(str(ROOT / "csrc"), False, home, "13.0") == (True, "FORCE_CUDA=1")
     clean_env.setenv("FORCE_ONLY_CPU", "1")
     with pytest.raises(cfg.BuildError, match="both set"):
-        cfg.want_cuda(str(ROOT / "csrc"), False, "/usr/local/cuda", "13.0")
+        cfg.want_cuda(str(ROOT / "csrc"), False, home, "13.0")
 
 
-def test_without_force_cuda_the_detection_says_why(clean_env):
+def test_without_force_cuda_the_detection_says_why(clean_env, tmp_path):
     src = str(ROOT / "csrc")
-    assert cfg.want_cuda(src, False, "/x", None) == (False, "this torch has no CUDA support (a CPU-only build)")
-    ok, why = cfg.want_cuda(src, False, "/x", "13.0")
+    home = str(_stub_nvcc(tmp_path).parent.parent)
+    assert cfg.want_cuda(src, False, home, None) == (False, "this torch has no CUDA support (a CPU-only build)")
+    ok, why = cfg.want_cuda(src, False, home, "13.0")
     assert not ok and "torch sees no GPU" in why and "FORCE_CUDA=1" in why
     assert cfg.want_cuda(src, True, None, "13.0")[0] is False
-    assert cfg.want_cuda(src, True, "/x", "13.0") == (True, "GPU and nvcc found")
+    assert cfg.want_cuda(src, True, home, "13.0") == (True, "GPU and nvcc found")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the libcudart check is for Linux")
+def test_a_cuda_home_without_libcudart_is_caught_before_compiling(tmp_path):
+    """torch takes CUDA_HOME from the folder above nvcc: a wrapper /usr/local/bin/nvcc gives /usr/local,
+    where everything compiles (26 min on 2 cores, measured) and only the link fails on -lcudart."""
+    wrapper_home = tmp_path / "usr_local"
+    (wrapper_home / "bin").mkdir(parents=True)
+    (wrapper_home / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    toolkit = str(_stub_nvcc(tmp_path / "cuda").parent.parent)
+    why = cfg.cuda_toolkit_problem(str(wrapper_home), candidates=(toolkit,))
+    assert why.endswith(f"set CUDA_HOME={toolkit}") and "libcudart" in why
+    assert "toolkit's root folder" in cfg.cuda_toolkit_problem(str(wrapper_home), candidates=())
+    assert cfg.cuda_toolkit_problem(toolkit) is None
+    assert cfg.cuda_toolkit_problem(str(wrapper_home), platform="win32") is None
+    ok, reason = cfg.want_cuda(str(ROOT / "csrc"), True, str(wrapper_home), "13.0")
+    assert not ok and "libcudart" in reason  # without FORCE_CUDA: a CPU build that says why
 
 
 # --- architectures ---------------------------------------------------------------------------------
@@ -203,6 +225,9 @@ def _stub_nvcc(folder: Path) -> Path:
         """)
     )
     nvcc.chmod(nvcc.stat().st_mode | stat.S_IEXEC)
+    lib = folder / "lib64"
+    lib.mkdir(exist_ok=True)
+    (lib / "libcudart.so").write_text("")  # what the link needs (cuda_toolkit_problem)
     return nvcc
 
 
