@@ -195,7 +195,10 @@ stage_build() {
   cc=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' ')
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-${cc:-9.0}}
   export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-  echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS"
+  # torch guesses CUDA_HOME from the nvcc on PATH (a wrapper script there gives a folder without
+  # libcudart: setup.py then stops at once and names the folder to set)
+  if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
+  echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS CUDA_HOME=${CUDA_HOME:-unset, torch guesses}"
   FORCE_CUDA=1 "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index --disable-pip-version-check \
     -e . || return
   verify_extension
