@@ -295,11 +295,17 @@ def _plot_demo(table: dict[str, list], histories: dict[str, list], path: str) ->
         stds = [100 * r.std for r in table[n]]
         xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(cols))]
         ax1.bar(xs, means, width, yerr=stds, capsize=3, label=n)
+        worst = [100 * r.worst for r in table[n]]
+        if any(r.worst_of > 1 for r in table[n]) and any(w != m for w, m in zip(worst, means)):
+            ax1.scatter(xs, worst, marker="_", s=120, color="black", zorder=3)
+    ks = sorted({r.worst_of for v in table.values() for r in v})
+    if ks != [1]:
+        ax1.scatter([], [], marker="_", s=120, color="black", label=f"worst-of-{ks[-1]} (all {ks[-1]} passes right)")
     ax1.set_xticks(range(len(cols)))
-    ax1.set_xticklabels(cols)
+    ax1.set_xticklabels(cols, rotation=20, ha="right", fontsize=8)
     ax1.set_ylabel("test accuracy (%)")
     ax1.set_ylim(0, 100)
-    ax1.set_title("accuracy, mean +/- std over noisy evaluations")
+    ax1.set_title("accuracy, mean +/- std over noisy evaluations; black: worst-of-k")
     ax1.legend(fontsize=8)
     plotted = []
     for n, hist in histories.items():
