@@ -1,9 +1,8 @@
 """Command line: ``python -m pni_fast {demo,train,eval,rng-stream,info,bench}``.
 
-The toolkit's subcommands live in `pni_fast.robust` (``cli_demo``, ``cli_train``, ``cli_eval``: each
-adds its options and runs;
-``rng-stream`` is `pni_fast.robust.rng_stream`); this module builds the parser, runs ``info`` and ``bench`` and
-dispatches. ``demo`` is the one-command tour (see `pni_fast.robust.cli_demo`).
+The toolkit's subcommands live in `pni_fast.robust` (``cli_demo``, ``cli_train``, ``cli_eval`` and
+``rng_stream`` for ``rng-stream``: each adds its options and runs); this module builds the parser,
+runs ``info`` and ``bench`` and dispatches. ``demo`` is the one-command tour (see `pni_fast.robust.cli_demo`).
 """
 
 from __future__ import annotations
