@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 
 from . import functional as _fn
-from .rng import SEED_LIMIT, draw_seed
+from . import rng as _rng
+from .rng import SEED_LIMIT
 
 __all__ = ["noisy_weight_call", "noisy_input_call", "ForwardDraws", "active_draws", "drawn_weight"]
 
@@ -139,7 +140,7 @@ def drawn_weight(layer: nn.Module, weight: torch.Tensor, alpha: torch.Tensor) ->
     depend on batching. A recompute (activation checkpointing restores torch's generator) draws the same
     seed and recomputes the same bits with a per-layer call."""
     _refuse_frozen_capture()
-    seed = draw_seed()
+    seed = _rng.draw_seed()  # through the module: a spy on rng.draw_seed sees every host draw
     for draws in reversed(active_draws()):
         entry = draws.entries.get(layer)
         if entry is None or entry[0] != seed:

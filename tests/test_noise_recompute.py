@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
 import pni_fast
 import pni_fast.functional as fn
-from pni_fast import noise_calls
+from pni_fast import noise_calls, rng
 
 
 def _model(batch_noise: bool, pni: str = "channelwise") -> nn.Sequential:
@@ -131,14 +131,14 @@ def _record_seeds(monkeypatch):
     """Record (thread, layer, seed) of every weight-noise call of a batched forward, through the one function
     layers draw with."""
     log = threading.local()
-    real = noise_calls.draw_seed
+    real = rng.draw_seed
 
     def draw():
         s = real()
         log.seeds.append(s)
         return s
 
-    monkeypatch.setattr(noise_calls, "draw_seed", draw)
+    monkeypatch.setattr(rng, "draw_seed", draw)
     return log
 
 
