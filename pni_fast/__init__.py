@@ -43,7 +43,13 @@ def __getattr__(name: str):
         raise AttributeError(f"module 'pni_fast' has no attribute {name!r}")
     import importlib
 
-    robust = importlib.import_module(".robust", __name__)
+    try:
+        robust = importlib.import_module(".robust", __name__)
+    except ImportError as e:  # a core-only install: say which install brings the toolkit
+        raise ImportError(
+            f"pni_fast.{name} is part of the robustness toolkit, which needs the 'robust' extra ({e}): "
+            "pip install 'pni_fast[robust]'"
+        ) from e
     value = robust if _ROBUST[name] is None else getattr(robust, _ROBUST[name])
     globals()[name] = value  # later look-ups skip __getattr__
     return value

@@ -17,13 +17,22 @@ from typing import Optional
 import torch
 
 from .models import DigitsCNN, build_model
-from .robust import cli_demo, cli_eval, cli_train, rng_stream
-from .robust.cli_demo import run_demo
-from .robust.cli_eval import run_eval
-from .robust.cli_train import run_train
-from .robust.rng_stream import run_rng_stream
 
-__all__ = ["main", "build_parser", "DigitsCNN", "build_model", "run_demo", "run_train", "run_eval"]
+__all__ = ["main", "build_parser", "DigitsCNN", "build_model"]
+
+# The toolkit's commands (pni_fast.robust) need the `robust` extra (numpy, scikit-learn, tqdm,
+# matplotlib); `info` and `bench` need only the core, so a core-only install still runs them.
+TOOLKIT_COMMANDS = ("demo", "train", "eval", "rng-stream")
+_EXTRA_HINT = "pip install 'pni_fast[robust]'"
+
+
+def _toolkit():
+    """The toolkit's command modules, or the ImportError that says what is missing."""
+    try:
+        from .robust import cli_demo, cli_eval, cli_train, rng_stream
+    except ImportError as e:
+        return None, e
+    return (cli_demo, cli_train, cli_eval, rng_stream), None
 
 
 # --------------------------------------------------------------------------- #
@@ -59,8 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for command in (cli_demo, cli_train, cli_eval, rng_stream):
-        command.add_parser(sub, _HelpFormatter)
+    commands, missing = _toolkit()
+    if commands is not None:
+        for command in commands:
+            command.add_parser(sub, _HelpFormatter)
+    else:  # listed, so `--help` shows them, and refused in main() with the install hint
+        for name in TOOLKIT_COMMANDS:
+            stub = sub.add_parser(name, help=f"(needs the robust extra: {_EXTRA_HINT})", add_help=False)
+            stub.add_argument("toolkit_args", nargs=argparse.REMAINDER)
     sub.add_parser(
         "info",
         help="show which kernel backends are active and why",
@@ -117,13 +132,13 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {
-    "demo": run_demo,
-    "train": run_train,
-    "eval": run_eval,
-    "info": run_info,
-    "rng-stream": run_rng_stream,
-}
+def _run_toolkit(args: argparse.Namespace) -> None:
+    from .robust.cli_demo import run_demo
+    from .robust.cli_eval import run_eval
+    from .robust.cli_train import run_train
+    from .robust.rng_stream import run_rng_stream
+
+    {"demo": run_demo, "train": run_train, "eval": run_eval, "rng-stream": run_rng_stream}[args.command](args)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -131,6 +146,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
     args.argv = argv
+    if args.command in TOOLKIT_COMMANDS:
+        _, missing = _toolkit()
+        if missing is not None:
+            parser.exit(
+                2,
+                f"{parser.prog} {args.command}: error: this command is part of the robustness toolkit, which "
+                f"needs the 'robust' extra ({missing}): {_EXTRA_HINT}\n",
+            )
     if args.command == "bench":
         args.bench_args = extra + list(args.bench_args or [])  # options for run_all.py pass through
     elif extra:
@@ -144,7 +167,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "bench":
             return run_bench(args)
-        _COMMANDS[args.command](args)
+        if args.command == "info":
+            run_info(args)
+        else:
+            _run_toolkit(args)
     except (ValueError, OSError, TypeError) as e:
         msg = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the message
         parser.exit(2, f"{parser.prog} {args.command}: error: {msg}\n")

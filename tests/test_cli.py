@@ -336,3 +336,35 @@ def test_train_resnet20_pni_on_fake_cifar(tmp_path, capsys):
         == 0
     )
     assert "resnet20 + PNI (channelwise, weight)" in capsys.readouterr().out
+
+
+_TOOLKIT_DEPS = ("numpy", "sklearn", "matplotlib", "tqdm", "scipy", "torchattacks")
+_CORE_ONLY = (
+    "import runpy, sys\n"
+    f"for m in {_TOOLKIT_DEPS!r}:\n"
+    "    sys.modules[m] = None  # unimportable, as in a core-only install\n"
+    "sys.argv = ['pni_fast'] + sys.argv[1:]\n"
+    "runpy.run_module('pni_fast', run_name='__main__', alter_sys=True)\n"
+)
+
+
+def _core_only(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", _CORE_ONLY, *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_core_only_install_runs_info_and_names_the_extra_for_the_toolkit():
+    """Without the robust extra's packages: `info` works, a toolkit command exits 2 with one line naming the
+    install, and the lazy toolkit names raise an ImportError that names it too."""
+    info = _core_only("info")
+    assert info.returncode == 0, info.stderr
+    assert "pni_fast backends" in info.stdout
+    demo = _core_only("demo", "--quick")
+    assert demo.returncode == 2
+    lines = [line for line in demo.stderr.splitlines() if "pni_fast" in line]
+    assert len(lines) == 1 and "pip install 'pni_fast[robust]'" in lines[0], demo.stderr
+    code = f"import sys\nfor m in {_TOOLKIT_DEPS!r}: sys.modules[m] = None\nimport pni_fast\n"
+    code += "try:\n    pni_fast.pgd\nexcept ImportError as e:\n    print(e)\n"
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=300)
+    assert "pni_fast.pgd is part of the robustness toolkit" in out.stdout and "pni_fast[robust]" in out.stdout
