@@ -1,7 +1,7 @@
 """SASS instructions per element of the CUDA kernels' hot loops, without a GPU.
 
 Compiles the perturb-family kernels (``csrc/cuda/perturb_cuda.cu``, ``perturb_alpha_grad_cuda.cu``,
-``rng_cuda.cu``) for one architecture (``nvcc -cubin -arch=sm_90``, torch's include paths, as
+``rng_cuda.cu``) for one architecture (``nvcc -c -arch=sm_90``, torch's include paths, as
 tests/test_cuda_compile.py does; never fast math), disassembles them with ``cuobjdump -sass`` and,
 for every kernel, finds the hot loop and counts its instructions. The parts: benchmarks/sass_tools.py
 (tools, compilation, disassembly), benchmarks/sass_loops.py (control flow and the counting rule
@@ -48,8 +48,8 @@ if __package__ in (None, ""):
 
 from benchmarks.sass_loops import analyse_function  # noqa: E402
 from benchmarks.sass_tools import (  # noqa: E402
-    compile_cubin,
-    compile_cubins,
+    compile_object,
+    compile_objects,
     disassemble,
     find_tool,
     parse_ptxas,
@@ -60,7 +60,7 @@ from benchmarks.sass_tools import (  # noqa: E402
 # (accurate logf/sincosf/sqrtf use none of them; sqrtf's MUFU.RSQ is refined to a correctly rounded result)
 FAST_MATH_MUFU = ("MUFU.SIN", "MUFU.COS", "MUFU.LG2", "MUFU.EX2")
 
-__all__ = ["find_tool", "compile_cubin", "disassemble", "analyse_function", "report", "main"]
+__all__ = ["find_tool", "compile_object", "disassemble", "analyse_function", "report", "main"]
 
 
 def demangle(names: list[str]) -> dict[str, str]:
@@ -117,18 +117,24 @@ def hot_loops(kernels: list[dict[str, Any]]) -> dict[str, str]:
     return hot
 
 
-def report(csrc: Path, arch: str = "sm_90", workdir: Optional[Path] = None) -> dict[str, Any]:
-    """Compiles, disassembles and counts; returns the JSON-able result."""
+def report(
+    csrc: Path,
+    arch: str = "sm_90",
+    workdir: Optional[Path] = None,
+    compiled: Optional[tuple[list[Path], str]] = None,
+) -> dict[str, Any]:
+    """Compiles, disassembles and counts; returns the JSON-able result. ``compiled``: objects already
+    built for ``arch`` with their ptxas -v log (tests/test_cuda_compile.py compiles each file once)."""
     tmp = None
     if workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="pni_sass_")
         workdir = Path(tmp.name)
     try:
-        cubins, log = compile_cubins(csrc, workdir, arch)
+        objects, log = compiled if compiled is not None else compile_objects(csrc, workdir, arch)
         res_usage = parse_ptxas(log)
         funcs = {}
-        for cubin in cubins:
-            funcs.update(disassemble(cubin))
+        for obj in objects:
+            funcs.update(disassemble(obj))
     finally:
         if tmp is not None:
             tmp.cleanup()

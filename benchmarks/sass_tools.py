@@ -20,8 +20,8 @@ __all__ = [
     "Instr",
     "find_tool",
     "nvcc_command",
-    "compile_cubin",
-    "compile_cubins",
+    "compile_object",
+    "compile_objects",
     "parse_ptxas",
     "disassemble",
     "tool_version",
@@ -51,46 +51,49 @@ def find_tool(name: str) -> Optional[str]:
 
 
 def nvcc_command(src: Path, out: Path, arch: str, stub: Path) -> list[str]:
-    """nvcc -cubin for one .cu file against torch's headers (the flags of tests/test_cuda_compile.py)."""
+    """nvcc -c for one .cu file against torch's headers: an object with host code and the ``arch`` SASS
+    inside (cuobjdump reads it), so one compile serves both the compile check and the SASS count."""
     import torch
     import torch.utils.cpp_extension as cpp_extension
 
     nvcc = find_tool("nvcc")
     if nvcc is None:
         raise FileNotFoundError("nvcc not found (no CUDA toolkit)")
-    cmd = [nvcc, "-std=c++20", "-cubin", f"-arch={arch}", str(src), "-o", str(out), "-Xptxas", "-v"]
+    cmd = [nvcc, "-std=c++20", "-c", f"-arch={arch}", str(src), "-o", str(out), "-Xptxas", "-v"]
+    cmd += ["-Xcompiler", "-fPIC"]
     cmd += [f"-I{p}" for p in cpp_extension.include_paths()]
     cmd += [f"-I{sysconfig.get_paths()['include']}", f"-I{stub}"]
+    # the flags torch's CUDAExtension adds (half operators off, relaxed constexpr)
     cmd += list(cpp_extension.COMMON_NVCC_FLAGS)
     cmd += [f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
     return cmd  # never --use_fast_math (design.md section 3)
 
 
-def compile_cubin(csrc: Path, workdir: Path, arch: str = "sm_90", source: str = "perturb_cuda.cu") -> tuple[Path, str]:
-    """Compiles csrc/cuda/<source> into workdir; returns (cubin, ptxas -v log)."""
+def compile_object(src: Path, workdir: Path, arch: str = "sm_90") -> tuple[Path, str]:
+    """Compiles one .cu file into workdir; returns (object, ptxas -v log). Raises with nvcc's output."""
     stub = workdir / "stub"
     macros = stub / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"  # missing from CPU torch builds
     macros.parent.mkdir(parents=True, exist_ok=True)
     macros.write_text("#pragma once\n")
-    cubin = workdir / (Path(source).stem + ".cubin")
-    cmd = nvcc_command(csrc / "cuda" / source, cubin, arch, stub)
+    obj = workdir / (Path(src).stem + ".o")
+    cmd = nvcc_command(Path(src), obj, arch, stub)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
-        raise RuntimeError(f"nvcc failed:\n{' '.join(cmd)}\n{proc.stderr[-4000:]}")
-    return cubin, proc.stdout + proc.stderr
+        raise RuntimeError(f"nvcc failed for {src}:\n{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr[-6000:]}")
+    return obj, proc.stdout + proc.stderr
 
 
-def compile_cubins(csrc: Path, workdir: Path, arch: str = "sm_90") -> tuple[list[Path], str]:
-    """Compiles every KERNEL_SOURCES file present in csrc/cuda; returns (cubins, ptxas -v logs)."""
+def compile_objects(csrc: Path, workdir: Path, arch: str = "sm_90") -> tuple[list[Path], str]:
+    """Compiles every KERNEL_SOURCES file present in csrc/cuda; returns (objects, ptxas -v logs)."""
     sources = [s for s in KERNEL_SOURCES if (csrc / "cuda" / s).is_file()]
     if not sources:
         raise FileNotFoundError(f"none of {', '.join(KERNEL_SOURCES)} under {csrc / 'cuda'}")
-    cubins, logs = [], []
+    objects, logs = [], []
     for source in sources:
-        cubin, log = compile_cubin(csrc, workdir, arch, source)
-        cubins.append(cubin)
+        obj, log = compile_object(csrc / "cuda" / source, workdir, arch)
+        objects.append(obj)
         logs.append(log)
-    return cubins, "\n".join(logs)
+    return objects, "\n".join(logs)
 
 
 def parse_ptxas(log: str) -> dict[str, dict[str, int]]:
@@ -129,7 +132,7 @@ _LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9
 
 
 def disassemble(cubin: Path) -> dict[str, list[Instr]]:
-    """{mangled kernel name: instructions} from cuobjdump -sass."""
+    """{mangled kernel name: instructions} from cuobjdump -sass (of a cubin or an object holding one)."""
     tool = find_tool("cuobjdump")
     if tool is None:
         raise FileNotFoundError("cuobjdump not found (CUDA toolkit or the triton wheel's copy)")
