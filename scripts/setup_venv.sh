@@ -32,7 +32,7 @@ if [ "$(cat "$DEPS_STAMP" 2>/dev/null)" != "$deps_now" ]; then
   if python -c 'import importlib.metadata as m, sys; sys.exit(any(r.startswith("triton") for r in m.requires("torch") or []))'; then
     python -m pip install -q "$TRITON_FOR_CPU_TORCH"
   fi
-  python -m pip install -q numpy scipy pytest pytest-xdist hypothesis ninja pybind11 tqdm matplotlib scikit-learn \
+  python -m pip install -q numpy scipy pytest pytest-xdist pytest-randomly hypothesis ninja pybind11 tqdm matplotlib scikit-learn \
     "ruff==0.17.6"
   # torchattacks for the interoperability test (tests/test_attacks.py); it needs only torch at import
   python -m pip install -q --no-deps torchattacks

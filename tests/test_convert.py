@@ -239,7 +239,7 @@ def test_param_groups_exclude_only_alphas():
 @pytest.mark.parametrize(
     "backend",
     [
-        "torch",
+        pytest.param("torch", marks=pytest.mark.slow),  # the same tracing path, ~13 s: CI's slow tier
         None,  # default backend: the C++ ops take a `SymInt seed`, so the drawn seed traces
     ],
 )

@@ -64,6 +64,7 @@ def cpu_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     return out, _run(out, "--cpu-only")
 
 
+@pytest.mark.slow  # the whole script end to end (~30-40 s): CI's slow tier
 def test_cpu_only_run_passes_and_records_every_stage(cpu_run):
     out, proc = cpu_run
     assert proc.returncode == 0, _explain(proc)
@@ -82,6 +83,7 @@ def test_cpu_only_run_passes_and_records_every_stage(cpu_run):
     assert int(re.search(r"selection has (\d+) tests", rows["sanitizer"]["note"]).group(1)) >= 5
 
 
+@pytest.mark.slow  # the whole script end to end (~30-40 s): CI's slow tier
 def test_outdir_holds_at_most_eight_plain_files(cpu_run):
     out, proc = cpu_run
     entries = list(out.iterdir())
@@ -90,6 +92,7 @@ def test_outdir_holds_at_most_eight_plain_files(cpu_run):
     assert all(re.fullmatch(r"[A-Za-z0-9._-]+", p.name) for p in entries)
 
 
+@pytest.mark.slow  # the whole script end to end (~30-40 s): CI's slow tier
 def test_logs_hold_versions_tests_and_benchmarks(cpu_run):
     out, _ = cpu_run
     env = (out / "env.txt").read_text()
@@ -105,6 +108,7 @@ def test_logs_hold_versions_tests_and_benchmarks(cpu_run):
     assert ops["records"] and ops["meta"]["device"]
 
 
+@pytest.mark.slow  # the whole script end to end (~30-40 s): CI's slow tier
 def test_failing_stage_is_reported_and_later_stages_still_run(tmp_path):
     out = tmp_path / "out"
     proc = _run(out, "--cpu-only", PNI_GPU_CHECK_FAIL_STAGE="tests", PNI_GPU_CHECK_ONLY="env,tests,sanitizer")
