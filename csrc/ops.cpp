@@ -91,4 +91,8 @@ TORCH_LIBRARY(pni_fast, m) {
   // The SIMD variant the CPU kernels run: "avx512", "avx2" or "generic" (csrc/cpu/isa_cpu.cpp).
   // Not a tensor op: no tags, one kernel for every device.
   m.def("cpu_isa() -> str");
+  // A seed as pni_fast.rng.draw_seed draws it: the value torch.randint(0, 2**63 - 1, (), generator=g)
+  // returns (torch's default CPU generator when None), without a tensor. Not pure (it advances the
+  // generator): no tags, no fake kernel; the Python layer calls it only in plain eager mode.
+  m.def("draw_seed(Generator? generator=None) -> int");
 }

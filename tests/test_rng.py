@@ -120,3 +120,30 @@ def test_draw_seed_follows_torch_manual_seed():
 def test_randn_bad_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         pni_fast.randn(**kwargs)
+
+
+def test_draw_seed_is_torch_randint_with_and_without_the_compiled_draw(monkeypatch):
+    """rng.draw_seed (the compiled pni_fast::draw_seed op when loaded, else torch.randint) returns what
+    torch.randint(0, 2**63 - 1, ()) returns from the same generator: torch.manual_seed and
+    pni_fast.manual_seed decide every layer's seed on both paths."""
+    import pni_fast
+    from pni_fast import rng
+
+    def expected(gen, n):
+        return [int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64, generator=gen).item()) for _ in range(n)]
+
+    for compiled in (True, False):
+        if not compiled:
+            monkeypatch.setattr(rng, "_draw_op", False)
+        torch.manual_seed(3)
+        got = [rng.draw_seed() for _ in range(4)]
+        torch.manual_seed(3)
+        assert got == expected(None, 4)
+        pni_fast.manual_seed(4)
+        try:
+            got = [rng.draw_seed() for _ in range(4)]
+        finally:
+            pni_fast.manual_seed(None)
+        g = torch.Generator()
+        g.manual_seed(4)
+        assert got == expected(g, 4)

@@ -287,4 +287,7 @@ TORCH_LIBRARY_IMPL(pni_fast, Autograd, m) {
   m.impl("noisy_multi", &noisy_multi_autograd);
 }
 
+// No tensor argument: one kernel for every dispatch key (like cpu_isa).
+TORCH_LIBRARY_IMPL(pni_fast, CompositeImplicitAutograd, m) { m.impl("draw_seed", &draw_seed); }
+
 }  // namespace pni_fast
