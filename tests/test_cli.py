@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -39,6 +40,9 @@ def test_demo_quick_end_to_end(tmp_path):
     assert all(r_["std"] == 0.0 for r_ in plain), "a deterministic model must have std 0"
     assert res["history"]["PGD-AT + PNI-W (layerwise)"][-1]["alpha"], "alphas must be logged"
     assert (out / "pgdat_pniw" / "checkpoint.pt").is_file()
+    # stderr is a pipe here (no bars): one progress line per epoch and per attack, with elapsed time and ETA
+    assert re.search(r"\[demo PGD-AT\] epoch 1/\d+: loss [0-9.]+, test [0-9.]+%.*elapsed, ETA \d+ s", r.stderr)
+    assert re.search(r"\[demo plain\] PGD-2: [0-9.]+% \(2/\d+ attacks, \d+ s elapsed, ETA \d+ s\)", r.stderr)
     cols = [r_["attack"] for r_ in plain]
     if importlib.util.find_spec("torchattacks") is not None:  # AutoAttack-rand and Square at --quick's sizes
         assert cols == ["clean", "PGD-2", "EOT-PGD-2x2", "AA-rand-2x2", "Square-10", "EOT-Square-10x2"]

@@ -11,6 +11,7 @@ from typing import Any, Optional
 from ..models.spec import build_model
 from .checks import cli_fraction, cli_int, cli_positive_fraction
 from .evaluate import WORST_OF, AttackSpec
+from .progress import attack_lines
 
 __all__ = ["add_parser", "run_eval", "eval_specs", "PNI_CHOICES", "NOISE_CHOICES"]
 
@@ -208,7 +209,14 @@ def run_eval(args: argparse.Namespace) -> list:
         if any(is_noisy_module(m) for m in model.modules()):
             set_noise(model, False)
     res = evaluate(
-        model, test_set, specs, repeats=args.repeats, batch_size=args.batch_size, device=dev, worst_of=args.worst_of
+        model,
+        test_set,
+        specs,
+        repeats=args.repeats,
+        batch_size=args.batch_size,
+        device=dev,
+        worst_of=args.worst_of,
+        on_attack=attack_lines("eval"),
     )
     label = f"{spec['arch']}" + (f" + PNI ({spec['pni']}, {spec.get('noise', 'weight')})" if spec.get("pni") else "")
     print(format_results({label: res}, args.repeats))

@@ -15,6 +15,7 @@ from ..models.spec import ARCHS as MODELS
 from ..models.spec import RESNETS, build_model
 from .checks import cli_fraction, cli_int, cli_positive_fraction
 from .cli_eval import NOISE_CHOICES, PNI_CHOICES
+from .progress import epoch_lines
 
 __all__ = ["add_parser", "run_train", "load_data"]
 
@@ -205,6 +206,7 @@ def _run_train(args: argparse.Namespace, device: torch.device, main_rank: bool) 
             model_spec=spec,
             overwrite=args.overwrite,
             rank_noise=args.rank_noise,
+            on_epoch=epoch_lines("train", cfg.epochs) if main_rank else None,
         )
     except KeyboardInterrupt:
         if main_rank:

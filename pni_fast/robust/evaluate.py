@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from typing import Optional, Union
@@ -338,6 +338,7 @@ def evaluate(
     batch_size: int = 256,
     device: Union[str, torch.device, None] = None,
     worst_of: int = WORST_OF,
+    on_attack: Optional[Callable[[EvalResult, int, int], None]] = None,
 ) -> list[EvalResult]:
     """Accuracy of ``model`` on ``data`` under each attack, repeated ``repeats`` times.
 
@@ -355,6 +356,8 @@ def evaluate(
             torch's default generator on every pass unless it is given ``generator=``; that shifts the noise
             stream (not the validity) relative to the same batches held in memory.
         attacks: AttackSpec list; ``AttackSpec("clean")`` for clean accuracy.
+        on_attack: called as ``on_attack(result, i, len(attacks))`` after attack ``i`` (0-based) finished:
+            the CLI prints a progress line with it.
         repeats: R, the number of noisy evaluations behind mean +/- std.
         worst_of: k, the noisy passes that classify each attacked example for the worst-of-k accuracy
             (default 10; 1 leaves it equal to the mean). They cost k forward passes per batch, little next to
@@ -419,6 +422,8 @@ def evaluate(
                 worst_accs.append(all_correct / n)
             settings = asdict(spec)
             results.append(EvalResult(spec.name, settings, spec.describe(), accs, n, worst_accs, worst_of))
+            if on_attack is not None:
+                on_attack(results[-1], len(results) - 1, len(attacks))
     return results
 
 
