@@ -330,6 +330,11 @@ def test_ctrl_c_names_the_checkpoint_and_the_exact_resume_command(tmp_path, caps
     ]
     assert main([*common, "--out", str(tmp_path / "ref")]) == 0
     ref = json.loads((tmp_path / "ref" / "history.json").read_text())
+    capsys.readouterr()  # the reference run's progress lines
+
+    def message(err: str) -> str:
+        """stderr without the per-epoch progress lines: what the interruption itself printed."""
+        return "".join(line for line in err.splitlines(True) if not line.startswith("[train] epoch "))
 
     real = epoch_mod._evaluate_epoch
     calls = {"n": 0}
@@ -348,7 +353,7 @@ def test_ctrl_c_names_the_checkpoint_and_the_exact_resume_command(tmp_path, caps
     with pytest.raises(SystemExit) as e:
         main([*common, "--out", str(out)])
     assert e.value.code == 130
-    err = capsys.readouterr().err
+    err = message(capsys.readouterr().err)
     assert err.count("\n") == 1 and "before a checkpoint was written" in err and "--resume" not in err
 
     calls["n"] = 0
@@ -356,7 +361,9 @@ def test_ctrl_c_names_the_checkpoint_and_the_exact_resume_command(tmp_path, caps
     with pytest.raises(SystemExit) as e:
         main([*common, "--out", str(out), "--overwrite"])
     assert e.value.code == 130
-    err = capsys.readouterr().err
+    full = capsys.readouterr().err
+    assert "[train] epoch 1/2: " in full, "the finished epoch's progress line"
+    err = message(full)
     ckpt = str(out / "checkpoint.pt")
     assert err.count("\n") == 1 and f"last checkpoint {ckpt} (epoch 1 of 2)" in err, err
     cmd = shlex.split(err.split("resume with: ", 1)[1])
