@@ -44,6 +44,7 @@ __all__ = [
     "derived_seed",
     "launched_by_torchrun",
     "init_from_env",
+    "finish",
     "teardown",
     "rank0_call",
     "all_sum",
@@ -136,6 +137,13 @@ def init_from_env(device: str = "auto") -> torch.device:
         raise ValueError(f"--device {device}: distributed training supports cpu (gloo) and cuda (nccl)")
     dist.init_process_group(backend=backend)
     return dev
+
+
+def finish() -> None:
+    """Wait until every rank got here (a finished run): a rank that tears its group down while a peer is still
+    in a collective can take that peer down with it (gloo aborts it at exit)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 def teardown() -> None:

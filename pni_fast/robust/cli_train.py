@@ -117,7 +117,9 @@ def run_train(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     device = distributed.init_from_env(args.device)
     try:
-        return _run_train(args, device, distributed.context().is_main)
+        history = _run_train(args, device, distributed.context().is_main)
+        distributed.finish()  # only on success: after an error a barrier could wait for a rank that is gone
+        return history
     finally:
         distributed.teardown()
 
