@@ -47,3 +47,13 @@ def cpp_kernel(request) -> "kernels.Kernel":
 def float_dtype(request) -> "torch.dtype":
     """Every floating dtype the ops take."""
     return getattr(torch, request.param)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-tensor tests (several times faster than two on a busy machine):
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

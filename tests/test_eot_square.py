@@ -14,56 +14,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import pni_fast
 from pni_fast.robust.evaluate import AttackSpec, evaluate
 from pni_fast.robust.interop import eot_square_attack, square_attack
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("torchattacks") is None,
-    reason="torchattacks not installed (pip install --no-deps torchattacks)",
-)
+from toolkit_support import pni_copy, prototype_digits, tiny_cnn
+
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("torchattacks") is None,
+        reason="torchattacks not installed (pip install --no-deps torchattacks)",
+    ),
+]
 EPS = 0.5
-
-
-def _cnn() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 10))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
 def digits():
-    """A tiny CNN trained on noisy prototype images (one per class) and 64 test images."""
-    g = torch.Generator().manual_seed(1)
-    protos = torch.rand(10, 1, 8, 8, generator=g)
-
-    def make(n: int):
-        y = torch.arange(n) % 10
-        return (protos[y] + 0.15 * torch.randn(n, 1, 8, 8, generator=g)).clamp(0, 1), y
-
-    xt, yt = make(320)
-    torch.manual_seed(0)
-    model = _cnn()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(40):
-        loss = F.cross_entropy(model(xt), yt)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    x, y = make(64)
-    return model.eval(), x, y
-
-
-def _pni(model: nn.Module, alpha: float = 0.25) -> nn.Module:
-    m = _cnn()
-    m.load_state_dict(model.state_dict())
-    return pni_fast.convert(m, pni="layerwise", noise="weight", alpha_init=alpha).eval()
+    return prototype_digits(64)
 
 
 def _expected_accuracy(model, x, y, passes: int = 40) -> float:
@@ -126,7 +94,7 @@ def test_mean_margin_is_the_average_over_m_passes(digits):
 
 def test_each_query_costs_m_passes(digits, monkeypatch):
     model, x, y = digits
-    pni = _pni(model)
+    pni = pni_copy(model)
     calls = []
     pni.register_forward_hook(lambda *_: calls.append(1))
     x1, y1 = x[:8], y[:8]
@@ -142,7 +110,7 @@ def test_each_query_costs_m_passes(digits, monkeypatch):
 def test_lower_accuracy_than_square_on_a_pni_model(digits):
     """Plain Square follows lucky noisy passes; EOT-Square at the same queries brings the PNI model lower."""
     model, x, y = digits
-    pni = _pni(model)
+    pni = pni_copy(model)
     clean = _expected_accuracy(pni, x, y)
     square = _expected_accuracy(pni, square_attack(pni, x, y, eps=EPS, n_queries=60, seed=3), y)
     eot = _expected_accuracy(pni, eot_square_attack(pni, x, y, eps=EPS, n_queries=60, eot_samples=4, seed=3), y)
@@ -152,7 +120,7 @@ def test_lower_accuracy_than_square_on_a_pni_model(digits):
 
 def test_eval_mode_by_default_and_state_restored(digits):
     model, x, y = digits
-    pni = _pni(model)
+    pni = pni_copy(model)
     net = nn.Sequential(nn.BatchNorm2d(1), pni).train()
     modes = []
     net[0].register_forward_hook(lambda m, *_: modes.append(m.training))
@@ -180,6 +148,6 @@ def test_argument_checks():
     with pytest.raises(ValueError, match="eot-square needs eot_samples >= 2"):
         AttackSpec("eot-square")
     with pytest.raises(ValueError, match="eot_samples"):
-        eot_square_attack(_cnn(), torch.rand(2, 1, 8, 8), torch.zeros(2, dtype=torch.long), eot_samples=0)
+        eot_square_attack(tiny_cnn(), torch.rand(2, 1, 8, 8), torch.zeros(2, dtype=torch.long), eot_samples=0)
     with pytest.raises(ValueError, match="image batch"):
         eot_square_attack(nn.Linear(4, 3), torch.rand(2, 4), torch.zeros(2, dtype=torch.long))

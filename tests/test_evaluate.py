@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import pni_fast
@@ -15,51 +14,17 @@ from pni_fast import fused, rng
 from pni_fast.robust.evaluate import AttackSpec, evaluate
 from pni_fast.robust.interop import autoattack_rand, square_attack
 
+from toolkit_support import pni_copy, prototype_digits, tiny_cnn
+
 HAVE_TA = importlib.util.find_spec("torchattacks") is not None
 needs_ta = pytest.mark.skipif(not HAVE_TA, reason="torchattacks not installed (pip install --no-deps torchattacks)")
 EPS = 0.5
-
-
-def _cnn() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 10))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one torch thread is several times faster than two on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def digits():
-    """A tiny CNN trained on random data (ten noisy prototype images, one per class), and 32 test images."""
-    g = torch.Generator().manual_seed(1)
-    protos = torch.rand(10, 1, 8, 8, generator=g)
-
-    def make(n: int):
-        y = torch.arange(n) % 10
-        return (protos[y] + 0.15 * torch.randn(n, 1, 8, 8, generator=g)).clamp(0, 1), y
-
-    xt, yt = make(320)
-    torch.manual_seed(0)
-    model = _cnn()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(40):
-        loss = F.cross_entropy(model(xt), yt)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    x, y = make(32)
-    return model.eval(), x, y
-
-
-def _pni(model: nn.Module, alpha: float = 0.25) -> nn.Module:
-    m = _cnn()
-    m.load_state_dict(model.state_dict())
-    return pni_fast.convert(m, pni="layerwise", noise="weight", alpha_init=alpha).eval()
+    return prototype_digits(32)
 
 
 def _record_seeds(monkeypatch) -> list:
@@ -114,7 +79,7 @@ def test_square_is_torchattacks_square(digits):
 def test_successive_autoattack_calls_see_fresh_pni_noise(digits, monkeypatch):
     import torchattacks
 
-    model = _pni(digits[0])
+    model = pni_copy(digits[0])
     x, y = digits[1][:16], digits[2][:16]
     seen = _record_seeds(monkeypatch)
     torch.manual_seed(0)
@@ -144,7 +109,7 @@ def test_successive_autoattack_calls_see_fresh_pni_noise(digits, monkeypatch):
 @needs_ta
 @pytest.mark.parametrize("kind", ["autoattack-rand", "square"])
 def test_evaluate_repeats_draw_different_noise(digits, monkeypatch, kind):
-    model = _pni(digits[0])
+    model = pni_copy(digits[0])
     x, y = digits[1][:16], digits[2][:16]
     spec = AttackSpec(kind, eps=EPS, steps=2, eot_samples=2, n_queries=10)
     seen = _record_seeds(monkeypatch)
@@ -192,7 +157,7 @@ def test_callers_rng_stream_is_kept(digits, attack):
 @needs_ta
 def test_evaluate_reports_autoattack_rand_and_square(digits):
     model, x, y = digits
-    pni = _pni(model)
+    pni = pni_copy(model)
     specs = [
         AttackSpec("clean"),
         AttackSpec("pgd", eps=EPS, alpha=0.1, steps=1),
@@ -231,7 +196,7 @@ def test_missing_torchattacks_names_the_install(monkeypatch):
     x, y = torch.rand(2, 1, 8, 8), torch.zeros(2, dtype=torch.long)
     for fn in (autoattack_rand, square_attack):
         with pytest.raises(ImportError, match="pip install torchattacks"):
-            fn(_cnn(), x, y)
+            fn(tiny_cnn(), x, y)
 
 
 @needs_ta
@@ -261,7 +226,7 @@ def _materialized(model, batches, specs, repeats):
 
 def test_streamed_inputs_give_the_materialized_results(digits):
     model, x, y = digits
-    pni = _pni(model, alpha=1.0)
+    pni = pni_copy(model, alpha=1.0)
     batches = [(x[s : s + 12], y[s : s + 12]) for s in range(0, 32, 12)]
     torch.manual_seed(3)
     want = _materialized(pni, batches, SPECS, 2)

@@ -11,32 +11,9 @@ from pni_fast.robust import SamplesCurve, accuracy_vs_samples, predict
 from pni_fast.robust.cli_eval import _parse_ks
 from pni_fast.robust.evaluate import AttackSpec
 
+from toolkit_support import Scripted, tiny_cnn
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-class Scripted(nn.Module):
-    """Pass i returns ``table[i % len(table)]``: a randomized model whose answers are known."""
-
-    def __init__(self, table: torch.Tensor):
-        super().__init__()
-        self.register_buffer("table", table)
-        self.calls = 0
-
-    def forward(self, x):
-        out = self.table[self.calls % self.table.shape[0]][: x.shape[0]]
-        self.calls += 1
-        return out + 0 * x.flatten(1)[:, :1]
-
-
-def _cnn() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 10))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_mean_softmax_and_draws_match_an_independent_computation():
@@ -53,7 +30,7 @@ def test_mean_softmax_and_draws_match_an_independent_computation():
 
 
 def test_deterministic_model_gives_its_softmax_for_every_k():
-    model = _cnn().eval()
+    model = tiny_cnn(seed=0).eval()
     x = torch.rand(8, 1, 8, 8)
     ref = torch.softmax(model(x), 1)
     for k in (1, 3):
@@ -61,7 +38,7 @@ def test_deterministic_model_gives_its_softmax_for_every_k():
 
 
 def test_pni_model_draws_differ_and_state_is_restored():
-    model = pni_fast.convert(_cnn(), pni="layerwise", noise="weight", alpha_init=1.0)
+    model = pni_fast.convert(tiny_cnn(seed=0), pni="layerwise", noise="weight", alpha_init=1.0)
     net = nn.Sequential(nn.BatchNorm2d(1), model).train()
     before = {k: v.clone() for k, v in net.state_dict().items()}
     x = torch.rand(32, 1, 8, 8)
@@ -95,7 +72,7 @@ def test_accuracy_vs_samples_matches_an_independent_count():
 
 
 def test_accuracy_vs_samples_under_attack_uses_the_attack():
-    model = pni_fast.convert(_cnn(), pni="layerwise", noise="weight", alpha_init=0.1).eval()
+    model = pni_fast.convert(tiny_cnn(seed=0), pni="layerwise", noise="weight", alpha_init=0.1).eval()
     x = torch.rand(24, 1, 8, 8)
     with torch.no_grad():
         y = model(x).argmax(1)
@@ -107,7 +84,7 @@ def test_accuracy_vs_samples_under_attack_uses_the_attack():
 
 
 def test_argument_errors():
-    model = _cnn()
+    model = tiny_cnn(seed=0)
     x = torch.rand(2, 1, 8, 8)
     with pytest.raises(ValueError, match="samples"):
         predict(model, x, samples=0)

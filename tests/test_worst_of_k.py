@@ -15,34 +15,12 @@ from torch import nn
 import pni_fast
 from pni_fast.robust.evaluate import AttackSpec, EvalResult, evaluate, format_results
 
+from toolkit_support import Scripted, tiny_cnn
+
 HAVE_TA = importlib.util.find_spec("torchattacks") is not None
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-class Scripted(nn.Module):
-    """Pass i returns ``logits[i % len(logits)]``: a randomized model whose every answer is known in advance."""
-
-    def __init__(self, logits: torch.Tensor):
-        super().__init__()
-        self.register_buffer("table", logits)
-        self.calls = 0
-
-    def forward(self, x):
-        out = self.table[self.calls % self.table.shape[0]][: x.shape[0]]
-        self.calls += 1
-        return out + 0 * x.flatten(1)[:, :1]
-
-
-def _cnn() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 10))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(n=48):
@@ -83,7 +61,7 @@ def test_batches_are_counted_separately():
 
 
 def test_deterministic_model_scores_the_same_twice():
-    model = _cnn().eval()
+    model = tiny_cnn(seed=0).eval()
     x, y = _data()
     specs = [AttackSpec("clean"), AttackSpec("pgd", eps=0.1, alpha=0.03, steps=2)]
     for res in evaluate(model, (x, y), specs, repeats=1, worst_of=5):
@@ -91,7 +69,7 @@ def test_deterministic_model_scores_the_same_twice():
 
 
 def test_pni_model_worst_is_at_most_the_mean_in_every_repeat():
-    model = pni_fast.convert(_cnn(), pni="layerwise", noise="weight", alpha_init=1.0).eval()
+    model = pni_fast.convert(tiny_cnn(seed=0), pni="layerwise", noise="weight", alpha_init=1.0).eval()
     x, y = _data(64)
     specs = [AttackSpec("clean"), AttackSpec("pgd", eps=0.05, alpha=0.02, steps=2)]
     res = evaluate(model, (x, y), specs, repeats=3, worst_of=8)
@@ -106,7 +84,7 @@ def test_pni_model_worst_is_at_most_the_mean_in_every_repeat():
 @pytest.mark.skipif(not HAVE_TA, reason="torchattacks not installed (pip install --no-deps torchattacks)")
 def test_autoattack_rand_final_verdict_over_k_passes(monkeypatch):
     """AA-rand's adversarial batch is classified by k fresh passes after the attack (counted with a hook)."""
-    model = pni_fast.convert(_cnn(), pni="layerwise", noise="weight", alpha_init=1.0).eval()
+    model = pni_fast.convert(tiny_cnn(seed=0), pni="layerwise", noise="weight", alpha_init=1.0).eval()
     x, y = _data(16)
     spec = AttackSpec("autoattack-rand", eps=0.1, steps=2, eot_samples=2)
     calls = []
@@ -133,7 +111,7 @@ def test_eval_result_defaults_and_checks():
     with pytest.raises(ValueError, match="1 values for 2 repeats"):
         EvalResult("clean", {}, "", [0.5, 0.6], 10, [0.4], 3)
     with pytest.raises(ValueError, match="worst_of"):
-        evaluate(_cnn(), _data(4), [AttackSpec("clean")], worst_of=0)
+        evaluate(tiny_cnn(seed=0), _data(4), [AttackSpec("clean")], worst_of=0)
 
 
 def test_table_shows_both_with_the_definition():
