@@ -8,7 +8,7 @@ Models (same architecture, ``pni_fast.models.resnet20``, channelwise alpha where
   pni_fast            ``resnet20(pni="channelwise")`` as users get it: whole-model batching (one
                       multi-tensor call per forward, one alpha-gradient call per backward) through the
                       eager fast path (``pni_fast::noisy_multi``: one C++ op with a C++ autograd node)
-  pni_fast-general    the same model with the fast path off (``pni_fast.fused.ENABLED = False`` during
+  pni_fast-general    the same model with the fast path off (``pni_fast.ops.fast_path.ENABLED = False`` during
                       its blocks): sigma, checks, seed and the multi-tensor op as separate steps with
                       Python autograd, as under torch.compile / torch.func
   pni_fast-per-layer  ``convert(..., batch_noise=False)``: one ``noisy_weight`` call per layer
@@ -84,7 +84,7 @@ def build_model(name: str, device: torch.device) -> tuple[nn.Module, Any]:
 
 def _general_path(fn: Callable[[], Any]) -> Callable[[], Any]:
     """``fn`` with pni_fast's eager fast path switched off while it runs."""
-    from pni_fast import fused
+    from pni_fast.ops import fast_path as fused
 
     def run() -> Any:
         fused.ENABLED = False

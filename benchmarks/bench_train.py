@@ -166,7 +166,7 @@ def _variants(device: torch.device) -> list[tuple[str, Optional[Callable[[], nn.
         ("plain-fresh-weight", lambda: _to_fresh_weight(resnet20(pni=None)), None, ""),
         ("reference", lambda: _to_reference(resnet20(pni=None)), None, ""),
     ]
-    from pni_fast import backends
+    from pni_fast.ops import registry as backends
 
     for b in PNI_BACKENDS:
         try:

@@ -20,7 +20,7 @@ __all__ = ["PIECES", "piece_fns", "breakdown"]
 
 # (group, piece, code) in table order; "rest" rows are derived. "pni_fast" is what users call (the eager fast
 # path on CPU: one C++ op with a C++ autograd node); the "general path" rows are the same call with
-# pni_fast.fused.ENABLED = False (separate ops, Python autograd: what runs under torch.compile / torch.func
+# pni_fast.ops.fast_path.ENABLED = False (separate ops, Python autograd: what runs under torch.compile / torch.func
 # and on GPU), broken into its pieces.
 PIECES = [
     ("pni_fast", "forward total", "pni_fast.noisy_weight(w, a) (w, a require grad)"),
@@ -32,7 +32,7 @@ PIECES = [
     ("pni_fast", "  of which Python", "forward total minus the fused op with its autograd node (checks, dispatch)"),
     ("pni_fast", "backward total", "autograd.grad(noisy_weight(w, a), (w, a), g) minus forward total"),
     ("pni_fast forward", "argument checks", "checked_weight_inner(w, a) (memoized by shape, dtype, device)"),
-    ("pni_fast forward", "backend resolve", "_backend_for(None, device_type)"),
+    ("pni_fast forward", "backend resolve", "backend_for(None, device_type)"),
     ("pni_fast forward", "sigma", "weight_sigma(w)"),
     ("pni_fast forward", "finite check", "_check_finite(sigma, 'weight', (alpha,))"),
     ("pni_fast forward", "seed draw", "rng.rng_args(None, 0, device, quads) (draw_seed + checks)"),
@@ -56,21 +56,25 @@ PIECES = [
 def piece_fns(w: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> tuple[dict[tuple[str, str], Callable], str]:
     """The timed callables of the breakdown, keyed by (group, piece); also the backend chosen."""
     import pni_fast
-    from pni_fast import autograd as pag
     from pni_fast import functional as F
-    from pni_fast import fused, rng
-    from pni_fast.backends import REGISTRY
+    from pni_fast import rng
+    from pni_fast.contract import quads as counters_of
+    from pni_fast.ops import fast_path as fused
+    from pni_fast.ops.autograd import PerturbFn
+    from pni_fast.ops.call import apply
+    from pni_fast.ops.dispatch import backend_for
+    from pni_fast.ops.registry import REGISTRY
     from pni_fast.reference import reference_noisy_weight
 
     dev_type = w.device.type
-    chosen = F._backend_for(None, dev_type)
+    chosen = backend_for(None, dev_type)
     be = REGISTRY[chosen]
     perturb_op = getattr(torch.ops.pni_fast, be.perturb).default
     grad_op = getattr(torch.ops.pni_fast, be.alpha_grad).default
     wd, ad = w.detach(), a.detach()
-    sigma = F.weight_sigma(w)
+    sigma = pni_fast.weight_sigma(w)
     inner = F._weight_inner(w, a)
-    quads = F._quads(w.numel())
+    quads = counters_of(w.numel())
     seed = 12345
     std = w.detach().std().item()
     noise = w.detach().clone().normal_(0, std)
@@ -108,16 +112,14 @@ def piece_fns(w: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> tuple[dict[t
 
     fns = {
         ("pni_fast forward", "argument checks"): checks,
-        ("pni_fast forward", "backend resolve"): lambda: F._backend_for(None, dev_type),
-        ("pni_fast forward", "sigma"): lambda: F.weight_sigma(w),
+        ("pni_fast forward", "backend resolve"): lambda: backend_for(None, dev_type),
+        ("pni_fast forward", "sigma"): lambda: pni_fast.weight_sigma(w),
         ("pni_fast forward", "finite check"): lambda: F._check_finite(sigma, "weight", (a,)),
         ("pni_fast forward", "seed draw"): lambda: rng.rng_args(None, 0, w.device, quads),
         ("pni_fast forward", "  of which draw_seed"): rng.draw_seed,
         ("pni_fast forward", "op"): lambda: perturb_op(wd, ad, sigma, seed, 0, inner),
         ("pni_fast forward", "  of which kernel"): below_autograd,
-        ("pni_fast forward", "autograd+op"): lambda: pag.apply(
-            pag.PerturbFn, w, a, sigma, seed, 0, inner, None, chosen
-        ),
+        ("pni_fast forward", "autograd+op"): lambda: apply(PerturbFn, w, a, sigma, seed, 0, inner, None, chosen),
         ("pni_fast", "forward total"): lambda: pni_fast.noisy_weight(w, a),
         ("pni_fast", "fwd_bwd"): lambda: torch.autograd.grad(pni_fast.noisy_weight(w, a), (w, a), g),
         ("pni_fast", "fused op, grad"): fused_op(w, a),

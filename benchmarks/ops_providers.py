@@ -99,7 +99,7 @@ class Providers:
         backend = name.removeprefix("pni_fast-")
         if self.functional is None:
             raise Unavailable(self.functional_error)
-        from pni_fast import backends
+        from pni_fast.ops import registry as backends
 
         try:
             backends.resolve_backend(backend, self.device)

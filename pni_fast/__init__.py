@@ -6,14 +6,15 @@ storing it. Importing never fails: without a compiled extension the pure-PyTorch
 (same noise, slower) and says so once.
 """
 
-from .backends import available_backends, info
-from .functional import inject_noise, noisy_weight, noisy_weights, randn, weight_sigma
+from .ops.registry import available_backends, info
+from .functional import inject_noise, noisy_weight, noisy_weights, randn
+from .ops.sigma import weight_sigma
 from .rng import default_rng_state, draw_seed, make_rng_state, manual_seed, own_generator
-from .modules import NoiseInjection, NoisyConv2d, NoisyLinear
-from .batching import batch_weight_noise
-from .control import no_noise, noise_enabled, set_noise
-from .convert import ConvertReport, convert, strip
-from .optim import param_groups
+from .nn.layers import NoiseInjection, NoisyConv2d, NoisyLinear
+from .nn.batching import batch_weight_noise
+from .nn.control import no_noise, noise_enabled, set_noise
+from .nn.convert import ConvertReport, convert, strip
+from .nn.optim import param_groups
 from . import models
 
 __version__ = "0.1.0"

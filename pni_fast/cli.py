@@ -16,9 +16,7 @@ from typing import Optional
 
 import torch
 
-from .models import DigitsCNN, build_model
-
-__all__ = ["main", "build_parser", "DigitsCNN", "build_model"]
+__all__ = ["main", "build_parser"]
 
 # The toolkit's commands (pni_fast.robust) need the `robust` extra (numpy, scikit-learn, tqdm,
 # matplotlib); `info` and `bench` need only the core, so a core-only install still runs them.
@@ -79,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "info",
         help="show which kernel backends are active and why",
-        description="Print pni_fast.backends.info(): compiled extension, CUDA, Triton, fallbacks.",
+        description="Print pni_fast.info(): compiled extension, CUDA, Triton, fallbacks.",
     )
     b = sub.add_parser(
         "bench",
@@ -96,9 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
 # commands
 # --------------------------------------------------------------------------- #
 def run_info(args: argparse.Namespace) -> None:
-    from . import backends
+    from .ops import registry
 
-    print(backends.info())
+    print(registry.info())
 
 
 def _bench_script() -> str:

@@ -1,9 +1,11 @@
 """The public PNI functions: ``w' = w + alpha * std(w) * z`` in one fused pass, differentiable.
 
-This layer validates arguments (:mod:`pni_fast.arg_checks`), computes ``sigma`` on the device
-(:mod:`pni_fast.sigma`; no ``.item()`` on GPU), chooses the seed source (:mod:`pni_fast.rng`) and
-the backend (:mod:`pni_fast.op_registration`), and calls the backend's op through the autograd
-functions of :mod:`pni_fast.autograd`, or the eager fast path (:mod:`pni_fast.fused`).
+This layer validates arguments (below: the op contract's rules of :mod:`pni_fast.contract`, worded
+with the public arguments' names, and alpha's shape read as the contract's ``inner``), computes
+``sigma`` on the device (:mod:`pni_fast.ops.sigma`; no ``.item()`` on GPU), chooses the seed source
+(:mod:`pni_fast.rng`) and the backend (:mod:`pni_fast.ops.dispatch`), and calls the backend's op
+through the autograd functions of :mod:`pni_fast.ops.autograd`, or the eager fast path
+(:mod:`pni_fast.ops.fast_path`).
 The backward never stores the noise: it regenerates ``z`` from ``(seed, offset)``.
 
 Seeds: ``seed=None`` draws a fresh seed per call from PyTorch's default CPU generator
@@ -17,6 +19,7 @@ its own random stream, so compiled noise is fresh per call but not bit-equal to 
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Sequence
 from typing import Optional, Union
@@ -24,51 +27,169 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from . import fused
+from . import contract
 from . import rng as _rng
-from .arg_checks import (
-    _activation_inner,
-    _check_alpha,
-    _check_finite,
-    _check_tensor,
-    _weight_inner,  # noqa: F401  (benchmarks/fixed_cost_pieces.py reads it here)
-    checked_weight_inner,
-    weight_plan,
-)
-from .autograd import PerturbFn, PerturbMultiFn, apply, call
-from .backends import REGISTRY
-from .op_registration import _backend_for
-from .rng import SEED_LIMIT, default_rng_state, draw_seed, make_rng_state, rng_args
-from .sigma import _sigma_torch, weight_sigma, weight_sigmas  # noqa: F401  (_sigma_torch: tests import it here)
+from .contract import quads
+from .ops import fast_path
+from .ops.autograd import PerturbFn, PerturbMultiFn
+from .ops.call import apply, call
+from .ops.dispatch import backend_for
+from .ops.registry import REGISTRY
+from .ops.sigma import weight_sigma, weight_sigmas
+from .rng import under_vmap
 
-__all__ = [
-    "noisy_weight",
-    "inject_noise",
-    "noisy_weights",
-    "randn",
-    "draw_seed",
-    "make_rng_state",
-    "default_rng_state",
-    "weight_sigma",
-    "weight_sigmas",
-    "SEED_LIMIT",
-]
+__all__ = ["noisy_weight", "inject_noise", "noisy_weights", "randn"]
 
 Seed = Union[int, Tensor, None]
 
 
-def _quads(n: int) -> int:
-    return -(-n // 4)
+# ---------------------------------------------------------------------------
+# Arguments: the public names and alpha's shape read as the contract's ``inner``
+# ---------------------------------------------------------------------------
+#
+# The ops take ``inner`` (how many consecutive elements share one alpha value, docs/design.md
+# section 1); the public functions take an alpha whose shape names the PNI mode. These turn one into
+# the other and refuse, with the argument's name, what fits no mode or dtype; the CPU finite check of
+# sigma and alpha needs no device sync there.
+
+
+def _check_alpha(alpha, ref: Tensor, ref_name: str) -> None:
+    """alpha for tensor ``ref_name``: the op contract's alpha rules, worded with the public argument's name."""
+    if not isinstance(alpha, Tensor):
+        contract.require(False, "tensor_type", name="alpha", type=type(alpha).__name__)
+    contract.require(
+        alpha.device == ref.device, "alpha_device", vname=ref_name, device=ref.device, alpha_device=alpha.device
+    )
+    contract.check_alpha_dtype(alpha, ref.dtype, ref_name)
+    # a zero-size tensor (a layer with 0 output channels) takes the zero-size alpha of its layer's shape
+    contract.require(alpha.numel() > 0 or ref.numel() == 0, "alpha_empty", vname=ref_name, alpha_shape=alpha.shape)
+
+
+def _weight_inner(weight: Tensor, alpha: Tensor) -> int:
+    """The contract's ``inner`` for a weight's alpha, inferred from alpha's shape (>= 1, also for empty weights)."""
+    if alpha.numel() == 1 or tuple(alpha.shape) == tuple(weight.shape):
+        return 1
+    out = weight.shape[0] if weight.dim() > 0 else 1
+    channel_shapes = {(out,) + (1,) * k for k in range(weight.dim())}
+    if tuple(alpha.shape) in channel_shapes:
+        return max(1, weight.numel() // max(out, 1))
+    raise ValueError(
+        f"alpha must have 1 element (layerwise), shape {[out] + [1] * (weight.dim() - 1)} (channelwise) "
+        f"or the weight's shape {list(weight.shape)} (elementwise), got {list(alpha.shape)}"
+    )
+
+
+def _activation_inner(x: Tensor, alpha: Tensor) -> int:
+    """``inner`` for activation noise: scalar, per channel (dim 1) or per feature (``x.shape[1:]``)."""
+    if alpha.numel() == 1:
+        return 1
+    if x.dim() >= 2:
+        if tuple(alpha.shape) == tuple(x.shape[1:]):
+            return 1
+        c = x.shape[1]
+        ones = (1,) * max(0, x.dim() - 2)
+        per_channel = {(c,)} | {(c,) + ones[:k] for k in range(len(ones) + 1)} | {(1, c) + ones}
+        if tuple(alpha.shape) in per_channel:
+            return max(math.prod(x.shape[2:]), 1)
+    raise ValueError(
+        "alpha for activation noise must have 1 element (layerwise), x.shape[1] elements (per channel, "
+        f"dim 1) or shape x.shape[1:] (per feature); got alpha {list(alpha.shape)} for x {list(x.shape)}"
+    )
+
+
+def _check_finite(sigma: Tensor, name: str, alphas: Sequence[Tensor] = ()) -> None:
+    """Refuse NaN/Inf in the tensor and in alpha on CPU, where the check costs no device sync (one
+    ``.item()`` in the common case); on GPU they propagate. ``alpha * sigma`` must be finite: an infinite
+    alpha would turn even a constant tensor (sigma 0) into NaN."""
+    if sigma.device.type != "cpu" or torch.compiler.is_compiling() or under_vmap():
+        return
+    values = [sigma.item()] if sigma.dim() == 0 else sigma.reshape(-1).tolist()  # CPU: no sync
+    if not all(map(math.isfinite, values)):
+        contract.require(False, "tensor_finite", name=name)
+    for a in alphas:
+        a = a.detach()
+        finite = all(map(math.isfinite, a.reshape(-1).tolist())) if a.numel() <= 16 else bool(a.isfinite().all())
+        contract.require(finite, "alpha_finite")
+
+
+# Memo of weight_plan: (shape, dtype, device) of every weight and alpha -> (offsets, inners, counters).
+_PLANS: dict = {}
+_PLANS_MAX = 256
+
+
+def _memoized(key: tuple, compute):
+    """``compute()``, remembered under ``key`` (a raise is never remembered); the memo is bounded."""
+    value = _PLANS.get(key)
+    if value is None:
+        value = compute()
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        _PLANS[key] = value
+    return value
+
+
+def _memo_off(tensors) -> bool:
+    """Check without the memo: while dynamo traces (no Python state), or when a non-tensor must get its error."""
+    return torch.compiler.is_compiling() or not all(isinstance(t, Tensor) for t in tensors)
+
+
+def weight_plan(weights: Sequence[Tensor], alphas: Sequence[Tensor]) -> tuple[list[int], list[int], int]:
+    """``noisy_weights``' checks of every ``(weights[k], alphas[k])`` and the contract's arguments for
+    them: each tensor's counter offset, its ``inner``, and the counters all use together.
+
+    The checks read only each tensor's type, shape, dtype and device, so in eager mode the result is
+    memoized by those: a converted model's forward then costs one tuple of metadata instead of ~10 us
+    of checks per layer. Bad input is never memoized, so it raises the same error on every call."""
+    if _memo_off((*weights, *alphas)):
+        return _weight_plan(weights, alphas)
+    key = ("plan",) + tuple([(w.shape, w.dtype, w.device, a.shape, a.dtype, a.device) for w, a in zip(weights, alphas)])
+    plan = _memoized(key, lambda: _weight_plan(weights, alphas))
+    return plan[0].copy(), plan[1].copy(), plan[2]
+
+
+def checked_weight_inner(weight: Tensor, alpha: Tensor) -> int:
+    """``noisy_weight``'s checks of ``(weight, alpha)`` and the contract's ``inner``, memoized like
+    :func:`weight_plan` (a per-layer forward runs this on every call)."""
+    if _memo_off((weight, alpha)):
+        return _checked_weight_inner(weight, alpha)
+    key = ("inner", weight.shape, weight.dtype, weight.device, alpha.shape, alpha.dtype, alpha.device)
+    return _memoized(key, lambda: _checked_weight_inner(weight, alpha))
+
+
+def _checked_weight_inner(weight: Tensor, alpha: Tensor) -> int:
+    contract.check_tensor("weight", weight)
+    _check_alpha(alpha, weight, "weight")
+    return _weight_inner(weight, alpha)
+
+
+def _weight_plan(weights: Sequence[Tensor], alphas: Sequence[Tensor]) -> tuple[list[int], list[int], int]:
+    offsets, inners = [], []
+    counter = 0
+    device = weights[0].device if isinstance(weights[0], Tensor) else None
+    for k, (w, a) in enumerate(zip(weights, alphas)):
+        contract.check_tensor(f"weights[{k}]", w)
+        if w.device != device:
+            raise ValueError(f"weights must all be on one device, weights[{k}] is on {w.device}, not {device}")
+        _check_alpha(a, w, f"weights[{k}]")
+        inners.append(_weight_inner(w, a))
+        offsets.append(counter)
+        counter += -(-w.numel() // 4)
+    return offsets, inners, counter
+
+
+# ---------------------------------------------------------------------------
+# The public functions
+# ---------------------------------------------------------------------------
 
 
 def _perturb(name: str, t: Tensor, alpha: Tensor, inner: int, seed: Seed, offset, backend: Optional[str]) -> Tensor:
     """The shared tail of noisy_weight / inject_noise once ``alpha``'s layout is known."""
-    chosen = _backend_for(backend, t.device.type)
-    if fused.usable(chosen, t, seed):  # one C++ call: sigma, checks, seed, perturb (same results)
-        offset = _rng.checked_offset(offset, _quads(t.numel()))
+    chosen = backend_for(backend, t.device.type)
+    if fast_path.usable(chosen, t, seed):  # one C++ call: sigma, checks, seed, perturb (same results)
+        offset = _rng.checked_offset(offset, quads(t.numel()))
         seed = _rng.checked_seed(seed)
-        return fused.noisy(t, alpha, offset, inner, seed, name, _rng.seed_generator())
-    rng = rng_args(seed, offset, t.device, _quads(t.numel()))
+        return fast_path.noisy(t, alpha, offset, inner, seed, name, _rng.seed_generator())
+    rng = _rng.rng_args(seed, offset, t.device, quads(t.numel()))
     sigma = weight_sigma(t)
     _check_finite(sigma, name, (alpha,))
     out = apply(PerturbFn, t, alpha, sigma, rng.seed, rng.offset, inner, rng.state, chosen)
@@ -111,7 +232,7 @@ def inject_noise(
     ``alpha`` has 1 element, ``x.shape[1]`` elements (per channel) or ``x.shape[1:]`` (per feature).
     Other arguments as in :func:`noisy_weight`.
     """
-    _check_tensor("x", x)
+    contract.check_tensor("x", x)
     _check_alpha(alpha, x, "x")
     return _perturb("x", x, alpha, _activation_inner(x, alpha), seed, offset, backend)
 
@@ -143,23 +264,23 @@ def noisy_weights(
         return []
     offsets, inners, counter = weight_plan(weights, alphas)
     device = weights[0].device
-    chosen = _backend_for(backend, device.type)
+    chosen = backend_for(backend, device.type)
     if per_tensor:
         offsets = [0] * len(weights)  # each tensor's own key from counter 0
-    if fused.usable(chosen, weights[0], None if per_tensor else seed) and fused.multi_dtype_ok(weights):
+    if fast_path.usable(chosen, weights[0], None if per_tensor else seed) and fast_path.multi_dtype_ok(weights):
         if per_tensor:
-            return fused.noisy_multi(weights, alphas, offsets, inners, seeds, "weights", None)
+            return fast_path.noisy_multi(weights, alphas, offsets, inners, seeds, "weights", None)
         seed = _rng.checked_seed(seed)
         _rng.checked_offset(0, counter)
         generator = _rng.seed_generator()
-        return fused.noisy_multi(
+        return fast_path.noisy_multi(
             weights, alphas, offsets, inners, None if seed is None else [seed], "weights", generator
         )
     sigmas = weight_sigmas(weights)
     if per_tensor:
         rng = _rng.RngArgs(0, 0, None, None, 0)
     else:
-        rng = rng_args(seed, 0, device, counter)
+        rng = _rng.rng_args(seed, 0, device, counter)
         seeds = [rng.seed]
     _check_finite(torch.stack(sigmas), "weights", alphas)
     multi = REGISTRY[chosen].perturb_multi
@@ -207,8 +328,8 @@ def randn(
     if any(s < 0 for s in shape):
         raise ValueError(f"shape must have non-negative sizes, got {list(shape)}")
     like = torch.empty(shape, device=device)
-    rng = rng_args(seed, offset, like.device, _quads(like.numel()))
-    chosen = _backend_for(backend, like.device.type)
+    rng = _rng.rng_args(seed, offset, like.device, quads(like.numel()))
+    chosen = backend_for(backend, like.device.type)
     out = call(REGISTRY[chosen].noise, like, rng.seed, rng.offset, state=rng.state)
     rng.advance()
     return out

@@ -1,4 +1,4 @@
-"""Plain-PyTorch PNI: the truth for the math, and the pure-PyTorch backend's RNG.
+"""Plain-PyTorch PNI: the truth for the math.
 
 The paper-faithful reference (``reference_noisy_weight``, ``ReferenceNoisyConv2d``,
   ``ReferenceNoisyLinear``): written the way the original PNI code does it —
@@ -7,8 +7,8 @@ The paper-faithful reference (``reference_noisy_weight``, ``ReferenceNoisyConv2d
   ``compile_friendly_noisy_weight`` is the same math without ``.item()``, the fair
   baseline for ``torch.compile``.
 
-The RNG contract in integer tensor ops lives in :mod:`pni_fast.philox_torch` (re-exported
-here for compatibility).
+The noise itself (the RNG contract) is checked against an independent numpy Philox in the tests;
+the pure-PyTorch backend's Philox is :mod:`pni_fast.backends.pure_torch`.
 """
 
 from __future__ import annotations
@@ -19,13 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .philox_torch import (  # noqa: F401  (re-exported: older imports use pni_fast.reference)
-    alpha_view,
-    philox4x32_10_torch,
-    philox_words_torch,
-    randn_torch,
-    uniform_from_words_torch,
-)
+from .contract import alpha_view
 
 __all__ = [
     "reference_noisy_weight",
@@ -33,11 +27,6 @@ __all__ = [
     "reference_inject_noise",
     "ReferenceNoisyConv2d",
     "ReferenceNoisyLinear",
-    "philox4x32_10_torch",
-    "philox_words_torch",
-    "uniform_from_words_torch",
-    "randn_torch",
-    "alpha_view",
 ]
 
 # ---------------------------------------------------------------------------

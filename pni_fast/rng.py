@@ -25,8 +25,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .contract import SEED_LIMIT
+
 __all__ = [
-    "SEED_LIMIT",
     "draw_seed",
     "predict_seeds",
     "manual_seed",
@@ -41,7 +42,6 @@ __all__ = [
     "seed_generator",
 ]
 
-SEED_LIMIT = 2**63
 _default_states: dict[torch.device, Tensor] = {}
 _own_generator: Optional[torch.Generator] = None
 

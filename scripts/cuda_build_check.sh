@@ -183,7 +183,7 @@ layer = pni_fast.NoisyLinear(32, 8)
 x = torch.randn(4, 32, requires_grad=True)
 layer(x).sum().backward()
 assert x.grad is not None and all(p.grad is not None for p in layer.parameters() if p.requires_grad)
-print(pni_fast.backends.info() if hasattr(pni_fast, "backends") else "")
+print(pni_fast.ops.registry.info() if hasattr(pni_fast, "backends") else "")
 print("CPU path ok with", torch.__version__)
 EOF
   )

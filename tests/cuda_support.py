@@ -79,7 +79,7 @@ GPU_BACKENDS = [
 
 def gpu_ops(backend: str):
     """(noise, perturb, alpha grad, multi, alpha grad multi) of a GPU backend, from pni_fast's registry."""
-    from pni_fast.backends import REGISTRY
+    from pni_fast.ops.registry import REGISTRY
 
     entry = REGISTRY[backend]
     if entry.module:

@@ -1,6 +1,6 @@
 """Every backend's kernels behind one interface, so a kernel test is one body for all backends.
 
-The backends and their op names come from pni_fast's registry (pni_fast.backends.REGISTRY). Each
+The backends and their op names come from pni_fast's registry (pni_fast.ops.registry.REGISTRY). Each
 runs on its own device: "cpu" (C++), "torch" (pure PyTorch) and, without a GPU, "triton" (under
 the interpreter) on CPU tensors; "cuda" and, with a GPU, "triton" on CUDA tensors. A backend that
 cannot run here skips with the registry's reason, at set-up (never at collection).
@@ -47,7 +47,7 @@ class Kernel:
     name: str
     device: str
     interpreted: bool
-    entry: object  # its pni_fast.backends.Backend
+    entry: object  # its pni_fast.ops.registry.Backend
 
     def __str__(self) -> str:
         return self.name
@@ -82,7 +82,7 @@ def get(name: str) -> Kernel:
     if device == "cuda" and not ON_GPU:
         pytest.skip("no CUDA device on this machine")
     import pni_fast
-    from pni_fast.backends import REGISTRY
+    from pni_fast.ops.registry import REGISTRY
 
     entry = REGISTRY[name]
     reason = entry.why_unavailable(device)
@@ -91,7 +91,7 @@ def get(name: str) -> Kernel:
     if entry.module:
         importlib.import_module(entry.module)
     interpreted = name == "triton" and device == "cpu"
-    if interpreted and not importlib.import_module("pni_fast.triton").INTERPRETED:
+    if interpreted and not importlib.import_module("pni_fast.backends.triton.launch_config").INTERPRETED:
         pytest.skip("triton was imported before TRITON_INTERPRET=1 was set: its kernels cannot run on CPU tensors")
     pni_fast.randn((1,), seed=0, device=device, backend=name)  # registers fake kernels and autograd
     return Kernel(name, device, interpreted, entry)

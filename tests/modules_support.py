@@ -3,14 +3,14 @@
 import torch
 import torch.nn as nn
 
-import pni_fast.functional as fn
-from pni_fast.modules import alpha_parameters
+import pni_fast
+from pni_fast.nn.layers import alpha_parameters
 
 
 def draw_seeds(seed: int, n: int) -> list:
     """The seeds a module draws for its n noise sources after torch.manual_seed(seed)."""
     torch.manual_seed(seed)
-    return [fn.draw_seed() for _ in range(n)]
+    return [pni_fast.draw_seed() for _ in range(n)]
 
 
 def randomize_alphas(m: nn.Module) -> None:

@@ -1,7 +1,7 @@
 """The inputs of the op contract (docs/ops.md) that tests/test_op_checks_per_backend.py sends to every backend.
 
 Each ``Case`` is one call with some arguments changed from a valid default: a bad input names the
-rule of ``pni_fast/op_checks.py`` (RULES) it breaks and the fields of that rule's message; a case
+rule of ``pni_fast/contract.py`` (RULES) it breaks and the fields of that rule's message; a case
 without a rule is a boundary input the contract accepts. Kept apart from the test so the table of
 inputs reads on its own.
 """

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import pni_fast
-from pni_fast import arg_checks
+from pni_fast import functional as arg_checks
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,7 @@ from pni_fast.robust.evaluate import AttackSpec, evaluate, format_results
 
 
 class WeightNoiseMLP(nn.Module):
-    """A tiny PNI-W-like model written here (independent of pni_fast.modules): fresh weight noise per forward."""
+    """A tiny PNI-W-like model written here (independent of pni_fast.nn.layers): fresh weight noise per forward."""
 
     def __init__(self, base: nn.Sequential, scale: float = 0.3) -> None:
         super().__init__()

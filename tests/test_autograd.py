@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import pni_fast
-import pni_fast.functional as PF
 
 BACKENDS = [b for b in pni_fast.available_backends("cpu") if b != "triton"]  # triton: tests/test_triton.py
 
@@ -17,7 +16,7 @@ def test_second_derivative_through_alpha_matches_finite_difference(backend):
     (ga,) = torch.autograd.grad((pni_fast.noisy_weight(w, a, seed=3, backend=backend) ** 2).sum(), a, create_graph=True)
     (gga,) = torch.autograd.grad(ga.sum(), a)
     # f(a) = sum (w + a s z)^2  ->  f''(a) = 2 sum (s z)^2, from the noise itself
-    sz = PF.weight_sigma(w) * pni_fast.randn(w.shape, seed=3, backend=backend).double()
+    sz = pni_fast.weight_sigma(w) * pni_fast.randn(w.shape, seed=3, backend=backend).double()
     exact = 2 * (sz**2).sum()
     eps = 1e-4
 
@@ -94,7 +93,7 @@ def test_torch_func_grad_vjp_jacrev(backend):
     torch.testing.assert_close(torch.func.grad(f)(a), ref)
     out, vjp_fn = torch.func.vjp(lambda a: pni_fast.noisy_weight(w, a, seed=9, backend=backend), a)
     (va,) = vjp_fn(torch.ones_like(out))
-    sz = PF.weight_sigma(w) * pni_fast.randn(w.shape, seed=9, backend=backend).double()
+    sz = pni_fast.weight_sigma(w) * pni_fast.randn(w.shape, seed=9, backend=backend).double()
     torch.testing.assert_close(va, sz.sum().reshape(1))
     jac = torch.func.jacrev(lambda a: pni_fast.noisy_weight(w, a, seed=9, backend=backend))(a)
     torch.testing.assert_close(jac.reshape(-1), sz.reshape(-1))

@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 
 import pni_fast
-from pni_fast import backends
-from pni_fast.backends import Backend, register_backend
+from pni_fast.ops import registry as backends
+from pni_fast.ops.registry import Backend, register_backend
 
 
 @torch.library.custom_op("pni_fast::noise_toyreg", mutates_args=())

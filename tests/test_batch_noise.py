@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import pni_fast
 import pni_fast.functional as fn
-from pni_fast.modules import NoisyConv2d, NoisyLinear
+from pni_fast.nn.layers import NoisyConv2d, NoisyLinear
 
 warnings.filterwarnings("ignore", message="pni_fast: no fused kernel")
 
@@ -42,7 +42,7 @@ def _run(model, x, seed):
 def test_batching_never_changes_the_numbers(backend, monkeypatch):
     """Batched and unbatched forwards give the same bits for the same generator state: each layer's noise is
     noisy_weight(weight, alpha, seed=the seed it draws at its call), the batch only computes it ahead."""
-    from pni_fast.batching import batch_weight_noise
+    from pni_fast.nn.batching import batch_weight_noise
 
     if backend:
         monkeypatch.setenv("PNI_FAST_BACKEND", backend)
@@ -56,7 +56,7 @@ def test_batching_never_changes_the_numbers(backend, monkeypatch):
         assert torch.equal(g, want)
     # by hand: every noise source draws its own seed at its call, in call order, weight before input noise
     torch.manual_seed(5)
-    s = [fn.draw_seed() for _ in range(6)]
+    s = [pni_fast.draw_seed() for _ in range(6)]
     m = model
     h = m[0]._conv_forward(x, fn.noisy_weight(m[0].weight, m[0].alpha_w, seed=s[0]), m[0].bias).flatten(1)
     w2 = fn.noisy_weight(m[2].weight, m[2].alpha_w, seed=s[1])
@@ -75,8 +75,8 @@ def test_batching_never_changes_the_numbers(backend, monkeypatch):
 
 def test_batched_forward_takes_every_predicted_draw(monkeypatch):
     """The prediction holds for a model whose modules draw in module order: no layer makes its own call."""
-    from pni_fast import noise_calls
-    from pni_fast.batching import batch_weight_noise
+    from pni_fast.nn import noise_calls
+    from pni_fast.nn.batching import batch_weight_noise
 
     model = _mixed_model()
     batch_weight_noise(model)
@@ -112,8 +112,8 @@ def test_converted_model_draws_all_weight_noise_in_one_call_per_forward_and_back
     no per-layer perturb; batch_noise=False keeps one call per layer; strip removes the hooks."""
     from torch.profiler import profile
 
-    from pni_fast.batching import installed_batch
     from pni_fast.models import resnet20
+    from pni_fast.nn.batching import installed_batch
 
     def counts(model):
         x = torch.rand(1, 3, 32, 32)
@@ -124,7 +124,7 @@ def test_converted_model_draws_all_weight_noise_in_one_call_per_forward_and_back
 
     if "cpu" not in pni_fast.available_backends("cpu"):
         pytest.skip("the C++ CPU backend (list ops) is not available")
-    from pni_fast import fused
+    from pni_fast.ops import fast_path as fused
 
     # the general path (torch.compile / torch.func use it): one op of each kind per step
     fused.ENABLED = False

@@ -386,7 +386,7 @@ def test_force_cuda_pip_wheel_with_cpu_torch_fails_loudly(tmp_path):
 
 def _load_backend():
     path = ROOT / "build_backend" / "pni_fast_build.py"
-    spec = importlib.util.spec_from_file_location("_backend_for_test", path)
+    spec = importlib.util.spec_from_file_location("backend_for_test", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pni_fast.control import no_noise
-from pni_fast.convert import convert, noisy_from, strip
-from pni_fast.modules import NoiseInjection, NoisyConv2d, NoisyLinear, alpha_parameters
-from pni_fast.optim import param_groups
+from pni_fast.nn.control import no_noise
+from pni_fast.nn.convert import convert, noisy_from, strip
+from pni_fast.nn.layers import NoiseInjection, NoisyConv2d, NoisyLinear, alpha_parameters
+from pni_fast.nn.optim import param_groups
 
 warnings.filterwarnings("ignore", message="pni_fast: no fused kernel")
 

@@ -13,10 +13,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrizations, parametrize, prune
 
+import pni_fast
 import pni_fast.functional as fn
-from pni_fast.control import no_noise
-from pni_fast.convert import ConvertReport, convert, strip
-from pni_fast.modules import NoisyLinear, alpha_parameters
+from pni_fast.nn.control import no_noise
+from pni_fast.nn.convert import ConvertReport, convert, strip
+from pni_fast.nn.layers import NoisyLinear, alpha_parameters
 
 warnings.filterwarnings("ignore", message="pni_fast: no fused kernel")
 
@@ -95,10 +96,10 @@ def test_wrapped_layer_equals_its_class_forward_on_the_noisy_weight(case, pni, n
     out = layer(x)
     assert out.shape == before.shape, "the class's own forward decides the shape ('same' padding: 5x5)"
     torch.manual_seed(7)
-    seed_w = fn.draw_seed()
+    seed_w = pni_fast.draw_seed()
     xin = x
     if noise == "both":
-        xin = fn.inject_noise(x, layer.alpha_i, seed=fn.draw_seed())
+        xin = fn.inject_noise(x, layer.alpha_i, seed=pni_fast.draw_seed())
     w = fn.noisy_weight(weight, layer.alpha_w, seed=seed_w)
     expected = torch.func.functional_call(plain, {"weight": w, "bias": layer.bias}, (xin,))
     torch.testing.assert_close(out, expected)
@@ -207,7 +208,7 @@ def test_parametrized_before_convert():
     torch.manual_seed(5)
     out = layer(x)
     torch.manual_seed(5)
-    w = fn.noisy_weight(plain.weight, layer.alpha_w, seed=fn.draw_seed())
+    w = fn.noisy_weight(plain.weight, layer.alpha_w, seed=pni_fast.draw_seed())
     torch.testing.assert_close(out, F.linear(x, w, plain.bias))
     out.sum().backward()
     assert layer.alpha_w.grad is not None and layer.parametrizations.weight.original0.grad is not None
@@ -251,7 +252,7 @@ def test_pruned_layer_gets_noise_on_the_pruned_weight():
     torch.manual_seed(2)
     out = conv(x)
     torch.manual_seed(2)
-    w = fn.noisy_weight(conv.weight_orig * conv.weight_mask, conv.alpha_w, seed=fn.draw_seed())
+    w = fn.noisy_weight(conv.weight_orig * conv.weight_mask, conv.alpha_w, seed=pni_fast.draw_seed())
     torch.testing.assert_close(out, F.conv2d(x, w, conv.bias))
     strip(conv)
     assert type(conv) is nn.Conv2d and torch.equal(conv(x), before)

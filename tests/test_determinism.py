@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pni_fast.cli import DigitsCNN
-from pni_fast.data import load_digits
-from pni_fast.train import TrainConfig, train
+from pni_fast.models import DigitsCNN
+from pni_fast.robust.data import load_digits
+from pni_fast.robust.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def _run(data, init_seed: int, seed: int = 0, pni: bool = True, device: str = "c
     torch.manual_seed(init_seed)
     model = DigitsCNN(1, 10, 4)
     if pni:
-        from pni_fast.convert import convert
+        from pni_fast.nn.convert import convert
 
         model = convert(model, pni="layerwise", noise="weight")
     cfg = TrainConfig(

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pni_fast.distributed import derived_seed
 from pni_fast.robust.data import Split, iterate_batches, load_digits
+from pni_fast.robust.distributed import derived_seed
 from pni_fast.robust.train import CHECKPOINT_NAME, TrainConfig, load_checkpoint, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,14 +63,14 @@ def _no_bn_plain_model() -> nn.Module:
 
 def _no_bn_pni_model() -> nn.Module:
     """PNI weight noise, no BatchNorm: a DDP step then equals one process's step over the global batch."""
-    from pni_fast.convert import convert
+    from pni_fast.nn.convert import convert
 
     return convert(_no_bn_plain_model(), pni="layerwise", noise="weight")
 
 
 def _bn_pni_model() -> nn.Module:
-    from pni_fast.convert import convert
     from pni_fast.models import DigitsCNN
+    from pni_fast.nn.convert import convert
 
     torch.manual_seed(0)
     return convert(DigitsCNN(1, 10, 4), pni="layerwise", noise="weight")

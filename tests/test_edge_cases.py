@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import pni_fast
-import pni_fast.functional as PF
+from pni_fast.ops import sigma as sigma_ops
 
 BACKENDS = [b for b in pni_fast.available_backends("cpu") if b != "triton"]  # triton: tests/test_triton.py
 
@@ -26,7 +26,7 @@ def test_float32_alpha_gradient_with_half_tensors_does_not_overflow(backend, dty
     z = pni_fast.randn((n,), seed=11, backend=backend).double()
     g = z.to(dtype)  # gradient aligned with the noise: sum(g * sigma * z) ~ n * sigma
     (ga,) = torch.autograd.grad(out, a, g)
-    exact = float(PF.weight_sigma(x)) * float((g.double() * z).sum())
+    exact = float(pni_fast.weight_sigma(x)) * float((g.double() * z).sum())
     assert abs(exact) > 65504 * 10
     assert ga.dtype == torch.float32 and torch.isfinite(ga).all()
     assert abs(ga.item() - exact) <= 1e-4 * abs(exact)
@@ -55,8 +55,8 @@ def test_sigma_has_one_definition_whatever_is_loaded():
         "ts = [torch.randn(int(n)) * 3 for n in torch.randint(2, 5000, (300,))]\n"
         "first = [pni_fast.weight_sigma(t) for t in ts]\n"
         "later = [pni_fast.weight_sigma(t) for t in ts]\n"
-        "from pni_fast.functional import _sigma_torch\n"
-        "pure = [_sigma_torch(t) for t in ts]\n"
+        "from pni_fast.ops.sigma import sigma_torch\n"
+        "pure = [sigma_torch(t) for t in ts]\n"
         "print(all(torch.equal(a, b) for a, b in zip(first, later)),\n"
         "      all(torch.equal(a, b) for a, b in zip(first, pure)))\n"
     )
@@ -69,7 +69,7 @@ def test_sigma_of_huge_finite_tensors_is_finite(dtype, scale):
     torch.manual_seed(1)
     base = torch.randn(1000, dtype=torch.float64)
     t = (base * scale).to(dtype)
-    s = PF.weight_sigma(t)
+    s = pni_fast.weight_sigma(t)
     expect = (t.double() / scale).std() * scale
     assert torch.isfinite(s)
     assert abs(float(s) - float(expect)) <= 1e-6 * float(expect)
@@ -212,14 +212,14 @@ def test_weight_sigmas_equal_weight_sigma_bitwise():
             (20000, torch.float32),
         ]
     ]
-    got = PF.weight_sigmas(ts)
+    got = sigma_ops.weight_sigmas(ts)
     for t, s in zip(ts, got):
-        assert torch.equal(s, PF.weight_sigma(t)), t.dtype
+        assert torch.equal(s, pni_fast.weight_sigma(t)), t.dtype
 
 
 def test_weight_sigmas_bad_input():
     with pytest.raises(TypeError, match=r"ts\[1\] must be a torch.Tensor"):
-        PF.weight_sigmas([torch.randn(3), [1.0, 2.0]])
+        sigma_ops.weight_sigmas([torch.randn(3), [1.0, 2.0]])
     with pytest.raises(TypeError, match=r"ts\[0\] must be float32"):
-        PF.weight_sigmas([torch.ones(3, dtype=torch.int64)])
-    assert PF.weight_sigmas([]) == []
+        sigma_ops.weight_sigmas([torch.ones(3, dtype=torch.int64)])
+    assert sigma_ops.weight_sigmas([]) == []

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 import pni_fast
-from pni_fast import fused, rng
+from pni_fast import rng
+from pni_fast.ops import fast_path as fused
 from pni_fast.robust.evaluate import AttackSpec, evaluate
 from pni_fast.robust.interop import autoattack_rand, square_attack
 

@@ -11,9 +11,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import pni_fast.functional as fn
-from pni_fast.control import no_noise, set_noise
-from pni_fast.convert import convert, strip
-from pni_fast.modules import NoiseInjection, NoisyConv2d, NoisyLinear, alpha_parameters
+from pni_fast.nn.control import no_noise, set_noise
+from pni_fast.nn.convert import convert, strip
+from pni_fast.nn.layers import NoiseInjection, NoisyConv2d, NoisyLinear, alpha_parameters
 from pni_fast.rng import SEED_LIMIT
 
 warnings.filterwarnings("ignore", message="pni_fast: no fused kernel")

@@ -7,7 +7,7 @@ import torch
 
 import pni_fast
 import pni_fast.functional as PF
-from pni_fast.backends import REGISTRY
+from pni_fast.ops.registry import REGISTRY
 from pni_fast.reference import reference_inject_noise, reference_noisy_weight
 
 import oracle
@@ -74,7 +74,7 @@ def test_inject_noise_matches_reference(backend, alpha_shape):
     torch.testing.assert_close(ga, ra, rtol=1e-5, atol=1e-4)
 
 
-# Every backend shares the autograd wiring (pni_fast/autograd.py); the modes differ only in alpha's layout,
+# Every backend shares the autograd wiring (pni_fast/ops/autograd.py); the modes differ only in alpha's layout,
 # which the kernel tests check against the oracle. So the Triton interpreter (each gradcheck call costs
 # seconds there) runs one mode, the channelwise one (inner > 1 and alpha tiling), on a smaller weight.
 _GRADCHECK_CASES = [
@@ -92,7 +92,7 @@ def test_gradcheck_float64(backend, mode):
     a = _alpha(mode, w).requires_grad_()
     sigma = w.detach().std()
     inner = PF._weight_inner(w, a)
-    PF._backend_for(backend, "cpu")  # registers this backend's ops and autograd (before reading torch.ops)
+    PF.backend_for(backend, "cpu")  # registers this backend's ops and autograd (before reading torch.ops)
     fwd = getattr(torch.ops.pni_fast, REGISTRY[backend].perturb).default
     assert torch.autograd.gradcheck(lambda w, a: fwd(w, a, sigma, 5, 2, inner), (w, a))
     assert torch.autograd.gradgradcheck(lambda w, a: fwd(w, a, sigma, 5, 2, inner), (w, a))

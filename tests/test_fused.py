@@ -1,4 +1,4 @@
-"""The eager fast path (pni_fast/fused.py: one C++ op per forward) equals the general path bit for bit.
+"""The eager fast path (pni_fast/ops/fast_path.py: one C++ op per forward) equals the general path bit for bit.
 
 Both paths run in one test with the same generator state; the general path is the separate ops
 (sigma, finite checks, torch.randint seed, perturb) whose math the kernel tests check against the
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import pni_fast
-from pni_fast import _ext, fused
-from pni_fast import functional as fn
+from pni_fast import _ext
+from pni_fast.ops import fast_path as fused
 
 pytestmark = pytest.mark.skipif(
     not (_ext.load() and _ext.has_op("noisy", "cpu")),
@@ -108,7 +108,7 @@ def test_explicit_seed_offset_and_inject_noise_equal_general_path():
     assert torch.equal(fast_next, slow_next), "an explicit seed must not draw from torch's generator"
     # and the noise is the documented z for (seed, offset)
     z = pni_fast.randn(x0.shape, seed=123, offset=9)
-    sigma = fn.weight_sigma(x0)
+    sigma = pni_fast.weight_sigma(x0)
     expected = x0 + (a0.view(1, 6, 1, 1) * sigma) * z
     torch.testing.assert_close(fast[0], expected, rtol=1e-6, atol=1e-6)
 

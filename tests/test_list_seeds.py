@@ -11,7 +11,7 @@ import torch
 from test_kernels_contract import own_and_oracle_z
 
 from pni_fast import _ext
-from pni_fast.op_checks import message
+from pni_fast.contract import message
 
 from oracle import inputs
 

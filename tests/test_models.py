@@ -8,7 +8,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pni_fast.control import no_noise
 from pni_fast.models import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -20,7 +19,8 @@ from pni_fast.models import (
     resnet44,
     resnet56,
 )
-from pni_fast.modules import NoisyConv2d, NoisyLinear
+from pni_fast.nn.control import no_noise
+from pni_fast.nn.layers import NoisyConv2d, NoisyLinear
 
 warnings.filterwarnings("ignore", message="pni_fast: no fused kernel")
 
@@ -289,10 +289,8 @@ def test_digits_cnn_shapes_and_width_check():
 
 
 def test_build_model_rebuilds_every_arch_and_refuses_others():
-    import pni_fast.cli as cli
     from pni_fast.models import DigitsCNN, build_model, resnet20
 
-    assert cli.DigitsCNN is DigitsCNN and cli.build_model is build_model  # the names the CLI exported stay
     plain = build_model({"arch": "digits_cnn", "width": 4})
     assert isinstance(plain, DigitsCNN) and not any(isinstance(m, (NoisyConv2d, NoisyLinear)) for m in plain.modules())
     torch.manual_seed(0)

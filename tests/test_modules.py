@@ -14,8 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import pni_fast.functional as fn
-from pni_fast.control import no_noise, noise_enabled, set_noise
-from pni_fast.modules import NoiseInjection, NoisyConv2d, NoisyLinear
+from pni_fast.nn.control import no_noise, noise_enabled, set_noise
+from pni_fast.nn.layers import NoiseInjection, NoisyConv2d, NoisyLinear
 from pni_fast.reference import reference_inject_noise, reference_noisy_weight
 
 from modules_support import draw_seeds, randomize_alphas

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import pni_fast.functional as fn
-from pni_fast.modules import NoiseInjection, NoisyConv2d
+from pni_fast.nn.layers import NoiseInjection, NoisyConv2d
 from pni_fast.reference import reference_inject_noise
 
 from modules_support import draw_seeds, randomize_alphas

@@ -12,7 +12,8 @@ from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
 import pni_fast
 import pni_fast.functional as fn
-from pni_fast import noise_calls, rng
+from pni_fast import rng
+from pni_fast.nn import noise_calls
 
 
 def _model(batch_noise: bool, pni: str = "channelwise") -> nn.Sequential:

@@ -1,7 +1,7 @@
 """The op contract's rules as written: every rule has a bad input (tests/op_check_cases.py) that
 tests/test_op_checks_per_backend.py sends to every backend, the messages read as docs/ops.md
 documents them, and the C++ kernels' generated ``csrc/check_messages.h`` matches
-``pni_fast/op_checks.py`` (RULES).
+``pni_fast/contract.py`` (RULES).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import pni_fast
-from pni_fast.op_checks import RULES, message
+from pni_fast.contract import RULES, message
 
 from op_check_cases import CASES
 
@@ -27,13 +27,19 @@ def test_every_rule_has_a_case():
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast-path", "general-path"])
 def test_public_rules_raise_their_messages(monkeypatch, fast):
-    """The public functions' finite checks (scope "public"): the Python path and the C++ fast path raise
-    RULES' type and message (the fast path through the generated header)."""
-    from pni_fast import fused
+    """The public functions' own rules (scope "public": argument types, finite values): the Python path and
+    the C++ fast path raise RULES' type and message (the fast path through the generated header)."""
+    from pni_fast.ops import fast_path as fused
 
     monkeypatch.setattr(fused, "ENABLED", fast)
     public = {name for name, r in RULES.items() if r.scope == "public"}
-    assert public == {"tensor_finite", "alpha_finite"}
+    assert public == {"tensor_type", "tensor_finite", "alpha_finite"}
+    with pytest.raises(RULES["tensor_type"].error) as e:
+        pni_fast.noisy_weight([1.0, 2.0], torch.tensor([0.1]))
+    assert str(e.value) == message("tensor_type", name="weight", type="list")
+    with pytest.raises(RULES["tensor_type"].error) as e:
+        pni_fast.noisy_weight(torch.ones(2), 0.1)
+    assert str(e.value) == message("tensor_type", name="alpha", type="float")
     w = torch.tensor([[1.0, float("nan")], [2.0, 3.0]])
     with pytest.raises(RULES["tensor_finite"].error) as e:
         pni_fast.noisy_weight(w, torch.tensor([0.1]))

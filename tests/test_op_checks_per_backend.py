@@ -1,6 +1,6 @@
 """Every bad input of the op contract (docs/ops.md) against every backend runnable here.
 
-The rules and messages live once, in ``pni_fast/op_checks.py`` (RULES); the Python backends call it
+The rules and messages live once, in ``pni_fast/contract.py`` (RULES); the Python backends call it
 and the C++ kernels print its messages through the generated ``csrc/check_messages.h``. Here each
 bad input goes to each backend — the C++ CPU kernels, the pure-PyTorch ops, the Triton ops (under
 the interpreter on CPU), and the fake kernels of each (FakeTensorMode) — and must raise the rule's
@@ -24,7 +24,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import pni_fast  # noqa: F401  (registers the torch ops and their autograd)
 from pni_fast import _ext
-from pni_fast.op_checks import RULES, message
+from pni_fast.contract import RULES, message
 
 from op_check_cases import CASES, Case, defaults
 

@@ -7,7 +7,7 @@ import torch
 from scipy import stats
 
 import pni_fast
-from pni_fast.reference import philox_words_torch, randn_torch, uniform_from_words_torch
+from pni_fast.backends.pure_torch import philox_words_torch, randn_torch, uniform_from_words_torch
 
 import oracle
 

@@ -1,4 +1,4 @@
-"""PNI_FAST_CUDA_SIGMA=1 (pni_fast/sigma.py): sigma on CUDA from the CUDA sigma kernels, CPU definition.
+"""PNI_FAST_CUDA_SIGMA=1 (pni_fast/ops/sigma.py): sigma on CUDA from the CUDA sigma kernels, CPU definition.
 
 Off (the default) CUDA keeps float32 ``torch.std``; on, sigma on CUDA is the CPU definition (float64
 two-pass, rounded once), computed by the compiled ``sigma`` / ``sigma_multi`` CUDA kernels when the
@@ -12,7 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pni_fast import _ext, sigma
+from pni_fast import _ext
+from pni_fast.ops import sigma
 
 ON_GPU = torch.cuda.is_available()
 
@@ -78,7 +79,7 @@ def test_on_gpu_the_switch_uses_the_kernels_with_the_cpu_definition(monkeypatch,
     multi = sigma.weight_sigmas(dev)
     for t, s, m, c in zip(dev, single, multi, ts):
         assert s.device == t.device and s.dtype == torch.float32
-        assert torch.equal(s, torch.ops.pni_fast.sigma(t)) and torch.equal(m, s)
+        assert torch.equal(s, torch.ops.pni_fast.ops.sigma(t)) and torch.equal(m, s)
         cpu = sigma.weight_sigma(c)
         assert torch.allclose(s.cpu(), cpu, rtol=2**-23, atol=0), (s, cpu)  # same definition, summation order aside
-        assert torch.allclose(sigma._sigma_torch(t).cpu(), cpu, rtol=2**-23, atol=0)  # the fallback's definition
+        assert torch.allclose(sigma.sigma_torch(t).cpu(), cpu, rtol=2**-23, atol=0)  # the fallback's definition

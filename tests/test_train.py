@@ -46,7 +46,7 @@ def _cfg(**kw) -> TrainConfig:
 
 
 def _pni_model(seed: int = 0) -> nn.Module:
-    from pni_fast.convert import convert
+    from pni_fast.nn.convert import convert
 
     torch.manual_seed(seed)
     return convert(DigitsCNN(1, 10, 4), pni="layerwise", noise="weight")

@@ -26,12 +26,13 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
 from test_kernels_contract import own_and_oracle_z  # noqa: E402
 from test_kernels_rng import check_noise  # noqa: E402
 
-import pni_fast.triton as pt  # noqa: E402  (registers torch.ops.pni_fast.*_triton)
+import pni_fast.backends.triton  # noqa: E402, F401  (registers torch.ops.pni_fast.*_triton)
+from pni_fast.backends.triton.launch_config import INTERPRETED  # noqa: E402
 
 from oracle import CASES, Bounds, inputs  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and not pt.INTERPRETED:
+if DEVICE == "cpu" and not INTERPRETED:
     pytest.skip(
         "triton was imported before TRITON_INTERPRET=1 was set: its kernels cannot run on CPU tensors",
         allow_module_level=True,
@@ -40,13 +41,13 @@ ops = torch.ops.pni_fast
 SEED = 0x1234_5678_9ABC  # > 2^32: exercises the high key word
 OFFSET = 37
 # The interpreter converts to bfloat16 by truncation (GPUs round to nearest).
-BOUNDS = Bounds(bf16_truncates=pt.INTERPRETED)
+BOUNDS = Bounds(bf16_truncates=INTERPRETED)
 
 
 class _Triton:
     """The triton kernel for own_and_oracle_z (tests/kernels.py's interface, without a fixture)."""
 
-    interpreted = pt.INTERPRETED
+    interpreted = INTERPRETED
     noise = ops.noise_triton
 
 
@@ -88,7 +89,7 @@ def test_argument_errors():
     with pytest.raises(ValueError, match="same length"):
         ops.perturb_multi_triton([v], [alpha, alpha], [sigma], [1], [0], [6])
     if DEVICE == "cpu":
-        assert pt.INTERPRETED
+        assert INTERPRETED
 
 
 # ---------------------------------------------------------------------------
@@ -109,7 +110,7 @@ def test_kernels_compile_for_sm90_without_approx_math():
         pytest.skip("triton's NVIDIA backend is not installed")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
-        [sys.executable, "-m", "pni_fast.triton.compile_check", "90"],
+        [sys.executable, "-m", "pni_fast.backends.triton.compile_check", "90"],
         env=env,
         capture_output=True,
         text=True,
@@ -141,9 +142,10 @@ def _subprocess_without_interpreter(code: str) -> subprocess.CompletedProcess:
 
 
 def _kernels():
-    from pni_fast.triton import kernels as K
+    from pni_fast.backends.triton import alpha_grad_kernels, list_kernels, noise_kernels, perturb_kernels
 
-    return {name: getattr(K, name) for name in dir(K) if name.endswith("_kernel")}
+    modules = (alpha_grad_kernels, list_kernels, noise_kernels, perturb_kernels)
+    return {name: getattr(m, name) for m in modules for name in dir(m) if name.endswith("_kernel")}
 
 
 def test_seed_and_offset_are_not_specialized():
@@ -154,7 +156,7 @@ def test_seed_and_offset_are_not_specialized():
     checked = 0
     for name, fn in _kernels().items():
         params = inspect.signature(fn.fn).parameters
-        dns = fn.kwargs.get("do_not_specialize") if pt.INTERPRETED else fn.do_not_specialize
+        dns = fn.kwargs.get("do_not_specialize") if INTERPRETED else fn.do_not_specialize
         for arg in ("seed", "offset"):
             if arg in params:
                 assert arg in set(dns or ()), f"{name}: {arg} is not in do_not_specialize"
@@ -168,12 +170,12 @@ def test_seeds_16_and_17_share_one_compiled_kernel():
     the same kernel without do_not_specialize gives two (so the check can fail)."""
     proc = _subprocess_without_interpreter("""
 import torch, triton
-from pni_fast.triton import kernels as K
-from pni_fast.triton.compile_check import cache_key
+from pni_fast.backends.triton.noise_kernels import noise_kernel
+from pni_fast.backends.triton.compile_check import cache_key
 out = torch.empty(4096)
 kw = dict(BLOCK=1024, HAS_STATE=False, PRECISE=True)
-same = {cache_key(K._noise_kernel, (out, out, 4096, seed, 16), kw) for seed in (16, 17)}
-plain = triton.jit(K._noise_kernel.fn)
+same = {cache_key(noise_kernel, (out, out, 4096, seed, 16), kw) for seed in (16, 17)}
+plain = triton.jit(noise_kernel.fn)
 different = {cache_key(plain, (out, out, 4096, seed, 16), kw) for seed in (16, 17)}
 print(len(same), len(different))
 """)

@@ -2,7 +2,7 @@
 the demo's small digits CNN, and `build_model` (a model from a checkpoint's ``model_spec``)."""
 
 from .digits_cnn import DigitsCNN
-from .pni_checkpoint import infer_depth, load_pni_checkpoint, map_pni_state_dict
+from .original_pni import infer_depth, load_pni_checkpoint, map_pni_state_dict
 from .resnet_cifar import (
     CIFAR10_MEAN,
     CIFAR10_STD,

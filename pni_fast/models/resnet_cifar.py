@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..convert import convert
-from ..modules import check_noise, check_pni
+from ..nn.convert import convert
+from ..nn.layers import check_noise, check_pni
 
 __all__ = [
     "CIFAR10_MEAN",

@@ -25,7 +25,7 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
 
         model: nn.Module = DigitsCNN(int(spec.get("in_channels", 1)), num_classes, int(spec.get("width", 32)))
         if pni is not None:
-            from ..convert import convert
+            from ..nn.convert import convert
 
             model = convert(model, pni=pni, noise=noise)
         return model

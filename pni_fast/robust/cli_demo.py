@@ -133,7 +133,7 @@ def add_parser(sub: Any, fmt: type) -> None:
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     """Train the three digits models, evaluate them, print the table, save results + plot."""
-    from ..convert import convert
+    from ..nn.convert import convert
     from .config import TrainConfig
     from .data import load_digits
     from .evaluate import evaluate, format_results

@@ -203,8 +203,8 @@ def run_eval(args: argparse.Namespace) -> list:
     )
     ks = _parse_ks(args.mc_curve) if args.mc_curve else None
     if args.no_noise:
-        from ..control import set_noise
-        from ..modules import is_noisy_module
+        from ..nn.control import set_noise
+        from ..nn.layers import is_noisy_module
 
         if any(is_noisy_module(m) for m in model.modules()):
             set_noise(model, False)

@@ -113,7 +113,7 @@ def load_data(dataset: str, data_dir: Optional[str], seed: int = 0):
 
 def run_train(args: argparse.Namespace) -> list[dict[str, Any]]:
     """``train``; under torchrun one process per rank (DDP: gloo on CPU, nccl on CUDA), rank 0 prints and writes."""
-    from .. import distributed
+    from . import distributed
 
     device = distributed.init_from_env(args.device)
     try:

@@ -17,7 +17,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from ..optim import param_groups
+from ..nn.optim import param_groups
 from .attacks import TARGETS
 from .checks import check_choice, check_int, check_real
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import distributed as _dist
+from . import distributed as _dist
 from .attacks import pgd
 from .checkpoint import CHECKPOINT_NAME, save_checkpoint
 from .checkpoint import rng_state as _rng_state
@@ -44,8 +44,8 @@ def _noise_ctx(model: nn.Module, on: bool):
     if on:
         yield model
         return
-    from ..control import no_noise
-    from ..modules import is_noisy_module
+    from ..nn.control import no_noise
+    from ..nn.layers import is_noisy_module
 
     if not any(is_noisy_module(m) for m in model.modules()):
         yield model  # a plain model has no noise to switch off

@@ -14,7 +14,7 @@ The noise of every backend comes from one counter-based stream (docs/design.md s
 
 The words are computed by the compiled library's ``rng_words`` op where it is loaded (one call per seed
 and chunk), and otherwise, or for more than 16,384 interleaved seeds (one vectorized pass over all
-keys), by the pure-PyTorch Philox of `pni_fast.philox_torch`; both are bit-identical to the contract.
+keys), by the pure-PyTorch Philox of `pni_fast.backends.pure_torch`; both are bit-identical to the contract.
 Measured on the project's 2-core AMD EPYC VM: one seed ~200 MB/s, 1,000 interleaved seeds also ~200 MB/s,
 the pure-PyTorch path ~5 MB/s.
 """
@@ -28,7 +28,7 @@ from typing import BinaryIO, Optional
 
 import torch
 
-from ..philox_torch import philox4x32_10_torch
+from ..backends.pure_torch import philox4x32_10_torch
 from .checks import check_int
 
 __all__ = ["stream_words", "write_stream", "add_parser", "run_rng_stream"]

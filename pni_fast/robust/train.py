@@ -20,7 +20,7 @@ unless asked to (``overwrite=True``).
 The training data is an in-memory `Split` or any iterable of ``(x, y)`` batches
 (a ``DataLoader`` with your own data and augmentation). Inside a
 ``torch.distributed`` process group (``torchrun``) the model is trained with
-``DistributedDataParallel``; see `train` and `pni_fast.distributed`.
+``DistributedDataParallel``; see `train` and `pni_fast.robust.distributed`.
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from .. import distributed as _dist
 from ..rng import manual_seed as _pni_manual_seed
 from ..rng import own_generator
+from . import distributed as _dist
 from .checkpoint import (
     CHECKPOINT_NAME,
     RUN_FILES,
@@ -110,7 +110,7 @@ def train(
             deleted first); without it such a folder raises FileExistsError,
             unless ``resume`` is that folder's own checkpoint.
         rank_noise: ``'same'`` or ``'independent'``: how PNI noise relates across data-parallel ranks
-            (see below and `pni_fast.distributed`). None: ``'same'`` in a process group; in a single
+            (see below and `pni_fast.robust.distributed`). None: ``'same'`` in a process group; in a single
             process the noise then comes from torch's generator as always. Given in a single process,
             the per-epoch noise streams of a data-parallel run are used (a 1-process reference run).
         distributed: None uses the initialized ``torch.distributed`` process group if there is one,
