@@ -19,6 +19,7 @@ runs instead, and :func:`status_message` says why.
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import sys
@@ -147,7 +148,7 @@ def _load_aot() -> tuple[bool, str]:
     if refusal is not None:
         return False, refusal
     try:
-        from . import _C  # noqa: F401  (importing registers the ops)
+        importlib.import_module(f"{__package__}._C")  # importing registers the ops
     except Exception as exc:  # noqa: BLE001  (missing, ABI mismatch, ...)
         reason = f"pni_fast._C could not be imported ({type(exc).__name__}: {exc})"
         path = _installed_library()

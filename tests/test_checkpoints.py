@@ -239,7 +239,7 @@ def test_resume_truncates_logs_that_ran_ahead(digits, tmp_path, monkeypatch):
     def interrupt(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(epoch_mod, "_evaluate_epoch", interrupt)
+    monkeypatch.setattr(epoch_mod, "evaluate_epoch", interrupt)
     with pytest.raises(KeyboardInterrupt):
         train(DigitsCNN(1, 10, 4), tr, te, _cfg(epochs=2), out_dir=run, resume=run, progress=False)
     assert [h["epoch"] for h in json.loads((run / "history.json").read_text())] == [1]
@@ -336,7 +336,7 @@ def test_ctrl_c_names_the_checkpoint_and_the_exact_resume_command(tmp_path, caps
         """stderr without the per-epoch progress lines: what the interruption itself printed."""
         return "".join(line for line in err.splitlines(True) if not line.startswith("[train] epoch "))
 
-    real = epoch_mod._evaluate_epoch
+    real = epoch_mod.evaluate_epoch
     calls = {"n": 0}
 
     def interrupt_in(epoch):
@@ -349,7 +349,7 @@ def test_ctrl_c_names_the_checkpoint_and_the_exact_resume_command(tmp_path, caps
         return ev
 
     out = tmp_path / "run dir"  # a space: the command must quote it
-    monkeypatch.setattr(epoch_mod, "_evaluate_epoch", interrupt_in(1))
+    monkeypatch.setattr(epoch_mod, "evaluate_epoch", interrupt_in(1))
     with pytest.raises(SystemExit) as e:
         main([*common, "--out", str(out)])
     assert e.value.code == 130
@@ -357,7 +357,7 @@ def test_ctrl_c_names_the_checkpoint_and_the_exact_resume_command(tmp_path, caps
     assert err.count("\n") == 1 and "before a checkpoint was written" in err and "--resume" not in err
 
     calls["n"] = 0
-    monkeypatch.setattr(epoch_mod, "_evaluate_epoch", interrupt_in(2))
+    monkeypatch.setattr(epoch_mod, "evaluate_epoch", interrupt_in(2))
     with pytest.raises(SystemExit) as e:
         main([*common, "--out", str(out), "--overwrite"])
     assert e.value.code == 130
@@ -368,7 +368,7 @@ def test_ctrl_c_names_the_checkpoint_and_the_exact_resume_command(tmp_path, caps
     assert err.count("\n") == 1 and f"last checkpoint {ckpt} (epoch 1 of 2)" in err, err
     cmd = shlex.split(err.split("resume with: ", 1)[1])
     assert cmd[1:3] == ["-m", "pni_fast"] and cmd[-2:] == ["--resume", ckpt] and "--overwrite" not in cmd
-    monkeypatch.setattr(epoch_mod, "_evaluate_epoch", real)
+    monkeypatch.setattr(epoch_mod, "evaluate_epoch", real)
     assert main(cmd[3:]) == 0
     hist = json.loads((out / "history.json").read_text())
     strip = lambda hs: [{k: v for k, v in h.items() if k != "time_s"} for h in hs]  # noqa: E731

@@ -46,7 +46,7 @@ def test_public_names_are_the_toolkit():
     assert pni_fast.autoattack_rand is robust.interop.autoattack_rand
     assert pni_fast.AttackSpec is robust.evaluate.AttackSpec and pni_fast.TrainConfig is robust.train.TrainConfig
     assert pni_fast.train.train is robust.train.train and pni_fast.evaluate.evaluate is robust.evaluate.evaluate
-    for name in ("attacks", "evaluate", "train", "data", "checkpoint"):  # the lazy names are the toolkit's modules
+    for name in ("attacks", "evaluate", "train", "data"):  # the lazy names are the toolkit's modules
         assert getattr(pni_fast, name) is importlib.import_module(f"pni_fast.robust.{name}")
     assert set(pni_fast.__all__) <= set(dir(pni_fast))
     with pytest.raises(AttributeError, match="no attribute 'nope'"):

@@ -255,11 +255,11 @@ def test_dataloader_with_own_augmentation(digits):
     assert sampler.epoch == 2  # set_epoch(epoch) before every epoch
     assert len(flips) == 3 * 3
     # the test loader is evaluated on its first eval_samples images, like a Split (deterministic plain model)
-    from pni_fast.robust.epoch import _evaluate_epoch
+    from pni_fast.robust.epoch import evaluate_epoch
 
     cfg = _cfg(adversarial=False, eval_samples=20)
-    ref = _evaluate_epoch(model, te, cfg, torch.device("cpu"))
-    got = _evaluate_epoch(model, DataLoader(TensorDataset(te.x, te.y), batch_size=7), cfg, torch.device("cpu"))
+    ref = evaluate_epoch(model, te, cfg, torch.device("cpu"))
+    got = evaluate_epoch(model, DataLoader(TensorDataset(te.x, te.y), batch_size=7), cfg, torch.device("cpu"))
     assert got == ref and ref[0] * 20 % 1 == 0
 
 

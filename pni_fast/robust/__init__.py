@@ -16,9 +16,10 @@ prediction, and its accuracy against k), `train` (+ `config`, `epoch`), `data`, 
 """
 
 from . import attacks, checkpoint, data, evaluate, interop, train
-from .attacks import autoattack_rand, carlini_wagner_l2, eot_pgd, eot_square_attack, fgsm, pgd, square_attack
+from .attacks import carlini_wagner_l2, eot_pgd, fgsm, pgd
 from .config import TrainConfig
 from .evaluate import AttackSpec, EvalResult, format_results
+from .interop import autoattack_rand, eot_square_attack, square_attack
 from .modes import attack_mode, model_mode
 from .montecarlo import SamplesCurve, accuracy_vs_samples, predict
 

@@ -35,18 +35,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checks import check_bool, check_choice, check_int, check_real
-from .modes import Mode, attack_mode, model_mode
+from .modes import Mode, attack_mode
 
 __all__ = [
     "fgsm",
     "pgd",
     "eot_pgd",
     "carlini_wagner_l2",
-    "autoattack_rand",
-    "square_attack",
-    "eot_square_attack",
-    "attack_mode",
-    "model_mode",
     "resolve_targets",
 ]
 
@@ -60,7 +55,7 @@ TARGETS = ("labels", "predictions")
 # --------------------------------------------------------------------------- #
 # argument checks
 # --------------------------------------------------------------------------- #
-def _check_inputs(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor]) -> None:
+def check_inputs(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor]) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(x, torch.Tensor):
@@ -176,7 +171,7 @@ def fgsm(
     """
     eps = check_real("eps", eps)
     check_int("eot_samples", eot_samples, 1)
-    _check_inputs(model, x, y)
+    check_inputs(model, x, y)
     with attack_mode(model, mode):
         target = resolve_targets(model, x, y, targets)
         if x.numel() == 0 or eps == 0:
@@ -231,7 +226,7 @@ def pgd(
     check_bool("random_start", random_start)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    _check_inputs(model, x, y)
+    check_inputs(model, x, y)
 
     x0 = x.detach()
     with attack_mode(model, mode):
@@ -312,7 +307,7 @@ def carlini_wagner_l2(
     check_int("steps", steps, 1)
     check_int("search_steps", search_steps, 1)
     lr = check_real("lr", lr, positive=True)
-    _check_inputs(model, x, y)
+    check_inputs(model, x, y)
 
     x0 = x.detach()
     with attack_mode(model, mode):
@@ -358,6 +353,3 @@ def carlini_wagner_l2(
                     const * 10,
                 )
         return best_adv
-
-
-from .interop import autoattack_rand, eot_square_attack, square_attack  # noqa: E402  (they use this module's checks)

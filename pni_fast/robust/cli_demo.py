@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from ..models.digits_cnn import DigitsCNN
+from ..nn.layers import PNI_MODES
 from ._deps import require
 from .checks import cli_fraction, cli_int
-from .cli_eval import PNI_CHOICES, eval_specs
+from .cli_eval import eval_specs
 from .evaluate import WORST_OF
 from .progress import attack_lines, epoch_lines
 
@@ -110,7 +111,7 @@ def add_parser(sub: Any, fmt: type) -> None:
         default=5,
         help="R: noisy evaluations behind each mean +/- std",
     )
-    d.add_argument("--pni", choices=PNI_CHOICES[1:], default="layerwise", help="alpha granularity of the PNI model")
+    d.add_argument("--pni", choices=PNI_MODES, default="layerwise", help="alpha granularity of the PNI model")
     d.add_argument(
         "--width", type=cli_int(1, "a positive integer"), default=32, help="CNN width (channels of the first conv)"
     )

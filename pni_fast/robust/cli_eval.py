@@ -13,10 +13,7 @@ from .checks import cli_fraction, cli_int, cli_positive_fraction
 from .evaluate import WORST_OF, AttackSpec
 from .progress import attack_lines
 
-__all__ = ["add_parser", "run_eval", "eval_specs", "PNI_CHOICES", "NOISE_CHOICES"]
-
-PNI_CHOICES = ("none", "layerwise", "channelwise", "elementwise")
-NOISE_CHOICES = ("weight", "input", "both")
+__all__ = ["add_parser", "run_eval", "eval_specs"]
 
 
 def add_parser(sub: Any, fmt: type) -> None:

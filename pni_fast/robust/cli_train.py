@@ -13,11 +13,13 @@ import torch
 
 from ..models.spec import ARCHS as MODELS
 from ..models.spec import RESNETS, build_model
+from ..nn.layers import NOISE_TYPES, PNI_MODES
 from .checks import cli_fraction, cli_int, cli_positive_fraction
-from .cli_eval import NOISE_CHOICES, PNI_CHOICES
 from .progress import epoch_lines
 
-__all__ = ["add_parser", "run_train", "load_data"]
+__all__ = ["add_parser", "run_train", "load_data", "PNI_CHOICES"]
+
+PNI_CHOICES = ("none", *PNI_MODES)  # a plain model, or one of the PNI modes
 
 
 def add_parser(sub: Any, fmt: type) -> None:
@@ -39,7 +41,7 @@ def add_parser(sub: Any, fmt: type) -> None:
     )
     t.add_argument("--data-dir", default=None, help="folder with CIFAR-10 python batches (data_batch_1..5, test_batch)")
     t.add_argument("--pni", choices=PNI_CHOICES, default="none", help="PNI alpha granularity; none = plain model")
-    t.add_argument("--noise", choices=NOISE_CHOICES, default="weight", help="PNI on weights, layer inputs, or both")
+    t.add_argument("--noise", choices=NOISE_TYPES, default="weight", help="PNI on weights, layer inputs, or both")
     t.add_argument("--epochs", type=cli_int(1, "a positive integer"), default=160, help="training epochs")
     t.add_argument(
         "--batch-size", type=cli_int(1, "a positive integer"), default=128, help="global batch (all processes together)"

@@ -66,7 +66,7 @@ def _first(batches: Iterator[tuple[torch.Tensor, torch.Tensor]], limit: Optional
         yield x, y
 
 
-def _evaluate_epoch(
+def evaluate_epoch(
     model: nn.Module, test: Any, config: TrainConfig, device: torch.device
 ) -> tuple[float, Optional[float]]:
     """Clean and PGD accuracy (one noisy pass each) on the first eval_samples test images."""
@@ -119,7 +119,7 @@ def _num_batches(data: Any) -> Optional[int]:
 
 
 @dataclass
-class _Run:
+class EpochRun:
     """What the steps of one `train` call share."""
 
     model: nn.Module
@@ -141,7 +141,7 @@ class _Run:
             warnings.warn(msg, stacklevel=4)
 
 
-def _progress_bar(run: _Run, batches, total: Optional[int], desc: str):
+def _progress_bar(run: EpochRun, batches, total: Optional[int], desc: str):
     """tqdm around ``batches`` when bars are shown and tqdm is installed, else ``batches`` itself."""
     if not run.progress:
         return batches
@@ -152,7 +152,7 @@ def _progress_bar(run: _Run, batches, total: Optional[int], desc: str):
     return tqdm(batches, total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
-def _train_epoch(run: _Run, train_data: Any, epoch: int) -> dict[str, Any]:
+def train_epoch(run: EpochRun, train_data: Any, epoch: int) -> dict[str, Any]:
     """One epoch of (adversarial) training; returns its sums (over all ranks) for the epoch's record."""
     config, ctx, dev, model = run.config, run.ctx, run.dev, run.model
     t0 = time.perf_counter()
@@ -225,11 +225,11 @@ def _train_epoch(run: _Run, train_data: Any, epoch: int) -> dict[str, Any]:
     }
 
 
-def _finish_epoch(run: _Run, test_data: Any, s: dict[str, Any]) -> dict[str, Any]:
+def finish_epoch(run: EpochRun, test_data: Any, s: dict[str, Any]) -> dict[str, Any]:
     """Rank 0: evaluate on the test data, build the epoch's record, save checkpoint then logs."""
     test_clean, test_adv = (None, None)
     if test_data is not None:
-        test_clean, test_adv = _evaluate_epoch(run.model, test_data, run.config, run.dev)
+        test_clean, test_adv = evaluate_epoch(run.model, test_data, run.config, run.dev)
     n_seen = s["n_seen"]
     record = {
         "epoch": s["epoch"] + 1,
@@ -249,7 +249,7 @@ def _finish_epoch(run: _Run, test_data: Any, s: dict[str, Any]) -> dict[str, Any
     return record
 
 
-def _save(run: _Run, record: dict[str, Any]) -> None:
+def _save(run: EpochRun, record: dict[str, Any]) -> None:
     """Checkpoint of the epoch just finished, then the logs (which so never run ahead of it)."""
     state = {
         "model": run.model.state_dict(),

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from . import attacks as _attacks
+from . import interop as _interop
 from .attacks import NORMS, TARGETS
 from .checks import check_choice, check_int, check_real
 from .data import Split, to_unit_float
@@ -185,7 +186,7 @@ class AttackSpec:
                 targets=self.targets,
             )
         if self.kind == "autoattack-rand":
-            return _attacks.autoattack_rand(
+            return _interop.autoattack_rand(
                 model,
                 x,
                 y,
@@ -198,7 +199,7 @@ class AttackSpec:
                 targets=self.targets,
             )
         if self.kind == "eot-square":
-            return _attacks.eot_square_attack(
+            return _interop.eot_square_attack(
                 model,
                 x,
                 y,
@@ -212,7 +213,7 @@ class AttackSpec:
                 targets=self.targets,
             )
         if self.kind == "square":
-            return _attacks.square_attack(
+            return _interop.square_attack(
                 model,
                 x,
                 y,
@@ -240,7 +241,7 @@ class AttackSpec:
         )
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
     mean = float(statistics.fmean(values)) if values else math.nan
     return mean, float(statistics.pstdev(values)) if len(values) > 1 else 0.0
 
@@ -275,8 +276,8 @@ class EvalResult:
             raise ValueError(
                 f"worst_accuracies has {len(self.worst_accuracies)} values for {len(self.accuracies)} repeats"
             )
-        self.mean, self.std = _mean_std(self.accuracies)
-        self.worst, self.worst_std = _mean_std(self.worst_accuracies)
+        self.mean, self.std = mean_std(self.accuracies)
+        self.worst, self.worst_std = mean_std(self.worst_accuracies)
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -303,7 +304,7 @@ def _in_memory(data: Data) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     return None
 
 
-def _batches(data: Data, batch_size: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def batches(data: Data, batch_size: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One pass over ``data``: batches moved to ``device`` one at a time (nothing is held)."""
     pair = _in_memory(data)
     if pair is not None:
@@ -400,7 +401,7 @@ def evaluate(
             for _ in range(repeats):
                 gen = torch.Generator(device="cpu").manual_seed(spec.seed)
                 correct = all_correct = seen = 0
-                for xb, yb in _batches(data, batch_size, device):
+                for xb, yb in batches(data, batch_size, device):
                     xa = spec.run(model, xb, yb, gen)
                     with torch.no_grad():
                         ok = model(xa).argmax(1) == yb

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..rng import own_generator
 from ._deps import require
-from .attacks import NORMS, Norm, Targets, _check_inputs, resolve_targets
+from .attacks import NORMS, Norm, Targets, check_inputs, resolve_targets
 from .checks import check_choice, check_int, check_real
 from .modes import Mode, attack_mode
 
@@ -30,7 +30,7 @@ def _keep_mode(*_args, **_kwargs) -> None:
 def _run_torchattack(model, x, y, *, eps: float, norm: str, targets: str, mode: str, build) -> torch.Tensor:
     """Run the torchattacks attack made by ``build(torchattacks, model)`` on (x, targets) under our rules."""
     ta = require("torchattacks", "AutoAttack-rand and Square (they run through torchattacks)")
-    _check_inputs(model, x, y)
+    check_inputs(model, x, y)
     if x.dim() != 4:
         raise ValueError(f"x must be an image batch [N, C, H, W] for torchattacks' attacks, got shape {tuple(x.shape)}")
     x0 = x.detach()

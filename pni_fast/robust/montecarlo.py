@@ -95,11 +95,11 @@ class SamplesCurve:
     std: dict[int, float] = field(init=False)
 
     def __post_init__(self) -> None:
-        from .evaluate import _mean_std
+        from .evaluate import mean_std
 
         self.mean, self.std = {}, {}
         for k in self.ks:
-            self.mean[k], self.std[k] = _mean_std(self.accuracies[k])
+            self.mean[k], self.std[k] = mean_std(self.accuracies[k])
 
     def format(self) -> str:
         """Two lines: k and accuracy (mean +/- std in %)."""
@@ -126,7 +126,7 @@ def accuracy_vs_samples(
     is the argmax of the mean softmax of the first k of them, so one repeat measures every k on the same
     draws. ``data`` as in `evaluate` (a `Split`, an (x, y) pair or a re-iterable of batches).
     """
-    from .evaluate import AttackSpec, _batches
+    from .evaluate import AttackSpec, batches
 
     ks = sorted({check_int("k", k, 1) for k in ks})
     if not ks:
@@ -147,7 +147,7 @@ def accuracy_vs_samples(
             gen = torch.Generator(device="cpu").manual_seed(spec.seed)
             correct = dict.fromkeys(ks, 0)
             seen = 0
-            for xb, yb in _batches(data, batch_size, device):
+            for xb, yb in batches(data, batch_size, device):
                 xa = spec.run(model, xb, yb, gen)
                 total = None
                 with torch.no_grad():

@@ -51,7 +51,7 @@ from .checkpoint import set_rng_state as _set_rng_state
 from .checkpoint import write_logs as _write_logs
 from .config import TrainConfig, make_optimizer, make_scheduler, resolve_device
 from .data import Split, check_batch_source
-from .epoch import _evaluate_epoch, _finish_epoch, _Run, _train_epoch, alpha_means  # noqa: F401
+from .epoch import EpochRun, finish_epoch, train_epoch
 
 __all__ = [
     "TrainConfig",
@@ -60,7 +60,6 @@ __all__ = [
     "make_scheduler",
     "save_checkpoint",
     "load_checkpoint",
-    "alpha_means",
     "resolve_device",
     "CHECKPOINT_NAME",
     "CheckpointError",
@@ -153,7 +152,7 @@ def train(
         torch.cuda.set_device(dev)  # nccl's collectives (rank 0's record, metric sums) run on this GPU
     model.to(dev)
     optimizer = make_optimizer(model, config)
-    run = _Run(
+    run = EpochRun(
         model=model,
         fwd=model,
         config=config,
@@ -200,9 +199,9 @@ def train(
                 _pni_manual_seed(
                     _dist.derived_seed(config.seed, "pni", epoch, ctx.rank if rank_noise == "independent" else "all")
                 )
-            stats = _train_epoch(run, train_data, epoch)
+            stats = train_epoch(run, train_data, epoch)
             # rank 0 evaluates and writes; the others wait for its record (an error there stops every rank)
-            record = _dist.rank0_call(ctx, lambda: _finish_epoch(run, test_data, stats))
+            record = _dist.rank0_call(ctx, lambda: finish_epoch(run, test_data, stats))
             run.history.append(record)
             if on_epoch is not None:
                 on_epoch(record)
@@ -235,7 +234,7 @@ def _check_args(config, train_data, test_data, rank_noise, distributed):
     return config, ctx, streams, rank_noise
 
 
-def _resume(run: _Run, resume: str) -> None:
+def _resume(run: EpochRun, resume: str) -> None:
     """Load model, optimizer, schedule, history and RNG states from ``resume``; warn about changed settings."""
     config = run.config
     ckpt = load_checkpoint(resume, map_location=run.dev)

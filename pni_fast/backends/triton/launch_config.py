@@ -13,13 +13,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-
 import triton
 
 from .alpha_grad_kernels import SEG_ELEM, SEG_ONE, SEG_SCAN, SEG_TWO
 from .noise_kernels import noise_kernel
 
-__all__: list[str] = []  # private module: used by pni_fast.triton.single_ops and list_ops
+__all__: list[str] = []  # used by the launchers (single_ops, list_ops)
 
 # Elements per program of the element-wise kernels (BLOCK / 4 Philox counters each).
 BLOCK = 1024
@@ -35,7 +34,7 @@ INTERPRETED: bool = type(noise_kernel).__name__ == "InterpretedFunction"
 PRECISE: bool = not INTERPRETED
 
 
-def _index64(n_alpha: int, inner: int) -> bool:
+def index64(n_alpha: int, inner: int) -> bool:
     """Whether the alpha index needs int64 arithmetic in the kernel."""
     return n_alpha + BLOCK >= _INT32_LIMIT or inner + BLOCK >= _INT32_LIMIT
 
@@ -52,7 +51,7 @@ class _GradPlan:
     direct: bool  # elementwise: stage 1 writes the gradient itself
 
 
-def _grad_plan(n: int, n_alpha: int, inner: int, general: bool = False) -> _GradPlan:
+def grad_plan(n: int, n_alpha: int, inner: int, general: bool = False) -> _GradPlan:
     """Plan for n > 0 elements; ``general`` forces the segmented-scan stage 1 (multi-tensor kernel)."""
     if n_alpha == 1:
         inner = triton.cdiv(n, BLOCK) * BLOCK
@@ -76,7 +75,7 @@ def _grad_plan(n: int, n_alpha: int, inner: int, general: bool = False) -> _Grad
     return _GradPlan(mode, inner, S, J, R, direct)
 
 
-def _reduce_tiles(n_alpha: int, J: int, R: int) -> tuple[int, int, int]:
+def reduce_tiles(n_alpha: int, J: int, R: int) -> tuple[int, int, int]:
     """(BLOCK_K, BLOCK_J, BLOCK_R) of the stage-2 kernel: alpha indices x slots x rows per tile."""
     block_k = min(triton.next_power_of_2(max(n_alpha, 1)), 256)
     budget = _REDUCE_TILE // block_k
@@ -85,11 +84,11 @@ def _reduce_tiles(n_alpha: int, J: int, R: int) -> tuple[int, int, int]:
     return block_k, block_j, block_r
 
 
-def _launch_guard(device: torch.device):
+def launch_guard(device: torch.device):
     """Make ``device`` current for the launch: Triton launches on the current CUDA device."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _state_args(rng_state: Optional[torch.Tensor], dummy: torch.Tensor) -> tuple[torch.Tensor, bool]:
+def state_args(rng_state: Optional[torch.Tensor], dummy: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """(state pointer, HAS_STATE): without a state the kernels get an unread input tensor."""
     return (dummy, False) if rng_state is None else (rng_state, True)

@@ -21,10 +21,9 @@ from collections.abc import Sequence
 from typing import Optional
 
 import torch
-from torch.library import custom_op
-
 import triton
 import triton.language as tl
+from torch.library import custom_op
 
 from .checks import check_multi
 from .launch_config import (
@@ -32,11 +31,11 @@ from .launch_config import (
     INTERPRETED,
     NUM_WARPS,
     PRECISE,
-    _grad_plan,
-    _index64,
-    _launch_guard,
-    _reduce_tiles,
-    _state_args,
+    grad_plan,
+    index64,
+    launch_guard,
+    reduce_tiles,
+    state_args,
 )
 from .list_kernels import alpha_grad_multi_reduce_kernel, perturb_multi_bwd_kernel, perturb_multi_fwd_kernel
 
@@ -119,8 +118,8 @@ def perturb_multi_triton(
             total += triton.cdiv(n, BLOCK)
         device = vs[idx[0]].device
         table = _device_table(rows, first, device, op)
-        state, has_state = _state_args(rng_state, table)
-        with _launch_guard(device):
+        state, has_state = state_args(rng_state, table)
+        with launch_guard(device):
             perturb_multi_fwd_kernel[(total,)](
                 table,
                 state,
@@ -131,7 +130,7 @@ def perturb_multi_triton(
                 ALPHA_DTYPE=_TL_DTYPE[alpha_dtype],
                 SIGMA_DTYPE=_TL_DTYPE[sigma_dtype],
                 IS_F64=dtype == torch.float64,
-                INDEX64=any(_index64(alphas[i].numel(), inners[i]) for i in idx),
+                INDEX64=any(index64(alphas[i].numel(), inners[i]) for i in idx),
                 HAS_STATE=has_state,
                 PRECISE=PRECISE,
                 num_warps=NUM_WARPS,
@@ -168,7 +167,7 @@ def perturb_alpha_grad_multi_triton(
     for (dtype, alpha_dtype, sigma_dtype), idx in _groups(grads, alphas, sigmas).items():
         is_f64 = dtype == torch.float64
         device = grads[idx[0]].device
-        plans = [_grad_plan(grads[i].numel(), alphas[i].numel(), inners[i], general=True) for i in idx]
+        plans = [grad_plan(grads[i].numel(), alphas[i].numel(), inners[i], general=True) for i in idx]
         bases, part_size = [], 0
         for p in plans:
             bases.append(part_size)
@@ -176,7 +175,7 @@ def perturb_alpha_grad_multi_triton(
         part = torch.empty(part_size, dtype=torch.float64 if is_f64 else torch.float32, device=device)
         rows1, first1, total1 = [], [], 0
         rows2, first2, total2 = [], [], 0
-        block_k, block_j, block_r = _reduce_tiles(
+        block_k, block_j, block_r = reduce_tiles(
             max(alphas[i].numel() for i in idx), max(p.J for p in plans), max(p.R for p in plans)
         )
         for i, p, base in zip(idx, plans, bases):
@@ -202,8 +201,8 @@ def perturb_alpha_grad_multi_triton(
         t = len(idx)
         table1 = _device_table(rows1, first1, device, op)
         table2 = _device_table(rows2, first2, device, op)
-        state, has_state = _state_args(rng_state, table1)
-        with _launch_guard(device):
+        state, has_state = state_args(rng_state, table1)
+        with launch_guard(device):
             perturb_multi_bwd_kernel[(total1,)](
                 table1,
                 part,
@@ -213,7 +212,7 @@ def perturb_alpha_grad_multi_triton(
                 BLOCK=BLOCK,
                 G_DTYPE=_TL_DTYPE[dtype],
                 IS_F64=is_f64,
-                INDEX64=any(_index64(1, p.inner) for p in plans),
+                INDEX64=any(index64(1, p.inner) for p in plans),
                 HAS_STATE=has_state,
                 PRECISE=PRECISE,
                 num_warps=NUM_WARPS,

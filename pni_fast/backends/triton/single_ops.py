@@ -11,9 +11,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch.library import custom_op, triton_op, wrap_triton
-
 import triton
+from torch.library import custom_op, triton_op, wrap_triton
 
 from ...contract import is_fake
 from .alpha_grad_kernels import alpha_grad_reduce_kernel, perturb_bwd_kernel
@@ -23,11 +22,11 @@ from .launch_config import (
     INTERPRETED,
     NUM_WARPS,
     PRECISE,
-    _grad_plan,
-    _index64,
-    _launch_guard,
-    _reduce_tiles,
-    _state_args,
+    grad_plan,
+    index64,
+    launch_guard,
+    reduce_tiles,
+    state_args,
 )
 from .noise_kernels import noise_kernel
 from .perturb_kernels import perturb_fwd_kernel
@@ -43,7 +42,7 @@ def _shapes_only(t: torch.Tensor) -> bool:
 
 def _launch(kernel, grid, *args, **kwargs) -> None:
     """Launch through ``wrap_triton`` (traceable by torch.compile on GPUs)."""
-    with _launch_guard(args[0].device):
+    with launch_guard(args[0].device):
         wrap_triton(kernel)[grid](*args, **kwargs)
 
 
@@ -68,7 +67,7 @@ def noise_triton(like: torch.Tensor, seed: int, offset: int, rng_state: Optional
     n = out.numel()
     if n == 0 or _shapes_only(like):
         return out
-    state, has_state = _state_args(rng_state, like)
+    state, has_state = state_args(rng_state, like)
     _launch(
         noise_kernel,
         (triton.cdiv(n, BLOCK),),
@@ -103,7 +102,7 @@ def perturb_triton(
     n, n_alpha = v.numel(), alpha.numel()
     if n == 0 or _shapes_only(v):
         return out
-    state, has_state = _state_args(rng_state, sigma)
+    state, has_state = state_args(rng_state, sigma)
     _launch(
         perturb_fwd_kernel,
         (triton.cdiv(n, BLOCK),),
@@ -120,7 +119,7 @@ def perturb_triton(
         BLOCK=BLOCK,
         LAYERWISE=n_alpha == 1,
         IS_F64=v.dtype == torch.float64,
-        INDEX64=_index64(n_alpha, inner),
+        INDEX64=index64(n_alpha, inner),
         HAS_STATE=has_state,
         PRECISE=PRECISE,
         num_warps=NUM_WARPS,
@@ -148,8 +147,8 @@ def perturb_alpha_grad_triton(
     if _shapes_only(grad):
         return out
     is_f64 = grad.dtype == torch.float64
-    plan = _grad_plan(n, n_alpha, inner)
-    state, has_state = _state_args(rng_state, sigma)
+    plan = grad_plan(n, n_alpha, inner)
+    state, has_state = state_args(rng_state, sigma)
     # The elementwise plan writes the gradient itself: part_ptr is unused, pass out.
     part = (
         out
@@ -173,13 +172,13 @@ def perturb_alpha_grad_triton(
         SEG_MODE=plan.seg_mode,
         IS_F64=is_f64,
         DIRECT=plan.direct,
-        INDEX64=_index64(1, plan.inner),
+        INDEX64=index64(1, plan.inner),
         HAS_STATE=has_state,
         PRECISE=PRECISE,
         num_warps=NUM_WARPS,
     )
     if not plan.direct:
-        block_k, block_j, block_r = _reduce_tiles(n_alpha, plan.J, plan.R)
+        block_k, block_j, block_r = reduce_tiles(n_alpha, plan.J, plan.R)
         _launch(
             alpha_grad_reduce_kernel,
             (triton.cdiv(n_alpha, block_k),),
