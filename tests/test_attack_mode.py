@@ -7,16 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pni_fast.robust.attacks import (
-    attack_mode,
-    autoattack_rand,
-    carlini_wagner_l2,
-    eot_pgd,
-    fgsm,
-    model_mode,
-    pgd,
-    square_attack,
-)
+from pni_fast.robust.attacks import carlini_wagner_l2, eot_pgd, fgsm, pgd
+from pni_fast.robust.interop import autoattack_rand, square_attack
+from pni_fast.robust.modes import attack_mode, model_mode
 from pni_fast.robust.evaluate import AttackSpec, evaluate
 
 

@@ -56,7 +56,7 @@ def test_public_names_are_the_toolkit():
 def test_one_mode_helper_and_one_check_module():
     from pni_fast.robust import checks, epoch, evaluate, modes
 
-    assert attacks.model_mode is modes.model_mode is evaluate.model_mode is epoch.model_mode
+    assert modes.model_mode is evaluate.model_mode is epoch.model_mode
     assert attacks.attack_mode is modes.attack_mode
     # a wrong type is a TypeError that `except ValueError` (what TrainConfig and evaluate raised) also catches
     assert issubclass(checks.WrongTypeError, TypeError) and issubclass(checks.WrongTypeError, ValueError)
