@@ -4,6 +4,25 @@ Words and uniforms are bit-exact (the compiled library's rng_words / rng_uniform
 Z_TOL = 2e-6 of the oracle; under the Triton interpreter z comes from tl.randn4x evaluated in
 numpy float32 like the oracle, so there it must be bit-equal. One body per check, parametrized
 by backend (tests/kernels.py).
+
+The noise against the oracle runs chosen cases (NOISE_CASES: seed, offset, n), not a cross product:
+
+=======================================  ===================================================
+behaviour                                case(s)
+=======================================  ===================================================
+key: 0, i32, u32 (Triton types ints by   seed0-offset0-n1, i32seed-oddoffset-n5,
+value), high word set, 2^63 - 1          u32seed-u32offset-n3, highkey-crossing-2^32-n257,
+                                         i64seed-oddoffset-n1023, maxseed-*
+counter: 0, odd, u32, i64 (high word)    seed0-*, *-oddoffset-*, u32seed-u32offset-n3,
+                                         maxseed-i64offset-n4099
+counters crossing 2^31 (i32 offset +     i32offset-crossing-2^31-n1025
+block index) and 2^32 (c0 -> c1)         highkey-crossing-2^32-n257, maxseed-u32offset-*
+near the 2^63 counter limit              empty-at-last-offset; test_noise_near_the_counter_limit
+n = 0, 1, 3, 5 (quad tails)              empty-at-last-offset, n1, n3, n5
+block edges: quad (2, 4), CPU block      test_noise_matches_oracle_at_block_edges (2, 4, 255,
+(255/256/257), Triton / CUDA block       256, 1024, 2048); n257, n1023, n1025, n2051, n4099
+(1023/1024/1025), several blocks         in NOISE_CASES
+=======================================  ===================================================
 """
 
 from __future__ import annotations
