@@ -1,6 +1,8 @@
 """Shared test setup: the Triton interpreter on CPU-only machines, tests/ helpers on sys.path, and
 the fixtures ``kernel`` / ``cpp_kernel`` (one test body for every backend) and ``float_dtype``
-(markers: pyproject.toml)."""
+(markers: pyproject.toml). The backends, their availability and parametrization come from one
+place, tests/kernels.py (``kernels.backend_params`` for the public-API tests, these fixtures for the
+kernel tests), which reads pni_fast's registry."""
 
 import os
 import sys

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pni_fast.robust.attacks import carlini_wagner_l2, eot_pgd, fgsm, pgd
+from pni_fast.robust.evaluate import AttackSpec, evaluate
 from pni_fast.robust.interop import autoattack_rand, square_attack
 from pni_fast.robust.modes import attack_mode, model_mode
-from pni_fast.robust.evaluate import AttackSpec, evaluate
 
 
 class NoisyBN(nn.Module):

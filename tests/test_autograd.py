@@ -5,7 +5,9 @@ import torch
 
 import pni_fast
 
-BACKENDS = [b for b in pni_fast.available_backends("cpu") if b != "triton"]  # triton: tests/test_triton.py
+import kernels
+
+BACKENDS = kernels.backend_params("cpu", exclude=kernels.TRITON_ELSEWHERE)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -10,7 +10,9 @@ import torch
 import pni_fast
 from pni_fast.ops import sigma as sigma_ops
 
-BACKENDS = [b for b in pni_fast.available_backends("cpu") if b != "triton"]  # triton: tests/test_triton.py
+import kernels
+
+BACKENDS = kernels.backend_params("cpu", exclude=kernels.TRITON_ELSEWHERE)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -100,10 +102,7 @@ def test_zero_size_weight_with_channelwise_alpha(backend, monkeypatch):
     assert torch.equal(layer.alpha_w.grad, torch.zeros(4, 1))
 
 
-ALL_BACKENDS = pni_fast.available_backends("cpu")  # with triton's interpreter (tests/conftest.py)
-
-
-@pytest.mark.parametrize("backend", ALL_BACKENDS + ["auto"])
+@pytest.mark.parametrize("backend", kernels.backend_params("cpu") + [pytest.param("auto", id="auto")])
 @pytest.mark.parametrize("pni", ["channelwise", "elementwise"])
 def test_zero_output_layers_take_their_zero_size_alpha(backend, pni, monkeypatch):
     """docs/ops.md: a zero-size tensor is valid with any alpha shape its layer would have, here the

@@ -7,13 +7,14 @@ import torch
 
 import pni_fast
 import pni_fast.functional as PF
-from pni_fast.ops.registry import REGISTRY
+from pni_fast.ops import registry
 from pni_fast.reference import reference_inject_noise, reference_noisy_weight
 
+import kernels
 import oracle
 from oracle import TOLERANCE
 
-BACKENDS = pni_fast.available_backends("cpu")
+BACKENDS = kernels.backend_params("cpu")
 WEIGHT_SHAPE = (8, 3, 3, 3)  # small: the Triton interpreter is slow
 
 
@@ -78,10 +79,10 @@ def test_inject_noise_matches_reference(backend, alpha_shape):
 # which the kernel tests check against the oracle. So the Triton interpreter (each gradcheck call costs
 # seconds there) runs one mode, the channelwise one (inner > 1 and alpha tiling), on a smaller weight.
 _GRADCHECK_CASES = [
-    pytest.param(b, m, marks=pytest.mark.slow) if b == "triton" else (b, m)
+    kernels.extend(b, m, id=m, marks=[pytest.mark.slow] if b.id == "triton" else [])
     for b in BACKENDS
     for m in ("layerwise", "channelwise", "elementwise")
-    if b != "triton" or m == "channelwise"
+    if b.id != "triton" or m == "channelwise"
 ]
 
 
@@ -93,7 +94,7 @@ def test_gradcheck_float64(backend, mode):
     sigma = w.detach().std()
     inner = PF._weight_inner(w, a)
     PF.backend_for(backend, "cpu")  # registers this backend's ops and autograd (before reading torch.ops)
-    fwd = getattr(torch.ops.pni_fast, REGISTRY[backend].perturb).default
+    fwd = getattr(torch.ops.pni_fast, registry.REGISTRY[backend].perturb).default
     assert torch.autograd.gradcheck(lambda w, a: fwd(w, a, sigma, 5, 2, inner), (w, a))
     assert torch.autograd.gradgradcheck(lambda w, a: fwd(w, a, sigma, 5, 2, inner), (w, a))
     # the public function (autograd.Function path) too; w is fixed there because sigma = std(w) is
@@ -102,7 +103,7 @@ def test_gradcheck_float64(backend, mode):
     assert torch.autograd.gradgradcheck(lambda a: pni_fast.noisy_weight(wd, a, seed=5, offset=2, backend=backend), (a,))
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+@pytest.mark.parametrize("backend", kernels.backend_params("cpu", exclude=kernels.TRITON_ELSEWHERE))
 def test_torch_compile_fullgraph_equals_eager(backend):
     torch._dynamo.reset()
     w = torch.randn(16, 8, requires_grad=True)
@@ -158,7 +159,7 @@ def test_deterministic_bits(backend):
 def test_backends_agree_on_noise():
     w = torch.randn(5, 7, 3)
     a = torch.tensor([0.4])
-    outs = {b: pni_fast.noisy_weight(w, a, seed=99, backend=b) for b in BACKENDS}
+    outs = {b: pni_fast.noisy_weight(w, a, seed=99, backend=b) for b in kernels.runnable("cpu")}
     for b, o in outs.items():
         torch.testing.assert_close(o, outs["torch"], rtol=0, atol=2e-6 * 0.4 * float(w.std()) + 1e-6, msg=b)
 

@@ -5,6 +5,35 @@ the oracle's z (allowing ``|alpha sigma| * Z_TOL`` for the noise plus rounding) 
 math on the backend's own z (its noise op, same seed and offset), where only rounding remains.
 Bitwise equality is asserted only where the same kernel sees the same values (reruns, views copied
 to contiguous). One body per check, parametrized by backend (tests/kernels.py).
+
+test_perturb_and_alpha_grad runs chosen (shape, dtype, counter) cases, not every dtype x shape:
+
+==========================================  ==================================================
+behaviour                                   case(s)
+==========================================  ==================================================
+every alpha mode and kernel path (tails,    every shape of oracle.CASES, in float32
+blocks, inner below / equal to / above a
+block, CPU row and column tilings, CUDA
+thread / warp / direct stage 1)
+each dtype, general case (channelwise,      act-channelwise-7x7 in float64, float16, bfloat16,
+runs straddling blocks)                     bfloat16-alpha32; conv-channelwise-float16-alpha32
+alpha numel 1 (layerwise; 0-d alpha)        layerwise-multi-block (float64, bfloat16),
+                                            layerwise-1025-float16; layerwise (float32,
+                                            float16-alpha32: 0-d)
+per-channel, inner >= 64 / < 64             conv-channelwise / act-channelwise-7x7 (float16)
+elementwise (inner 1, CUDA direct mode)     elementwise-odd in float64, float16, bfloat16,
+                                            bfloat16-alpha32
+float32 alpha of half tensors               *-alpha32
+numel % 4 != 0, block edges                 layerwise-tail, layerwise-multi-block,
+                                            elementwise-odd, layerwise-1025 (1024 + 1),
+                                            aligned-rows / act-channelwise-32x32 (inner a
+                                            multiple of the block)
+counters crossing 2^32 (c0 -> c1)           OFFSET = 2^32 - 100, every case over 400 elements
+odd first counter                           elementwise-odd-float64-odd-counter
+up to the last counter, 2^63 - 2            layerwise-multi-block-bfloat16-last-counters
+odd storage offsets (no vector loads)       test_unaligned_views
+zero-size tensors, sigma in v's dtype       test_sigma_in_value_dtype_and_empty
+==========================================  ==================================================
 """
 
 from __future__ import annotations
@@ -18,7 +47,7 @@ from test_kernels_rng import check_noise
 from pni_fast.reference import reference_noisy_weight
 
 import oracle
-from oracle import CASES, DTYPES, Z_TOL, case_numel, flat64, inputs
+from oracle import CASES, DTYPES, Z_TOL, flat64, inputs
 
 SEED = 0x0DDB_A11_5EED  # > 2^32
 OFFSET = 2**32 - 100  # counters cross the 32-bit boundary of c0 / c1
@@ -46,20 +75,47 @@ def check(kernel, out, grad, v, g, alpha, sigma, inner, seed=SEED, offset=OFFSET
         kernel.bounds.check_grad(grad, g, alpha, sigma, inner, z_oracle, z_own, what=f"{what}alpha grad")
 
 
-@pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("case", list(CASES))
-def test_perturb_and_alpha_grad(kernel, dtype, case):
-    shape, alpha_shape, inner = CASES[case]
-    if kernel.interpreted and case_numel(case) > INTERPRETER_MAX:
-        pytest.skip(f"{case_numel(case)} elements are too many for the Triton interpreter (compiled: GPU run)")
-    if kernel.name == "torch" and case_numel(case) > TORCH_MAX:
-        pytest.skip(f"{case_numel(case)} elements: the pure-PyTorch backend has no tiling to test and is slow")
+# test_perturb_and_alpha_grad's cases: (shape case, dtype name, first counter). Every shape of
+# oracle.CASES in float32; each other dtype on the paths where the dtype changes the code (CPU: the
+# float16 block conversion of the forward and of the row-strategy gradient, the float32 alpha gradient
+# written without a conversion; CUDA: vector widths and tails; Triton: the float64 kernels).
+EXTRA_CASES = {"layerwise-1025": ((1025,), (1,), 1)}  # one past a Triton / CUDA block of 1024 elements
+ODD_COUNTER = OFFSET + 1
+LAST_COUNTERS = 2**63 - 2 - (3003 + 3) // 4 + 1  # layerwise-multi-block's last counter is 2^63 - 2
+_COUNTER_IDS = {OFFSET: "", ODD_COUNTER: "-odd-counter", LAST_COUNTERS: "-last-counters"}
+_CHOSEN = [(case, "float32", OFFSET) for case in CASES] + [
+    ("act-channelwise-7x7", "float64", OFFSET),  # channelwise, runs straddling blocks (CPU columns)
+    ("layerwise-multi-block", "float64", OFFSET),  # layerwise alpha over several blocks, numel % 4 == 3
+    ("elementwise-odd", "float64", ODD_COUNTER),  # elementwise (CUDA direct mode), odd numel
+    ("conv-channelwise", "float16", OFFSET),  # inner 72: CPU row strategy (float16 conversion)
+    ("act-channelwise-7x7", "float16", OFFSET),  # inner 49: CPU column strategy, CUDA thread mode
+    ("layerwise-1025", "float16", OFFSET),  # block + 1, a lone element in the last vector
+    ("elementwise-odd", "float16", OFFSET),
+    ("act-channelwise-7x7", "bfloat16", OFFSET),
+    ("layerwise-multi-block", "bfloat16", LAST_COUNTERS),  # up to the last Philox counter, 2^63 - 2
+    ("elementwise-odd", "bfloat16", OFFSET),
+    ("conv-channelwise", "float16-alpha32", OFFSET),  # float32 gradient of half tensors: no conversion
+    ("layerwise", "float16-alpha32", OFFSET),  # a 0-d alpha
+    ("act-channelwise-7x7", "bfloat16-alpha32", OFFSET),
+    ("elementwise-odd", "bfloat16-alpha32", OFFSET),
+]
+PERTURB_CASES = [pytest.param(c, d, o, id=f"{c}-{d}{_COUNTER_IDS[o]}") for c, d, o in _CHOSEN]
+
+
+@pytest.mark.parametrize("case,dtype,offset", PERTURB_CASES)
+def test_perturb_and_alpha_grad(kernel, case, dtype, offset):
+    shape, alpha_shape, inner = {**CASES, **EXTRA_CASES}[case]
+    numel = math.prod(shape)
+    if kernel.interpreted and numel > INTERPRETER_MAX:
+        pytest.skip(f"{numel} elements are too many for the Triton interpreter (compiled: GPU run)")
+    if kernel.name == "torch" and numel > TORCH_MAX:
+        pytest.skip(f"{numel} elements: the pure-PyTorch backend has no tiling to test and is slow")
     v, g, alpha, sigma = inputs(shape, alpha_shape, *DTYPES[dtype], device=kernel.device)
-    out = kernel.perturb(v, alpha, sigma, SEED, OFFSET, inner)
+    out = kernel.perturb(v, alpha, sigma, SEED, offset, inner)
     assert out.shape == v.shape and out.dtype == v.dtype and out.device == v.device and out.is_contiguous()
-    grad = kernel.alpha_grad(g, alpha, sigma, SEED, OFFSET, inner)
+    grad = kernel.alpha_grad(g, alpha, sigma, SEED, offset, inner)
     assert grad.shape == alpha.shape and grad.dtype == alpha.dtype  # accumulated in fp32/fp64 inside
-    check(kernel, out, grad, v, g, alpha, sigma, inner)
+    check(kernel, out, grad, v, g, alpha, sigma, inner, offset=offset)
 
 
 def test_sigma_in_value_dtype_and_empty(kernel, float_dtype):

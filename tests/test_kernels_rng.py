@@ -4,6 +4,25 @@ Words and uniforms are bit-exact (the compiled library's rng_words / rng_uniform
 Z_TOL = 2e-6 of the oracle; under the Triton interpreter z comes from tl.randn4x evaluated in
 numpy float32 like the oracle, so there it must be bit-equal. One body per check, parametrized
 by backend (tests/kernels.py).
+
+The noise against the oracle runs chosen cases (NOISE_CASES: seed, offset, n), not a cross product:
+
+=======================================  ===================================================
+behaviour                                case(s)
+=======================================  ===================================================
+key: 0, i32, u32 (Triton types ints by   seed0-offset0-n1, i32seed-oddoffset-n5,
+value), high word set, 2^63 - 1          u32seed-u32offset-n3, highkey-crossing-2^32-n257,
+                                         i64seed-oddoffset-n1023, maxseed-*
+counter: 0, odd, u32, i64 (high word)    seed0-*, *-oddoffset-*, u32seed-u32offset-n3,
+                                         maxseed-i64offset-n4099
+counters crossing 2^31 (i32 offset +     i32offset-crossing-2^31-n1025
+block index) and 2^32 (c0 -> c1)         highkey-crossing-2^32-n257, maxseed-u32offset-*
+near the 2^63 counter limit              empty-at-last-offset; test_noise_near_the_counter_limit
+n = 0, 1, 3, 5 (quad tails)              empty-at-last-offset, n1, n3, n5
+block edges: quad (2, 4), CPU block      test_noise_matches_oracle_at_block_edges (2, 4, 255,
+(255/256/257), Triton / CUDA block       256, 1024, 2048); n257, n1023, n1025, n2051, n4099
+(1023/1024/1025), several blocks         in NOISE_CASES
+=======================================  ===================================================
 """
 
 from __future__ import annotations
@@ -68,24 +87,36 @@ def test_words_known_answer_zero_counter(cpp_kernel):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("seed", [0, 987654321, 2**33 + 17, 2**63 - 1])
-@pytest.mark.parametrize("offset", [0, 3, 2**32 - 10, 2**62])
-@pytest.mark.parametrize("n", [1, 3, 257, 4099])
+# (seed, offset, n): every key and counter behaviour once, each at another size (tails, block edges).
+# Triton types an int argument by its value (i32, u32 in [2^31, 2^32), i64), the others split seed and
+# counter into 32-bit Philox words.
+NOISE_CASES = [
+    pytest.param(0, 0, 1, id="seed0-offset0-n1"),  # zero key and counter, one element
+    pytest.param(987654321, 3, 5, id="i32seed-oddoffset-n5"),  # a quad and one element
+    pytest.param(2**31 + 5, 2**31 + 1, 3, id="u32seed-u32offset-n3"),  # less than a quad
+    pytest.param(5, 2**31 - 2, 1025, id="i32offset-crossing-2^31-n1025"),  # i32 offset + block index
+    pytest.param(2**33 + 17, 2**32 - 10, 257, id="highkey-crossing-2^32-n257"),  # c0 carries into c1
+    pytest.param(0x1234_5678_9ABC, 37, 1023, id="i64seed-oddoffset-n1023"),
+    pytest.param(2**63 - 1, 2**32 - 3, 2051, id="maxseed-u32offset-crossing-2^32-n2051"),
+    pytest.param(2**63 - 1, 2**62, 4099, id="maxseed-i64offset-n4099"),  # high counter word set
+    pytest.param(1, 2**63 - 1, 0, id="empty-at-last-offset"),  # accepted: no counter is drawn
+]
+
+
+@pytest.mark.parametrize("seed,offset,n", NOISE_CASES)
 def test_noise_matches_oracle(kernel, seed, offset, n):
     z = kernel.noise(torch.empty(n, dtype=torch.float16, device=kernel.device), seed, offset)
     assert z.shape == (n,) and z.device.type == kernel.device
     check_noise(kernel, z, seed, offset)
 
 
-@pytest.mark.parametrize("numel", [1, 3, 4, 5, 1023, 1025, 2051])
-# seeds/offsets typed i32, u32 and i64 by triton; counters crossing 2^32
-@pytest.mark.parametrize(
-    "seed,offset", [(0, 0), (2**31 + 5, 2**31 + 1), (0x1234_5678_9ABC, 37), (2**63 - 1, 2**32 - 3)]
-)
-def test_noise_matches_oracle_at_block_edges(kernel, numel, seed, offset):
-    z = kernel.noise(torch.empty(numel, device=kernel.device), seed, offset)
+# sizes at the edges of a quad (n % 4: 2, 0), of a CPU block (256 elements), of a Triton block and a CUDA
+# thread block (1024); the sizes just past them are in NOISE_CASES
+@pytest.mark.parametrize("numel", [2, 4, 255, 256, 1024, 2048])
+def test_noise_matches_oracle_at_block_edges(kernel, numel):
+    z = kernel.noise(torch.empty(numel, device=kernel.device), SEED, OFFSET)
     assert z.shape == (numel,)
-    check_noise(kernel, z, seed, offset)
+    check_noise(kernel, z, SEED, OFFSET)
 
 
 def test_noise_shape_dtype_and_empty(kernel):

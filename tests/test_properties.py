@@ -13,7 +13,10 @@ from hypothesis import strategies as st  # noqa: E402
 
 import pni_fast  # noqa: E402
 
-FAST = [b for b in pni_fast.available_backends("cpu") if b not in ("torch", "triton")]
+import kernels  # noqa: E402
+
+# the fused backends against the pure-PyTorch one (the reference here); triton: tests/test_triton.py
+FAST = kernels.backend_params("cpu", exclude=("torch",) + kernels.TRITON_ELSEWHERE)
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 TOL = {torch.float32: 1e-5, torch.float64: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}

@@ -9,6 +9,7 @@ from scipy import stats
 import pni_fast
 from pni_fast.backends.pure_torch import philox_words_torch, randn_torch, uniform_from_words_torch
 
+import kernels
 import oracle
 
 SEEDS_OFFSETS = [(0, 0), (1234567, 3), ((1 << 40) + 17, (1 << 33) + 5), ((1 << 63) - 1, (1 << 62) + 9)]
@@ -49,11 +50,7 @@ def test_torch_rng_normals_match_oracle(seed, offset):
     np.testing.assert_allclose(z, oracle.normal(seed, offset, 4099), rtol=0, atol=2e-6)
 
 
-def _cpu_backends():
-    return pni_fast.available_backends("cpu")
-
-
-@pytest.mark.parametrize("backend", _cpu_backends())
+@pytest.mark.parametrize("backend", kernels.backend_params("cpu"))
 @pytest.mark.parametrize("seed,offset", SEEDS_OFFSETS)
 def test_public_randn_matches_oracle(backend, seed, offset):
     n = 257 if backend == "triton" else 5003
@@ -62,7 +59,7 @@ def test_public_randn_matches_oracle(backend, seed, offset):
     np.testing.assert_allclose(z.numpy(), oracle.normal(seed, offset, n), rtol=0, atol=2e-6)
 
 
-@pytest.mark.parametrize("backend", _cpu_backends())
+@pytest.mark.parametrize("backend", kernels.backend_params("cpu"))
 def test_public_randn_shape_and_offset_continuity(backend):
     """A tensor's noise is the flat stream reshaped; offset k skips exactly 4k elements."""
     z = pni_fast.randn((3, 5, 4), seed=9, offset=0, backend=backend)

@@ -7,9 +7,10 @@ import torch
 
 import pni_fast
 
+import kernels
 import philox_oracle as oracle
 
-BACKENDS = [b for b in pni_fast.available_backends("cpu") if b != "triton"]  # triton: tests/test_triton.py
+BACKENDS = kernels.backend_params("cpu", exclude=kernels.TRITON_ELSEWHERE)
 
 
 def test_make_rng_state_layout_and_errors():
