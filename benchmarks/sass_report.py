@@ -2,7 +2,7 @@
 
 Compiles the perturb-family kernels (``csrc/cuda/perturb_cuda.cu``, ``perturb_alpha_grad_cuda.cu``,
 ``rng_cuda.cu``) for one architecture (``nvcc -c -arch=sm_90``, torch's include paths, as
-tests/test_cuda_compile.py does; never fast math), disassembles them with ``cuobjdump -sass`` and,
+tests/backends/test_cuda_compile.py does; never fast math), disassembles them with ``cuobjdump -sass`` and,
 for every kernel, finds the hot loop and counts its instructions. The parts: benchmarks/sass_tools.py
 (tools, compilation, disassembly), benchmarks/sass_loops.py (control flow and the counting rule
 below); this file names the hot loops and writes the report.
@@ -124,7 +124,7 @@ def report(
     compiled: Optional[tuple[list[Path], str]] = None,
 ) -> dict[str, Any]:
     """Compiles, disassembles and counts; returns the JSON-able result. ``compiled``: objects already
-    built for ``arch`` with their ptxas -v log (tests/test_cuda_compile.py compiles each file once)."""
+    built for ``arch`` with their ptxas -v log (tests/backends/test_cuda_compile.py compiles each file once)."""
     tmp = None
     if workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="pni_sass_")

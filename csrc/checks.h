@@ -1,9 +1,9 @@
 // Argument checks shared by the CPU, CUDA and Meta implementations of the pni_fast ops, so every
 // kernel rejects bad input with the same error before any work. The rules, their exceptions and
-// messages are defined once, in pni_fast/op_checks.py (RULES), which the Python backends call;
+// messages are defined once, in pni_fast/contract.py (RULES), which the Python backends call;
 // the messages reach C++ through check_messages.h, generated from RULES. The functions here
-// mirror op_checks.py's check_* functions one for one (same conditions, same order), and
-// tests/test_op_checks.py runs every bad input against every backend it can run here (the C++
+// mirror contract.py's check_* functions one for one (same conditions, same order), and
+// tests/test_contract.py runs every bad input against every backend it can run here (the C++
 // CPU kernels, the pure-PyTorch and Triton-interpreter ops, the fake kernels): the CUDA kernels
 // call these same functions, so they raise the same errors.
 //
@@ -67,7 +67,7 @@ inline std::string dtype_name(at::ScalarType t) {
 
 // `prefix` is "" for the single ops and e.g. "vs[2]: " for the list ops; "<op>: " for the
 // checks that concern the whole call (lists, rng_state). Each function mirrors the one of the
-// same name in pni_fast/op_checks.py.
+// same name in pni_fast/contract.py.
 inline void check_seed_offset(int64_t seed, int64_t offset, const std::string& prefix = "") {
   PNI_CHECK_SEED(seed >= 0, prefix, seed);  // < 2^63: an int64 already
   PNI_CHECK_OFFSET(offset >= 0, prefix, offset);

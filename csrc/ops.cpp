@@ -3,9 +3,9 @@
 // a pure function of its inputs: the noise is fixed by (seed, offset), so
 // autograd, opcheck and torch.compile all see the same values. Autograd
 // (torch.library.register_autograd, so torch.func and double backward work)
-// and the fake (meta) kernels are registered from Python
-// (pni_fast/op_registration.py), except sigma's fake kernels
-// (csrc/cpu/sigma_cpu.cpp). The contract: docs/ops.md.
+// and the fake (meta) kernels are registered from Python (autograd:
+// pni_fast/ops/autograd.py; fakes: pni_fast/backends/cpp.py), except sigma's
+// fake kernels (csrc/cpu/sigma_cpu.cpp). The contract: docs/ops.md.
 //
 // rng_state (optional, every RNG op): int64 [2] = (seed, counter base) on the
 // op's device. When given, the op uses seed rng_state[0] and counter offset
@@ -79,7 +79,7 @@ TORCH_LIBRARY(pni_fast, m) {
   // torch.randint; noisy_multi: seeds as perturb_multi's, or None: one drawn seed shared by every
   // tensor), then perturb / perturb_multi, with a C++ autograd node whose backward is
   // perturb_alpha_grad(_multi). noisy_multi keeps the noise for the backward when the tensors hold
-  // at most save_noise_max elements in all (same results; pni_fast/fused.py sets the limit). Not
+  // at most save_noise_max elements in all (same results; pni_fast/ops/fast_path.py sets the limit). Not
   // pure (it advances a generator): no tag, no fake kernel; torch.compile and torch.func use the
   // ops above.
   m.def(

@@ -31,7 +31,7 @@ NOTICE_ENV = "PNI_FAST_BUILD_NOTICE"
 # The torch (and Triton) versions pni_fast supports. The GPU image it targets first has torch 2.11
 # (+cu130) with Triton 3.6; development and CI use torch 2.13 / 2.14 with Triton 3.7 / 3.8.
 # pyproject.toml declares torch>=TORCH_MIN and, for the `triton` extra, triton>=TRITON_MIN
-# (tests/test_build_cuda_flags.py checks they agree). No upper bound there: the kernels are
+# (tests/tooling/test_build_cuda_flags.py checks they agree). No upper bound there: the kernels are
 # compiled against whatever torch is installed, and a bound would make pip replace a newer torch.
 TORCH_MIN = (2, 11)
 TORCH_TESTED = ("2.13", "2.14")  # 2.11: first run on the GPU image (scripts/gpu_check.sh, env.txt)

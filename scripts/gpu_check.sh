@@ -3,7 +3,7 @@
 # in a short mode and compute-sanitizer, and put every log and result into OUTDIR.
 #
 #   bash scripts/gpu_check.sh OUTDIR             # on a machine with an NVIDIA GPU (H100/H200)
-#   bash scripts/gpu_check.sh OUTDIR --cpu-only  # dry run without a GPU (what tests/test_gpu_check.py runs)
+#   bash scripts/gpu_check.sh OUTDIR --cpu-only  # dry run without a GPU (what tests/tooling/test_gpu_check.py runs)
 #
 # Stages, each under its own time limit (seconds); a failing or timed-out stage is recorded and
 # the later stages still run. The whole run is capped at BUDGET=400 s: a stage gets its fixed
@@ -75,13 +75,13 @@ KILL_GRACE=5  # timeout -k: what a stage's kill may add to its limit
 export OUT ROOT WORK PYTHON CPU_ONLY PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 
 # The GPU test files; the kernel contract files (parametrized by backend) run for the GPU backends
-# only (PNI_TEST_BACKENDS, tests/kernels.py): CI runs them for the CPU backends.
-GPU_TESTS="tests/test_kernels_rng.py tests/test_kernels_contract.py tests/test_kernels_lists.py tests/test_cuda.py"
-GPU_TESTS+=" tests/test_cuda_api.py tests/test_cuda_graphs.py tests/test_sigma.py tests/test_triton.py"
+# only (PNI_TEST_BACKENDS, tests/support/kernels.py): CI runs them for the CPU backends.
+GPU_TESTS="tests/backends/test_kernels_rng.py tests/backends/test_kernels_contract.py tests/backends/test_kernels_lists.py tests/backends/test_cuda.py"
+GPU_TESTS+=" tests/test_cuda_api.py tests/ops/test_cuda_graphs.py tests/ops/test_sigma.py tests/backends/test_triton.py"
 # compute-sanitizer runs these CUDA-backend tests (in $SAN_FILES): forward + alpha gradient (fp32 for
 # every stage-1 path of the kernel, and fp16), the deterministic alpha-grad reduction, multi-tensor
 # launches (> 32 tensors) and unaligned views.
-SAN_FILES="tests/test_kernels_contract.py tests/test_kernels_lists.py"
+SAN_FILES="tests/backends/test_kernels_contract.py tests/backends/test_kernels_lists.py"
 SAN_K='test_perturb_and_alpha_grad[cuda-conv-channelwise-float16]'
 for c in layerwise-tail layerwise-large conv-channelwise linear-channelwise-long aligned-rows elementwise-odd \
          act-channelwise-7x7 act-channelwise-4x4 act-channelwise-32x32 act-per-feature; do
@@ -92,7 +92,7 @@ SAN_K+=' or test_unaligned_views[cuda-float32] or test_unaligned_views[cuda-floa
 # racecheck only checks shared-memory hazards, and runs several times slower than memcheck: the kernels
 # that use shared memory, i.e. the block reductions of the alpha gradient (layerwise and channelwise)
 # and of sigma
-SAN_RACE_FILES="tests/test_kernels_contract.py tests/test_sigma.py"
+SAN_RACE_FILES="tests/backends/test_kernels_contract.py tests/ops/test_sigma.py"
 SAN_RACE_K='test_alpha_grad_deterministic[cuda] or test_perturb_and_alpha_grad[cuda-layerwise-large-float32]'
 SAN_RACE_K+=' or (test_sigma and cuda and float32)'
 export GPU_TESTS SAN_FILES SAN_K SAN_RACE_FILES SAN_RACE_K
@@ -209,13 +209,13 @@ stage_tests() {
   if [ "$CPU_ONLY" = 1 ]; then
     note "cpu-only: tests/test_cuda*.py (their CPU checks; GPU tests skip); the kernel contract runs in CI"
     # shellcheck disable=SC2046
-    PNI_FAST_NO_JIT=1 "$PYTHON" -m pytest tests/test_cuda.py tests/test_cuda_api.py tests/test_cuda_graphs.py $(pytest_opts)
+    PNI_FAST_NO_JIT=1 "$PYTHON" -m pytest tests/backends/test_cuda.py tests/test_cuda_api.py tests/ops/test_cuda_graphs.py $(pytest_opts)
     return
   fi
   # the sm_90 ahead-of-time compile check needs no GPU and takes long: CI runs it
   # shellcheck disable=SC2046
   PNI_FAST_NO_JIT=1 PNI_TEST_BACKENDS=cuda,triton "$PYTHON" -m pytest $GPU_TESTS $(pytest_opts) $(xdist_opts 6) \
-    --deselect tests/test_triton.py::test_kernels_compile_for_sm90_without_approx_math --durations=20
+    --deselect tests/backends/test_triton.py::test_kernels_compile_for_sm90_without_approx_math --durations=20
 }
 
 stage_bench() {
@@ -294,7 +294,7 @@ stage_rest() {
   fi
   # shellcheck disable=SC2046
   local ignore=() f
-  for f in $GPU_TESTS tests/test_gpu_check.py; do ignore+=("--ignore=$f"); done
+  for f in $GPU_TESTS tests/tooling/test_gpu_check.py; do ignore+=("--ignore=$f"); done
   "$PYTHON" -m pytest tests -m "not slow" "${ignore[@]}" $(pytest_opts) $(xdist_opts 12)
 }
 export -f stage_env stage_build stage_tests stage_bench stage_sanitizer stage_rest find_sanitizer verify_extension

@@ -7,7 +7,7 @@
 #    temporary folder (the normal build in pni_fast/ is never touched);
 # 2. puts a copy of the Python package next to that library, so `import pni_fast`
 #    loads the sanitized kernels (checked before the tests run);
-# 3. runs tests/test_cpu_kernel.py and the cpu backend's kernel contract tests against it
+# 3. runs tests/backends/test_cpu_kernel.py and the cpu backend's kernel contract tests against it
 #    with libasan preloaded into Python
 #    (an uninstrumented executable) and fails on any sanitizer report, also one
 #    printed by a subprocess that a test starts.
@@ -77,10 +77,10 @@ print(f"sanitize.sh: testing {lib}")
 EOF
 
 set +e
-# the C++ CPU kernel's own tests, the kernel contract (tests/test_kernels_*.py) for the cpu backend, and the
-# eager fast path (tests/test_fused.py: csrc/cpu/noisy_cpu.cpp, stored noise)
-PNI_TEST_BACKENDS=cpu "$PY" -m pytest -q -p no:cacheprovider "$ROOT/tests/test_cpu_kernel.py" "$ROOT"/tests/test_kernels_*.py \
-  "$ROOT/tests/test_fused.py" \
+# the C++ CPU kernel's own tests, the kernel contract (tests/backends/test_kernels_*.py) for the cpu backend, and the
+# eager fast path (tests/ops/test_fast_path.py: csrc/cpu/noisy_cpu.cpp, stored noise)
+PNI_TEST_BACKENDS=cpu "$PY" -m pytest -q -p no:cacheprovider "$ROOT/tests/backends/test_cpu_kernel.py" "$ROOT"/tests/backends/test_kernels_*.py \
+  "$ROOT/tests/ops/test_fast_path.py" \
   "$@" 2>&1 | tee "$WORK/pytest.log"
 rc=${PIPESTATUS[0]}
 set -e

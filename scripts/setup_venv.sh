@@ -27,14 +27,14 @@ if [ "$(cat "$DEPS_STAMP" 2>/dev/null)" != "$deps_now" ]; then
   python -m pip install -q "torch==2.13.0"
   # Triton: the version torch asks for. torch's CUDA wheels require one (2.13.0: triton==3.7.1) and pip
   # installed it with torch above; the CPU wheel requires none, so the Triton interpreter tests get the
-  # version torch 2.13's CUDA wheels pin (tests/test_triton.py passes with it under TRITON_INTERPRET=1).
+  # version torch 2.13's CUDA wheels pin (tests/backends/test_triton.py passes with it under TRITON_INTERPRET=1).
   TRITON_FOR_CPU_TORCH="triton==3.7.1"
   if python -c 'import importlib.metadata as m, sys; sys.exit(any(r.startswith("triton") for r in m.requires("torch") or []))'; then
     python -m pip install -q "$TRITON_FOR_CPU_TORCH"
   fi
   python -m pip install -q numpy scipy pytest pytest-xdist pytest-randomly hypothesis ninja pybind11 tqdm matplotlib scikit-learn \
-    "ruff==0.17.6"
-  # torchattacks for the interoperability test (tests/test_attacks.py); it needs only torch at import
+    "ruff==0.17.6" "import-linter==2.16"
+  # torchattacks for the interoperability test (tests/robust/test_attacks.py); it needs only torch at import
   python -m pip install -q --no-deps torchattacks
   # the package, editable, without compiling (the compile below is incremental; pip's would start over)
   PNI_FAST_SKIP_BUILD=1 python -m pip install -q --no-build-isolation --no-deps -e . > .venv/pip_editable.log 2>&1 || {

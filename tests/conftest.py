@@ -1,7 +1,7 @@
 """Shared test setup: the Triton interpreter on CPU-only machines, tests/ helpers on sys.path, and
 the fixtures ``kernel`` / ``cpp_kernel`` (one test body for every backend) and ``float_dtype``
 (markers: pyproject.toml). The backends, their availability and parametrization come from one
-place, tests/kernels.py (``kernels.backend_params`` for the public-API tests, these fixtures for the
+place, tests/support/kernels.py (``kernels.backend_params`` for the public-API tests, these fixtures for the
 kernel tests), which reads pni_fast's registry."""
 
 import os
@@ -20,7 +20,7 @@ except Exception:  # pragma: no cover - torch is a hard dependency
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-sys.path.insert(0, os.path.dirname(__file__))  # for oracle.py and kernels.py
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "support"))  # the helpers: oracle, kernels, ...
 
 import kernels  # noqa: E402
 

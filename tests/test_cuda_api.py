@@ -1,9 +1,9 @@
 """GPU tests of the public API: noisy_weight / inject_noise on the CUDA and Triton backends against the
 paper-faithful reference, a PNI model under autocast with a GradScaler, and the list API
-(noisy_weights) against one call per tensor. The kernels themselves: tests/test_cuda.py; set-up and
-the dry run without a GPU: tests/cuda_support.py. ``scripts/gpu_check.sh`` runs this file on a GPU.
+(noisy_weights) against one call per tensor. The kernels themselves: tests/backends/test_cuda.py; set-up and
+the dry run without a GPU: tests/support/cuda_support.py. ``scripts/gpu_check.sh`` runs this file on a GPU.
 
-Tolerances follow the contract (design.md section 3, docs/ops.md; the bounds of tests/oracle.py),
+Tolerances follow the contract (design.md section 3, docs/ops.md; the bounds of tests/support/oracle.py),
 never a measured value. Bitwise equality is asserted only where the same kernel sees the same values.
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_kernels_lists import model_like_lists
 
 import pni_fast
 from pni_fast.reference import reference_noisy_weight
@@ -27,6 +26,7 @@ from cuda_support import (  # noqa: F401  (needs_device: autouse fixture)
     needs_device,
     real_gpu,
 )
+from kernels import model_like_lists
 from oracle import DTYPES, SIGMA_REL, expected_out, flat64, grad_terms, z64
 
 pytestmark = [pytest.mark.cuda]

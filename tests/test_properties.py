@@ -15,7 +15,7 @@ import pni_fast  # noqa: E402
 
 import kernels  # noqa: E402
 
-# the fused backends against the pure-PyTorch one (the reference here); triton: tests/test_triton.py
+# the fused backends against the pure-PyTorch one (the reference here); triton: tests/backends/test_triton.py
 FAST = kernels.backend_params("cpu", exclude=("torch",) + kernels.TRITON_ELSEWHERE)
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]

@@ -8,7 +8,7 @@ import torch
 import pni_fast
 
 import kernels
-import philox_oracle as oracle
+import oracle
 
 BACKENDS = kernels.backend_params("cpu", exclude=kernels.TRITON_ELSEWHERE)
 

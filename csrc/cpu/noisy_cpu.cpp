@@ -14,7 +14,7 @@
 // takes them, or one drawn seed shared by every tensor), then perturb / perturb_multi. The backward
 // regenerates the noise from the saved sigma and seed(s) with perturb_alpha_grad(_multi). Not a
 // pure function (it advances a generator), so no fake kernel and no pt2_compliant tag:
-// torch.compile and torch.func use the separate ops (pni_fast/fused.py decides).
+// torch.compile and torch.func use the separate ops (pni_fast/ops/fast_path.py decides).
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -39,7 +39,7 @@ namespace {
 using at::Tensor;
 
 // The value torch.randint(0, 2**63 - 1, (), generator=g) returns: ATen draws random64() % range for
-// ranges of 2^32 and more (pni_fast.rng.draw_seed; tests/test_fused.py checks the two agree).
+// ranges of 2^32 and more (pni_fast.rng.draw_seed; tests/ops/test_fast_path.py checks the two agree).
 int64_t draw_seed(const std::optional<at::Generator>& generator) {
   auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
   std::lock_guard<std::mutex> lock(gen->mutex_);
@@ -58,7 +58,7 @@ bool all_finite(const Tensor& t) {
   return ok;
 }
 
-// pni_fast.arg_checks._check_finite: the same rules (op_checks.RULES, generated check_messages.h).
+// pni_fast.functional._check_finite: the same rules (contract.RULES, generated check_messages.h).
 void check_finite(const Tensor& sigmas, at::TensorList alphas, c10::string_view name) {
   PNI_CHECK_TENSOR_FINITE(all_finite(sigmas), "", name);
   for (const Tensor& a : alphas) {

@@ -298,7 +298,7 @@ TORCH_LIBRARY_IMPL(pni_fast, CPU, m) {
 }
 
 // Shape functions of sigma and sigma_multi for torch.compile / FakeTensor (the other ops
-// get theirs from Python, pni_fast/op_registration.py).
+// get theirs from Python, pni_fast/backends/cpp.py).
 TORCH_LIBRARY_IMPL(pni_fast, Meta, m) {
   m.impl("sigma", &sigma_meta);
   m.impl("sigma_multi", &sigma_multi_meta);

@@ -3,7 +3,7 @@
 //
 // Everything here is host+device (PNI_HD) and free of CUDA intrinsics, so the
 // same code also runs in a plain C++ host emulation of the kernels
-// (tests/cuda_host_emulation.cpp) that checks the index math against the
+// (tests/support/cuda_host_emulation.cpp) that checks the index math against the
 // numpy oracle on machines without a GPU. The kernels in the .cu files only
 // add the thread/warp mapping (threadIdx, __shfl_xor_sync) around these bodies.
 //

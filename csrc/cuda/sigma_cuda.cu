@@ -12,7 +12,7 @@
 // rounding agree within the summation error (a few ulps for data that is not badly
 // conditioned) and the rounded float32 results are equal unless the float64 value lies
 // within that error of a float32 rounding midpoint (rare). The order is fixed and
-// documented here, and tests/test_sigma.py emulates it bit for bit in numpy:
+// documented here, and tests/ops/test_sigma.py emulates it bit for bit in numpy:
 //   * a tensor is cut into chunks of kChunk = 4096 elements; in chunk c, thread j (of 256)
 //     handles, for r = 0..3, the 4 consecutive elements c*4096 + r*1024 + 4j + {0..3}
 //     (those < n), accumulating f(x) into one float64 starting from 0 in that order;

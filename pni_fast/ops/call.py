@@ -2,7 +2,7 @@
 
 A small layer's kernel takes a few microseconds, so the Python glue around an op call matters:
 ``op_overload`` looks each OpOverload up once, ``call`` dispatches below the Autograd key (the
-autograd functions of :mod:`pni_fast.autograd` own the differentiation) and ``apply`` runs an
+autograd functions of :mod:`pni_fast.ops.autograd` own the differentiation) and ``apply`` runs an
 ``autograd.Function`` without its per-call signature binding. The eager fast path
 (:mod:`pni_fast.ops.fast_path`) uses ``op_overload`` too. ``trace_constant`` marks the lookups
 (backend choice, which compiled ops exist) that ``torch.compile`` may evaluate once while tracing.

@@ -9,7 +9,7 @@ On CUDA, sigma is ``torch.std`` in float32 (one torch reduction per layer) unles
 computed by the CUDA ``sigma`` / ``sigma_multi`` kernels (csrc/cuda/sigma_cuda.cu; one launch for
 many small tensors) or, where they cannot run (no CUDA build, vmap), by the same tensor ops as on
 CPU. The switch is process-wide, so every backend on CUDA sees one definition; it is off by default
-until the kernels have run on a GPU (scripts/gpu_check.sh runs tests/test_sigma.py).
+until the kernels have run on a GPU (scripts/gpu_check.sh runs tests/ops/test_sigma.py).
 """
 
 from __future__ import annotations

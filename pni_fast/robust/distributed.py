@@ -13,7 +13,7 @@ model in ``DistributedDataParallel`` once a process group exists) and calls :fun
   what one process computes over the same global batch (up to the rounding of the average). BatchNorm
   normalizes each rank's share with its own statistics (rank 0's running statistics are kept;
   ``SyncBatchNorm`` refuses CPU tensors) and random starts come from each rank's PyTorch stream, so with
-  them the step depends on N (tests/test_distributed.py).
+  them the step depends on N (tests/robust/test_distributed.py).
 * ``"independent"``: each rank draws its own noise stream (the seed is derived from the run's seed and the
   rank). The alpha gradient then averages N noise samples per step (lower variance), but the step is no
   longer the step of one process, and the result depends on the number of ranks.

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .noise_kernels import normal_block, rng_key
 
-__all__: list[str] = []  # private module: gathered by pni_fast.triton.kernels
+__all__: list[str] = []  # the kernels, launched by single_ops / list_ops
 
 # Segment modes of the single-tensor backward kernel (constexpr SEG_MODE).
 SEG_ONE = 0  # inner % BLOCK == 0 (layerwise too): a block lies inside one segment -> tl.sum

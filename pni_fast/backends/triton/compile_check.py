@@ -1,7 +1,7 @@
 """Compile every Triton kernel of pni_fast for an NVIDIA target without a GPU.
 
 Triton ships its own ptxas and libdevice, so ``triton.compile`` can lower the kernels to PTX
-and a cubin on a CPU-only machine. CI uses this (tests/test_triton.py) to catch errors that the
+and a cubin on a CPU-only machine. CI uses this (tests/backends/test_triton.py) to catch errors that the
 interpreter cannot see (types, layouts, loops, pointer casts) and to check that the noise path
 uses no approximate math instruction.
 
@@ -11,7 +11,7 @@ ones a launch would build: the "aligned" variants carry the specializations real
 (pointers divisible by 16, sizes divisible by 16, integers equal to 1 folded to constants), the
 "unaligned" ones have odd sizes and offset pointers.
 
-Run as ``python -m pni_fast.triton.compile_check [sm] [--regs]`` with ``TRITON_INTERPRET`` unset;
+Run as ``python -m pni_fast.backends.triton.compile_check [sm] [--regs]`` with ``TRITON_INTERPRET`` unset;
 ``--regs`` also prints ptxas's register / spill count of every variant.
 """
 

@@ -14,7 +14,7 @@ from .alpha_grad_kernels import grad_z_block, reduce_segments, scan_partials_blo
 from .noise_kernels import rng_key
 from .perturb_kernels import perturb_block
 
-__all__: list[str] = []  # private module: gathered by pni_fast.triton.kernels
+__all__: list[str] = []  # the kernels, launched by single_ops / list_ops
 
 
 @triton.jit

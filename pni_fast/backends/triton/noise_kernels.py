@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-__all__: list[str] = []  # private module: gathered by pni_fast.triton.kernels
+__all__: list[str] = []  # the kernels, launched by single_ops / list_ops
 
 
 @triton.jit

@@ -11,7 +11,7 @@ import triton.language as tl
 
 from .noise_kernels import normal_block, rng_key
 
-__all__: list[str] = []  # private module: gathered by pni_fast.triton.kernels
+__all__: list[str] = []  # the kernels, launched by single_ops / list_ops
 
 
 @triton.jit
