@@ -21,7 +21,7 @@
 #include <c10/util/Half.h>
 #endif
 
-#include "../csrc/cuda/perturb_impl.cuh"
+#include "../../csrc/cuda/perturb_impl.cuh"
 
 using namespace pni_fast;
 using namespace pni_fast::cuda_impl;

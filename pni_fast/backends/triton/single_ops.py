@@ -3,7 +3,7 @@
 They are ``torch.library.triton_op``s whose kernels are launched through ``wrap_triton``, so
 ``torch.compile`` sees (and can fuse around) the Triton kernels. Under the CPU interpreter
 (TRITON_INTERPRET=1) a kernel cannot be traced, so there they are opaque ``custom_op``s whose
-fake kernel is the same body with the launches skipped. Signatures and notes: pni_fast.backends.triton (the package docstring).
+fake kernel is the same body with the launches skipped. Signatures and notes: the package docstring.
 """
 
 from __future__ import annotations
