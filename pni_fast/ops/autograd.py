@@ -162,6 +162,22 @@ def _split(n: int, flat):
     return list(flat[:n]), list(flat[n : 2 * n]), list(flat[2 * n : 3 * n])
 
 
+def _call_list(op: str, n: int, seed, offsets, inners, state, flat) -> tuple:
+    """List op ``op`` on the flattened ``(*tensors, *alphas, *sigmas)``."""
+    tensors, alphas, sigmas = _split(n, flat)
+    contiguous = [t.contiguous() for t in tensors]
+    return tuple(call(op, contiguous, [a.contiguous() for a in alphas], sigmas, seed, offsets, inners, state=state))
+
+
+def _save_list_context(ctx, tensors, alphas, sigmas, seed, offsets, inners, state, backend, keep_alphas: bool) -> None:
+    """What a list op's backward needs (both entry points): the RNG arguments, sigmas, the shapes of the
+    tensors and alphas, and the alphas themselves for perturb_multi's alpha gradient (``keep_alphas``)."""
+    ctx.save_for_backward(state, *(alphas if keep_alphas else ()), *sigmas)
+    ctx.rng = (len(tensors), seed, list(offsets), list(inners), backend)
+    ctx.meta = [(t.shape, t.dtype, t.device) for t in tensors]
+    ctx.alpha_meta = [(a.shape, a.dtype, a.device) for a in alphas]
+
+
 def _filled(grads, meta) -> list[Tensor]:
     """Gradients with None replaced by zeros of the recorded shape (the list ops take every tensor)."""
     return [torch.zeros(s, dtype=d, device=dev) if g is None else g.contiguous() for g, (s, d, dev) in zip(grads, meta)]
@@ -173,26 +189,12 @@ class PerturbMultiFn(torch.autograd.Function):
 
     @staticmethod
     def forward(n, seed, offsets, inners, state, backend, *flat):
-        vs, alphas, sigmas = _split(n, flat)
-        out = call(
-            REGISTRY[backend].perturb_multi,
-            [v.contiguous() for v in vs],
-            [a.contiguous() for a in alphas],
-            sigmas,
-            seed,
-            offsets,
-            inners,
-            state=state,
-        )
-        return tuple(out)
+        return _call_list(REGISTRY[backend].perturb_multi, n, seed, offsets, inners, state, flat)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         n, seed, offsets, inners, state, backend, *flat = inputs
-        _, alphas, sigmas = _split(n, flat)
-        ctx.save_for_backward(state, *alphas, *sigmas)
-        ctx.rng = (n, seed, offsets, inners, backend)
-        ctx.meta = [(v.shape, v.dtype, v.device) for v in flat[:n]]
+        _save_list_context(ctx, *_split(n, flat), seed, offsets, inners, state, backend, keep_alphas=True)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -211,27 +213,12 @@ class AlphaGradMultiFn(torch.autograd.Function):
 
     @staticmethod
     def forward(n, seed, offsets, inners, state, backend, *flat):
-        grads, alphas, sigmas = _split(n, flat)
-        out = call(
-            REGISTRY[backend].alpha_grad_multi,
-            [g.contiguous() for g in grads],
-            [a.contiguous() for a in alphas],
-            sigmas,
-            seed,
-            offsets,
-            inners,
-            state=state,
-        )
-        return tuple(out)
+        return _call_list(REGISTRY[backend].alpha_grad_multi, n, seed, offsets, inners, state, flat)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         n, seed, offsets, inners, state, backend, *flat = inputs
-        grads, alphas, sigmas = _split(n, flat)
-        ctx.save_for_backward(state, *sigmas)
-        ctx.rng = (n, seed, offsets, inners, backend)
-        ctx.meta = [(g.shape, g.dtype, g.device) for g in grads]
-        ctx.alpha_meta = [(a.shape, a.dtype, a.device) for a in alphas]
+        _save_list_context(ctx, *_split(n, flat), seed, offsets, inners, state, backend, keep_alphas=False)
 
     @staticmethod
     def backward(ctx, *ggs):
@@ -329,10 +316,8 @@ def _multi_setup(backend: str, keep_alphas: bool):
     def setup_context(ctx, inputs, output):
         tensors, alphas, sigmas, seed, offsets, inners, *rest = inputs
         ctx.n_in = _n_passed(inputs)
-        ctx.save_for_backward(rest[0] if rest else None, *(alphas if keep_alphas else ()), *sigmas)
-        ctx.rng = (len(tensors), seed, list(offsets), list(inners), backend)
-        ctx.meta = [(t.shape, t.dtype, t.device) for t in tensors]
-        ctx.alpha_meta = [(a.shape, a.dtype, a.device) for a in alphas]
+        state = rest[0] if rest else None
+        _save_list_context(ctx, tensors, alphas, sigmas, seed, offsets, inners, state, backend, keep_alphas)
 
     return setup_context
 
