@@ -35,7 +35,7 @@ PIECES = [
     ("pni_fast forward", "backend resolve", "backend_for(None, device_type)"),
     ("pni_fast forward", "sigma", "weight_sigma(w)"),
     ("pni_fast forward", "finite check", "_check_finite(sigma, 'weight', (alpha,))"),
-    ("pni_fast forward", "seed draw", "rng.rng_args(None, 0, device, quads) (draw_seed + checks)"),
+    ("pni_fast forward", "seed draw", "rng.rng_args(None, 0, device, numel) (draw_seed + checks)"),
     ("pni_fast forward", "  of which draw_seed", "rng.draw_seed()"),
     ("pni_fast forward", "op", "torch.ops.pni_fast.<perturb>.default(w, a, sigma, seed, 0, inner), no grad"),
     ("pni_fast forward", "  of which kernel", "the same op below the Autograd key (no Python autograd kernel)"),
@@ -58,7 +58,6 @@ def piece_fns(w: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> tuple[dict[t
     import pni_fast
     from pni_fast import functional as F
     from pni_fast import rng
-    from pni_fast.contract import quads as counters_of
     from pni_fast.ops import fast_path as fused
     from pni_fast.ops.autograd import PerturbFn
     from pni_fast.ops.call import apply
@@ -74,7 +73,6 @@ def piece_fns(w: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> tuple[dict[t
     wd, ad = w.detach(), a.detach()
     sigma = pni_fast.weight_sigma(w)
     inner = F._weight_inner(w, a)
-    quads = counters_of(w.numel())
     seed = 12345
     std = w.detach().std().item()
     noise = w.detach().clone().normal_(0, std)
@@ -115,7 +113,7 @@ def piece_fns(w: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> tuple[dict[t
         ("pni_fast forward", "backend resolve"): lambda: backend_for(None, dev_type),
         ("pni_fast forward", "sigma"): lambda: pni_fast.weight_sigma(w),
         ("pni_fast forward", "finite check"): lambda: F._check_finite(sigma, "weight", (a,)),
-        ("pni_fast forward", "seed draw"): lambda: rng.rng_args(None, 0, w.device, quads),
+        ("pni_fast forward", "seed draw"): lambda: rng.rng_args(None, 0, w.device, w.numel()),
         ("pni_fast forward", "  of which draw_seed"): rng.draw_seed,
         ("pni_fast forward", "op"): lambda: perturb_op(wd, ad, sigma, seed, 0, inner),
         ("pni_fast forward", "  of which kernel"): below_autograd,

@@ -73,6 +73,10 @@
 #define PNI_CHECK_TENSOR_TYPE(cond, prefix, name, type) \
   TORCH_CHECK_TYPE(cond, prefix, name, " must be a torch.Tensor, got ", type)
 
+// int_type: TypeError
+#define PNI_CHECK_INT_TYPE(cond, prefix, name, type) \
+  TORCH_CHECK_TYPE(cond, prefix, name, " must be an int, got ", type)
+
 // tensor_finite: ValueError
 #define PNI_CHECK_TENSOR_FINITE(cond, prefix, name) \
   TORCH_CHECK_VALUE(cond, prefix, name, " contains NaN or Inf, so its std (PNI's noise scale) is not finite; fix the tensor before injecting noise")

@@ -160,6 +160,7 @@ RULES: dict[str, Rule] = {
         ),
         # the public functions' own arguments (pni_fast.functional)
         Rule("tensor_type", TypeError, "{name} must be a torch.Tensor, got {type}", "public"),
+        Rule("int_type", TypeError, "{name} must be an int, got {type}", "public"),
         # the public functions' finite checks on CPU (pni_fast.functional._check_finite and the fast
         # path's C++ twin in csrc/cpu/noisy_cpu.cpp)
         Rule(

@@ -173,7 +173,7 @@ def _weight_plan(weights: Sequence[Tensor], alphas: Sequence[Tensor]) -> tuple[l
         _check_alpha(a, w, f"weights[{k}]")
         inners.append(_weight_inner(w, a))
         offsets.append(counter)
-        counter += -(-w.numel() // 4)
+        counter += quads(w.numel())
     return offsets, inners, counter
 
 
@@ -186,10 +186,10 @@ def _perturb(name: str, t: Tensor, alpha: Tensor, inner: int, seed: Seed, offset
     """The shared tail of noisy_weight / inject_noise once ``alpha``'s layout is known."""
     chosen = backend_for(backend, t.device.type)
     if fast_path.usable(chosen, t, seed):  # one C++ call: sigma, checks, seed, perturb (same results)
-        offset = _rng.checked_offset(offset, quads(t.numel()))
+        offset = _rng.checked_offset(offset, t.numel())
         seed = _rng.checked_seed(seed)
         return fast_path.noisy(t, alpha, offset, inner, seed, name, _rng.seed_generator())
-    rng = _rng.rng_args(seed, offset, t.device, quads(t.numel()))
+    rng = _rng.rng_args(seed, offset, t.device, t.numel())
     sigma = weight_sigma(t)
     _check_finite(sigma, name, (alpha,))
     out = apply(PerturbFn, t, alpha, sigma, rng.seed, rng.offset, inner, rng.state, chosen)
@@ -271,7 +271,7 @@ def noisy_weights(
         if per_tensor:
             return fast_path.noisy_multi(weights, alphas, offsets, inners, seeds, "weights", None)
         seed = _rng.checked_seed(seed)
-        _rng.checked_offset(0, counter)
+        _rng.checked_offset(0, 4 * counter)  # every tensor starts on a fresh counter
         generator = _rng.seed_generator()
         return fast_path.noisy_multi(
             weights, alphas, offsets, inners, None if seed is None else [seed], "weights", generator
@@ -280,7 +280,7 @@ def noisy_weights(
     if per_tensor:
         rng = _rng.RngArgs(0, 0, None, None, 0)
     else:
-        rng = _rng.rng_args(seed, 0, device, counter)
+        rng = _rng.rng_args(seed, 0, device, 4 * counter)
         seeds = [rng.seed]
     _check_finite(torch.stack(sigmas), "weights", alphas)
     multi = REGISTRY[chosen].perturb_multi
@@ -328,7 +328,7 @@ def randn(
     if any(s < 0 for s in shape):
         raise ValueError(f"shape must have non-negative sizes, got {list(shape)}")
     like = torch.empty(shape, device=device)
-    rng = _rng.rng_args(seed, offset, like.device, quads(like.numel()))
+    rng = _rng.rng_args(seed, offset, like.device, like.numel())
     chosen = backend_for(backend, like.device.type)
     out = call(REGISTRY[chosen].noise, like, rng.seed, rng.offset, state=rng.state)
     rng.advance()

@@ -25,7 +25,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .contract import SEED_LIMIT
+from . import contract
+from .contract import SEED_LIMIT, quads
 
 __all__ = [
     "draw_seed",
@@ -112,7 +113,7 @@ def manual_seed(seed: Optional[int]) -> None:
         _own_generator = None
         return
     gen = torch.Generator()
-    gen.manual_seed(_as_int("seed", seed))
+    gen.manual_seed(_as_seed(seed))
     _own_generator = gen
 
 
@@ -130,22 +131,27 @@ def own_generator(seed: Optional[int] = None) -> Iterator[None]:
         _own_generator = previous
 
 
-def _as_int(name: str, value, limit: int = SEED_LIMIT) -> int:
-    """``value`` as an int in [0, limit): Python and numpy integers are accepted, bools and floats refused."""
+def _as_int(name: str, value) -> int:
+    """``value`` as an int: Python and numpy integers are accepted, bools and floats refused."""
     if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int in [0, 2**63), got bool")
+        contract.require(False, "int_type", name=name, type="bool")
     try:
-        out = operator.index(value)
+        return operator.index(value)
     except TypeError:
-        raise TypeError(f"{name} must be an int in [0, 2**63), got {type(value).__name__}") from None
-    if not 0 <= out < limit:
-        raise ValueError(f"{name} must be in [0, 2**63), got {out}")
-    return out
+        contract.require(False, "int_type", name=name, type=type(value).__name__)
+        raise  # unreachable: require raised
+
+
+def _as_seed(value) -> int:
+    """A host seed: an int in [0, 2^63) (the contract's ``seed`` rule)."""
+    seed = _as_int("seed", value)
+    contract.require(0 <= seed < SEED_LIMIT, "seed", seed=seed)
+    return seed
 
 
 def make_rng_state(seed: Optional[int] = None, device: torch.device | str | None = None) -> Tensor:
     """A fresh RNG state ``int64[2] = (seed, 0)`` on ``device`` (seed drawn with :func:`draw_seed` if None)."""
-    seed = draw_seed() if seed is None else _as_int("seed", seed)
+    seed = draw_seed() if seed is None else _as_seed(seed)
     return torch.tensor([seed, 0], dtype=torch.int64, device=device)
 
 
@@ -210,17 +216,17 @@ class RngArgs:
             self._live[1:].add_(self._used)
 
 
-def checked_offset(offset, quads: int) -> int:
-    """``offset`` as an int, checked against the counter rule ``offset + quads < 2**63``."""
+def checked_offset(offset, numel: int) -> int:
+    """``offset`` as an int, checked by the contract's counter rules for a call drawing ``numel`` values."""
     offset = _as_int("offset", offset)
-    if offset + quads >= SEED_LIMIT:
-        raise ValueError(f"offset + ceil(numel / 4) must be < 2**63, got offset={offset} with {quads} counters")
+    contract.check_seed_offset(0, offset)
+    contract.check_offset_fits(offset, numel)
     return offset
 
 
 def checked_seed(seed) -> Optional[int]:
     """A host seed as an int in [0, 2**63) (Python or numpy integer), or None (draw one)."""
-    return None if seed is None else _as_int("seed", seed)
+    return None if seed is None else _as_seed(seed)
 
 
 def seed_generator() -> Optional[torch.Generator]:
@@ -239,9 +245,9 @@ def seed_generator() -> Optional[torch.Generator]:
     return _own_generator
 
 
-def rng_args(seed, offset, device: torch.device, quads: int) -> RngArgs:
-    """Validate ``seed``/``offset`` and pick the seed source for a call consuming ``quads`` counters."""
-    offset = checked_offset(offset, quads)
+def rng_args(seed, offset, device: torch.device, numel: int) -> RngArgs:
+    """Validate ``seed``/``offset`` and pick the seed source for a call drawing ``numel`` values."""
+    offset = checked_offset(offset, numel)
     if seed is None and torch.compiler.is_exporting():
         # an exported program must draw on every call: a state made by a tensor op inside the graph
         drawn = torch.randint(0, SEED_LIMIT - 1, (1,), dtype=torch.int64, device=device)
@@ -255,12 +261,9 @@ def rng_args(seed, offset, device: torch.device, quads: int) -> RngArgs:
         _check_state(seed, device)
         if device.type == "cpu" and not torch.compiler.is_compiling() and not under_vmap():
             s, base = (int(v) for v in seed.tolist())
-            _as_int("rng_state[0] (seed)", s)
-            if not 0 <= base or base + offset + quads >= SEED_LIMIT:
-                raise ValueError(
-                    f"rng_state[1] (counter) + offset + ceil(numel / 4) must be in [0, 2**63), got {base} + "
-                    f"{offset} + {quads}"
-                )
-        return RngArgs(0, offset, seed.clone(), seed, offset + quads)
-    seed = draw_seed() if seed is None else _as_int("seed", seed)
+            contract.require(s >= 0, "rng_state_seed", seed=s)
+            contract.require(base >= 0, "rng_state_base", base=base)
+            contract.check_state_counter(base, offset, numel)
+        return RngArgs(0, offset, seed.clone(), seed, offset + quads(numel))
+    seed = draw_seed() if seed is None else _as_seed(seed)
     return RngArgs(seed, offset, None, None, 0)

@@ -32,7 +32,10 @@ def test_public_rules_raise_their_messages(monkeypatch, fast):
 
     monkeypatch.setattr(fused, "ENABLED", fast)
     public = {name for name, r in RULES.items() if r.scope == "public"}
-    assert public == {"tensor_type", "tensor_finite", "alpha_finite"}
+    assert public == {"tensor_type", "int_type", "tensor_finite", "alpha_finite"}
+    with pytest.raises(RULES["int_type"].error) as e:
+        pni_fast.noisy_weight(torch.ones(2), torch.tensor([0.1]), seed=1.5)
+    assert str(e.value) == message("int_type", name="seed", type="float")
     with pytest.raises(RULES["tensor_type"].error) as e:
         pni_fast.noisy_weight([1.0, 2.0], torch.tensor([0.1]))
     assert str(e.value) == message("tensor_type", name="weight", type="list")

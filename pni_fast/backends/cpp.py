@@ -19,7 +19,7 @@ __all__: list[str] = []  # registers on import
 
 def words_like(like, seed, offset, rng_state=None, dtype=torch.int32, op="rng_words"):
     contract.check_noise(op, like, seed, offset, rng_state)
-    return like.new_empty((4 * (-(-like.numel() // 4)),), dtype=dtype)
+    return like.new_empty((4 * contract.quads(like.numel()),), dtype=dtype)
 
 
 def noise(like, seed, offset, rng_state=None):

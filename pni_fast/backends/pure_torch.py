@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import contract
-from ..contract import alpha_view, opmath
+from ..contract import alpha_view, opmath, quads
 
 __all__ = [
     "philox4x32_10_torch",
@@ -75,8 +75,7 @@ def philox4x32_10_torch(counters: torch.Tensor, seed: IntLike) -> torch.Tensor:
 
 def philox_words_torch(numel: int, seed: IntLike, offset: IntLike, device=None) -> torch.Tensor:
     """Flat words in element order (length ``4 * ceil(numel / 4)``), int64 in [0, 2^32)."""
-    n_quads = -(-numel // 4)
-    counters = torch.arange(n_quads, dtype=torch.int64, device=device) + offset
+    counters = torch.arange(quads(numel), dtype=torch.int64, device=device) + offset
     return philox4x32_10_torch(counters, seed).reshape(-1)
 
 

@@ -29,11 +29,11 @@ from typing import BinaryIO, Optional
 import torch
 
 from ..backends.pure_torch import philox4x32_10_torch
+from ..contract import SEED_LIMIT
 from .checks import check_int
 
 __all__ = ["stream_words", "write_stream", "add_parser", "run_rng_stream"]
 
-_LIMIT = 2**63  # seeds and counters live in [0, 2^63)
 _CHUNK_WORDS = 1 << 20  # 4 MiB per write
 _PER_SEED_CALLS_MAX = 1 << 14  # up to this many seeds: one compiled rng_words call per seed and chunk
 
@@ -75,10 +75,10 @@ def stream_words(seed: int, offset: int = 0, seeds: int = 1, n_words: Optional[i
         seeds: 1 for one seed's stream; N > 1 interleaves the first words of seeds ``seed .. seed + N - 1``.
         n_words: how many words to produce (None: until the counter space ends).
     """
-    check_int("seed", seed, 0, _LIMIT - 1)
-    check_int("offset", offset, 0, _LIMIT - 1)
+    check_int("seed", seed, 0, SEED_LIMIT - 1)
+    check_int("offset", offset, 0, SEED_LIMIT - 1)
     check_int("seeds", seeds, 1)
-    if seed + seeds > _LIMIT:
+    if seed + seeds > SEED_LIMIT:
         raise ValueError(f"seed + seeds must be <= 2^63 (Philox keys are < 2^63), got seed={seed}, seeds={seeds}")
     if n_words is not None:
         check_int("n_words", n_words, 0)
@@ -87,7 +87,7 @@ def stream_words(seed: int, offset: int = 0, seeds: int = 1, n_words: Optional[i
     counter, left = offset, n_words
     while left is None or left > 0:
         want = quads_per_chunk if left is None else min(quads_per_chunk, -(-left // (4 * seeds)))
-        want = min(want, _LIMIT - counter)
+        want = min(want, SEED_LIMIT - counter)
         if want <= 0:
             raise ValueError(f"the counter space ends at 2^63: offset={offset} leaves no more words")
         if seeds == 1:

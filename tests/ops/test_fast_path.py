@@ -181,8 +181,8 @@ def test_double_backward_on_the_fast_path_equals_general_path():
     [
         ("nan_weight", "weight contains NaN or Inf"),
         ("inf_alpha", "alpha must be finite"),
-        ("seed", r"seed must be in \[0, 2\*\*63\)"),
-        ("offset", r"offset \+ ceil\(numel / 4\) must be < 2\*\*63"),
+        ("seed", r"seed must be in \[0, 2\^63\)"),
+        ("offset", r"offset \+ ceil\(numel / 4\) must be < 2\^63"),
     ],
 )
 def test_errors_are_the_general_paths(bad, message):
