@@ -226,7 +226,7 @@ z = torch.ops.pni_fast.noise(torch.empty(100_003), 2**40 + 5, 2**32 - 77)
 g = torch.ops.pni_fast.perturb_alpha_grad(torch.ones(3, 4099), torch.ones(4099), torch.tensor(1.0), 3, 1, 1)
 x = torch.linspace(-70000, 70000, 5003).half()  # includes +-inf after the cast
 h = torch.ops.pni_fast.perturb(x, torch.tensor(0.3).half(), torch.tensor(2.0), 9, 0, 1)
-h = torch.cat([h, torch.ops.pni_fast.ops.sigma(x[1:-1]).half().reshape(1)])
+h = torch.cat([h, torch.ops.pni_fast.sigma(x[1:-1]).half().reshape(1)])
 print(hashlib.sha256(z.numpy().tobytes() + g.numpy().tobytes() + h.view(torch.int16).numpy().tobytes()).hexdigest())
 """
 

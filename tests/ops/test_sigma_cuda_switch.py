@@ -79,7 +79,7 @@ def test_on_gpu_the_switch_uses_the_kernels_with_the_cpu_definition(monkeypatch,
     multi = sigma.weight_sigmas(dev)
     for t, s, m, c in zip(dev, single, multi, ts):
         assert s.device == t.device and s.dtype == torch.float32
-        assert torch.equal(s, torch.ops.pni_fast.ops.sigma(t)) and torch.equal(m, s)
+        assert torch.equal(s, torch.ops.pni_fast.sigma(t)) and torch.equal(m, s)
         cpu = sigma.weight_sigma(c)
         assert torch.allclose(s.cpu(), cpu, rtol=2**-23, atol=0), (s, cpu)  # same definition, summation order aside
         assert torch.allclose(sigma.sigma_torch(t).cpu(), cpu, rtol=2**-23, atol=0)  # the fallback's definition
