@@ -1,6 +1,6 @@
 // CPU kernels of perturb, perturb_alpha_grad and their list versions: the
 // forward and the op entry points (argument checks, rng_state); the alpha
-// gradient's reduction is in perturb_grad_cpu.cpp, schemas in csrc/ops.cpp,
+// gradient's reduction is in perturb_alpha_grad_cpu.cpp, schemas in csrc/ops.cpp,
 // the RNG ops in rng_cpu.cpp, sigma in sigma_cpu.cpp.
 // alpha is converted to the math dtype first (float32, float64 for float64
 // tensors), so a float32 alpha with float16/bfloat16 tensors needs no other code.

@@ -1,5 +1,5 @@
 // Internal interface between the CPU kernels of perturb (perturb_cpu.cpp: the forward and the op
-// entry points), of its alpha gradient (perturb_grad_cpu.cpp) and the eager fast path
+// entry points), of its alpha gradient (perturb_alpha_grad_cpu.cpp) and the eager fast path
 // (noisy_cpu.cpp).
 #pragma once
 
