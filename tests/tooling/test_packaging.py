@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 
 import pytest
 import torch
@@ -297,6 +298,10 @@ def test_isolated_pip_wheel_holds_the_library_built_against_this_torch(tmp_path)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     wheels = list(dist.glob("pni_fast-*.whl"))
     assert len(wheels) == 1 and "none-any" not in wheels[0].name, wheels
+    # every module of the tree is in the wheel (a folder without __init__.py would be left out silently)
+    modules = {rel for rel in files if rel.startswith("pni_fast/") and rel.endswith(".py")}
+    with zipfile.ZipFile(wheels[0]) as whl:
+        assert modules <= set(whl.namelist()), sorted(modules - set(whl.namelist()))
     got = json.loads(
         subprocess.run(
             [sys.executable, "-c", _WHEEL_CHECK, str(wheels[0])], capture_output=True, text=True, check=True
