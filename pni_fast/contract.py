@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import NoReturn, Optional
 
 import torch
 from torch import Tensor
@@ -42,6 +42,7 @@ __all__ = [
     "RULES",
     "message",
     "require",
+    "fail",
     "check_seed_offset",
     "check_offset_fits",
     "check_rng_state",
@@ -197,14 +198,18 @@ def message(rule: str, prefix: str = "", **fields) -> str:
     return prefix + RULES[rule].template.format(**fields)
 
 
+def fail(rule: str, prefix: str = "", **fields) -> NoReturn:
+    """Raise ``RULES[rule].error`` with the rule's message."""
+    raise RULES[rule].error(message(rule, prefix, **fields))
+
+
 def require(ok, rule: str, prefix: str = "", **fields) -> None:
     """Raise ``RULES[rule].error`` unless ``ok`` (a bool, or a SymBool: then a runtime assertion)."""
     if ok is True:
         return
-    r = RULES[rule]
     if ok is False:
-        raise r.error(message(rule, prefix, **fields))
-    torch._check_with(r.error, ok, lambda: message(rule, prefix, **fields))
+        fail(rule, prefix, **fields)
+    torch._check_with(RULES[rule].error, ok, lambda: message(rule, prefix, **fields))
 
 
 # ---------------------------------------------------------------------------
@@ -289,7 +294,7 @@ def check_perturb_args(
 def check_tensor(name: str, t) -> None:
     """A public function's tensor argument: a tensor of a floating dtype the ops take."""
     if not isinstance(t, Tensor):
-        require(False, "tensor_type", name=name, type=type(t).__name__)
+        fail("tensor_type", name=name, type=type(t).__name__)
     require(t.dtype in FLOAT_DTYPES, "dtype", vname=name, dtype=t.dtype)
 
 

@@ -56,7 +56,7 @@ Seed = Union[int, Tensor, None]
 def _check_alpha(alpha, ref: Tensor, ref_name: str) -> None:
     """alpha for tensor ``ref_name``: the op contract's alpha rules, worded with the public argument's name."""
     if not isinstance(alpha, Tensor):
-        contract.require(False, "tensor_type", name="alpha", type=type(alpha).__name__)
+        contract.fail("tensor_type", name="alpha", type=type(alpha).__name__)
     contract.require(
         alpha.device == ref.device, "alpha_device", vname=ref_name, device=ref.device, alpha_device=alpha.device
     )
@@ -105,7 +105,7 @@ def _check_finite(sigma: Tensor, name: str, alphas: Sequence[Tensor] = ()) -> No
         return
     values = [sigma.item()] if sigma.dim() == 0 else sigma.reshape(-1).tolist()  # CPU: no sync
     if not all(map(math.isfinite, values)):
-        contract.require(False, "tensor_finite", name=name)
+        contract.fail("tensor_finite", name=name)
     for a in alphas:
         a = a.detach()
         finite = all(map(math.isfinite, a.reshape(-1).tolist())) if a.numel() <= 16 else bool(a.isfinite().all())

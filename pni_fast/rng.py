@@ -133,13 +133,12 @@ def own_generator(seed: Optional[int] = None) -> Iterator[None]:
 
 def _as_int(name: str, value) -> int:
     """``value`` as an int: Python and numpy integers are accepted, bools and floats refused."""
-    if isinstance(value, bool):
-        contract.require(False, "int_type", name=name, type="bool")
-    try:
-        return operator.index(value)
-    except TypeError:
-        contract.require(False, "int_type", name=name, type=type(value).__name__)
-        raise  # unreachable: require raised
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    contract.fail("int_type", name=name, type=type(value).__name__)
 
 
 def _as_seed(value) -> int:
@@ -219,7 +218,7 @@ class RngArgs:
 def checked_offset(offset, numel: int) -> int:
     """``offset`` as an int, checked by the contract's counter rules for a call drawing ``numel`` values."""
     offset = _as_int("offset", offset)
-    contract.check_seed_offset(0, offset)
+    contract.require(offset >= 0, "offset", offset=offset)
     contract.check_offset_fits(offset, numel)
     return offset
 
